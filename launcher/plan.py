@@ -1,0 +1,161 @@
+"""The pure plan: a validated spec and a target become a JobPlan. No network, no GPU, no writes.
+
+`submit` consumes only a JobPlan, so what `ftlaunch plan` prints is exactly what runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import BaseModel
+
+import launcher
+from launcher.errors import PlanError
+
+TARGETS = ("local", "ray", "k8s")
+PLAN_ENV = "FTLAUNCH_PLAN"
+# Environment every job runs with: quiet Ray Data, no hub access, and a short Train health-check
+# interval (ray.train.report blocks up to this long per call; the 2 s default dominates tiny jobs).
+JOB_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONUNBUFFERED": "1",
+}
+PATH_FIELDS = ("data.train", "data.eval", "data.retain", "data.replay.path")
+
+
+@dataclasses.dataclass(frozen=True)
+class JobPlan:
+    """Everything submit needs, and everything plan prints."""
+
+    run_id: str
+    submission_id: str
+    kind: str
+    name: str
+    target: str
+    entrypoint: str
+    entrypoint_num_cpus: float
+    runtime_env: dict
+    resources: dict
+    storage_path: str
+    run_dir: str
+    spec: dict
+    warnings: list = dataclasses.field(default_factory=list)
+    estimate: Optional[dict] = None  # the planner's parameter, memory, fit and time figures
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "JobPlan":
+        return cls(**data)
+
+
+def make_run_id(name: str, spec: dict, now: Optional[dt.datetime] = None) -> str:
+    """`<name>-<UTC time>-<spec hash>`: sortable, unique per submit, traceable to its spec."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:6]
+    return f"{name}-{now:%Y%m%d-%H%M%S}-{digest}"
+
+
+def plan(
+    spec: BaseModel,
+    target: str = "local",
+    *,
+    submission_id: Optional[str] = None,
+    base_dir: Optional[str] = None,
+    now: Optional[dt.datetime] = None,
+) -> JobPlan:
+    """Plan a validated spec for a target. Relative paths resolve against `base_dir` (the cwd)."""
+    if target not in TARGETS:
+        raise PlanError(f"target {target!r} is unknown; use one of: {', '.join(TARGETS)}")
+    base = Path(base_dir or os.getcwd())
+    resolved = spec.model_dump(mode="json")
+    warnings = []
+    for field in PATH_FIELDS:
+        value = _get(resolved, field)
+        if value is not None and not _is_uri(value):
+            _set(resolved, field, str((base / value).resolve()) if not os.path.isabs(value) else value)
+    storage = resolved["storage"]
+    if not _is_uri(storage):
+        storage = resolved["storage"] = str((base / storage).resolve())
+        if target in ("ray", "k8s"):
+            warnings.append(
+                f"storage {storage} is a local path: the cluster's nodes must see it "
+                "(a shared filesystem), or use s3://bucket/prefix"
+            )
+
+    if submission_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}", submission_id):
+        raise PlanError(
+            f"submission id {submission_id!r} is invalid; use letters, digits, '-', '_' and '.'"
+        )
+    run_id = submission_id or make_run_id(spec.name, resolved, now)
+    res = resolved.get("resources", {})
+    workers = res.get("workers", 1)
+    resources = {
+        "workers": workers,
+        "cpus_per_worker": res.get("cpus_per_worker", 1),
+        "gpus_per_worker": res.get("gpus_per_worker", 0),
+        "total_cpus": workers * res.get("cpus_per_worker", 1),
+        "total_gpus": workers * res.get("gpus_per_worker", 0),
+    }
+    job_plan_fields = dict(
+        run_id=run_id,
+        submission_id=run_id,
+        kind=spec.kind,
+        name=spec.name,
+        target=target,
+        # The spec travels in the runtime env, not on the command line: no spec field reaches a shell.
+        entrypoint=f"python -m jobs.run --plan-env {PLAN_ENV}",
+        # The driver only starts a Ray Train run; a CPU reserved for it would starve the workers.
+        entrypoint_num_cpus=0,
+        runtime_env={},
+        resources=resources,
+        storage_path=storage,
+        run_dir=_join(storage, run_id),
+        spec=resolved,
+        warnings=warnings,
+    )
+    draft = JobPlan(**job_plan_fields)
+    env = {**JOB_ENV, **spec.env, PLAN_ENV: json.dumps(draft.to_dict(), sort_keys=True)}
+    runtime_env = {"py_modules": package_dirs(), "env_vars": env}
+    return dataclasses.replace(draft, runtime_env=runtime_env)
+
+
+def package_dirs() -> list[str]:
+    """The project's packages, shipped to the cluster so local and remote run the same code."""
+    root = Path(launcher.__file__).resolve().parent.parent
+    return [str(root / name) for name in ("launcher", "jobs", "cluster")]
+
+
+def _is_uri(value: str) -> bool:
+    return "://" in value
+
+
+def _join(base: str, name: str) -> str:
+    return f"{base.rstrip('/')}/{name}"
+
+
+def _get(data: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(data, dict):
+            return None
+        data = data.get(part)
+    return data
+
+
+def _set(data: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        data = data[part]
+    data[last] = value
