@@ -130,7 +130,19 @@ class FinetuneSpec(JobBase):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 
 
-KINDS: dict[str, type[Strict]] = {"finetune": FinetuneSpec}
+KINDS: dict[str, type[Strict]] = {}
+JOB_MODULES: dict[str, str] = {}  # kind -> the cluster-side module that runs it (by name only)
+
+
+def register_kind(name: str, model: type[Strict], job_module: str) -> None:
+    """One registration per job kind: its spec model and its job module. Duplicates fail."""
+    if name in KINDS:
+        raise RuntimeError(f"job kind {name!r} is registered twice")
+    KINDS[name] = model
+    JOB_MODULES[name] = job_module
+
+
+register_kind("finetune", FinetuneSpec, "jobs.finetune")
 JobSpec = Annotated[Union[tuple(KINDS.values())], Field(discriminator="kind")]
 _ADAPTER = TypeAdapter(JobSpec)
 

@@ -1,0 +1,200 @@
+"""The embedded local Ray head: started on loopback, found again by its state file, stopped by pid.
+
+The head runs as `ray start --head --block` in a process group of its own, so stopping it kills
+exactly the processes this module started and never anyone else's (no `ray stop`).
+Token authentication is off on purpose: every port is bound to 127.0.0.1 and the head is a
+single user's. Set FTLAUNCH_RAY_AUTH_MODE=token to turn Ray's token auth on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+from launcher.errors import ClusterError
+
+HOST = "127.0.0.1"
+# Set for the head and every client of it, so no process turns token auth on by accident.
+HEAD_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # else 127.0.0.1 is rewritten to an external address
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+def home() -> Path:
+    """Where the embedded head keeps its state and temp dir (FTLAUNCH_HOME, else ~/.ftlaunch)."""
+    return Path(os.environ.get("FTLAUNCH_HOME", Path.home() / ".ftlaunch"))
+
+
+def auth_mode() -> str:
+    return os.environ.get("FTLAUNCH_RAY_AUTH_MODE", "disabled")
+
+
+@dataclass
+class Head:
+    pid: int
+    address: str  # the Jobs API (dashboard) address
+    gcs_address: str
+    temp_dir: str
+    num_cpus: int
+    log: str
+
+    @property
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return _dashboard_up(self.address)
+
+
+def _state_file() -> Path:
+    return home() / "head.json"
+
+
+def status() -> Optional[Head]:
+    """The recorded head if it is still running, else None (a stale record is removed)."""
+    try:
+        head = Head(**json.loads(_state_file().read_text()))
+    except (FileNotFoundError, ValueError, TypeError):
+        return None
+    if head.alive:
+        return head
+    _state_file().unlink(missing_ok=True)
+    return None
+
+
+def client_env() -> None:
+    """Make this process a well-behaved client of the embedded head."""
+    for key, value in HEAD_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ["RAY_AUTH_MODE"] = auth_mode()
+
+
+def up(num_cpus: Optional[int] = None, timeout: float = 90.0) -> Head:
+    """Start the embedded head, or return the one already running."""
+    client_env()
+    running = status()
+    if running:
+        return running
+    ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
+    if not ray:
+        raise ClusterError("the 'ray' command is not installed; pip install 'ray[default]==2.60.0'")
+    base = home()
+    base.mkdir(parents=True, exist_ok=True)
+    # Ray's socket paths must stay short (AF_UNIX limit), so the temp dir is a short one of ours.
+    temp_dir = Path(os.environ.get("FTLAUNCH_RAY_TMP", "/tmp")) / f"ftl-{os.getuid()}-{os.getpid()}"
+    num_cpus = num_cpus or int(os.environ.get("FTLAUNCH_LOCAL_CPUS", 0)) or (os.cpu_count() or 2)
+    gcs_port, dash_port, client_port, *worker_ports = _free_ports(3)
+    cmd = [
+        ray, "start", "--head", "--block",
+        f"--node-ip-address={HOST}", f"--port={gcs_port}",
+        "--include-dashboard=true", f"--dashboard-host={HOST}", f"--dashboard-port={dash_port}",
+        f"--ray-client-server-port={client_port}",
+        f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+        "--disable-usage-stats",
+    ]
+    env = {**os.environ, **HEAD_ENV, "RAY_AUTH_MODE": auth_mode()}
+    # Jobs run `python`: make it this environment's interpreter.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    log = base / "head.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, start_new_session=True,
+        )
+    head = Head(
+        pid=proc.pid, address=f"http://{HOST}:{dash_port}", gcs_address=f"{HOST}:{gcs_port}",
+        temp_dir=str(temp_dir), num_cpus=num_cpus, log=str(log),
+    )
+    deadline = time.monotonic() + timeout
+    while not _dashboard_up(head.address):
+        if proc.poll() is not None:
+            raise ClusterError(f"the local Ray head exited with code {proc.returncode}; see {log}")
+        if time.monotonic() > deadline:
+            _kill_group(proc.pid)
+            raise ClusterError(f"the local Ray head did not start within {timeout:.0f}s; see {log}")
+        time.sleep(0.25)
+    _state_file().write_text(json.dumps(asdict(head), indent=1))
+    return head
+
+
+def down() -> bool:
+    """Stop the recorded head and every process it started. Returns whether one was running."""
+    try:
+        head = Head(**json.loads(_state_file().read_text()))
+    except (FileNotFoundError, ValueError, TypeError):
+        return False
+    _kill_group(head.pid)
+    _state_file().unlink(missing_ok=True)
+    shutil.rmtree(head.temp_dir, ignore_errors=True)
+    return True
+
+
+def _kill_group(pid: int) -> None:
+    """SIGTERM the head's process tree, then SIGKILL what is left (some Ray processes ignore TERM)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    try:
+        pgid = os.getpgid(pid)
+    except ProcessLookupError:
+        pgid = None
+    # Members of the head's own process group, even if re-parented (daemonised Ray processes).
+    if pgid is not None:
+        for proc in psutil.process_iter(["pid"]):
+            try:
+                if os.getpgid(proc.pid) == pgid and proc not in tree:
+                    tree.append(proc)
+            except (ProcessLookupError, psutil.Error):
+                continue
+    for proc in tree:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=8)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+def _dashboard_up(address: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{address}/api/version", timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def _free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind((HOST, 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports

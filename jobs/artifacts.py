@@ -1,0 +1,109 @@
+"""The run folder `storage_path/<run_id>/`: manifest.json, metrics.jsonl, events, exports.
+
+Written by the job while it runs, so what it records survives the cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("ftlaunch", "ray", "torch", "transformers", "peft", "accelerate", "pyarrow",
+            "deepspeed", "bitsandbytes")
+
+
+def versions() -> dict:
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+class RunDir:
+    def __init__(self, path: str):
+        if "://" in path:
+            raise NotImplementedError(
+                f"storage {path!r}: only local or shared-filesystem paths are supported so far"
+            )
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.json"
+
+    def read_manifest(self) -> dict:
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except FileNotFoundError:
+            return {}
+
+    def update_manifest(self, **fields: Any) -> dict:
+        manifest = {**self.read_manifest(), **fields, "updated": time.time()}
+        tmp = self.manifest_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1, default=str))
+        os.replace(tmp, self.manifest_path)  # atomic: a reader never sees half a manifest
+        return manifest
+
+    def append(self, name: str, record: dict) -> None:
+        with open(self.path / name, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    def read_jsonl(self, name: str) -> list[dict]:
+        try:
+            lines = (self.path / name).read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def artifacts(self) -> dict:
+        """Every file under the run folder with its size, relative paths."""
+        return {
+            str(f.relative_to(self.path)): f.stat().st_size
+            for f in sorted(self.path.rglob("*"))
+            if f.is_file() and f.name != "manifest.json"
+        }
+
+    @contextlib.contextmanager
+    def progress(self, total_steps: int, every: float = 0.5):
+        """Print one progress line per new metrics record while the body runs (driver side)."""
+        stop = threading.Event()
+
+        def follow():
+            seen = len(self.read_jsonl("metrics.jsonl"))
+            while True:
+                records = self.read_jsonl("metrics.jsonl")
+                for r in records[seen:]:
+                    print(progress_line(r, total_steps), flush=True)
+                seen = len(records)
+                if stop.is_set():
+                    return
+                stop.wait(every)
+
+        thread = threading.Thread(target=follow, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+
+
+def progress_line(r: dict, total: int) -> str:
+    step = r["step"]
+    eta = (total - step) * r["elapsed_s"] / max(step, 1)
+    evals = f" eval {r['eval_loss']:.4f}" if r.get("eval_loss") is not None else ""
+    return (
+        f"[ftlaunch] step {step}/{total} loss {r['loss']:.4f}{evals} "
+        f"tok/s {r['tokens_per_s']:.0f} eta {eta:.0f}s"
+    )

@@ -1,0 +1,82 @@
+"""Cluster-side entrypoint: `python -m jobs.run --spec FILE [key=value ...]` or `--plan-env VAR`.
+
+Both ftlaunch's submit and a raw `ray job submit -- python -m jobs.run --spec FILE` land here.
+It records the run in `storage_path/<run_id>/manifest.json` and dispatches on the spec's kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+import traceback
+
+from launcher.errors import LauncherError
+from launcher.plan import plan as make_plan
+from launcher.spec import JOB_MODULES, load_spec
+
+
+def _submission_id() -> str | None:
+    """The Ray Jobs submission id of this driver, if it runs as a Ray job."""
+    try:
+        config = json.loads(os.environ["RAY_JOB_CONFIG_JSON_ENV_VAR"])
+        return config.get("metadata", {}).get("job_submission_id")
+    except (KeyError, ValueError):
+        return None
+
+
+def load_plan(args) -> dict:
+    if args.plan_env:
+        return json.loads(os.environ[args.plan_env])
+    spec = load_spec(args.spec, tuple(args.overrides))
+    return make_plan(spec, "ray", submission_id=_submission_id()).to_dict()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.run")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--spec", help="a spec YAML file")
+    source.add_argument("--plan-env", help="an environment variable holding a JobPlan as JSON")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the spec")
+    args = parser.parse_args(argv)
+    try:
+        plan = load_plan(args)
+    except LauncherError as exc:
+        print(f"ftlaunch: error: {exc}", file=sys.stderr)
+        return 2
+
+    from jobs.artifacts import RunDir, versions
+
+    import ray
+
+    run_dir = RunDir(plan["run_dir"])
+    run_dir.update_manifest(
+        run_id=plan["run_id"], kind=plan["kind"], name=plan["name"], status="RUNNING",
+        started=time.time(), spec=plan["spec"], plan={k: v for k, v in plan.items() if k != "spec"},
+        versions=versions(),
+    )
+    print(f"[ftlaunch] run {plan['run_id']} ({plan['kind']}) -> {run_dir.path}", flush=True)
+    try:
+        ray.init(address="auto", log_to_driver=True)
+        module = importlib.import_module(JOB_MODULES[plan["kind"]])
+        summary = module.run(plan, run_dir)
+    except BaseException as exc:  # the manifest records every way a run ends
+        run_dir.update_manifest(
+            status="FAILED", finished=time.time(), error=f"{type(exc).__name__}: {exc}",
+            artifacts=run_dir.artifacts(),
+        )
+        traceback.print_exc()
+        print(f"[ftlaunch] FAILED: {type(exc).__name__}: {exc}", flush=True)
+        return 1
+    run_dir.update_manifest(
+        status="SUCCEEDED", finished=time.time(), summary=summary, artifacts=run_dir.artifacts()
+    )
+    print("[ftlaunch] summary " + json.dumps(summary, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""`ftlaunch data make NAME --rows N --out DIR`: synthetic, learnable datasets as Parquet."""
+
+from launcher import synthetic
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("data", help="make synthetic datasets")
+    p.add_argument("action", choices=("make",))
+    p.add_argument("name", help=f"one of: {', '.join(sorted(synthetic.GENERATORS))}, demo")
+    p.add_argument("--rows", type=int, default=4000)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="train", help="file name: <out>/<split>.parquet")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if args.name == "demo":
+        paths = synthetic.make_demo(args.out, args.rows, args.seed)
+    else:
+        paths = {args.split: synthetic.make(args.name, args.rows, args.out, args.seed, args.split)}
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+    return 0

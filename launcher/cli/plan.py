@@ -1,0 +1,39 @@
+"""`ftlaunch plan SPEC`: print what submit would do. Pure: no network, no GPU."""
+
+from launcher.cli.common import add_spec_args, add_target_args, print_json, target_of
+from launcher.plan import plan
+from launcher.spec import load_spec
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("plan", help="show the plan (resources, entrypoint, ids) without submitting")
+    add_spec_args(p)
+    add_target_args(p)
+    p.add_argument("--submission-id", help="use this id instead of a generated one")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    job = plan(load_spec(args.spec, tuple(args.overrides)), target_of(args),
+               submission_id=args.submission_id)
+    if args.json:
+        print_json(job.to_dict())
+        return 0
+    print(describe(job))
+    return 0
+
+
+def describe(job) -> str:
+    r = job.resources
+    gpus = f", {r['gpus_per_worker']} GPU" if r["gpus_per_worker"] else ""
+    lines = [
+        f"run id        {job.run_id}",
+        f"kind          {job.kind} ({job.spec.get('strategy', {}).get('type', '-')})",
+        f"target        {job.target}",
+        f"workers       {r['workers']} x ({r['cpus_per_worker']} CPU{gpus})",
+        f"entrypoint    {job.entrypoint}",
+        f"artifacts     {job.run_dir}",
+    ]
+    lines += [f"warning       {w}" for w in job.warnings]
+    return "\n".join(lines)

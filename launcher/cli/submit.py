@@ -1,0 +1,45 @@
+"""`ftlaunch submit SPEC`: plan, submit, and tail the job; the exit code is the job's result."""
+
+import sys
+
+from launcher.cli.common import add_spec_args, add_target_args, target_of
+from launcher.plan import plan
+from launcher.spec import load_spec
+from launcher.submit import echo, submit
+from launcher.summary import format_summary
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("submit", help="submit a job and follow it")
+    add_spec_args(p)
+    add_target_args(p)
+    p.add_argument("--submission-id", help="idempotent: an existing id returns that job")
+    p.add_argument("--no-wait", action="store_true", help="return right after submitting")
+    p.add_argument("--quiet", action="store_true", help="follow without printing the job's logs")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    job_plan = plan(load_spec(args.spec, tuple(args.overrides)), target_of(args),
+                    submission_id=args.submission_id)
+    for warning in job_plan.warnings:
+        print(f"ftlaunch: warning: {warning}", file=sys.stderr)
+    handle = submit(job_plan, address=args.address)
+    sid = handle.submission_id
+    verb = "already submitted" if handle.existing else "submitted"
+    print(f"ftlaunch: {verb} {sid} to {handle.address}")
+    print(f"ftlaunch: artifacts in {handle.run_dir}")
+    addr = f" --address {args.address}" if args.address else ""
+    print(f"ftlaunch: next: ftlaunch status {sid}{addr} | ftlaunch logs -f {sid}{addr} | "
+          f"ftlaunch stop {sid}{addr}")
+    if args.no_wait:
+        return 0
+    status = handle.wait(on_logs=None if args.quiet else echo)
+    print(f"ftlaunch: job {sid} {status}")
+    if status == "SUCCEEDED":
+        print(format_summary(handle.manifest()))
+        return 0
+    message = handle.info().message
+    if message:
+        print(f"ftlaunch: {message.strip().splitlines()[-1]}", file=sys.stderr)
+    return 1

@@ -1,0 +1,205 @@
+"""Submit a JobPlan through the Ray Jobs API and track it: the same path for local and remote.
+
+`local` starts (or reuses) the embedded head and then talks to it exactly as `ray` talks to any
+cluster, so the two targets cannot drift.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+from launcher.errors import ClusterError, LauncherError, SubmissionError
+from launcher.plan import JobPlan, plan as make_plan
+from launcher.spec import load_spec
+
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def resolve_address(target: str = "local", address: Optional[str] = None, start: bool = True) -> str:
+    """--address, then RAY_ADDRESS, for `ray`; the embedded head (started if asked) for `local`."""
+    from cluster import local
+
+    if target == "local" and not address:
+        local.client_env()
+        head = local.up() if start else local.status()
+        if head is None:
+            raise ClusterError("no embedded Ray head is running; start one with: ftlaunch cluster up")
+        return head.address
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise ClusterError("no cluster address; pass --address http://HOST:8265 or set RAY_ADDRESS")
+    if "://" not in address:
+        address = f"http://{address}"
+    return address
+
+
+def client(address: str):
+    """A JobSubmissionClient, after probing that the cluster answers (before anything is spent)."""
+    import logging
+
+    from ray.job_submission import JobSubmissionClient
+
+    for name in ("ray.dashboard", "ray._private.runtime_env"):  # no per-upload INFO lines
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ClusterError(
+            f"cannot reach a Ray cluster at {address}: {str(exc).splitlines()[0]}; "
+            "check the address and that the head's dashboard (Jobs API) is up"
+        ) from None
+
+
+@dataclass
+class JobHandle:
+    """A submitted job. Mirrors the CLI: status(), logs(), wait(), stop(), manifest()."""
+
+    submission_id: str
+    address: str
+    run_dir: Optional[str] = None
+    existing: bool = False  # True when a resubmitted id returned the job already there
+
+    @property
+    def _client(self):
+        return client(self.address)
+
+    def info(self):
+        try:
+            return self._client.get_job_info(self.submission_id)
+        except RuntimeError as exc:
+            raise SubmissionError(f"no job {self.submission_id!r} at {self.address}: {exc}") from None
+
+    def status(self) -> str:
+        return str(self.info().status.value)
+
+    def logs(self) -> str:
+        return self._client.get_job_logs(self.submission_id)
+
+    def stop(self) -> bool:
+        return self._client.stop_job(self.submission_id)
+
+    def wait(self, timeout: Optional[float] = None, poll: float = 0.5,
+             on_logs: Optional[Callable[[str], None]] = None) -> str:
+        """Block until the job ends; stream new log text to `on_logs` while waiting."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen = 0
+        c = self._client
+        while True:
+            status = str(c.get_job_status(self.submission_id).value)
+            if on_logs:
+                text = c.get_job_logs(self.submission_id)
+                if len(text) > seen:
+                    on_logs(text[seen:])
+                    seen = len(text)
+            if status in TERMINAL:
+                return status
+            if deadline is not None and time.monotonic() > deadline:
+                raise SubmissionError(
+                    f"job {self.submission_id} still {status} after {timeout:.0f}s; "
+                    f"follow it with: ftlaunch logs -f {self.submission_id}"
+                )
+            time.sleep(poll)
+
+    def manifest(self) -> dict:
+        if not self.run_dir:
+            return {}
+        try:
+            return json.loads((Path(self.run_dir) / "manifest.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+
+def submit(
+    spec: Union[str, Path, dict, JobPlan, object],
+    target: str = "local",
+    *,
+    address: Optional[str] = None,
+    submission_id: Optional[str] = None,
+    overrides: tuple = (),
+) -> JobHandle:
+    """Submit a spec (file, dict, model) or a ready JobPlan. Idempotent on the submission id."""
+    job_plan = spec if isinstance(spec, JobPlan) else make_plan(
+        spec if hasattr(spec, "kind") and not isinstance(spec, dict) else load_spec(spec, overrides),
+        target, submission_id=submission_id,
+    )
+    if job_plan.target == "k8s":
+        raise SubmissionError("submit to k8s goes through 'ftlaunch submit --target k8s'")
+    url = resolve_address(job_plan.target, address)
+    c = client(url)
+    handle = JobHandle(job_plan.submission_id, url, job_plan.run_dir)
+    if _exists(c, job_plan.submission_id):
+        handle.existing = True
+        return handle
+    try:
+        c.submit_job(
+            entrypoint=job_plan.entrypoint,
+            submission_id=job_plan.submission_id,
+            runtime_env=job_plan.runtime_env,
+            entrypoint_num_cpus=job_plan.entrypoint_num_cpus,
+            metadata={
+                "ftlaunch_run_id": job_plan.run_id,
+                "ftlaunch_kind": job_plan.kind,
+                "ftlaunch_name": job_plan.name,
+                "ftlaunch_run_dir": job_plan.run_dir,
+            },
+        )
+    except RuntimeError as exc:
+        if _exists(c, job_plan.submission_id):  # lost a race with an identical submit
+            handle.existing = True
+            return handle
+        raise SubmissionError(f"Ray refused job {job_plan.submission_id}: {exc}") from None
+    return handle
+
+
+def attach(submission_id: str, target: str = "local", address: Optional[str] = None) -> JobHandle:
+    """A handle on an existing job (status, logs, stop) without starting anything."""
+    url = resolve_address(target, address, start=False)
+    c = client(url)
+    try:
+        info = c.get_job_info(submission_id)
+    except RuntimeError:
+        raise SubmissionError(
+            f"no job {submission_id!r} at {url}; list jobs with: ftlaunch list"
+        ) from None
+    return JobHandle(submission_id, url, (info.metadata or {}).get("ftlaunch_run_dir"))
+
+
+def list_jobs(target: str = "local", address: Optional[str] = None) -> list[dict]:
+    c = client(resolve_address(target, address, start=False))
+    rows = []
+    for job in c.list_jobs():
+        meta = job.metadata or {}
+        rows.append({
+            "submission_id": job.submission_id,
+            "status": str(job.status.value),
+            "kind": meta.get("ftlaunch_kind"),
+            "name": meta.get("ftlaunch_name"),
+            "run_dir": meta.get("ftlaunch_run_dir"),
+            "start_time": job.start_time,
+            "end_time": job.end_time,
+            "message": job.message,
+        })
+    return sorted(rows, key=lambda r: r["start_time"] or 0)
+
+
+def _exists(c, submission_id: str) -> bool:
+    try:
+        c.get_job_info(submission_id)
+        return True
+    except RuntimeError:
+        return False
+
+
+def echo(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+__all__ = ["JobHandle", "LauncherError", "attach", "list_jobs", "resolve_address", "submit"]

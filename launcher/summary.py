@@ -1,0 +1,40 @@
+"""The end-of-run summary printed by submit and make demo, read from the run's manifest."""
+
+from __future__ import annotations
+
+
+def format_summary(manifest: dict) -> str:
+    s = manifest.get("summary") or {}
+    if not s:
+        return f"no summary recorded (status {manifest.get('status', 'unknown')})"
+    trainable, total = s.get("trainable_params") or 0, s.get("total_params") or 0
+    pct = f" ({100 * trainable / total:.2f}%)" if total else ""
+    lines = [
+        f"run            {manifest.get('run_id')}",
+        f"loss           {_f(s.get('loss_first'))} -> {_f(s.get('loss_last'))} over {s.get('steps')} steps",
+        f"eval loss      {_f(s.get('eval_loss_before'))} -> {_f(s.get('eval_loss_after'))}",
+    ]
+    if s.get("retain_loss_before") is not None:
+        delta = s["retain_loss_after"] - s["retain_loss_before"]
+        lines.append(f"retain loss    {_f(s['retain_loss_before'])} -> {_f(s['retain_loss_after'])}"
+                     f" (forgetting {delta:+.4f})")
+    lines += [
+        f"parameters     {trainable:,} trainable / {total:,} total{pct}",
+        f"{s.get('export', 'export'):<15}{_size(s.get('export_bytes'))}",
+        f"wall time      {s.get('wall_time_s')} s",
+        f"artifacts      {manifest.get('plan', {}).get('run_dir', '?')}",
+    ]
+    return "\n".join(lines)
+
+
+def _f(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def _size(n) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024

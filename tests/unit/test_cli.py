@@ -1,0 +1,84 @@
+"""The CLI passes exactly these arguments to Ray's JobSubmissionClient (a recorder stands in)."""
+
+import json
+
+import pytest
+
+import launcher.submit as submit_mod
+from launcher.cli.main import main
+from launcher.plan import PLAN_ENV
+
+
+class Recorder:
+    def __init__(self, existing=()):
+        self.calls = []
+        self.existing = set(existing)
+
+    def get_job_info(self, sid):
+        self.calls.append(("get_job_info", sid))
+        if sid not in self.existing:
+            raise RuntimeError(f"Job {sid} does not exist")
+        return type("Info", (), {"metadata": {"ftlaunch_run_dir": "/r"}})()
+
+    def submit_job(self, **kwargs):
+        self.calls.append(("submit_job", kwargs))
+        self.existing.add(kwargs["submission_id"])
+        return kwargs["submission_id"]
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    rec = Recorder(existing={"already-there"})
+    monkeypatch.setattr(submit_mod, "client", lambda address: rec)
+    return rec
+
+
+def spec_file(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "kind: finetune\nname: cli\nstrategy: {type: lora, r: 4}\n"
+        f"data: {{train: {tmp_path}/t.parquet}}\nstorage: {tmp_path}/runs\n"
+    )
+    return path
+
+
+def test_submit_passes_exact_arguments(recorder, tmp_path, capsys):
+    rc = main(["submit", str(spec_file(tmp_path)), "--no-wait", "--address", "http://10.0.0.9:8265",
+               "--submission-id", "cli-1", "train.max_steps=9"])
+    assert rc == 0
+    (name, kwargs), = [c for c in recorder.calls if c[0] == "submit_job"]
+    assert kwargs["entrypoint"] == f"python -m jobs.run --plan-env {PLAN_ENV}"
+    assert kwargs["submission_id"] == "cli-1"
+    assert kwargs["entrypoint_num_cpus"] == 0
+    assert kwargs["metadata"] == {
+        "ftlaunch_run_id": "cli-1", "ftlaunch_kind": "finetune", "ftlaunch_name": "cli",
+        "ftlaunch_run_dir": f"{tmp_path}/runs/cli-1",
+    }
+    carried = json.loads(kwargs["runtime_env"]["env_vars"][PLAN_ENV])
+    assert carried["spec"]["train"]["max_steps"] == 9 and carried["target"] == "ray"
+    out = capsys.readouterr().out
+    assert "submitted cli-1 to http://10.0.0.9:8265" in out
+    assert "ftlaunch status cli-1 --address http://10.0.0.9:8265" in out
+
+
+def test_resubmitting_an_existing_id_returns_that_job(recorder, tmp_path, capsys):
+    rc = main(["submit", str(spec_file(tmp_path)), "--no-wait", "--address", "h:8265",
+               "--submission-id", "already-there"])
+    assert rc == 0
+    assert not [c for c in recorder.calls if c[0] == "submit_job"]
+    assert "already submitted already-there" in capsys.readouterr().out
+
+
+def test_config_errors_print_one_line_each_and_exit_nonzero(tmp_path, capsys):
+    rc = main(["validate", str(spec_file(tmp_path)), "train.lrr=1", "strategy.r=0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert len(err) == 2 and all(line.startswith("ftlaunch: error: ") for line in err)
+    assert "train.lrr: unknown key; did you mean 'train.lr'?" in err[1] + err[0]
+
+
+def test_ray_target_without_address_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    rc = main(["submit", str(spec_file(tmp_path)), "--target", "ray", "--no-wait"])
+    assert rc == 1
+    assert "no cluster address; pass --address" in capsys.readouterr().err
