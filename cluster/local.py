@@ -99,12 +99,16 @@ def up(num_cpus: Optional[int] = None, timeout: float = 90.0) -> Head:
     # Ray's socket paths must stay short (AF_UNIX limit), so the temp dir is a short one of ours.
     temp_dir = Path(os.environ.get("FTLAUNCH_RAY_TMP", "/tmp")) / f"ftl-{os.getuid()}-{os.getpid()}"
     num_cpus = num_cpus or int(os.environ.get("FTLAUNCH_LOCAL_CPUS", 0)) or (os.cpu_count() or 2)
-    gcs_port, dash_port, client_port, *worker_ports = _free_ports(3)
+    # Every fixed default port is replaced by a free one, so two heads on one machine coexist
+    # (the dashboard agent's default 52365 would otherwise collide and leave no job agent).
+    gcs_port, dash_port, client_port, agent_port, agent_grpc, env_agent, metrics = _free_ports(7)
     cmd = [
         ray, "start", "--head", "--block",
         f"--node-ip-address={HOST}", f"--port={gcs_port}",
         "--include-dashboard=true", f"--dashboard-host={HOST}", f"--dashboard-port={dash_port}",
         f"--ray-client-server-port={client_port}",
+        f"--dashboard-agent-listen-port={agent_port}", f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
         f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}", "--num-gpus=0",
         "--disable-usage-stats",
     ]

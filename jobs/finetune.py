@@ -91,7 +91,12 @@ def train_loop(config: dict) -> None:
     torch.set_num_threads(max(1, int(spec["resources"]["cpus_per_worker"])))
 
     # Model and strategy: the same seed on every rank gives the same base weights.
-    model = C.apply_strategy(C.build_model(spec["model"], seed=train["seed"]), spec["strategy"])
+    base = C.build_model(spec["model"], seed=train["seed"])
+    checkpoint = ray.train.get_checkpoint()
+    if rank == 0 and not checkpoint and spec["model"]["source"] in C.RANDOM_INIT_SOURCES:
+        # A random-init base exists nowhere else: keep it beside the adapter, before LoRA wraps it.
+        base.save_pretrained(os.path.join(run_dir.path, ".base-pending"))
+    model = C.apply_strategy(base, spec["strategy"])
     trainable, total = C.parameter_counts(model)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
@@ -101,7 +106,6 @@ def train_loop(config: dict) -> None:
     retain_texts = C.eval_texts(data.get("retain"), data["text_column"], train["eval_batches"] * 16)
 
     step, before = 0, {}
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         step = C.load_checkpoint(model, optimizer, checkpoint)
         before = run_dir.read_manifest().get("before", {})
@@ -113,10 +117,6 @@ def train_loop(config: dict) -> None:
             "digests_before": C.frozen_and_trainable_digests(model),
         }
         run_dir.update_manifest(before=before)
-        if spec["model"]["source"] in C.RANDOM_INIT_SOURCES:
-            base_dir = os.path.join(run_dir.path, ".base-pending")
-            C.unwrap(model).get_base_model().save_pretrained(base_dir) if hasattr(
-                model, "get_base_model") else model.save_pretrained(base_dir)
 
     model = ray.train.torch.prepare_model(model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -8,17 +8,22 @@ from launcher.errors import (
     PlanError,
     SubmissionError,
 )
+from launcher.client import JobHandle, attach, list_jobs, submit
 from launcher.plan import JobPlan, plan
 from launcher.spec import load_spec
 
 __all__ = [
     "ClusterError",
     "ConfigError",
+    "JobHandle",
     "JobPlan",
     "LauncherError",
     "MissingExtraError",
     "PlanError",
     "SubmissionError",
+    "attach",
+    "list_jobs",
     "load_spec",
     "plan",
+    "submit",
 ]

@@ -1,7 +1,7 @@
 """`ftlaunch list`: jobs known to the cluster, oldest first."""
 
 from launcher.cli.common import add_target_args, print_json, target_of
-from launcher.submit import list_jobs
+from launcher.client import list_jobs
 
 
 def add_parser(sub) -> None:

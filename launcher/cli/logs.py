@@ -1,7 +1,7 @@
 """`ftlaunch logs ID [-f]`: the job's driver log, followed until it ends with -f."""
 
 from launcher.cli.common import add_target_args, target_of
-from launcher.submit import attach, echo
+from launcher.client import attach, echo
 
 
 def add_parser(sub) -> None:

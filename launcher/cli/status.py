@@ -1,7 +1,7 @@
 """`ftlaunch status ID`: the job's state, message and run folder."""
 
 from launcher.cli.common import add_target_args, print_json, target_of
-from launcher.submit import attach
+from launcher.client import attach
 
 
 def add_parser(sub) -> None:

@@ -1,7 +1,7 @@
 """`ftlaunch stop ID`: ask the cluster to stop a job."""
 
 from launcher.cli.common import add_target_args, target_of
-from launcher.submit import attach
+from launcher.client import attach
 
 
 def add_parser(sub) -> None:

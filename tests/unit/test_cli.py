@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-import launcher.submit as submit_mod
+import launcher.client as submit_mod
 from launcher.cli.main import main
 from launcher.plan import PLAN_ENV
 

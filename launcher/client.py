@@ -45,7 +45,8 @@ def client(address: str):
 
     from ray.job_submission import JobSubmissionClient
 
-    for name in ("ray.dashboard", "ray._private.runtime_env"):  # no per-upload INFO lines
+    # No per-upload INFO lines on the user's terminal.
+    for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
     try:
@@ -138,7 +139,8 @@ def submit(
         handle.existing = True
         return handle
     try:
-        c.submit_job(
+        _submit_with_retry(
+            c,
             entrypoint=job_plan.entrypoint,
             submission_id=job_plan.submission_id,
             runtime_env=job_plan.runtime_env,
@@ -187,6 +189,19 @@ def list_jobs(target: str = "local", address: Optional[str] = None) -> list[dict
             "message": job.message,
         })
     return sorted(rows, key=lambda r: r["start_time"] or 0)
+
+
+def _submit_with_retry(c, timeout: float = 60.0, **kwargs) -> None:
+    """A freshly started head answers before its job agent is ready: retry that case only."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            c.submit_job(**kwargs)
+            return
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def _exists(c, submission_id: str) -> bool:
