@@ -761,7 +761,7 @@ def format_estimate(est: dict) -> str:
     if f["verdict"] != "fits" and not f["suggestions"]:
         lines.append("    no single change the planner knows would make it fit")
     if t:
-        hours = f", {t['gpu_hours']:.2f} GPU-hours" if t["gpu_hours"] else f", {t['device_hours']:.2f} CPU-core-hours"
+        hours = f", {t['gpu_hours']:.3g} GPU-hours" if t["gpu_hours"] else f", {t['device_hours']:.3g} CPU-core-hours"
         lines.append(f"  time        {_duration(t['seconds'])} for {t['tokens']:,} tokens{hours} (MFU {t['mfu']:.0%} assumed)")
     return "\n".join(lines)
 
