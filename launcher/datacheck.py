@@ -75,14 +75,14 @@ def _type_ok(role: str, t) -> bool:
     return is_str(t)
 
 
-def _filesystem(path_or_uri: str):
+def _filesystem(path_or_uri: str, where: str):
     import pyarrow.fs as pafs
 
     if "://" in path_or_uri:
         try:
             return pafs.FileSystem.from_uri(path_or_uri)
         except Exception as e:  # unknown scheme, missing credentials, bad bucket name
-            raise ConfigError(f"cannot open {path_or_uri}: {e}; check the URI and credentials")
+            raise ConfigError(f"{where}: cannot open {path_or_uri} ({e}); check the URI and credentials")
     from pathlib import Path
 
     return pafs.LocalFileSystem(), str(Path(path_or_uri).expanduser().absolute())
@@ -156,7 +156,7 @@ def check_dataset(
             f"use {', '.join(TASK_COLUMNS[task])}"
         )
     mapping = {r: columns.get(r, r) for r in TASK_COLUMNS[task]}
-    fs, path = _filesystem(str(path_or_uri))
+    fs, path = _filesystem(str(path_or_uri), where)
     files = _data_files(fs, path, str(path_or_uri), where)
 
     problems: list[str] = []

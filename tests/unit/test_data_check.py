@@ -56,6 +56,8 @@ def test_missing_file_folder_and_empty_glob(tmp_path):
             check_dataset(bad, "causal_lm", role="eval")
         line = _one_line(e)
         assert line.startswith("data.eval: ") and words in line and str(tmp_path) in line
+    with pytest.raises(ConfigError, match=r"^data.train: cannot open foo://b/x.parquet .*check the URI"):
+        check_dataset("foo://b/x.parquet", "causal_lm")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="holds no .parquet"):
         check_dataset(tmp_path / "empty", "causal_lm")

@@ -36,7 +36,7 @@ def test_stops_when_a_source_runs_out_and_cycle_replays():
     out = list(interleave(range(8), ["a", "b"], 0.25))
     assert out == [0, 1, 2, "a", 3, 4, 5, "b", 6, 7]  # the 12th item would need a third old row
     out = list(interleave(range(100), ["a"], 0.25))
-    assert out == [0, 1, 2, "a", 4 - 1, 4, 5]  # old ran out at the 8th item: stop, keep the ratio
+    assert out == [0, 1, 2, "a", 3, 4, 5]  # old ran out at the 8th item: stop, keep the ratio
     out = list(interleave(range(8), itertools.cycle(["a"]), 0.5))
     assert out.count("a") == 8 and [x for x in out if x != "a"] == list(range(8))
 
