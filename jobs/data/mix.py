@@ -59,7 +59,9 @@ def mix_datasets(new_ds, old_ds, fraction: float, seed: int, *, new_rows=None, o
     `iter_torch_batches(local_shuffle_buffer_size=...)`). STOP_ON_SHORTEST keeps the ratio to
     the end; to make a pass over `new_ds` complete, the old set is repeated `old_repeats` times
     when both row counts are given (take them from `launcher.datacheck.check_dataset`).
-    `seed` fixes which blocks come first: the block order of each input is permuted by it."""
+    `seed` fixes which blocks come first: the block order of each input is permuted by it.
+    Same seed, same row order: this dataset's execution preserves order (the mixer itself is
+    deterministic; without preserve_order, parallel reads deliver blocks as they finish)."""
     from ray.data import MixStoppingCondition
 
     f = float(_share(fraction))
@@ -73,6 +75,8 @@ def mix_datasets(new_ds, old_ds, fraction: float, seed: int, *, new_rows=None, o
             old_ds = old_ds.union(*[old_ds] * (reps - 1))
     new_ds = new_ds.randomize_block_order(seed=seed)
     old_ds = old_ds.randomize_block_order(seed=seed + 1)
-    return new_ds.mix(
+    mixed = new_ds.mix(
         old_ds, weights=[1 - f, f], stopping_condition=MixStoppingCondition.STOP_ON_SHORTEST
     )
+    mixed.context.execution_options.preserve_order = True  # this dataset's own copy
+    return mixed
