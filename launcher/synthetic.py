@@ -53,6 +53,152 @@ def alphabet(rows: int, seed: int = 0):
     return pa.table({"text": text})
 
 
+# Classification: the label is carried by two topic words among neutral filler; a bag of words
+# learns it, a constant guess scores 25%.
+TOPICS = {
+    "sport": ["goal", "match", "team", "coach", "score", "league", "striker", "referee"],
+    "weather": ["rain", "storm", "sunny", "cloud", "wind", "forecast", "snow", "thunder"],
+    "food": ["pasta", "bread", "soup", "recipe", "cheese", "oven", "spice", "dessert"],
+    "tech": ["laptop", "software", "chip", "network", "server", "code", "robot", "battery"],
+}
+FILLER = ["the", "a", "today", "we", "saw", "about", "really", "new", "this", "was", "and", "some"]
+
+
+@generator("classification")
+def classification(rows: int, seed: int = 0):
+    """Texts of 6-9 words with two words of one topic; `label` is the topic's index in TOPICS."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed + 2)
+    names = list(TOPICS)
+    labels = rng.integers(0, len(names), size=rows)
+    text = []
+    for label in labels:
+        words = list(rng.choice(FILLER, size=int(rng.integers(4, 8))))
+        for w in rng.choice(TOPICS[names[label]], size=2, replace=False):
+            words.insert(int(rng.integers(0, len(words) + 1)), w)
+        text.append(" ".join(words))
+    schema = pa.schema(
+        [("text", pa.string()), ("label", pa.int64())],
+        metadata={"label_names": ",".join(names)},
+    )
+    return pa.table({"text": text, "label": labels.astype(np.int64)}, schema=schema)
+
+
+INSTRUCTION_RULES = ("reverse", "sort", "add one to")
+
+
+@generator("instruction")
+def instruction(rows: int, seed: int = 0):
+    """`reverse|sort|add one to: 5 2 9` -> `9 2 5|2 5 9|6 3 10`; the rule is named in the prompt."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed + 3)
+    rules = rng.integers(0, len(INSTRUCTION_RULES), size=rows)
+    prompts, responses = [], []
+    for r in rules:
+        xs = rng.integers(0, 50, size=int(rng.integers(3, 7)))
+        out = {0: xs[::-1], 1: np.sort(xs), 2: xs + 1}[int(r)]
+        prompts.append(f"{INSTRUCTION_RULES[r]}: " + " ".join(map(str, xs)))
+        responses.append(" ".join(map(str, out)))
+    return pa.table({"instruction": prompts, "response": responses})
+
+
+NER_TAGS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG")
+_NER_WORDS = {
+    "PER": (["Alice", "Bruno", "Chen", "Dara", "Emeka", "Fatima"], ["Smith", "Okafor", "Ivanova"]),
+    "LOC": (["Paris", "Lagos", "Oslo", "Lima", "New", "San"], ["York", "Diego"]),
+    "ORG": (["Acme", "Globex", "Initech", "Umbrella"], ["Corp", "Labs", "Group"]),
+}
+_NER_FILLER = ["met", "in", "with", "visited", "from", "joined", "yesterday", "the", "at", "and"]
+
+
+@generator("ner")
+def ner(rows: int, seed: int = 0):
+    """Sentences of lower-case filler and capitalised entities (1-2 tokens); tags are BIO ids
+    into NER_TAGS (stored in the schema metadata). Learnable from capitalisation and word lists."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed + 4)
+    kinds = list(_NER_WORDS)
+    tokens, tags = [], []
+    for _ in range(rows):
+        toks, tg = [], []
+        for _ in range(int(rng.integers(2, 4))):
+            for w in rng.choice(_NER_FILLER, size=int(rng.integers(1, 3))):
+                toks.append(str(w))
+                tg.append(0)
+            k = int(rng.integers(0, len(kinds)))
+            heads, tails = _NER_WORDS[kinds[k]]
+            toks.append(str(rng.choice(heads)))
+            tg.append(1 + 2 * k)
+            if rng.random() < 0.5:
+                toks.append(str(rng.choice(tails)))
+                tg.append(2 + 2 * k)
+        tokens.append(toks)
+        tags.append(tg)
+    schema = pa.schema(
+        [("tokens", pa.list_(pa.string())), ("tags", pa.list_(pa.int64()))],
+        metadata={"tag_names": ",".join(NER_TAGS)},
+    )
+    return pa.table({"tokens": tokens, "tags": tags}, schema=schema)
+
+
+VQA_COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 70, 230), "yellow": (235, 220, 40)}
+VQA_SHAPES = ("square", "circle", "triangle")
+VQA_PLACES = ("top left", "top right", "bottom left", "bottom right")
+
+
+def _shape_mask(shape: str, size: int, cy: int, cx: int, r: int) -> np.ndarray:
+    y, x = np.mgrid[0:size, 0:size]
+    if shape == "square":
+        return (abs(y - cy) <= r) & (abs(x - cx) <= r)
+    if shape == "circle":
+        return (y - cy) ** 2 + (x - cx) ** 2 <= r * r
+    # triangle pointing up: apex at (cy - r, cx), base on row cy + r
+    return (y <= cy + r) & (y >= cy - r) & (abs(x - cx) <= (y - (cy - r)) / 2)
+
+
+@generator("vqa")
+def vqa(rows: int, seed: int = 0, size: int = 64):
+    """One coloured shape on a dark, lightly noisy background; questions ask its colour, shape,
+    quadrant, or whether it touches the image edge. `image` is a fixed_shape_tensor (size,size,3)
+    uint8, so colour (RGB/LAB), edges (Sobel) and position (coordinate channels) carry the answer."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed + 5)
+    colours = list(VQA_COLOURS)
+    images = np.empty((rows, size, size, 3), dtype=np.uint8)
+    questions, answers = [], []
+    half = size // 2
+    for i in range(rows):
+        colour = colours[int(rng.integers(0, len(colours)))]
+        shape = VQA_SHAPES[int(rng.integers(0, len(VQA_SHAPES)))]
+        q = int(rng.integers(0, 4))
+        r = int(rng.integers(size // 10, size // 5))
+        touches = bool(rng.random() < 0.5)
+        # centre inside its quadrant; "touches" pushes it against the outer edge of the quadrant
+        qy, qx = divmod(q, 2)
+        lo_y, lo_x = qy * half, qx * half
+        if touches:
+            cy = lo_y + (r if qy == 0 else half - 1 - r)
+            cx = int(rng.integers(lo_x + r + 2, lo_x + half - r - 1))
+        else:
+            cy = int(rng.integers(lo_y + r + 2, lo_y + half - r - 1))
+            cx = int(rng.integers(lo_x + r + 2, lo_x + half - r - 1))
+        img = rng.integers(0, 40, size=(size, size, 3), dtype=np.uint8)
+        img[_shape_mask(shape, size, cy, cx, r)] = VQA_COLOURS[colour]
+        images[i] = img
+        kind = int(rng.integers(0, 4))
+        questions.append(
+            ("what colour is the shape?", "what shape is it?", "where is the shape?",
+             "does the shape touch the edge?")[kind]
+        )
+        answers.append((colour, shape, VQA_PLACES[q], "yes" if touches else "no")[kind])
+    image = pa.FixedShapeTensorArray.from_numpy_ndarray(images)
+    return pa.table({"image": image, "question": questions, "answer": answers})
+
+
 def make(name: str, rows: int, out: str | Path, seed: int = 0, split: str = "train") -> Path:
     """Write `<out>/<split>.parquet` from the named generator; returns the file path."""
     import pyarrow.parquet as pq

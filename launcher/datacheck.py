@@ -1,0 +1,239 @@
+"""Pre-flight dataset checks on the client: schema, row counts and size, from file footers only.
+
+Nothing here reads row data, so a check of an s3:// folder costs a few range requests per file.
+pyarrow is imported inside functions: the client may run without it until data is checked.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+
+from launcher.errors import ConfigError
+
+TASK_COLUMNS = {
+    "causal_lm": ("text",),
+    "instruction": ("instruction", "response"),
+    "classification": ("text", "label"),
+    "ner": ("tokens", "tags"),
+    "vqa": ("image", "question", "answer"),
+}
+# what each role column must hold, as the error message names it
+_NEEDS = {
+    "text": "a string", "instruction": "a string", "response": "a string",
+    "question": "a string", "answer": "a string", "label": "an integer",
+    "tokens": "a list<string>", "tags": "a list<int>",
+    "image": "binary, a fixed-size list<uint8> or a fixed-shape tensor",
+}  # fmt: skip
+PARQUET = (".parquet", ".parq", ".pq")
+ARROW_IPC = (".arrow", ".feather", ".ipc")
+_MAX_LINES = 8
+
+# Rough minimum examples per task (DESIGN.md "Bad input"); PEFT gets by with 50-500.
+MINIMUM_ROWS = {
+    "classification": 100,
+    "ner": 500,
+    "instruction": 1_000,
+    "causal_lm": 10_000,
+    "vqa": 100_000,
+}
+PEFT_MINIMUM_ROWS = 500
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    path: str
+    rows: int
+    files: int
+    schema: dict[str, str]  # column name -> Arrow type, of the first file
+    columns: dict[str, str] = field(default_factory=dict)  # task role -> column in the files
+
+
+def _type_ok(role: str, t) -> bool:
+    import pyarrow as pa
+
+    def is_str(x):
+        return pa.types.is_string(x) or pa.types.is_large_string(x) or pa.types.is_string_view(x)
+
+    def is_list(x):
+        return pa.types.is_list(x) or pa.types.is_large_list(x) or pa.types.is_fixed_size_list(x)
+
+    if isinstance(t, pa.BaseExtensionType):
+        if role == "image":  # arrow.fixed_shape_tensor, or Ray's tensor extensions
+            return "tensor" in t.extension_name
+        t = t.storage_type
+    if role == "label":
+        return pa.types.is_integer(t)
+    if role == "tokens":
+        return is_list(t) and is_str(t.value_type)
+    if role == "tags":
+        return is_list(t) and pa.types.is_integer(t.value_type)
+    if role == "image":
+        binary = pa.types.is_binary(t) or pa.types.is_large_binary(t)
+        return binary or (is_list(t) and pa.types.is_integer(t.value_type))
+    return is_str(t)
+
+
+def _filesystem(path_or_uri: str, where: str):
+    import pyarrow.fs as pafs
+
+    if "://" in path_or_uri:
+        try:
+            return pafs.FileSystem.from_uri(path_or_uri)
+        except Exception as e:  # unknown scheme, missing credentials, bad bucket name
+            raise ConfigError(f"{where}: cannot open {path_or_uri} ({e}); check the URI and credentials")
+    from pathlib import Path
+
+    return pafs.LocalFileSystem(), str(Path(path_or_uri).expanduser().absolute())
+
+
+def _data_files(fs, path: str, shown: str, where: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    def listing(base):
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        return sorted(
+            i.path for i in infos
+            if i.type == pafs.FileType.File and not i.base_name.startswith(("_", "."))
+        )  # fmt: skip
+
+    if any(c in path for c in "*?["):
+        base = path[: min(path.find(c) for c in "*?[" if c in path)].rpartition("/")[0] or "/"
+        files = [f for f in listing(base) if fnmatch.fnmatch(f, path)]
+        if not files:
+            raise ConfigError(f"{where}: the pattern {shown} matches no file; fix the pattern")
+        return files
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise ConfigError(
+            f"{where}: {shown} does not exist; fix the path (or write it: ftlaunch data make ...)"
+        )
+    if info.type == pafs.FileType.File:
+        return [path]
+    files = [f for f in listing(path) if f.lower().endswith(PARQUET + ARROW_IPC)]
+    if not files:
+        raise ConfigError(
+            f"{where}: the folder {shown} holds no {'/'.join(PARQUET + ARROW_IPC)} file; "
+            "point it at the data files"
+        )
+    return files
+
+
+def _footer(fs, path: str):
+    """(rows, arrow schema) from the file's footer; raises ValueError with the reason."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+    import pyarrow.parquet as pq
+
+    with fs.open_input_file(path) as f:
+        try:
+            if path.lower().endswith(ARROW_IPC):
+                reader = ipc.open_file(f)
+                return reader.count_rows(), reader.schema
+            meta = pq.ParquetFile(f).metadata
+            return meta.num_rows, meta.schema.to_arrow_schema()
+        except (pa.ArrowException, OSError) as e:
+            kind = "Arrow IPC" if path.lower().endswith(ARROW_IPC) else "Parquet"
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"is not a readable {kind} file ({reason})") from e
+
+
+def check_dataset(
+    path_or_uri: str, task: str, *, role: str = "train", columns: dict[str, str] | None = None
+) -> DatasetInfo:
+    """Check that `path_or_uri` (a file, folder, glob, or pyarrow.fs URI) holds rows with the
+    columns `task` needs; `columns` maps a task role to another column name ({"text": "body"}).
+    Raises ConfigError with one line per problem: what, which file and column, and the fix."""
+    if task not in TASK_COLUMNS:
+        raise ConfigError(f"data.task: {task!r} is not one of {', '.join(TASK_COLUMNS)}")
+    where = f"data.{role}"
+    columns = dict(columns or {})
+    unknown = sorted(set(columns) - set(TASK_COLUMNS[task]))
+    if unknown:
+        raise ConfigError(
+            f"data.columns: {', '.join(unknown)} is not a column of task {task}; "
+            f"use {', '.join(TASK_COLUMNS[task])}"
+        )
+    mapping = {r: columns.get(r, r) for r in TASK_COLUMNS[task]}
+    fs, path = _filesystem(str(path_or_uri), where)
+    files = _data_files(fs, path, str(path_or_uri), where)
+
+    problems: list[str] = []
+    rows, first_schema = 0, None
+    for f in files:
+        try:
+            n, schema = _footer(fs, f)
+        except ValueError as e:
+            problems.append(f"{where}: {f} {e}; rewrite the file or remove it from the dataset")
+            continue
+        if first_schema is None:
+            first_schema = schema
+        rows += n
+        for r, name in mapping.items():
+            if name not in schema.names:
+                hint = f"map it: columns={{'{r}': '<column>'}}" if name == r else "fix the mapping"
+                problems.append(
+                    f"{where}: {f} has no column '{name}' that task {task} needs as {r} "
+                    f"(it has: {', '.join(schema.names)}); rename a column or {hint}"
+                )
+            elif not _type_ok(r, schema.field(name).type):
+                problems.append(
+                    f"{where}: column '{name}' in {f} is {schema.field(name).type}, task {task} "
+                    f"needs {_NEEDS[r]}; convert the column or map another one"
+                )
+    if problems:
+        problems = list(dict.fromkeys(problems))  # same problem in many files: keep the first lines
+        extra = len(problems) - _MAX_LINES
+        problems = problems[:_MAX_LINES] + ([f"{where}: ... and {extra} more"] if extra > 0 else [])
+        raise ConfigError(problems)
+    if rows == 0:
+        raise ConfigError(f"{where}: {path_or_uri} has 0 rows in {len(files)} file(s); add data")
+    return DatasetInfo(
+        path=str(path_or_uri),
+        rows=rows,
+        files=len(files),
+        schema={n: str(first_schema.field(n).type) for n in first_schema.names},
+        columns=mapping,
+    )
+
+
+def sufficiency(
+    task: str, rows: int, *, peft: bool, force: bool = False, role: str = "train"
+) -> list[str]:
+    """Warnings when `rows` is below the task's usual minimum (PEFT: at most 500); a ConfigError
+    below a tenth of it unless `force` (then that is a warning too)."""
+    need = MINIMUM_ROWS[task]
+    if peft:
+        need = min(need, PEFT_MINIMUM_ROWS)
+    method = "with PEFT " if peft else ""
+    if rows >= need:
+        return []
+    if rows < math.ceil(need / 10):
+        line = (
+            f"data.{role}: {rows} rows is under a tenth of the ~{need:,} examples {task} "
+            f"{method}needs"
+        )
+        if not force:
+            raise ConfigError(f"{line}; add data or set data.force: true")
+        return [f"{line}; running anyway because data.force is set"]
+    return [
+        f"data.{role}: {rows} rows is below the ~{need:,} examples {task} {method}usually needs; "
+        "expect a weak result, or add data"
+    ]
+
+
+def steps_for(rows: int, epochs: float, micro_batch: int, workers: int) -> int:
+    """Optimizer steps for `epochs` passes over `rows` split across `workers`, each taking
+    `micro_batch` rows a step (a partial last batch counts as a step)."""
+    if rows <= 0 or epochs <= 0 or micro_batch <= 0 or workers <= 0:
+        raise ConfigError(
+            f"steps_for: rows {rows}, epochs {epochs}, micro_batch {micro_batch} and workers "
+            f"{workers} must all be positive"
+        )
+    if rows < workers:
+        raise ConfigError(
+            f"data.train: {rows} rows cannot feed {workers} workers (a worker would get none); "
+            "add data or use fewer workers"
+        )
+    return max(1, math.ceil(epochs * math.ceil(rows / (micro_batch * workers))))
