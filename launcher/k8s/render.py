@@ -8,6 +8,7 @@ rendered runtime env keeps only `env_vars`. Build it with e.g.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -209,13 +210,15 @@ def _cluster_spec(profile, replicas, min_replicas, max_replicas, *, image, stora
     worker_res = {"cpu": str(node_cpus), "memory": memory}
     if gpu:
         worker_res[GPU_RESOURCE] = str(profile["gpus_per_node"])
-    volumes, mounts = _volumes(storage_mount, pvc, shm=memory if gpu else None)
+    # The head has no GPU: NVIDIA_VISIBLE_DEVICES=void keeps a GPU image from grabbing one anyway.
     head_env = list(env) + ([{"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"}] if gpu else [])
     head = _pod_template(
-        "ray-head", image, HEAD, head_env, mounts, volumes,
+        "ray-head", image, HEAD, head_env, *_volumes(storage_mount, pvc),
         ports=[("gcs-server", 6379), ("dashboard", 8265), ("client", 10001)],
     )
-    worker = _pod_template("ray-worker", image, worker_res, env, mounts, volumes)
+    worker = _pod_template(
+        "ray-worker", image, worker_res, env, *_volumes(storage_mount, pvc, shm=memory if gpu else None)
+    )
     if gpu:
         worker["spec"]["tolerations"] = [
             {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
@@ -248,7 +251,7 @@ def _cluster_spec(profile, replicas, min_replicas, max_replicas, *, image, stora
     }
 
 
-def _pod_template(name, image, resources, env, mounts, volumes, ports=()) -> dict:
+def _pod_template(name, image, resources, env, volumes, mounts, ports=()) -> dict:
     container = {
         "name": name,
         "image": image,
@@ -257,7 +260,7 @@ def _pod_template(name, image, resources, env, mounts, volumes, ports=()) -> dic
         "volumeMounts": mounts,
     }
     if env:
-        container["env"] = env
+        container["env"] = copy.deepcopy(env)
     if ports:
         container["ports"] = [{"containerPort": port, "name": pname} for pname, port in ports]
     return {"spec": {"securityContext": _pod_security(), "containers": [container], "volumes": volumes}}
@@ -328,7 +331,8 @@ def _label_value(value: str) -> str:
 
 
 class _BlockDumper(yaml.SafeDumper):
-    pass
+    def ignore_aliases(self, data):  # no &id001 anchors: every manifest reads on its own
+        return True
 
 
 def _str_representer(dumper, data):

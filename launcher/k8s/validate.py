@@ -110,9 +110,12 @@ def _raw_schema(kind: str) -> dict:
 def _structural(node: Any) -> Any:
     """Copy of an OpenAPI schema where every object with `properties` forbids other keys."""
     if isinstance(node, dict):
-        out = {k: _structural(v) for k, v in node.items() if not k.startswith("x-kubernetes")}
-        out.pop("nullable", None)
+        out = {
+            k: _structural(v) for k, v in node.items()
+            if not k.startswith("x-kubernetes") and k not in ("nullable", "properties")
+        }
         if "properties" in node:
+            # Property names are not keywords: recurse into each property's schema only.
             out["properties"] = {k: _structural(v) for k, v in node["properties"].items()}
             if "additionalProperties" not in node and not node.get("x-kubernetes-preserve-unknown-fields"):
                 out["additionalProperties"] = False
