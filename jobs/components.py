@@ -5,9 +5,11 @@ Each training method (jobs/finetune.py, ...) reads as one story and calls into t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -26,6 +28,21 @@ TINY_LLAMA = dict(
     tie_word_embeddings=False,
 )
 RANDOM_INIT_SOURCES = ("tiny-llama",)
+
+
+@contextlib.contextmanager
+def plain_errors():
+    """Re-raise worker errors as RuntimeError carrying type and message.
+
+    Some library exceptions cannot be unpickled on the driver (transformers' config validation
+    errors need extra constructor arguments), which would replace the real cause with a
+    TypeError. The full traceback stays in the worker's log.
+    """
+    try:
+        yield
+    except Exception as exc:
+        traceback.print_exc()
+        raise RuntimeError(f"{type(exc).__name__}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------

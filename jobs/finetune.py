@@ -25,10 +25,11 @@ def run(plan: dict, run_dir: RunDir) -> dict:
     spec = plan["spec"]
     data, train, res = spec["data"], spec["train"], spec["resources"]
     seq_len = spec["model"]["seq_len"]
+    text = data["columns"].get("text", "text")
 
     # 1. Data: Parquet -> tokenized tensor columns, streamed and split across the workers.
-    train_ds = ray.data.read_parquet(data["train"], columns=[data["text_column"]]).map_batches(
-        C.tokenize_causal, fn_kwargs={"column": data["text_column"], "seq_len": seq_len},
+    train_ds = ray.data.read_parquet(data["train"], columns=[text]).map_batches(
+        C.tokenize_causal, fn_kwargs={"column": text, "seq_len": seq_len},
         batch_format="numpy",
     )
 
@@ -84,6 +85,11 @@ def run(plan: dict, run_dir: RunDir) -> dict:
 
 
 def train_loop(config: dict) -> None:
+    with C.plain_errors():
+        _train_loop(config)
+
+
+def _train_loop(config: dict) -> None:
     spec, run_dir = config["spec"], RunDir(config["run_dir"])
     train, data, seq_len = spec["train"], spec["data"], spec["model"]["seq_len"]
     ctx = ray.train.get_context()
@@ -102,8 +108,9 @@ def train_loop(config: dict) -> None:
         [p for p in model.parameters() if p.requires_grad],
         lr=train["lr"], weight_decay=train["weight_decay"],
     )
-    eval_texts = C.eval_texts(data.get("eval"), data["text_column"], train["eval_batches"] * 16)
-    retain_texts = C.eval_texts(data.get("retain"), data["text_column"], train["eval_batches"] * 16)
+    text = data["columns"].get("text", "text")
+    eval_texts = C.eval_texts(data.get("eval"), text, train["eval_batches"] * 16)
+    retain_texts = C.eval_texts(data.get("retain"), text, train["eval_batches"] * 16)
 
     step, before = 0, {}
     if checkpoint:

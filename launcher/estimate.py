@@ -69,6 +69,13 @@ MINILM = dict(
 
 
 def _require_torch():
+    import logging
+    import warnings
+
+    # Library chatter on import (bitsandbytes' optional CPU kernels, transformers deprecations)
+    # is not the planner's output.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     try:
         import torch
         import transformers

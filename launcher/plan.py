@@ -31,6 +31,7 @@ JOB_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "PYTHONUNBUFFERED": "1",
 }
+K8S_STORAGE_ROOT = "/mnt/cluster_storage"  # where rendered RayJobs mount the shared volume
 PATH_FIELDS = ("data.train", "data.eval", "data.retain", "data.replay.path")
 
 
@@ -51,6 +52,7 @@ class JobPlan:
     run_dir: str
     spec: dict
     warnings: list = dataclasses.field(default_factory=list)
+    data: dict = dataclasses.field(default_factory=dict)  # role -> rows and files, from footers
     estimate: Optional[dict] = None  # the planner's parameter, memory, fit and time figures
 
     def to_dict(self) -> dict:
@@ -75,11 +77,18 @@ def plan(
     submission_id: Optional[str] = None,
     base_dir: Optional[str] = None,
     now: Optional[dt.datetime] = None,
+    profile: Optional[str] = None,
+    preflight: bool = True,
 ) -> JobPlan:
-    """Plan a validated spec for a target. Relative paths resolve against `base_dir` (the cwd)."""
+    """Plan a validated spec for a target. Relative paths resolve against `base_dir` (the cwd).
+
+    With `preflight`, datasets are checked from their footers and the job is estimated against
+    `profile` (default: this machine for `local`); a job that cannot fit there is refused.
+    """
     if target not in TARGETS:
         raise PlanError(f"target {target!r} is unknown; use one of: {', '.join(TARGETS)}")
-    base = Path(base_dir or os.getcwd())
+    # On Kubernetes, relative paths name places on the cluster's shared volume, not this machine.
+    base = Path(base_dir or (K8S_STORAGE_ROOT if target == "k8s" else os.getcwd()))
     resolved = spec.model_dump(mode="json")
     warnings = []
     for field in PATH_FIELDS:
@@ -94,6 +103,19 @@ def plan(
                 f"storage {storage} is a local path: the cluster's nodes must see it "
                 "(a shared filesystem), or use s3://bucket/prefix"
             )
+
+    data, estimate = {}, None
+    if preflight:
+        from launcher import preflight as checks
+
+        data, data_warnings = checks.check_data(resolved, target)
+        warnings += data_warnings
+        if target == "local" and profile is None:
+            profile = "local-cpu"
+        estimate, fit_warnings = checks.check_fit(resolved, profile, strict=profile is not None)
+        warnings += fit_warnings
+    elif resolved.get("train", {}).get("max_steps") is None:
+        raise PlanError("train.max_steps is not set and preflight is off: set it, or allow preflight")
 
     if submission_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}", submission_id):
         raise PlanError(
@@ -125,11 +147,13 @@ def plan(
         run_dir=_join(storage, run_id),
         spec=resolved,
         warnings=warnings,
+        data=data,
     )
     draft = JobPlan(**job_plan_fields)
     env = {**JOB_ENV, **spec.env, PLAN_ENV: json.dumps(draft.to_dict(), sort_keys=True)}
     runtime_env = {"py_modules": package_dirs(), "env_vars": env}
-    return dataclasses.replace(draft, runtime_env=runtime_env)
+    # The estimate stays out of the job's environment (it is large); the job needs none of it.
+    return dataclasses.replace(draft, runtime_env=runtime_env, estimate=estimate)
 
 
 def package_dirs() -> list[str]:

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 from launcher.errors import ConfigError
 
@@ -93,11 +100,13 @@ class DataSpec(Strict):
     eval: Optional[str] = None
     retain: Optional[str] = None
     replay: Optional[ReplaySpec] = None
-    text_column: str = "text"
+    columns: dict[str, str] = Field(default_factory=dict, description="task role -> column name")
+    force: bool = Field(False, description="run even when the dataset is far too small")
 
 
 class TrainSpec(Strict):
-    max_steps: int = Field(100, gt=0)
+    max_steps: Optional[int] = Field(None, gt=0, description="default: from epochs and row counts")
+    epochs: float = Field(1.0, gt=0, description="used when max_steps is not set")
     micro_batch: int = Field(8, gt=0)
     lr: float = Field(2e-4, gt=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)

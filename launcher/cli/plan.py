@@ -10,13 +10,14 @@ def add_parser(sub) -> None:
     add_spec_args(p)
     add_target_args(p)
     p.add_argument("--submission-id", help="use this id instead of a generated one")
+    p.add_argument("--profile", help="check fit against this cluster profile (cluster/profiles.yaml)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     job = plan(load_spec(args.spec, tuple(args.overrides)), target_of(args),
-               submission_id=args.submission_id)
+               submission_id=args.submission_id, profile=args.profile)
     if args.json:
         print_json(job.to_dict())
         return 0
@@ -35,5 +36,12 @@ def describe(job) -> str:
         f"entrypoint    {job.entrypoint}",
         f"artifacts     {job.run_dir}",
     ]
+    for role, found in job.data.items():
+        lines.append(f"data.{role:<8} {found['rows']:,} rows in {found['files']} file(s)")
+    lines.append(f"steps         {job.spec.get('train', {}).get('max_steps')}")
     lines += [f"warning       {w}" for w in job.warnings]
+    if job.estimate:
+        from launcher.estimate import format_estimate
+
+        lines += ["", format_estimate(job.estimate)]
     return "\n".join(lines)

@@ -61,16 +61,15 @@ def load_profile(ref: str) -> dict:
     if path.suffix in (".yaml", ".yml", ".json") and path.is_file():
         data = yaml.safe_load(path.read_text())
         return _check(data, ref)
-    try:
-        from cluster import profiles  # optional: another module owns the named profiles
-    except ImportError:
-        profiles = None
-    getter = getattr(profiles, "get_profile", None) or getattr(profiles, "load_profile", None)
-    if getter is not None:
-        found = getter(ref)
-        return _check(found.model_dump() if hasattr(found, "model_dump") else dict(found), ref)
-    raise ConfigError(f"--profile {ref!r}: no such profile file and no named profiles installed; "
-                      f"pass a YAML file with keys {', '.join(PROFILE_KEYS)}")
+    from cluster import profiles
+
+    found = profiles.get_profile(ref)
+    # The planner's profiles are per node (gpus, cpus); the renderer names them per node too.
+    return _check({
+        "name": found["name"], "nodes": found["nodes"], "gpus_per_node": found["gpus"],
+        "gpu_memory_gib": found["gpu_memory_gib"], "gpu_model": found["gpu_model"],
+        "cpus_per_node": found["cpus"], "memory_gib": found["memory_gib"],
+    }, ref)
 
 
 def _check(data, ref: str) -> dict:

@@ -14,6 +14,7 @@ def add_parser(sub) -> None:
     add_spec_args(p)
     add_target_args(p)
     p.add_argument("--submission-id", help="idempotent: an existing id returns that job")
+    p.add_argument("--profile", help="refuse unless the job fits this cluster profile")
     p.add_argument("--no-wait", action="store_true", help="return right after submitting")
     p.add_argument("--quiet", action="store_true", help="follow without printing the job's logs")
     p.set_defaults(func=run)
@@ -21,7 +22,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     job_plan = plan(load_spec(args.spec, tuple(args.overrides)), target_of(args),
-                    submission_id=args.submission_id)
+                    submission_id=args.submission_id, profile=args.profile)
     for warning in job_plan.warnings:
         print(f"ftlaunch: warning: {warning}", file=sys.stderr)
     handle = submit(job_plan, address=args.address)

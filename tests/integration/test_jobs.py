@@ -98,15 +98,23 @@ def test_python_api_submit_wait_and_idempotent_resubmit(ray_head, tiny_spec):
 
 
 def test_failing_job_reports_failed_with_its_message(ray_head, tiny_spec, tmp_path):
-    # hidden_size 30 is not divisible by 4 heads: the workers raise while building the model.
-    tiny_spec["model"]["config"] = {"hidden_size": 30}
+    # A local model whose config plans fine but whose weights file is corrupt: only loading the
+    # weights, in the workers, can find that out.
+    from transformers import LlamaConfig
+
+    from jobs.components import TINY_LLAMA
+
+    model_dir = tmp_path / "corrupt-model"
+    LlamaConfig(**TINY_LLAMA).save_pretrained(model_dir)
+    (model_dir / "model.safetensors").write_bytes(b"not a safetensors file")
+    tiny_spec["model"]["source"] = f"hf:{model_dir}"
     path = write_spec(tiny_spec, tmp_path)
     out = cli("submit", str(path), "--submission-id", "it-fail", "--address", ray_head.address)
     assert out.returncode == 1
     assert "it-fail FAILED" in out.stdout
     manifest = json.loads((Path(tiny_spec["storage"]) / "it-fail" / "manifest.json").read_text())
     assert manifest["status"] == "FAILED"
-    assert "hidden_size" in manifest["error"] or "divisible" in manifest["error"], manifest["error"]
+    assert "safetensors" in manifest["error"].lower() or "header" in manifest["error"], manifest["error"]
     assert attach("it-fail", "ray", ray_head.address).status() == "FAILED"
 
 

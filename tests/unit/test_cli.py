@@ -34,6 +34,9 @@ def recorder(monkeypatch):
 
 
 def spec_file(tmp_path):
+    from launcher.synthetic import make
+
+    make("counting", 600, tmp_path, split="t")
     path = tmp_path / "s.yaml"
     path.write_text(
         "kind: finetune\nname: cli\nstrategy: {type: lora, r: 4}\n"

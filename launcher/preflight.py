@@ -1,0 +1,67 @@
+"""Probe before you spend: datasets, parameters, memory and fit, checked before any submit.
+
+`plan()` calls `check()`; everything here reads file footers and model configs only.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from launcher.errors import MissingExtraError, PlanError
+
+DATA_ROLES = ("train", "eval", "retain")
+PEFT_TYPES = ("lora", "qlora", "prefix", "prompt", "ia3")
+
+
+def check_data(spec: dict, target: str = "local") -> tuple[dict, list[str]]:
+    """Footer-level checks of every dataset in the spec; returns row counts and warnings.
+
+    For a remote target a local path this machine cannot see may live on the cluster (a shared
+    volume): it is reported as unchecked instead of refused.
+    """
+    import os
+
+    from launcher.datacheck import check_dataset, steps_for, sufficiency
+
+    data, train = spec["data"], spec["train"]
+    found, warnings = {}, []
+    roles = [(r, data.get(r)) for r in DATA_ROLES]
+    if data.get("replay"):
+        roles.append(("replay", data["replay"]["path"]))
+    for role, path in roles:
+        if path and target != "local" and "://" not in path and not os.path.exists(path):
+            warnings.append(f"data.{role}: {path} is not visible here; not checked before submit")
+            continue
+        if path:
+            info = check_dataset(path, data["task"], role=role, columns=data.get("columns"))
+            found[role] = {"rows": info.rows, "files": info.files}
+    if "train" not in found:
+        if train.get("max_steps") is None:
+            raise PlanError("train.max_steps is needed: the train rows cannot be counted from here")
+        return found, warnings
+    peft = spec.get("strategy", {}).get("type") in PEFT_TYPES
+    warnings += sufficiency(data["task"], found["train"]["rows"], peft=peft,
+                            force=data.get("force", False))
+    if train.get("max_steps") is None:
+        workers = spec["resources"]["workers"]
+        train["max_steps"] = steps_for(found["train"]["rows"], train["epochs"], train["micro_batch"], workers)
+    return found, warnings
+
+
+def check_fit(spec: dict, profile: Optional[str], strict: bool) -> tuple[Optional[dict], list[str]]:
+    """The planner's estimate; refuses a job that cannot fit or cannot be scheduled."""
+    try:
+        from launcher.estimate import estimate
+    except MissingExtraError as exc:
+        return None, [f"no parameter or memory estimate: {exc}"]
+    try:
+        est = estimate(spec, profile)
+    except MissingExtraError as exc:
+        return None, [f"no parameter or memory estimate: {exc}"]
+    verdict = est["fit"]["verdict"]
+    if verdict != "fits" and strict:
+        fixes = [s.get("change", str(s)) for s in est["fit"].get("suggestions", [])]
+        fix = f"; would fit: {'; '.join(fixes)}" if fixes else ""
+        raise PlanError(f"{verdict} on profile {est['profile']}: {est['fit']['reason']}{fix}")
+    warnings = [] if verdict == "fits" else [f"{verdict} on {est['profile']}: {est['fit']['reason']}"]
+    return est, warnings
