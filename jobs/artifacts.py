@@ -66,6 +66,13 @@ class RunDir:
             return []
         return [json.loads(line) for line in lines if line.strip()]
 
+    def truncate_jsonl(self, name: str, keep) -> None:
+        """Rewrite a JSONL file keeping only the records `keep` accepts (atomic)."""
+        records = [r for r in self.read_jsonl(name) if keep(r)]
+        tmp = self.path / f".{name}.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, self.path / name)
+
     def artifacts(self) -> dict:
         """Every file under the run folder with its size, relative paths."""
         return {

@@ -116,6 +116,8 @@ def _train_loop(config: dict) -> None:
     if checkpoint:
         step = C.load_checkpoint(model, optimizer, checkpoint)
         before = run_dir.read_manifest().get("before", {})
+        if rank == 0:  # records past the checkpoint will be written again: keep none twice
+            run_dir.truncate_jsonl("metrics.jsonl", lambda r: r["step"] <= step)
     elif rank == 0:
         # Measured once, before any update: the baseline for eval gain and forgetting.
         before = {

@@ -53,9 +53,14 @@ def main(argv=None) -> int:
     import ray
 
     run_dir = RunDir(plan["run_dir"])
+    previous = run_dir.read_manifest()
+    attempts = previous.get("attempts", []) + [
+        {"submission_id": plan["submission_id"], "started": time.time()}
+    ]
     run_dir.update_manifest(
+        attempts=attempts,
         run_id=plan["run_id"], kind=plan["kind"], name=plan["name"], status="RUNNING",
-        started=time.time(), spec=plan["spec"], plan={k: v for k, v in plan.items() if k != "spec"},
+        started=previous.get("started", time.time()), spec=plan["spec"], plan={k: v for k, v in plan.items() if k != "spec"},
         versions=versions(),
     )
     print(f"[ftlaunch] run {plan['run_id']} ({plan['kind']}) -> {run_dir.path}", flush=True)

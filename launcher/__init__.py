@@ -8,7 +8,7 @@ from launcher.errors import (
     PlanError,
     SubmissionError,
 )
-from launcher.client import JobHandle, attach, list_jobs, submit
+from launcher.client import JobHandle, attach, list_jobs, resume, submit
 from launcher.plan import JobPlan, plan
 from launcher.spec import load_spec
 
@@ -25,5 +25,6 @@ __all__ = [
     "list_jobs",
     "load_spec",
     "plan",
+    "resume",
     "submit",
 ]

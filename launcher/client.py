@@ -160,6 +160,28 @@ def submit(
     return handle
 
 
+def resume(run: str, target: str = "local", *, address: Optional[str] = None,
+           storage: str = "./runs") -> JobHandle:
+    """Continue a stopped or failed run from its last checkpoint, under the same run id.
+
+    `run` is a run folder, or a run id under `storage`. Finished stages, tasks and steps are
+    not redone: the job reads what the run folder already holds.
+    """
+    from launcher.plan import resume_plan
+
+    run_dir = Path(run) if Path(run).is_dir() else Path(storage) / run
+    try:
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise SubmissionError(
+            f"no run at {run_dir} (no manifest.json); pass the run folder or --storage"
+        ) from None
+    if manifest.get("status") == "SUCCEEDED":
+        raise SubmissionError(f"run {manifest['run_id']} already SUCCEEDED; nothing to resume")
+    attempt = len(manifest.get("attempts", [])) + 1
+    return submit(resume_plan(manifest, target, attempt), address=address)
+
+
 def attach(submission_id: str, target: str = "local", address: Optional[str] = None) -> JobHandle:
     """A handle on an existing job (status, logs, stop) without starting anything."""
     url = resolve_address(target, address, start=False)
@@ -217,4 +239,4 @@ def echo(text: str) -> None:
     sys.stdout.flush()
 
 
-__all__ = ["JobHandle", "LauncherError", "attach", "list_jobs", "resolve_address", "submit"]
+__all__ = ["JobHandle", "LauncherError", "attach", "list_jobs", "resolve_address", "resume", "submit"]

@@ -149,11 +149,27 @@ def plan(
         warnings=warnings,
         data=data,
     )
-    draft = JobPlan(**job_plan_fields)
-    env = {**JOB_ENV, **spec.env, PLAN_ENV: json.dumps(draft.to_dict(), sort_keys=True)}
+    return with_runtime_env(JobPlan(**job_plan_fields), spec.env, estimate)
+
+
+def with_runtime_env(draft: JobPlan, env: dict, estimate: Optional[dict] = None) -> JobPlan:
+    """Attach the runtime env that carries the plan itself to the job (no shell involved)."""
+    draft = dataclasses.replace(draft, runtime_env={}, estimate=None)
+    env = {**JOB_ENV, **env, PLAN_ENV: json.dumps(draft.to_dict(), sort_keys=True)}
     runtime_env = {"py_modules": package_dirs(), "env_vars": env}
     # The estimate stays out of the job's environment (it is large); the job needs none of it.
     return dataclasses.replace(draft, runtime_env=runtime_env, estimate=estimate)
+
+
+def resume_plan(manifest: dict, target: str, attempt: int) -> JobPlan:
+    """The plan that continues a stopped run: same run id and folder, a new submission id."""
+    recorded = {**manifest["plan"], "spec": manifest["spec"]}
+    fields = {f.name for f in dataclasses.fields(JobPlan)}
+    old = JobPlan.from_dict({k: v for k, v in recorded.items() if k in fields})
+    draft = dataclasses.replace(
+        old, submission_id=f"{old.run_id}-resume{attempt}", target=target, warnings=[]
+    )
+    return with_runtime_env(draft, manifest["spec"].get("env", {}))
 
 
 def package_dirs() -> list[str]:

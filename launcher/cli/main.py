@@ -9,7 +9,7 @@ import sys
 from launcher.errors import LauncherError
 
 VERBS = ("validate", "plan", "submit", "status", "logs", "stop", "list", "cluster", "data",
-         "render", "validate-k8s", "claims")
+         "resume", "render", "validate-k8s", "claims")
 
 
 def parser() -> argparse.ArgumentParser:

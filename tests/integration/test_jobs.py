@@ -131,3 +131,28 @@ def test_stop_a_running_job(ray_head, tiny_spec, tmp_path):
     stop = cli("stop", "it-stop", "--wait", "--address", ray_head.address)
     assert stop.returncode == 0 and "it-stop: STOPPED" in stop.stdout
     assert handle.status() == "STOPPED"
+
+
+def test_stop_then_resume_continues_from_the_last_checkpoint(ray_head, tiny_spec, tmp_path):
+    tiny_spec["train"].update(max_steps=60, report_every=5)
+    handle = launcher.submit(tiny_spec, "ray", address=ray_head.address, submission_id="it-resume")
+    run_dir = Path(handle.run_dir)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] \
+            if (run_dir / "metrics.jsonl").exists() else []
+        if steps and steps[-1] >= 10:
+            break
+        time.sleep(0.5)
+    handle.stop()
+    assert handle.wait(timeout=60) == "STOPPED"
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] != "SUCCEEDED"
+
+    out = cli("resume", str(run_dir), "--address", ray_head.address)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "resumed as it-resume-resume1" in out.stdout
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "SUCCEEDED" and manifest["summary"]["steps"] == 60
+    assert [a["submission_id"] for a in manifest["attempts"]] == ["it-resume", "it-resume-resume1"]
+    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(5, 65, 5)), steps  # every report once: none lost, none repeated
