@@ -10,6 +10,7 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -17,6 +18,14 @@ import traceback
 from launcher.errors import LauncherError
 from launcher.plan import plan as make_plan
 from launcher.spec import JOB_MODULES, load_spec
+
+
+class Stopped(BaseException):
+    """The job was asked to stop (Ray's job stop sends SIGTERM to the driver)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Stopped("stopped by request (SIGTERM)")
 
 
 def _submission_id() -> str | None:
@@ -64,13 +73,14 @@ def main(argv=None) -> int:
         versions=versions(),
     )
     print(f"[ftlaunch] run {plan['run_id']} ({plan['kind']}) -> {run_dir.path}", flush=True)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         ray.init(address="auto", log_to_driver=True)
         module = importlib.import_module(JOB_MODULES[plan["kind"]])
         summary = module.run(plan, run_dir)
     except BaseException as exc:  # the manifest records every way a run ends
         run_dir.update_manifest(
-            status="FAILED", finished=time.time(), error=f"{type(exc).__name__}: {exc}",
+            status="STOPPED" if isinstance(exc, (Stopped, KeyboardInterrupt)) else "FAILED", finished=time.time(), error=f"{type(exc).__name__}: {exc}",
             artifacts=run_dir.artifacts(),
         )
         traceback.print_exc()

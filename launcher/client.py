@@ -178,7 +178,7 @@ def resume(run: str, target: str = "local", *, address: Optional[str] = None,
         ) from None
     if manifest.get("status") == "SUCCEEDED":
         raise SubmissionError(f"run {manifest['run_id']} already SUCCEEDED; nothing to resume")
-    attempt = len(manifest.get("attempts", [])) + 1
+    attempt = max(1, len(manifest.get("attempts", [])))  # attempts[0] is the first submit
     return submit(resume_plan(manifest, target, attempt), address=address)
 
 

@@ -1,0 +1,78 @@
+"""`make bench`: every benchmark against its baseline in the same run, on a private local head.
+
+Writes bench/results/<name>.json and bench/results/summary.md (a table of the ratios).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+WORK = ROOT / "bench" / "work"
+
+
+def main(argv=None) -> int:
+    only = set(argv if argv is not None else sys.argv[1:])
+    os.environ["FTLAUNCH_HOME"] = str(WORK / "home")
+    from cluster import local
+    from launcher.synthetic import make_demo
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    WORK.mkdir(parents=True, exist_ok=True)
+    data = {k: str(v) for k, v in make_demo(WORK / "data", rows=4000).items()}
+    head = local.up(num_cpus=2)
+    results = {}
+    try:
+        for name, fn in benches(head, data).items():
+            if only and name not in only:
+                continue
+            print(f"[bench] {name} ...", flush=True)
+            started = time.time()
+            try:
+                results[name] = {**fn(), "wall_s": round(time.time() - started, 1)}
+            except Exception as exc:  # one broken bench must not hide the others' figures
+                traceback.print_exc()
+                results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            (RESULTS / f"{name}.json").write_text(json.dumps(results[name], indent=2))
+            print(f"[bench] {name}: {json.dumps(results[name])[:300]}", flush=True)
+    finally:
+        local.down()
+    write_summary(results)
+    return 0
+
+
+def benches(head, data) -> dict:
+    from bench import spine
+
+    def b2():
+        from bench import b2_ingest
+
+        return {**b2_ingest.run(head.gcs_address, WORK), "goal": ">= 0.9 (steady state)"}
+
+    return {
+        "b1_submit_overhead": lambda: spine.b1(head.address, WORK, data),
+        "b2_ingest": b2,
+        "b3_training_loop": lambda: spine.b3(head.address, WORK, data),
+    }
+
+
+def write_summary(results: dict) -> None:
+    rows = ["| bench | ratio | goal | detail |", "| --- | --- | --- | --- |"]
+    for name, r in sorted(results.items()):
+        detail = {k: v for k, v in r.items() if k not in ("ratio", "goal") and not isinstance(v, dict)}
+        rows.append(f"| {name} | {r.get('ratio', '-')} | {r.get('goal', '-')} | "
+                    f"{json.dumps(detail)[:200]} |")
+    text = "# ftlaunch benchmarks (latest `make bench`)\n\n" + "\n".join(rows) + "\n"
+    summary = RESULTS / "summary.md"
+    summary.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
