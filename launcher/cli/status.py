@@ -9,10 +9,14 @@ def add_parser(sub) -> None:
     p.add_argument("submission_id")
     add_target_args(p)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--namespace", default="default", help="k8s target: the RayJob's namespace")
+    p.add_argument("--kubeconfig", help="k8s target: the kubeconfig")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.target == "k8s":
+        return k8s_status(args)
     handle = attach(args.submission_id, target_of(args), args.address)
     info = handle.info()
     row = {
@@ -29,4 +33,17 @@ def run(args) -> int:
         print(f"{row['submission_id']}  {row['status']}  {row['message'] or ''}".rstrip())
         if handle.run_dir:
             print(f"artifacts: {handle.run_dir}")
+    return 0
+
+
+def k8s_status(args) -> int:
+    """A RayJob's jobStatus and jobDeploymentStatus, read from the Kubernetes API."""
+    from launcher.k8s.submit import api_client_from, rayjob_status
+
+    row = rayjob_status(args.submission_id, args.namespace, api_client_from(args.kubeconfig))
+    if args.json:
+        print_json(row)
+    else:
+        print(f"{row['name']}  {row['job_status'] or '-'}  (deployment {row['deployment_status'] or '-'})"
+              f"  {row['message']}".rstrip())
     return 0

@@ -116,3 +116,15 @@ def _message(exc) -> str:
         return json.loads(exc.body).get("message", "")
     except (TypeError, ValueError, AttributeError):
         return str(exc.body or "")[:200]
+
+
+def api_client_from(kubeconfig: Optional[str] = None) -> Any:
+    """A Kubernetes API client from the kubeconfig (argument, KUBECONFIG, ~/.kube/config)."""
+    kubernetes = _kubernetes()
+    path = kubeconfig or _default_kubeconfig()
+    if path is None:
+        raise ClusterError("no kubeconfig found; pass --kubeconfig or set KUBECONFIG")
+    try:
+        return kubernetes.config.new_client_from_config(config_file=path)
+    except Exception as exc:
+        raise ClusterError(f"cannot load kubeconfig {path}: {exc}; check the file or KUBECONFIG") from None

@@ -1,8 +1,4 @@
-"""mix_datasets on a private 1-CPU Ray: the old share of a 10,000-row stream is within 2%."""
-
-import os
-import shutil
-import tempfile
+"""mix_datasets on the session's Ray head: the old share of a 10,000-row stream is within 2%."""
 
 import pytest
 
@@ -10,16 +6,12 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
-    tmp = tempfile.mkdtemp(prefix="ray-mix-", dir="/tmp")
-    ray.init(num_cpus=1, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
+def ray_local(ray_head):
+    import ray
+
+    ray.init(address=ray_head.gcs_address, log_to_driver=False)
     yield ray
     ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_mix_datasets_old_share_and_determinism(ray_local):

@@ -85,3 +85,26 @@ def test_ray_target_without_address_is_a_clear_error(tmp_path, capsys, monkeypat
     rc = main(["submit", str(spec_file(tmp_path)), "--target", "ray", "--no-wait"])
     assert rc == 1
     assert "no cluster address; pass --address" in capsys.readouterr().err
+
+
+def test_submit_to_k8s_without_kubeconfig_writes_a_valid_rayjob(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from launcher.k8s.validate import validate_manifest
+
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.kube/config
+    monkeypatch.chdir(tmp_path)
+    spec = spec_file(tmp_path)
+    rc = main(["submit", str(spec), "--target", "k8s", "--profile", "a100-80g-1",
+               "--submission-id", "k8s-run-1", "train.max_steps=5", "resources.gpus_per_worker=1",
+               "resources.cpus_per_worker=4", "resources.workers=1"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    line = next(x for x in out.splitlines() if x.startswith("ftlaunch: next: kubectl apply -f "))
+    path = line.removeprefix("ftlaunch: next: kubectl apply -f ")
+    manifest = yaml.safe_load(open(path))
+    assert manifest["kind"] == "RayJob" and manifest["spec"]["entrypoint"].startswith("python -m jobs.run")
+    assert validate_manifest(manifest) == []
+    gpu = manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert gpu["resources"]["limits"]["nvidia.com/gpu"] in (1, "1")
