@@ -19,6 +19,7 @@ from ray.train.torch import TorchTrainer
 
 from jobs import components as C
 from jobs.artifacts import RunDir
+from jobs.data.read import read_dataset
 
 
 def run(plan: dict, run_dir: RunDir) -> dict:
@@ -28,7 +29,7 @@ def run(plan: dict, run_dir: RunDir) -> dict:
     text = data["columns"].get("text", "text")
 
     # 1. Data: Parquet -> tokenized tensor columns, streamed and split across the workers.
-    train_ds = ray.data.read_parquet(data["train"], columns=[text]).map_batches(
+    train_ds = read_dataset(data["train"], columns=[text]).map_batches(
         C.tokenize_causal, fn_kwargs={"column": text, "seq_len": seq_len},
         batch_format="numpy",
     )

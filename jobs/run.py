@@ -73,9 +73,9 @@ def main(argv=None) -> int:
         versions=versions(),
     )
     print(f"[ftlaunch] run {plan['run_id']} ({plan['kind']}) -> {run_dir.path}", flush=True)
-    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         ray.init(address="auto", log_to_driver=True)
+        signal.signal(signal.SIGTERM, _on_sigterm)  # after ray.init, which installs its own
         module = importlib.import_module(JOB_MODULES[plan["kind"]])
         summary = module.run(plan, run_dir)
     except BaseException as exc:  # the manifest records every way a run ends

@@ -120,6 +120,13 @@ def _data_files(fs, path: str, shown: str, where: str) -> list[str]:
     return files
 
 
+def list_files(path_or_uri: str, role: str = "train") -> tuple[object, list[str]]:
+    """The filesystem and the data files a path, folder, glob or URI names (what jobs read)."""
+    where = f"data.{role}"
+    fs, path = _filesystem(str(path_or_uri), where)
+    return fs, _data_files(fs, path, str(path_or_uri), where)
+
+
 def _footer(fs, path: str):
     """(rows, arrow schema) from the file's footer; raises ValueError with the reason."""
     import pyarrow as pa

@@ -1,0 +1,32 @@
+"""Datasets named by folder, glob, file:// URI and Arrow IPC are read like the pre-flight saw them."""
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+import pytest
+
+from launcher.datacheck import check_dataset
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def ray_client(ray_head):
+    import ray
+
+    ray.init(address=ray_head.gcs_address, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_folder_glob_uri_and_ipc_read_the_checked_rows(ray_client, tmp_path):
+    from jobs.data.read import read_dataset
+
+    for i in range(3):
+        pq.write_table(pa.table({"text": [f"p{i}-{j}" for j in range(10)]}), tmp_path / f"part-{i}.parquet")
+    with ipc.new_file(tmp_path / "extra.arrow", pa.schema([("text", pa.string())])) as w:
+        w.write_table(pa.table({"text": [f"ipc-{j}" for j in range(5)]}))
+    for ref in (str(tmp_path), f"{tmp_path}/part-*.parquet", f"file://{tmp_path}", str(tmp_path / "extra.arrow")):
+        ds = read_dataset(ref, columns=["text"])
+        assert ds.count() == check_dataset(ref, "causal_lm").rows, ref
+    assert sorted(read_dataset(str(tmp_path)).to_pandas()["text"])[:1] == ["ipc-0"]
