@@ -138,6 +138,7 @@ def base_record(spec: dict, base_path: str) -> dict:
 
 def _worker(tasks: list[dict], context: dict) -> dict:
     """Runs in its own Ray worker process; returns {task: {"status", "entry" | "error"}}."""
+    began = time.time()
     torch.set_num_threads(max(1, int(context["cpus"])))
     device = "cuda" if context["gpus"] > 0 and torch.cuda.is_available() else "cpu"
     seq_len = context["model"]["seq_len"]
@@ -153,7 +154,8 @@ def _worker(tasks: list[dict], context: dict) -> dict:
         if len(tasks) > 1:
             raise
         return {tasks[0]["name"]: {"status": "FAILED", "error": _error_line(exc)}}
-    return {name: {"status": "SUCCEEDED", "entry": entry} for name, entry in entries.items()}
+    span = {"worker_started": began, "worker_finished": time.time(), "worker_pid": os.getpid()}
+    return {name: {"status": "SUCCEEDED", "entry": {**entry, **span}} for name, entry in entries.items()}
 
 
 def ray_data_stream(task: dict, seq_len: int) -> Callable[[], Iterator[dict]]:
