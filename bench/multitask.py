@@ -191,7 +191,7 @@ def run(k: int = 2, steps: int = 30, micro: int = 16, seq_len: int = 64, which=(
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     key = "cuda" if result.get("b5_packed_vs_separate", {}).get("device") == "cuda" else "cpu"
-    RESULTS.write_text(json.dumps({**previous, key: result}, indent=1))
+    RESULTS.write_text(json.dumps({**previous, key: {**previous.get(key, {}), **result}}, indent=1))
     return result
 
 
