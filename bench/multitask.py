@@ -57,13 +57,14 @@ def _base(work: Path, config: dict) -> str:
 
 
 def b4_fanout(work: Path, k: int, steps: int, micro: int, seq_len: int) -> dict:
-    import ray
-
     from cluster import local
-    from jobs import multitask as M
 
     os.environ["FTLAUNCH_HOME"] = str(work / "home")
-    local.client_env()
+    local.client_env()  # before Ray is imported: loopback stays loopback
+    import ray
+
+    from jobs import multitask as M
+
     head = local.up(num_cpus=k)
     try:
         ray.init(address=head.gcs_address, log_to_driver=False)
