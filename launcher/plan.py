@@ -95,6 +95,10 @@ def plan(
         value = _get(resolved, field)
         if value is not None and not _is_uri(value):
             _set(resolved, field, str((base / value).resolve()) if not os.path.isabs(value) else value)
+    if "tasks" in resolved:  # kind: multitask: every task's datasets
+        from launcher import multitask
+
+        multitask.resolve_paths(resolved, lambda v: v if _is_uri(v) else str((base / v).resolve()))
     storage = resolved["storage"]
     if not _is_uri(storage):
         storage = resolved["storage"] = str((base / storage).resolve())
@@ -114,6 +118,15 @@ def plan(
             profile = "local-cpu"
         estimate, fit_warnings = checks.check_fit(resolved, profile, strict=profile is not None)
         warnings += fit_warnings
+    elif "tasks" in resolved:
+        from launcher import multitask
+
+        if multitask.missing_steps(resolved):
+            raise PlanError(f"train.max_steps is not set for tasks {', '.join(multitask.missing_steps(resolved))} "
+                            "and preflight is off: set it, or allow preflight")
+        if resolved["packing"] == "auto":
+            resolved["packing"] = False
+            warnings.append("packing: auto -> false (preflight is off: nothing to decide on)")
     elif resolved.get("train", {}).get("max_steps") is None:
         raise PlanError("train.max_steps is not set and preflight is off: set it, or allow preflight")
 
@@ -124,6 +137,10 @@ def plan(
     run_id = submission_id or make_run_id(spec.name, resolved, now)
     res = resolved.get("resources", {})
     workers = res.get("workers", 1)
+    if "tasks" in resolved:  # multitask: one worker per adapter, or one when packed
+        from launcher import multitask
+
+        workers = multitask.workers(resolved)
     resources = {
         "workers": workers,
         "cpus_per_worker": res.get("cpus_per_worker", 1),

@@ -23,6 +23,10 @@ def check_data(spec: dict, target: str = "local") -> tuple[dict, list[str]]:
 
     from launcher.datacheck import check_dataset, steps_for, sufficiency
 
+    if "tasks" in spec:  # kind: multitask checks each task's datasets and steps
+        from launcher import multitask
+
+        return multitask.check_data(spec, target)
     data, train = spec["data"], spec["train"]
     found, warnings = {}, []
     roles = [(r, data.get(r)) for r in DATA_ROLES]
@@ -50,6 +54,10 @@ def check_data(spec: dict, target: str = "local") -> tuple[dict, list[str]]:
 
 def check_fit(spec: dict, profile: Optional[str], strict: bool) -> tuple[Optional[dict], list[str]]:
     """The planner's estimate; refuses a job that cannot fit or cannot be scheduled."""
+    if "tasks" in spec:  # kind: multitask estimates each adapter worker and the packed layout
+        from launcher import multitask
+
+        return multitask.check_fit(spec, profile, strict)
     try:
         from launcher.estimate import estimate
     except MissingExtraError as exc:

@@ -20,6 +20,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from launcher.errors import ConfigError
@@ -270,6 +271,8 @@ def _fields_at(loc: tuple) -> list[str]:
             model = _model_of(model.model_fields[part].annotation)
         elif part in STRATEGIES:
             model = STRATEGIES[part]
+        elif isinstance(part, int):  # an item of a list of models (multitask tasks)
+            continue
         else:
             return []
     if isinstance(model, type) and issubclass(model, BaseModel):
@@ -290,3 +293,85 @@ def _deep_copy(data: Any) -> Any:
     if isinstance(data, list):
         return [_deep_copy(v) for v in data]
     return data
+
+
+# ---------------------------------------------------------------------------------------------
+# kind: multitask -- one base model, one LoRA adapter per task (jobs/multitask.py)
+
+MULTITASK_DATA = ("causal_lm", "instruction")  # tasks an adapter of a causal LM learns
+
+
+class LoraOverride(Strict):
+    r: Optional[int] = Field(None, gt=0, le=1024)
+    alpha: Optional[float] = Field(None, gt=0)
+    dropout: Optional[float] = Field(None, ge=0, lt=1)
+    target_modules: Optional[Union[Literal["all-linear"], list[str]]] = None
+
+
+class TrainOverride(Strict):
+    max_steps: Optional[int] = Field(None, gt=0)
+    epochs: Optional[float] = Field(None, gt=0)
+    micro_batch: Optional[int] = Field(None, gt=0)
+    lr: Optional[float] = Field(None, gt=0, lt=1)
+    seed: Optional[int] = None
+
+
+class TaskSpec(Strict):
+    name: str = Field(pattern=r"^[a-z0-9]([a-z0-9_-]{0,38}[a-z0-9])?$",
+                      description="the adapter's name: lower-case letters, digits, '-' and '_'")
+    data: DataSpec
+    lora: LoraOverride = Field(default_factory=LoraOverride, description="overrides of strategy:")
+    train: TrainOverride = Field(default_factory=TrainOverride, description="overrides of train:")
+
+    @field_validator("data")
+    @classmethod
+    def _causal_task(cls, value: DataSpec) -> DataSpec:
+        if value.task not in MULTITASK_DATA:
+            raise ValueError(f"data.task {value.task!r} cannot train a causal-LM adapter; "
+                             f"use one of {', '.join(MULTITASK_DATA)}")
+        if value.replay or value.retain:
+            raise ValueError("data.replay and data.retain are not supported per task; remove them")
+        return value
+
+
+class AdapterResources(Strict):
+    cpus_per_worker: float = Field(0.5, gt=0, description="per adapter worker (or the packed one)")
+    gpus_per_worker: float = Field(0, ge=0, description="1 on a GPU cluster: one GPU per adapter")
+
+
+class MultitaskSpec(JobBase):
+    kind: Literal["multitask"]
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    strategy: LoraStrategy = Field(default_factory=lambda: LoraStrategy(type="lora"),
+                                   description="the LoRA settings every task starts from")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="what every task starts from")
+    tasks: list[TaskSpec] = Field(min_length=1)
+    packing: Union[bool, Literal["auto"]] = Field(
+        False, description="true: all adapters on one shared base in one worker; auto: the planner "
+        "packs when one base per worker does not fit")
+    resources: AdapterResources = Field(default_factory=AdapterResources)
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_names(cls, tasks: list[TaskSpec]) -> list[TaskSpec]:
+        names = [t.name for t in tasks]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"task names must be unique; rename {', '.join(twice)}")
+        return tasks
+
+    @model_validator(mode="after")
+    def _packed_without_dropout(self) -> "MultitaskSpec":
+        if self.packing is True:
+            for task in self.tasks:
+                dropout = task.lora.dropout if task.lora.dropout is not None else self.strategy.dropout
+                if dropout:
+                    raise ValueError(
+                        f"tasks.{task.name}: packed training needs lora dropout 0 (got {dropout}); "
+                        "set strategy.dropout: 0 or packing: false")
+        return self
+
+
+register_kind("multitask", MultitaskSpec, "jobs.multitask")
+JobSpec = Annotated[Union[tuple(KINDS.values())], Field(discriminator="kind")]
+_ADAPTER = TypeAdapter(JobSpec)

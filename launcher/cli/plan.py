@@ -38,7 +38,12 @@ def describe(job) -> str:
     ]
     for role, found in job.data.items():
         lines.append(f"data.{role:<8} {found['rows']:,} rows in {found['files']} file(s)")
-    lines.append(f"steps         {job.spec.get('train', {}).get('max_steps')}")
+    if "tasks" in job.spec:
+        from launcher.multitask import describe as describe_tasks
+
+        lines += describe_tasks(job.spec, job.estimate)
+    else:
+        lines.append(f"steps         {job.spec.get('train', {}).get('max_steps')}")
     lines += [f"warning       {w}" for w in job.warnings]
     if job.estimate:
         from launcher.estimate import format_estimate

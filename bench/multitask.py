@@ -1,0 +1,207 @@
+"""Bench B4/B5 for `kind: multitask`. `python -m bench.multitask [--k 2] [--steps 30]`.
+
+B4 fan-out parallel efficiency: K adapter workers (Ray remote tasks, each streaming its own
+task through Ray Data) run at once vs the same K run one after another on the same head;
+efficiency = T_sequential / (K x T_parallel). Goal >= 0.9 with K = the cores available.
+B5 packed vs one base per worker, each layout in a fresh process of its own: peak memory above
+the process's baseline after imports (CUDA: max_memory_allocated; CPU: peak RSS), and training
+throughput (tokens/s, both layouts given the same cores). Goals: memory <= 0.6x, throughput >= 1.0x.
+Results go to bench/results/multitask.json, misses included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "multitask.json"
+NAMES = ("counting", "alphabet", "instruction", "counting2")
+# A base big enough that its weights, not the interpreter, dominate a worker's memory.
+BASE_CONFIG = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 4,
+               "num_attention_heads": 8, "num_key_value_heads": 8}
+
+
+def _tasks(work: Path, k: int, steps: int, micro: int) -> list[dict]:
+    from launcher import synthetic
+
+    tasks = []
+    for i, name in enumerate(NAMES[:k]):
+        gen = "instruction" if name == "instruction" else ("alphabet" if name == "alphabet" else "counting")
+        path = synthetic.make(gen, 2000, work / name, seed=i, split="train")
+        tasks.append({"name": name, "data": {"task": "instruction" if gen == "instruction" else "causal_lm",
+                                             "train": str(path), "eval": None, "columns": {}},
+                      "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
+                      "train": {"max_steps": steps, "micro_batch": micro, "lr": 1e-3, "weight_decay": 0.0,
+                                "grad_clip": 1.0, "report_every": steps, "eval_batches": 0, "seed": i}})
+    return tasks
+
+
+def _base(work: Path, config: dict) -> str:
+    from jobs import components as C
+
+    path = work / ("base-" + str(abs(hash(json.dumps(config, sort_keys=True)))))
+    if not path.is_dir():
+        C.build_model({"source": "tiny-llama", "config": config}, seed=0).save_pretrained(path)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# B4
+
+
+def b4_fanout(work: Path, k: int, steps: int, micro: int, seq_len: int) -> dict:
+    from cluster import local
+
+    os.environ["FTLAUNCH_HOME"] = str(work / "home")
+    local.client_env()  # before Ray is imported: loopback stays loopback
+    import ray
+
+    from jobs import multitask as M
+
+    head = local.up(num_cpus=k)
+    try:
+        ray.init(address=head.gcs_address, log_to_driver=False)
+        tasks = _tasks(work, k, steps, micro)
+        base = _base(work, {})
+        context = {"model": {"seq_len": seq_len}, "base": base, "run_dir": str(work / "b4-run"),
+                   "cpus": 1, "gpus": 0}
+        Path(context["run_dir"]).mkdir(parents=True, exist_ok=True)
+        # Each worker holds (1 - data share) of a core, so Ray Data's small tasks still fit.
+        remote = ray.remote(num_cpus=1 - M.DATA_CPUS * 2, max_retries=0)(M._worker)
+        ray.get([remote.remote([t], context) for t in tasks])  # warm: worker processes, imports
+
+        def timed(groups):
+            t0 = time.perf_counter()
+            for group in groups:
+                results = ray.get([remote.remote([t], context) for t in group])
+                assert all(r[n]["status"] == "SUCCEEDED" for r in results for n in r), results
+            return time.perf_counter() - t0
+
+        sequential = timed([[t] for t in tasks])
+        parallel = timed([tasks])
+        ray.shutdown()
+    finally:
+        local.down()
+    eff = sequential / (k * parallel)
+    return {"k": k, "cores": k, "steps_per_task": steps, "sequential_s": round(sequential, 2),
+            "parallel_s": round(parallel, 2), "speedup": round(sequential / parallel, 3),
+            "parallel_efficiency": round(eff, 3), "goal": ">= 0.9", "met": eff >= 0.9}
+
+
+# ---------------------------------------------------------------------------------------------
+# B5: one layout per fresh process
+
+
+def _measure(layout: str, k: int, steps: int, micro: int, seq_len: int, work: str, threads: int) -> dict:
+    """Child process: train `layout` ('packed' or 'one') and report memory and tokens/s."""
+    import resource
+
+    import torch
+
+    from jobs import multitask as M
+
+    torch.set_num_threads(threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tasks = _tasks(Path(work), k, steps, micro)
+    base = _base(Path(work), BASE_CONFIG)
+    run_dir = Path(tempfile.mkdtemp(dir=work))
+    streams = {t["name"]: M.arrow_stream(t, seq_len) for t in tasks}
+    for s in streams.values():  # tokenize outside the timed window
+        next(iter(s()))
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    if layout == "packed":
+        M.train_packed(tasks, base, streams, str(run_dir), seq_len, device)
+    else:
+        M.train_adapter(tasks[0], base, streams[tasks[0]["name"]], str(run_dir), seq_len, device)
+    seconds = time.perf_counter() - t0
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    n_tasks = k if layout == "packed" else 1
+    return {"device": device, "peak_bytes": peak - baseline, "seconds": seconds,
+            "tokens": n_tasks * steps * micro * seq_len}
+
+
+def _child(layout, k, steps, micro, seq_len, work, threads) -> subprocess.Popen:
+    code = (f"import json, bench.multitask as b; print('RESULT ' + json.dumps(b._measure("
+            f"{layout!r}, {k}, {steps}, {micro}, {seq_len}, {str(work)!r}, {threads})))")
+    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+
+
+def _result(proc: subprocess.Popen) -> dict:
+    out, _ = proc.communicate()
+    lines = [x for x in out.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"bench child failed (exit {proc.returncode}): {out[-2000:]}")
+    return json.loads(lines[-1][7:])
+
+
+def b5_packed(work: Path, k: int, steps: int, micro: int, seq_len: int, cores: int) -> dict:
+    # Memory: each layout alone in its process. Throughput: same cores for both layouts: the
+    # K one-adapter workers run side by side (cores/K threads each), the pack gets all cores.
+    _base(work, BASE_CONFIG)
+    _tasks(work, k, steps, micro)
+    packed = _result(_child("packed", k, steps, micro, seq_len, work, cores))
+    ones = [_child("one", k, steps, micro, seq_len, work, max(1, cores // k)) for _ in range(k)]
+    t0 = time.perf_counter()
+    singles = [_result(p) for p in ones]
+    separate_tokens = sum(s["tokens"] for s in singles)
+    separate_time = max(s["seconds"] for s in singles)
+    mem_ratio = packed["peak_bytes"] / max(1, sum(s["peak_bytes"] for s in singles))
+    thr_ratio = (packed["tokens"] / packed["seconds"]) / (separate_tokens / separate_time)
+    del t0
+    return {
+        "k": k, "device": packed["device"], "base": BASE_CONFIG, "steps": steps, "micro_batch": micro,
+        "seq_len": seq_len, "cores": cores,
+        "memory_measure": "CUDA max_memory_allocated" if packed["device"] == "cuda"
+        else "peak RSS above the post-import baseline, per process",
+        "packed_peak_bytes": packed["peak_bytes"],
+        "one_base_per_worker_peak_bytes": [s["peak_bytes"] for s in singles],
+        "memory_ratio": round(mem_ratio, 3), "memory_goal": "<= 0.6 (ASPEN reports ~0.47)",
+        "memory_met": mem_ratio <= 0.6,
+        "packed_tokens_per_s": round(packed["tokens"] / packed["seconds"], 1),
+        "separate_tokens_per_s": round(separate_tokens / separate_time, 1),
+        "throughput_ratio": round(thr_ratio, 3), "throughput_goal": ">= 1.0", "throughput_met": thr_ratio >= 1.0,
+    }
+
+
+def run(k: int = 2, steps: int = 30, micro: int = 16, seq_len: int = 64, which=("b4", "b5")) -> dict:
+    work = ROOT / "bench" / "work" / "multitask"
+    work.mkdir(parents=True, exist_ok=True)
+    cores = os.cpu_count() or 2
+    result = {"host_cpus": cores, "load_avg_at_start": os.getloadavg()[0], "time": time.time()}
+    if "b5" in which:
+        result["b5_packed_vs_separate"] = b5_packed(work, k, steps, micro, seq_len, min(cores, k))
+    if "b4" in which:
+        result["b4_fanout"] = b4_fanout(work, k, steps, micro, seq_len)
+    result["load_avg_at_end"] = os.getloadavg()[0]
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    key = "cuda" if result.get("b5_packed_vs_separate", {}).get("device") == "cuda" else "cpu"
+    RESULTS.write_text(json.dumps({**previous, key: {**previous.get(key, {}), **result}}, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--k", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--micro", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--only", choices=("b4", "b5"))
+    a = ap.parse_args()
+    print(json.dumps(run(a.k, a.steps, a.micro, a.seq_len, (a.only,) if a.only else ("b4", "b5")), indent=1))

@@ -1,0 +1,427 @@
+"""`kind: multitask`: one base model, one LoRA adapter per task, fanned out over the cluster.
+
+The story: save the shared base and tokenizer -> read the registry (a resumed run keeps the
+adapters already there) -> train the rest, either one Ray worker per adapter (a remote task with
+its own CPU/GPU, streaming its own task's data through Ray Data) or all of them packed on one
+frozen base in one worker -> register each finished adapter -> report every task's status.
+A task that fails does not stop the others; the run then fails naming it, and `ftlaunch resume`
+retrains only what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from jobs import components as C
+from jobs.artifacts import RunDir
+from launcher import registry as R
+from launcher.multitask import task_settings
+
+DATA_CPUS = 0.1  # Ray Data's read/tokenize tasks: small, so they fit beside the adapter workers
+BASE_DIR, TOKENIZER_DIR, ADAPTERS_DIR = "base", "tokenizer", "adapters"
+
+
+def run(plan: dict, run_dir: RunDir) -> dict:
+    import ray
+
+    spec = plan["spec"]
+    tasks = [task_settings(spec, t) for t in spec["tasks"]]
+    base = prepare_base(spec, run_dir)
+    registry = R.load_registry(run_dir.path)
+    kept = [t["name"] for t in tasks
+            if t["name"] in registry["adapters"] and R.intact(run_dir.path, registry["adapters"][t["name"]])]
+    todo = [t for t in tasks if t["name"] not in kept]
+    if kept:
+        print(f"[ftlaunch] kept from an earlier attempt: {', '.join(kept)}; training: "
+              f"{', '.join(t['name'] for t in todo) or 'nothing'}", flush=True)
+    packed = spec.get("packing") is True
+    res = spec["resources"]
+    context = {"model": spec["model"], "base": base, "run_dir": str(run_dir.path),
+               "cpus": res["cpus_per_worker"], "gpus": res["gpus_per_worker"]}
+
+    started = time.time()
+    options = dict(num_cpus=res["cpus_per_worker"], num_gpus=res["gpus_per_worker"], max_retries=0)
+    remote = ray.remote(**options)(_worker)
+    # One worker per adapter (or one for the pack); results are collected as each one ends, so
+    # a finished adapter is registered even when another task is still running or has failed.
+    groups = [todo] if packed and todo else [[t] for t in todo]
+    pending = {remote.remote(group, context): group for group in groups}
+    outcomes = {}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        group = pending.pop(ready[0])
+        try:
+            results = ray.get(ready[0])
+        except Exception as exc:  # the worker died or raised: every task it held failed
+            results = {t["name"]: {"status": "FAILED", "error": _error_line(exc)} for t in group}
+        for name, result in results.items():
+            outcomes[name] = result
+            if result["status"] == "SUCCEEDED":
+                R.register(run_dir.path, name, result["entry"], base_record(spec, base), TOKENIZER_DIR)
+            print(f"[ftlaunch] task {name}: {result['status']}"
+                  + (f" ({result['error']})" if result.get("error") else ""), flush=True)
+        run_dir.update_manifest(tasks={**run_dir.read_manifest().get("tasks", {}),
+                                       **{n: _status(r) for n, r in results.items()}})
+
+    registry = R.load_registry(run_dir.path)
+    statuses = {**{n: {"status": "SUCCEEDED", "kept": True} for n in kept},
+                **{n: _status(r) for n, r in outcomes.items()}}
+    run_dir.update_manifest(tasks=statuses)
+    failed = sorted(n for n, s in statuses.items() if s["status"] != "SUCCEEDED")
+    if failed:
+        details = "; ".join(f"{n}: {statuses[n].get('error')}" for n in failed)
+        raise RuntimeError(f"{len(failed)} of {len(tasks)} tasks failed ({details}); the others are "
+                           f"in the registry; retrain the failed ones with: ftlaunch resume {plan['run_id']}")
+    hashes = {e["base_sha256"] for e in registry["adapters"].values()}
+    if len(hashes) != 1:
+        raise RuntimeError(f"adapters were trained on different base weights ({sorted(hashes)})")
+    return {
+        "wall_time_s": round(time.time() - started, 2),
+        "packing": packed,
+        "trained": sorted(outcomes),
+        "kept": sorted(kept),
+        "tasks": {n: {k: v for k, v in e.items() if k != "path"} for n, e in registry["adapters"].items()},
+        "base_sha256": hashes.pop(),
+        "export": "adapters",
+        "export_bytes": sum(e["bytes"] for e in registry["adapters"].values()),
+    }
+
+
+def _status(result: dict) -> dict:
+    if result["status"] != "SUCCEEDED":
+        return {"status": result["status"], "error": result.get("error")}
+    entry = result["entry"]
+    return {"status": "SUCCEEDED", "steps": entry["steps"], "eval": entry["eval"],
+            "wall_time_s": entry["wall_time_s"]}
+
+
+def _error_line(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None) or exc
+    lines = [line for line in str(cause).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(cause).__name__
+
+
+def prepare_base(spec: dict, run_dir: RunDir) -> str:
+    """The base every adapter trains on: a path. A random-init base is saved once, here."""
+    source = spec["model"]["source"]
+    if source.startswith("hf:"):
+        path = source[3:]
+    else:
+        path = str(run_dir.path / BASE_DIR)
+        if not os.path.isdir(path):
+            tmp = tempfile.mkdtemp(dir=run_dir.path, prefix=".base-")
+            C.build_model(spec["model"], seed=spec["train"]["seed"]).save_pretrained(tmp)
+            os.replace(tmp, path)
+    tok = run_dir.path / TOKENIZER_DIR
+    if not tok.is_dir():
+        C.tokenizer().save_pretrained(tok)
+    return path
+
+
+def base_record(spec: dict, base_path: str) -> dict:
+    source = spec["model"]["source"]
+    path = BASE_DIR if not source.startswith("hf:") else base_path
+    return {"id": source, "path": path, "config": spec["model"].get("config", {})}
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker: one adapter, or several packed on one base
+
+
+def _worker(tasks: list[dict], context: dict) -> dict:
+    """Runs in its own Ray worker process; returns {task: {"status", "entry" | "error"}}."""
+    began = time.time()
+    torch.set_num_threads(max(1, int(context["cpus"])))
+    device = "cuda" if context["gpus"] > 0 and torch.cuda.is_available() else "cpu"
+    seq_len = context["model"]["seq_len"]
+    streams = {t["name"]: ray_data_stream(t, seq_len) for t in tasks}
+    try:
+        with C.plain_errors():
+            if len(tasks) == 1:
+                entries = {tasks[0]["name"]: train_adapter(
+                    tasks[0], context["base"], streams[tasks[0]["name"]], context["run_dir"], seq_len, device)}
+            else:
+                entries = train_packed(tasks, context["base"], streams, context["run_dir"], seq_len, device)
+    except Exception as exc:
+        if len(tasks) > 1:
+            raise
+        return {tasks[0]["name"]: {"status": "FAILED", "error": _error_line(exc)}}
+    span = {"worker_started": began, "worker_finished": time.time(), "worker_pid": os.getpid()}
+    return {name: {"status": "SUCCEEDED", "entry": {**entry, **span}} for name, entry in entries.items()}
+
+
+def ray_data_stream(task: dict, seq_len: int) -> Callable[[], Iterator[dict]]:
+    """One pass over a task's train split, streamed through Ray Data, as tensor batches."""
+    import ray.data
+
+    data, micro = task["data"], task["train"]["micro_batch"]
+
+    def one_pass():
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # a seed fixes the row order
+        ds = ray.data.read_parquet(data["train"], columns=columns_of(data),
+                                   ray_remote_args={"num_cpus": DATA_CPUS})
+        ds = ds.map_batches(tokenize_task, fn_kwargs={"data": data, "seq_len": seq_len},
+                            batch_format="numpy", num_cpus=DATA_CPUS)
+        for batch in ds.iter_torch_batches(batch_size=micro, drop_last=True, dtypes=torch.long):
+            yield {k: batch[k] for k in C.TENSOR_COLUMNS}
+
+    return one_pass
+
+
+def arrow_stream(task: dict, seq_len: int) -> Callable[[], Iterator[dict]]:
+    """The same batches read with pyarrow alone, for in-process use without a cluster."""
+    import pyarrow.parquet as pq
+
+    data, micro = task["data"], task["train"]["micro_batch"]
+
+    def one_pass():
+        table = pq.read_table(data["train"], columns=columns_of(data))
+        enc = tokenize_task({c: np.array(table.column(c).to_pylist(), dtype=object)
+                             for c in table.column_names}, data, seq_len)
+        for i in range(0, len(enc["input_ids"]) - micro + 1, micro):
+            yield {k: torch.from_numpy(v[i:i + micro]) for k, v in enc.items()}
+
+    return one_pass
+
+
+def columns_of(data: dict) -> list[str]:
+    cols = data.get("columns") or {}
+    roles = ("text",) if data["task"] == "causal_lm" else ("instruction", "response")
+    return [cols.get(r, r) for r in roles]
+
+
+def tokenize_task(batch: dict, data: dict, seq_len: int) -> dict:
+    """causal_lm: every token is a target; instruction: only the response's tokens are."""
+    cols = data.get("columns") or {}
+    if data["task"] == "causal_lm":
+        return C.tokenize_causal(batch, cols.get("text", "text"), seq_len)
+    prompts = [f"{p}\n" for p in batch[cols.get("instruction", "instruction")]]
+    responses = list(batch[cols.get("response", "response")])
+    enc = C.tokenize_causal({"text": [p + r for p, r in zip(prompts, responses)]}, "text", seq_len)
+    labels = enc["labels"]
+    for i, p in enumerate(prompts):  # byte-level tokens: the prompt is len(bytes) tokens long
+        labels[i, : len(p.encode())] = -100
+    return enc
+
+
+def eval_batch(task: dict, seq_len: int, limit: int) -> dict | None:
+    path = task["data"].get("eval")
+    if not path or limit <= 0:
+        return None
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=columns_of(task["data"])).slice(0, limit)
+    enc = tokenize_task({c: np.array(table.column(c).to_pylist(), dtype=object)
+                         for c in table.column_names}, task["data"], seq_len)
+    return {k: torch.from_numpy(v) for k, v in enc.items()}
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token next-token loss and its mask (the same mean as transformers' causal-LM loss)."""
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    loss = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+        ignore_index=-100, reduction="none").view(shift_labels.shape)
+    return loss, (shift_labels != -100)
+
+
+@torch.no_grad()
+def eval_loss(model, batch: dict | None, device: str, adapter: str | None = None, bs: int = 16):
+    if batch is None:
+        return None
+    total, count = 0.0, 0
+    for i in range(0, len(batch["input_ids"]), bs):
+        part = {k: v[i:i + bs].to(device) for k, v in batch.items()}
+        kwargs = {"adapter_names": [adapter] * len(part["input_ids"])} if adapter else {}
+        logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], **kwargs).logits
+        loss, mask = token_losses(logits, part["labels"])
+        total += float((loss * mask).sum())
+        count += int(mask.sum())
+    return total / max(count, 1)
+
+
+def lora_config(lora: dict):
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                      target_modules=lora["target_modules"], task_type="CAUSAL_LM")
+
+
+def load_base(base_path: str, device: str):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(base_path).to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, C.digest(t for _, t in sorted(model.state_dict().items()))
+
+
+def adapter_params(model, name: str) -> list[torch.nn.Parameter]:
+    return [p for n, p in model.named_parameters() if ".lora_" in n and n.endswith(f".{name}.weight")]
+
+
+def _batches(stream: Callable[[], Iterator[dict]]) -> Iterator[dict]:
+    """Endless batches: pass after pass over the task's data."""
+    while True:
+        empty = True
+        for batch in stream():
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("the train split yields no full micro-batch; lower train.micro_batch")
+
+
+def train_adapter(task: dict, base_path: str, stream, run_dir: str, seq_len: int, device: str = "cpu") -> dict:
+    """One task, one adapter, on its own copy of the base: the fan-out worker's story."""
+    from peft import get_peft_model
+
+    name, train = task["name"], task["train"]
+    torch.manual_seed(train["seed"])
+    base, base_sha = load_base(base_path, device)
+    model = get_peft_model(base, lora_config(task["lora"]), adapter_name=name)
+    params = adapter_params(model, name)
+    optimizer = torch.optim.AdamW(params, lr=train["lr"], weight_decay=train["weight_decay"])
+    evals = eval_batch(task, seq_len, 16 * train["eval_batches"])
+    before = eval_loss(model, evals, device)
+    out = RunDir(run_dir)
+    log = f"metrics-{name}.jsonl"
+    out.truncate_jsonl(log, lambda r: False)  # a retrained task starts its record afresh
+    started, losses, step = time.time(), [], 0
+    model.train()
+    for batch in _batches(stream):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss_tok, mask = token_losses(logits, batch["labels"])
+        loss = (loss_tok * mask).sum() / mask.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if train["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(params, train["grad_clip"])
+        optimizer.step()
+        step += 1
+        losses.append(float(loss.detach()))
+        if step % train["report_every"] == 0 or step == train["max_steps"]:
+            out.append(log, {"task": name, "step": step, "loss": float(np.mean(losses[-train["report_every"]:])),
+                             "elapsed_s": time.time() - started, "time": time.time()})
+        if step >= train["max_steps"]:
+            break
+    after = eval_loss(model, evals, device)
+    return _export(model, name, run_dir, base_sha, step, losses, before, after, started, packed=False, task=task)
+
+
+def train_packed(tasks: list[dict], base_path: str, streams: dict, run_dir: str, seq_len: int,
+                 device: str = "cpu") -> dict:
+    """K adapters on one shared frozen base, one forward per step over all tasks' rows.
+
+    Each row is routed through its own task's adapter (peft's mixed-adapter forward); the loss
+    is the sum of each task's own mean token loss, so each adapter's gradient comes from its
+    task's rows only, exactly as if trained alone. A task whose steps are done drops out of the
+    batch, and its adapter then gets no gradient and no update at all.
+    """
+    from peft import get_peft_model
+
+    torch.manual_seed(tasks[0]["train"]["seed"])
+    base, base_sha = load_base(base_path, device)
+    first, *rest = tasks
+    model = get_peft_model(base, lora_config(first["lora"]), adapter_name=first["name"])
+    for t in rest:
+        torch.manual_seed(t["train"]["seed"])  # each adapter starts where it would alone
+        model.add_adapter(t["name"], lora_config(t["lora"]))
+    params = {t["name"]: adapter_params(model, t["name"]) for t in tasks}
+    for group in params.values():
+        for p in group:
+            p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(
+        [{"params": params[t["name"]], "lr": t["train"]["lr"], "weight_decay": t["train"]["weight_decay"]}
+         for t in tasks])
+    # peft routes rows by adapter name only outside train mode; dropout is 0 (validated), so
+    # eval mode changes nothing else, and autograd records the forward as usual.
+    model.eval()
+    evals = {t["name"]: eval_batch(t, seq_len, 16 * t["train"]["eval_batches"]) for t in tasks}
+    before = {n: eval_loss(model, b, device, adapter=n) for n, b in evals.items()}
+    out = RunDir(run_dir)
+    for t in tasks:
+        out.truncate_jsonl(f"metrics-{t['name']}.jsonl", lambda r: False)
+    iters = {t["name"]: _batches(streams[t["name"]]) for t in tasks}
+    steps = {t["name"]: 0 for t in tasks}
+    losses = {t["name"]: [] for t in tasks}
+    started, done_at = time.time(), {}
+    by_name = {t["name"]: t for t in tasks}
+    while len(done_at) < len(tasks):
+        active = [n for n in steps if steps[n] < by_name[n]["train"]["max_steps"]]
+        losses_now = packed_step(model, optimizer, {n: next(iters[n]) for n in active}, params,
+                                 {n: by_name[n]["train"]["grad_clip"] for n in active}, device)
+        for n, value in losses_now.items():
+            steps[n] += 1
+            losses[n].append(value)
+            every = by_name[n]["train"]["report_every"]
+            if steps[n] % every == 0 or steps[n] == by_name[n]["train"]["max_steps"]:
+                out.append(f"metrics-{n}.jsonl", {"task": n, "step": steps[n], "loss": float(np.mean(losses[n][-every:])),
+                                                  "elapsed_s": time.time() - started, "time": time.time()})
+            if steps[n] == by_name[n]["train"]["max_steps"]:
+                done_at[n] = time.time()
+    return {n: _export(model, n, run_dir, base_sha, steps[n], losses[n], before[n],
+                       eval_loss(model, evals[n], device, adapter=n), started, packed=True, task=by_name[n],
+                       finished=done_at[n])
+            for n in steps}
+
+
+def packed_step(model, optimizer, batches: dict, params: dict, clips: dict, device: str = "cpu") -> dict:
+    """One packed update: the given tasks' rows in one forward; returns each task's loss."""
+    names = list(batches)
+    cat = {k: torch.cat([batches[n][k] for n in names]).to(device) for k in C.TENSOR_COLUMNS}
+    rows = [len(batches[n]["input_ids"]) for n in names]
+    adapter_names = [n for n, r in zip(names, rows) for _ in range(r)]
+    logits = model(input_ids=cat["input_ids"], attention_mask=cat["attention_mask"],
+                   adapter_names=adapter_names).logits
+    loss_tok, mask = token_losses(logits, cat["labels"])
+    total, per_task, start = 0.0, {}, 0
+    for n, r in zip(names, rows):
+        lt, m = loss_tok[start:start + r], mask[start:start + r]
+        per_task[n] = (lt * m).sum() / m.sum()
+        total = total + per_task[n]
+        start += r
+    optimizer.zero_grad(set_to_none=True)  # absent tasks keep grad None: AdamW skips them
+    total.backward()
+    for n in names:
+        if clips.get(n):
+            torch.nn.utils.clip_grad_norm_(params[n], clips[n])
+    optimizer.step()
+    return {n: float(v.detach()) for n, v in per_task.items()}
+
+
+def _export(model, name, run_dir, base_sha, steps, losses, before, after, started, *, packed, task,
+            finished=None) -> dict:
+    """Save one adapter under adapters/<task>/ and return its registry entry."""
+    target = Path(run_dir) / ADAPTERS_DIR / name
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".adapter-{name}-"))
+    model.save_pretrained(tmp, selected_adapters=[name])
+    saved = tmp / name if (tmp / name).is_dir() else tmp  # peft nests non-default adapter names
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(saved), target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "path": f"{ADAPTERS_DIR}/{name}",
+        "base_sha256": base_sha,
+        "steps": steps,
+        "packed": packed,
+        "data_task": task["data"]["task"],
+        "lora": {k: task["lora"][k] for k in ("r", "alpha", "target_modules")},
+        "eval": {"eval_loss_before": before, "eval_loss": after,
+                 "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None},
+        "wall_time_s": round((finished or time.time()) - started, 2),
+        "trainable_params": sum(p.numel() for p in adapter_params(model, name)),
+    }

@@ -1,0 +1,118 @@
+"""kind: multitask on the session's real Ray head: fan-out, failure isolation, resume, packed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import launcher
+from launcher.registry import load_registry
+from tests.conftest import ROOT, ftlaunch_cli
+
+pytestmark = pytest.mark.integration
+
+
+def cli(*args, timeout=400):
+    return subprocess.run([*ftlaunch_cli(), *args], capture_output=True, text=True, cwd=ROOT,
+                          env=dict(os.environ), timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def mt_data(tmp_path_factory):
+    from launcher import synthetic
+
+    out = tmp_path_factory.mktemp("mt-data")
+    return {n: {"train": str(synthetic.make(n, 600, out / n, 0, "train")),
+                "eval": str(synthetic.make(n, 32, out / n, 9, "eval"))}
+            for n in ("counting", "alphabet", "instruction")}
+
+
+def spec_for(mt_data, tmp_path, **extra):
+    spec = {
+        "kind": "multitask", "name": "it-mt", "storage": str(tmp_path / "runs"),
+        "model": {"source": "tiny-llama", "seq_len": 40},
+        "strategy": {"type": "lora", "r": 8, "alpha": 16},
+        "train": {"max_steps": 16, "micro_batch": 16, "lr": 0.01, "report_every": 4, "eval_batches": 1},
+        "tasks": [
+            {"name": "counting", "data": mt_data["counting"]},
+            {"name": "alphabet", "data": mt_data["alphabet"], "lora": {"r": 4}},
+            {"name": "instruction", "data": {"task": "instruction", **mt_data["instruction"]}},
+        ],
+    }
+    spec.update(extra)
+    return spec
+
+
+def _records(run_dir: Path, task: str) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / f"metrics-{task}.jsonl").read_text().splitlines()]
+
+
+def test_fanout_isolates_a_failing_task_and_resume_retrains_only_it(ray_head, mt_data, tmp_path):
+    job = launcher.plan(launcher.load_spec(spec_for(mt_data, tmp_path)), "ray", submission_id="it-mt")
+    assert job.resources["workers"] == 3
+    # Break one task's data after the plan checked it: only reading it, in its worker, finds out.
+    broken = Path(mt_data["instruction"]["train"])
+    good = broken.read_bytes()
+    broken.write_bytes(b"PAR1 not really parquet")
+    try:
+        handle = launcher.submit(job, address=ray_head.address)
+        assert handle.wait(timeout=400) == "FAILED"
+    finally:
+        broken.write_bytes(good)
+    run_dir = Path(handle.run_dir)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    tasks = manifest["tasks"]
+    assert tasks["counting"]["status"] == tasks["alphabet"]["status"] == "SUCCEEDED", tasks
+    assert tasks["instruction"]["status"] == "FAILED" and tasks["instruction"]["error"], tasks
+    assert "1 of 3 tasks failed (instruction:" in manifest["error"] and "ftlaunch resume it-mt" in manifest["error"]
+    first = load_registry(run_dir)["adapters"]
+    assert sorted(first) == ["alphabet", "counting"]
+    # The workers ran side by side, in processes of their own.
+    a, b = first["counting"], first["alphabet"]
+    assert a["worker_pid"] != b["worker_pid"]
+    assert a["worker_started"] < b["worker_finished"] and b["worker_started"] < a["worker_finished"]
+    assert [r["step"] for r in _records(run_dir, "counting")] == [4, 8, 12, 16]
+
+    out = cli("resume", str(run_dir), "--address", ray_head.address)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "kept from an earlier attempt: counting, alphabet; training: instruction" in out.stdout
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "SUCCEEDED"
+    assert manifest["summary"]["trained"] == ["instruction"]
+    assert manifest["summary"]["kept"] == ["alphabet", "counting"]
+    registry = load_registry(run_dir)["adapters"]
+    assert sorted(registry) == ["alphabet", "counting", "instruction"]
+    for name in ("alphabet", "counting"):  # untouched: same bytes, same creation time
+        assert registry[name]["sha256"] == first[name]["sha256"]
+        assert registry[name]["created"] == first[name]["created"]
+    for name, entry in registry.items():
+        assert entry["steps"] == 16 and not entry["packed"]
+        assert entry["eval"]["eval_loss"] < entry["eval"]["eval_loss_before"], (name, entry["eval"])
+    assert len({e["base_sha256"] for e in registry.values()}) == 1
+
+    listed = cli("adapters", "list", str(run_dir), "--json")
+    assert sorted(r["task"] for r in json.loads(listed.stdout)) == ["alphabet", "counting", "instruction"]
+    infer = cli("infer", str(run_dir), "--task", "counting", "--input", "count from 41: 41",
+                "--task", "alphabet", "--input", "letters from c: c", "--max-new-tokens", "3")
+    assert infer.returncode == 0, infer.stderr[-2000:]
+    lines = infer.stdout.strip().splitlines()
+    assert lines[0].startswith("[counting] count from 41: 41") and lines[1].startswith("[alphabet] letters")
+
+
+def test_packed_job_trains_every_adapter_on_one_base_in_one_worker(ray_head, mt_data, tmp_path):
+    spec = spec_for(mt_data, tmp_path, packing=True)
+    spec["tasks"] = spec["tasks"][:2]
+    spec["tasks"][1]["train"] = {"max_steps": 8}  # alphabet drops out of the pack half-way
+    handle = launcher.submit(spec, "ray", address=ray_head.address, submission_id="it-mt-packed")
+    assert handle.wait(timeout=400) == "SUCCEEDED", handle.logs()[-3000:]
+    manifest = handle.manifest()
+    assert manifest["plan"]["resources"]["workers"] == 1 and manifest["summary"]["packing"] is True
+    registry = load_registry(handle.run_dir)["adapters"]
+    assert {n: (e["steps"], e["packed"]) for n, e in registry.items()} == {
+        "counting": (16, True), "alphabet": (8, True)}
+    for entry in registry.values():
+        assert entry["eval"]["eval_loss"] < entry["eval"]["eval_loss_before"]

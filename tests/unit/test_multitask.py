@@ -1,0 +1,269 @@
+"""kind: multitask in-process (no Ray): spec, plan, packed-training isolation, registry, swap."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from launcher import registry as R
+from launcher.errors import ConfigError, PlanError
+from launcher.multitask import task_settings
+from launcher.plan import plan
+from launcher.spec import load_spec
+
+SEQ = 32
+
+
+@pytest.fixture(scope="module")
+def task_data(tmp_path_factory):
+    from launcher import synthetic
+
+    out = tmp_path_factory.mktemp("mt-data")
+    paths = {}
+    for name in ("counting", "alphabet", "instruction"):
+        paths[name] = {"train": str(synthetic.make(name, 600, out / name, 0, "train")),
+                       "eval": str(synthetic.make(name, 32, out / name, 9, "eval"))}
+    return paths
+
+
+def mt_spec(task_data, tmp_path, **extra):
+    task_data = copy.deepcopy(task_data)
+    spec = {
+        "kind": "multitask", "name": "mt", "storage": str(tmp_path / "runs"),
+        "model": {"source": "tiny-llama", "seq_len": SEQ},
+        "strategy": {"type": "lora", "r": 4, "alpha": 8},
+        "train": {"max_steps": 6, "micro_batch": 8, "lr": 0.01, "report_every": 3, "eval_batches": 1},
+        "tasks": [
+            {"name": "counting", "data": task_data["counting"]},
+            {"name": "alphabet", "data": task_data["alphabet"], "lora": {"r": 8}},
+            {"name": "instruction", "data": {"task": "instruction", **task_data["instruction"]},
+             "train": {"max_steps": 4, "lr": 0.02}},
+        ],
+    }
+    spec.update(extra)
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------
+# Spec and plan
+
+
+def test_spec_errors_name_the_task_field_and_fix(task_data, tmp_path):
+    spec = mt_spec(task_data, tmp_path)
+    spec["tasks"][1]["name"] = "counting"
+    with pytest.raises(ConfigError, match="task names must be unique; rename counting"):
+        load_spec(spec)
+    spec = mt_spec(task_data, tmp_path)
+    spec["tasks"][2]["lora"] = {"rr": 2}
+    spec["tasks"][0]["train"] = {"lr": 5}
+    with pytest.raises(ConfigError) as err:
+        load_spec(spec)
+    text = str(err.value)
+    assert "tasks.2.lora.rr: unknown key; did you mean 'tasks.2.lora.r'?" in text
+    assert "tasks.0.train.lr: Input should be less than 1 (got 5)" in text
+
+    bad = mt_spec(task_data, tmp_path)
+    bad["tasks"][0]["data"]["task"] = "ner"
+    with pytest.raises(ConfigError, match="data.task 'ner' cannot train a causal-LM adapter"):
+        load_spec(bad)
+    dropout = mt_spec(task_data, tmp_path, packing=True)
+    dropout["tasks"][0]["lora"] = {"dropout": 0.1}
+    with pytest.raises(ConfigError, match="packed training needs lora dropout 0"):
+        load_spec(dropout)
+
+
+def test_plan_checks_each_task_fills_its_steps_and_counts_workers(task_data, tmp_path):
+    spec = mt_spec(task_data, tmp_path)
+    spec["tasks"][0]["train"] = {"max_steps": None, "epochs": 2}
+    spec["train"]["max_steps"] = None
+    job = plan(load_spec(spec), "local", submission_id="p1")
+    assert job.data["counting.train"]["rows"] == 600 and job.data["alphabet.eval"]["rows"] == 32
+    steps = {t["name"]: task_settings(job.spec, t)["train"]["max_steps"] for t in job.spec["tasks"]}
+    # counting: 2 epochs of 600 rows at 8 per step; alphabet: 1 epoch; instruction: its own 4
+    assert steps == {"counting": 150, "alphabet": 75, "instruction": 4}
+    assert job.resources["workers"] == 3 and job.spec["packing"] is False
+    assert job.estimate["multitask"]["packed_vs_separate"] < 1
+
+    missing = mt_spec(task_data, tmp_path)
+    missing["tasks"][1]["data"]["train"] = str(tmp_path / "nope.parquet")
+    with pytest.raises(ConfigError, match="tasks.alphabet: data.train: .*nope.parquet does not exist"):
+        plan(load_spec(missing), "local")
+
+
+def test_planner_packs_when_one_gpu_per_adapter_does_not_fit(task_data, tmp_path):
+    spec = mt_spec(task_data, tmp_path, packing="auto", resources={"gpus_per_worker": 1, "cpus_per_worker": 1})
+    job = plan(load_spec(spec), "ray", profile="a100-80g-1")  # 3 adapters, one GPU
+    assert job.spec["packing"] is True and job.resources["workers"] == 1
+    assert any(w.startswith("packing: auto -> true") for w in job.warnings)
+    forced = mt_spec(task_data, tmp_path, packing=False, resources={"gpus_per_worker": 1, "cpus_per_worker": 1})
+    with pytest.raises(PlanError, match="3 adapter workers: cannot-schedule .* would fit: packing: true"):
+        plan(load_spec(forced), "ray", profile="a100-80g-1")
+    local = plan(load_spec(mt_spec(task_data, tmp_path, packing="auto")), "local")
+    assert local.spec["packing"] is False and local.resources["workers"] == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Training in-process: the same functions the Ray workers run
+
+
+@pytest.fixture(scope="module")
+def trained(task_data, tmp_path_factory):
+    """Each task trained alone (its own base copy) and all packed on one base, same data."""
+    from jobs import multitask as M
+    from jobs.artifacts import RunDir
+
+    root = tmp_path_factory.mktemp("mt-runs")
+    spec = load_spec(mt_spec(task_data, root)).model_dump(mode="json")
+    tasks = [task_settings(spec, t) for t in spec["tasks"]]
+    alone_dir, packed_dir = RunDir(str(root / "alone")), RunDir(str(root / "packed"))
+    base = M.prepare_base(spec, alone_dir)
+    M.prepare_base(spec, packed_dir)
+    alone = {t["name"]: M.train_adapter(t, base, M.arrow_stream(t, SEQ), str(alone_dir.path), SEQ)
+             for t in tasks}
+    packed = M.train_packed(tasks, str(packed_dir.path / "base"),
+                            {t["name"]: M.arrow_stream(t, SEQ) for t in tasks}, str(packed_dir.path), SEQ)
+    for name, entry in alone.items():
+        R.register(alone_dir.path, name, entry, M.base_record(spec, base), M.TOKENIZER_DIR)
+    return {"spec": spec, "tasks": tasks, "alone": alone, "packed": packed,
+            "alone_dir": alone_dir.path, "packed_dir": packed_dir.path}
+
+
+def _adapter_weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def test_each_adapter_learns_its_task_and_packed_equals_alone(trained):
+    for name, entry in trained["alone"].items():
+        assert entry["eval"]["eval_loss"] < entry["eval"]["eval_loss_before"] - 0.05, (name, entry)
+        assert entry["steps"] == (4 if name == "instruction" else 6)
+        assert trained["packed"][name]["packed"] and trained["packed"][name]["steps"] == entry["steps"]
+        # One base, K adapters, one forward per step: each adapter ends where it would alone.
+        a = _adapter_weights(trained["alone_dir"] / "adapters" / name)
+        p = _adapter_weights(trained["packed_dir"] / "adapters" / name)
+        assert a.keys() == p.keys()
+        for key in a:
+            torch.testing.assert_close(p[key], a[key], rtol=1e-4, atol=1e-5)
+    # the base the adapters were trained on is the same bits in both layouts
+    assert {e["base_sha256"] for e in [*trained["alone"].values(), *trained["packed"].values()]} == {
+        trained["alone"]["counting"]["base_sha256"]}
+
+
+def test_packed_step_updates_only_the_adapters_whose_rows_are_in_the_batch(trained):
+    from peft import get_peft_model
+
+    from jobs import multitask as M
+
+    tasks = trained["tasks"]
+    base, _ = M.load_base(str(trained["packed_dir"] / "base"), "cpu")
+    frozen = {n: p.clone() for n, p in base.named_parameters()}
+    model = get_peft_model(base, M.lora_config(tasks[0]["lora"]), adapter_name=tasks[0]["name"])
+    for t in tasks[1:]:
+        model.add_adapter(t["name"], M.lora_config(t["lora"]))
+    params = {t["name"]: M.adapter_params(model, t["name"]) for t in tasks}
+    for group in params.values():
+        for p in group:
+            p.requires_grad_(True)
+    opt = torch.optim.AdamW([{"params": g, "lr": 0.05} for g in params.values()])
+    model.eval()
+    streams = {t["name"]: M._batches(M.arrow_stream(t, SEQ)) for t in tasks}
+    # Step 1 with every task: all three adapters get momentum. Step 2 without 'alphabet'.
+    M.packed_step(model, opt, {n: next(s) for n, s in streams.items()}, params, {}, "cpu")
+    snap = {n: [p.detach().clone() for p in g] for n, g in params.items()}
+    M.packed_step(model, opt, {n: next(streams[n]) for n in ("counting", "instruction")}, params, {}, "cpu")
+    assert all(p.grad is None for p in params["alphabet"])
+    assert all(torch.equal(a, b) for a, b in zip(params["alphabet"], snap["alphabet"]))  # bit-identical
+    for n in ("counting", "instruction"):
+        assert any(not torch.equal(a, b) for a, b in zip(params[n], snap[n])), n
+    base_now = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
+                for n, p in model.named_parameters() if "lora_" not in n}
+    assert all(torch.equal(base_now[n], frozen[n]) for n in frozen)  # the shared base never moves
+
+    # A task's gradient depends on its own rows only: swapping the other task's rows changes nothing.
+    batch = {n: next(streams[n]) for n in ("counting", "instruction")}
+    other = next(streams["alphabet"])
+
+    def grads(batches):
+        opt.zero_grad(set_to_none=True)
+        cat = {k: torch.cat([b[k] for b in batches.values()]) for k in ("input_ids", "attention_mask", "labels")}
+        names = [n for n, b in batches.items() for _ in range(len(b["input_ids"]))]
+        logits = model(input_ids=cat["input_ids"], attention_mask=cat["attention_mask"], adapter_names=names).logits
+        loss, mask = M.token_losses(logits, cat["labels"])
+        start, total = 0, 0
+        for b in batches.values():
+            r = len(b["input_ids"])
+            total = total + (loss[start:start + r] * mask[start:start + r]).sum() / mask[start:start + r].sum()
+            start += r
+        total.backward()
+        return [p.grad.clone() for p in params["counting"]]
+
+    with_instruction = grads(batch)
+    with_alphabet = grads({"counting": batch["counting"], "alphabet": other})
+    for a, b in zip(with_instruction, with_alphabet):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry and swap at inference
+
+
+def test_registry_records_and_detects_a_changed_adapter(trained):
+    reg = R.load_registry(trained["alone_dir"])
+    assert set(reg["adapters"]) == {"counting", "alphabet", "instruction"}
+    entry = reg["adapters"]["counting"]
+    assert entry["path"] == "adapters/counting" and entry["bytes"] > 0 and len(entry["sha256"]) == 64
+    assert entry["base_sha256"] and entry["created"].endswith("Z") and entry["eval"]["eval_loss"] > 0
+    assert reg["base"] == {"id": "tiny-llama", "path": "base", "config": {}}
+    assert R.intact(trained["alone_dir"], entry)
+    tampered = copy.deepcopy(entry)
+    tampered["sha256"] = "0" * 64
+    assert not R.intact(trained["alone_dir"], tampered)
+
+
+def test_swap_and_mixed_batch_equal_each_adapter_loaded_alone(trained):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from launcher.inference import AdapterSet
+
+    run = trained["alone_dir"]
+    texts = ["count from 41: 41 42", "letters from c: c d", "sort: 5 2 9\n2 5"]
+    names = ["counting", "alphabet", "instruction"]
+    adapters = AdapterSet(run)  # the base once, all three adapters
+    alone = {}
+    for name in names:
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "base"),
+                                          run / "adapters" / name).eval()
+        enc = adapters.encode(texts, seq_len=24)
+        with torch.no_grad():
+            alone[name] = model(**enc).logits
+    for name in names:  # set_adapter, in an order unlike the loading order
+        torch.testing.assert_close(adapters.logits(texts, task=name, seq_len=24), alone[name], rtol=0, atol=1e-5)
+    mixed = adapters.logits(texts, tasks=names, seq_len=24)
+    for i, name in enumerate(names):
+        torch.testing.assert_close(mixed[i], alone[name][i], rtol=0, atol=1e-5)
+    # the adapters differ from one another (the swap is not a no-op)
+    assert not torch.allclose(alone["counting"], alone["alphabet"], atol=1e-3)
+    # generate's first greedy token is the argmax of the same logits
+    first = adapters.generate([texts[0]], task="counting", max_new_tokens=1)[0]
+    whole = adapters.logits([texts[0]], task="counting")
+    assert first == adapters.tokenizer.decode([int(whole[0, -1].argmax())]) or whole[0, -1].argmax() == 2
+
+
+def test_cli_adapters_list_and_infer(trained, capsys):
+    from launcher.cli.main import main
+
+    assert main(["adapters", "list", str(trained["alone_dir"]), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert sorted(r["task"] for r in rows) == ["alphabet", "counting", "instruction"]
+    assert main(["adapters", "list", "--storage", str(trained["alone_dir"].parent)]) == 0
+    assert capsys.readouterr().out.count("alone") == 3
+    assert main(["infer", str(trained["alone_dir"]), "--task", "counting", "--input", "count from 1:",
+                 "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("[counting] count from 1:")
+    assert main(["infer", str(trained["alone_dir"]), "--task", "nope", "--input", "x"]) == 1
+    assert "no adapter nope" in capsys.readouterr().err
