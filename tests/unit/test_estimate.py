@@ -160,11 +160,22 @@ def test_memory_formulas_by_hand(full7b):
     for stage, paper in ((1, 4 * t + 12 * t / 8), (2, 2 * t + 14 * t / 8), (3, 16 * t / 8)):
         m = est.memory_per_gpu(full7b, None, "full", workers=8, micro_batch=1, seq_len=512, zero_stage=stage)
         assert m["model_states_zero_paper"] == int(paper)
-    s, b, h, a, layers, vocab = 512, 2, 4096, 32, 32, 32000
+    s, b, h, a, layers, vocab, inter = 512, 2, 4096, 32, 32, 32000, 11008
     act = est.memory_per_gpu(full7b, None, "full", workers=1, micro_batch=b, seq_len=s)
-    assert act["activations"] == int(s * b * h * (34 + 5 * a * s / h) * layers + s * b * vocab * 4)
+    # bf16, SDPA, full fine-tuning, by hand: per layer two fp32 RMSNorm inputs (4+4), normalised x
+    # (2+2), q/k/v/MLP inputs (2+2), q, k, v (6), context (2) = 24 B per s*b*h; gate, silu, up,
+    # product 8 B per s*b*intermediate; fp32 log-sum-exp per head and token.
+    layer = 24 * s * b * h + 8 * s * b * inter + 4 * b * a * s
+    final, batch = 8 * s * b * h, 4 * b * s * 8
+    loss = 4 * s * b * vocab + 6 * s * b * vocab  # log_softmax kept; bf16 logits + their fp32 copy
+    assert act["activation_terms"]["layers"] == layers * layer
+    assert act["activations"] == layers * layer + final + batch + loss
     ckpt = est.memory_per_gpu(full7b, None, "full", workers=1, micro_batch=b, seq_len=s, grad_checkpointing=True)
-    assert ckpt["activations"] == 2 * s * b * h * layers + s * b * vocab * 4
+    assert ckpt["activations"] == 2 * s * b * h * layers + layer + final + batch + loss
+    eager = est.memory_per_gpu({**full7b, "dims": {**full7b["dims"], "attn_implementation": "eager"}}, None, "full",
+                               workers=1, micro_batch=b, seq_len=s)
+    # eager attention keeps the fp32 softmax and its bf16 cast: 6 B per head and s^2
+    assert eager["activations"] - act["activations"] == layers * (6 * b * a * s * s - 4 * b * a * s)
 
 
 def test_lora_and_qlora_memory(full7b):
