@@ -358,7 +358,13 @@ def activation_terms(
     (fused native_dropout keeps a bool mask) and 4 B on CPU (torch scales a float mask).
     `grads_freed`: gradient bytes released between forward and backward (the training loop's
     zero_grad(set_to_none=True)), which the loss's backward buffers can reuse.
-    Measured against peaks of live tensor bytes on CPU fp32 by bench/b6_memory.py.
+    Measured against peaks of live tensor bytes on CPU fp32 by bench/b6_memory.py (within 0.2%
+    for full, LoRA, LoRA with dropout, eager and SDPA attention). The 16-bit terms follow the same
+    reading of the code but are not measured yet: an earlier H200 check (0.94B Llama, fp32 weights
+    + bf16 autocast) found peak minus model states 1.9x Korthikanti's formula for full fine-tuning
+    with eager attention and 2.8x for LoRA; the eager fp32 softmax + cast, the fp32 norm inputs,
+    the fp32 logits and peft's fp32 input casts counted here are those gaps, but autocast's own
+    weight copies are not modelled.
     """
     b, s = micro_batch, seq_len
     h, heads, layers = dims["hidden_size"], dims["num_heads"], dims["num_layers"]
@@ -384,7 +390,8 @@ def activation_terms(
 
     eager = dims.get("attn_implementation", "sdpa") == "eager"
     p_attn = dims.get("attention_dropout", 0.0)
-    notes = []
+    notes = [] if not mixed else [
+        "16-bit activation terms follow transformers' code but are not yet measured on a GPU (fp32 terms are, by B6)"]
     if dims.get("arch") == "encoder":
         p_hid = dims.get("hidden_dropout", 0.0)
         mask = m1 if p_hid else 0
@@ -731,7 +738,9 @@ def suggestions(memory: dict, profile: dict, resources: dict) -> list[dict]:
         if 0 < cap < workers:
             res = {**capacity_res, "workers": cap}
             mem = _remeasure(memory, workers=cap)
-            add(f"workers={cap} (what {profile['name']} can hold)", {"workers": cap}, mem=mem, res=res)
+            also = {k: v for k, v in capacity_res.items() if k != "workers" and v != resources.get(k)}
+            label = "".join(f"{k}={v:g}, " for k, v in also.items())  # the capacity changes made above
+            add(f"{label}workers={cap} (what {profile['name']} can hold)", {**also, "workers": cap}, mem=mem, res=res)
     else:
         full_like = kind in ("full", "freeze")
         if full_like and workers > 1 and inputs["zero_stage"] != 3:
@@ -903,6 +912,14 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.2f} GiB"
 
 
+def _size(n: float) -> str:
+    """Bytes in the unit that shows them: GiB, MiB or KiB (a tiny model is not '0.00 GiB')."""
+    for unit, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B" if n else "0 B"
+
+
 def _duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.1f} s"
@@ -926,12 +943,15 @@ def format_estimate(est: dict) -> str:
         f"{s['precision']}, ZeRO-{s['zero_stage']}{', grad checkpointing' if s['grad_checkpointing'] else ''})"
     )
     for key in ("weights", "gradients", "optimizer", "activations", "total"):
-        lines.append(f"    {key:<12}{m[key] / GIB:10.2f} GiB")
+        lines.append(f"    {key:<12}{_size(m[key]):>14}")
+        if key == "activations" and m.get("activation_terms"):
+            parts = [f"{k.replace('_', ' ')} {_size(v)}" for k, v in m["activation_terms"].items() if v]
+            lines.append(f"      ({', '.join(parts)})")
     if m["cpu_offload"]:
-        lines.append(f"    {'CPU offload':<12}{m['cpu_offload'] / GIB:10.2f} GiB (CPU memory per worker)")
+        lines.append(f"    {'CPU offload':<12}{_size(m['cpu_offload']):>14} (CPU memory per worker)")
     lines.append(f"  verdict     {f['verdict']}" + (f": {f['reason']}" if f["reason"] else ""))
     for sug in f["suggestions"]:
-        lines.append(f"    would fit: {sug['change']} -> {sug['per_gpu_gib']:.2f} GiB {unit.split(' (')[0]}")
+        lines.append(f"    would fit: {sug['change']} -> {_size(sug['per_gpu_bytes'])} {unit.split(' (')[0]}")
     if f["verdict"] != "fits" and not f["suggestions"]:
         lines.append("    no single change the planner knows would make it fit")
     if t:

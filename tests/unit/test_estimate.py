@@ -355,3 +355,33 @@ def test_design_claims_answered():
     arr = [c for c in by_claim if c.startswith("ARR-COC")]
     assert arr and "no ARR-COC config" in by_claim[arr[0]]["detail"]
     assert "[does-not-hold] 7B full fine-tuning needs 64 GB" in est.format_claims()
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy against a measured step, and formatting
+
+
+@pytest.mark.parametrize("strategy, micro_batch, seq_len", [
+    ({"type": "full"}, 8, 64),
+    ({"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}, 16, 48),
+])
+def test_predicted_memory_matches_a_measured_training_step(strategy, micro_batch, seq_len):
+    # B6's measurement (peak live tensor bytes of one real training step on CPU) for two cases.
+    from bench import b6_memory
+
+    spec = b6_memory._spec(strategy, micro_batch, seq_len, {})
+    measured = b6_memory.measure(spec)
+    mem = est.estimate(spec, "local-cpu")["memory"]
+    states = mem["weights"] + mem["gradients"] + mem["optimizer"]
+    # model states are exact, but for AdamW's 4-byte step counter per parameter tensor
+    assert 0 <= measured["states_bytes"] - states <= 4 * 64
+    assert mem["total"] == pytest.approx(measured["peak_bytes"], rel=0.15)
+
+
+def test_sizes_are_printed_in_a_unit_that_shows_them():
+    assert est._size(3 * GIB) == "3.00 GiB"
+    assert est._size(9.29 * 2**20) == "9.29 MiB"
+    assert est._size(518.75 * 1024) == "518.75 KiB"
+    e = est.estimate(finetune(TINY, {"type": "lora", "r": 8}, gpus=0, cpus=1, micro_batch=8), None)
+    text = est.format_estimate(e)
+    assert "0.00 GiB" not in text and "KiB" in text and "MiB" in text
