@@ -579,9 +579,25 @@ def memory_per_gpu(
     if virtual_tokens:
         assumptions.append(f"prompt tuning lengthens the sequence by {virtual_tokens} virtual tokens")
 
+    # The optimizer step runs after backward has freed the activations; its temporaries can set the
+    # peak instead (measured: torch's single-tensor AdamW, the CPU default, allocates 2 fp32 copies
+    # of the tensor it updates; the foreach AdamW, the CUDA default, one fp32 copy of all of them).
+    # DeepSpeed's fused optimizers update in place.
+    if zero_stage:
+        opt_temp = 0.0
+    elif on_gpu:
+        opt_temp = 4.0 * T
+    else:
+        opt_temp = 2 * 4.0 * (L if strategy_type in ("full", "freeze") else min(T, L))
+    if opt_temp > act + logits:
+        assumptions.append("the peak is at the optimizer step: AdamW's temporaries "
+                           + ("(foreach: 4 B per trainable param)" if on_gpu else
+                              "(single-tensor: 2 fp32 copies of the largest trainable tensor)")
+                           + " exceed the activations")
+
     weights = w + frozen_bytes
     model_states = weights + g + o
-    total = model_states + act + logits
+    total = model_states + max(act + logits, opt_temp)
     paper = {0: 16 * T, 1: 4 * T + 12 * T / n, 2: 2 * T + 14 * T / n, 3: 16 * T / n}[zero_stage]
     return {
         "weights": int(weights),
@@ -590,6 +606,7 @@ def memory_per_gpu(
         "activations": int(act + logits),
         "logits": int(logits),
         "activation_terms": {k: int(v) for k, v in terms.items()},
+        "optimizer_step_temp": int(opt_temp),
         "total": int(total),
         "model_states": int(model_states),
         "model_states_zero_paper": int(paper) if mixed else None,
@@ -947,6 +964,9 @@ def format_estimate(est: dict) -> str:
         if key == "activations" and m.get("activation_terms"):
             parts = [f"{k.replace('_', ' ')} {_size(v)}" for k, v in m["activation_terms"].items() if v]
             lines.append(f"      ({', '.join(parts)})")
+    if m.get("optimizer_step_temp", 0) > m["activations"]:
+        lines.append(f"    (the peak is at the optimizer step: {_size(m['optimizer_step_temp'])} of AdamW temporaries "
+                     "instead of the activations)")
     if m["cpu_offload"]:
         lines.append(f"    {'CPU offload':<12}{_size(m['cpu_offload']):>14} (CPU memory per worker)")
     lines.append(f"  verdict     {f['verdict']}" + (f": {f['reason']}" if f["reason"] else ""))
