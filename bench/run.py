@@ -48,7 +48,7 @@ def main(argv=None) -> int:
 
 
 def benches(head, data) -> dict:
-    from bench import spine
+    from bench import b6_memory, spine
 
     def b2():
         from bench import b2_ingest
@@ -59,6 +59,7 @@ def benches(head, data) -> dict:
         "b1_submit_overhead": lambda: spine.b1(head.address, WORK, data),
         "b2_ingest": b2,
         "b3_training_loop": lambda: spine.b3(head.address, WORK, data),
+        "b6_memory": lambda: b6_memory.run(),
     }
 
 

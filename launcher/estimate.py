@@ -278,20 +278,29 @@ def _count_cached(key: str) -> dict:
         quantizable=int(quantizable),
         largest_layer=int(largest_layer),
         linear_shapes=[[n, i, o, c] for (n, i, o), c in groups.items()],
-        dims=_dims(config, num_labels=model.get("num_labels"), causal_lm=not classifier),
+        dims=_dims(net.config, num_labels=model.get("num_labels"), causal_lm=not classifier),
     )
     return counts
 
 
 def _dims(config, num_labels=None, causal_lm=True) -> dict:
     get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    hidden = int(get("hidden_size"))
+    model_type = get("model_type") or ""
     return {
-        "hidden_size": int(get("hidden_size")),
+        "hidden_size": hidden,
         "num_layers": int(get("num_hidden_layers")),
         "num_heads": int(get("num_attention_heads")),
         "vocab_size": int(get("vocab_size")),
         "num_labels": num_labels,
         "causal_lm": causal_lm,
+        # What the activation model needs beyond Korthikanti's h, a, L:
+        "intermediate_size": int(get("intermediate_size") or 4 * hidden),
+        "arch": "encoder" if model_type == "bert" else "decoder",
+        # transformers picks sdpa when a model is built from a config (as jobs/components.py does)
+        "attn_implementation": get("_attn_implementation") or get("attn_implementation") or "sdpa",
+        "attention_dropout": float(get("attention_dropout", None) or get("attention_probs_dropout_prob", None) or 0.0),
+        "hidden_dropout": float(get("hidden_dropout_prob", None) or 0.0),
     }
 
 
@@ -315,6 +324,167 @@ def lora_counts(counts: dict, r: int, method: str = "lora") -> dict:
 # Memory
 
 
+def _adapted_modules(counts: dict, strategy_type: str) -> list[tuple[str, int, int]]:
+    """(last name, d_in, how many) of the linear layers a LoRA/QLoRA adapter wraps."""
+    if strategy_type not in ("lora", "qlora"):
+        return []
+    targets = counts.get("lora_targets", "all-linear")
+    out = []
+    for name, d_in, _d_out, n in counts.get("linear_shapes", []):
+        if targets == "all-linear" or _targets_match(name, targets) or (
+                isinstance(targets, str) and re.search(targets, name)):
+            out.append((name, d_in, n))
+    return out
+
+
+def activation_terms(
+    dims: dict,
+    counts: dict,
+    strategy_type: str,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    mixed: bool,
+    grad_checkpointing: bool = False,
+    on_gpu: bool = True,
+    grads_freed: float = 0.0,
+) -> tuple[dict, list[str]]:
+    """Bytes of the activations live at the peak of one training step, one entry per term.
+
+    Counted as the tensors autograd saves in the forward pass (what transformers' Llama and BERT
+    code keeps for backward), plus the loss's transient buffers at the start of backward. Element
+    sizes: `a` = 4 B in fp32, 2 B in bf16/fp16; `f` = 4 B for what runs in fp32 even under mixed
+    precision (norm inputs upcast, softmax, logits for the loss); dropout masks 1 B on a GPU
+    (fused native_dropout keeps a bool mask) and 4 B on CPU (torch scales a float mask).
+    `grads_freed`: gradient bytes released between forward and backward (the training loop's
+    zero_grad(set_to_none=True)), which the loss's backward buffers can reuse.
+    Measured against peaks of live tensor bytes on CPU fp32 by bench/b6_memory.py (within 0.2%
+    for full, LoRA, LoRA with dropout, eager and SDPA attention). The 16-bit terms follow the same
+    reading of the code but are not measured yet: an earlier H200 check (0.94B Llama, fp32 weights
+    + bf16 autocast) found peak minus model states 1.9x Korthikanti's formula for full fine-tuning
+    with eager attention and 2.8x for LoRA; the eager fp32 softmax + cast, the fp32 norm inputs,
+    the fp32 logits and peft's fp32 input casts counted here are those gaps, but autocast's own
+    weight copies are not modelled.
+    """
+    b, s = micro_batch, seq_len
+    h, heads, layers = dims["hidden_size"], dims["num_heads"], dims["num_layers"]
+    inter = dims.get("intermediate_size") or 4 * h
+    vocab = dims["vocab_size"]
+    a, f = (2, 4) if mixed else (4, 4)
+    m1 = 1 if on_gpu else 4  # dropout mask bytes per element
+    bsh, bsi = b * s * h, b * s * inter
+    full_like = strategy_type in ("full", "freeze")
+    adapted = _adapted_modules(counts, strategy_type)
+    names = {n for n, _, _ in adapted}
+    lora_p = float(counts.get("lora_dropout") or 0.0)
+    # lora_A keeps the very tensor the frozen base layer reads only when no dropout and no dtype
+    # cast sit between them; otherwise it keeps its own copy (counted under "lora")
+    shares_input = bool(adapted) and not mixed and not lora_p
+
+    def needs_input(*mods):  # a linear layer's input is kept when its weight trains or lora_A reads it
+        if full_like:
+            return True
+        if not shares_input:
+            return False
+        return dims.get("arch") == "encoder" or bool(names & set(mods))
+
+    eager = dims.get("attn_implementation", "sdpa") == "eager"
+    p_attn = dims.get("attention_dropout", 0.0)
+    notes = [] if not mixed else [
+        "16-bit activation terms follow transformers' code but are not yet measured on a GPU (fp32 terms are, by B6)"]
+    if dims.get("arch") == "encoder":
+        p_hid = dims.get("hidden_dropout", 0.0)
+        mask = m1 if p_hid else 0
+        ln_in = f if mixed else a
+        per_layer_bsh = (a if needs_input() else 0) + 3 * a + a + mask + ln_in + a + mask + ln_in
+        per_layer_bsi = 2 * a
+        notes.append(
+            "activations (BERT encoder layer): saved q, k, v, context, LayerNorm inputs and outputs, "
+            f"dropout masks (p={p_hid:g}), FFN input and GELU in/out (2*s*b*intermediate)")
+        embed = (ln_in + mask + a) * bsh
+    else:
+        per_layer_bsh = (
+            2 * f                                   # RMSNorm inputs (upcast to fp32), attention and MLP
+            + (2 * a if full_like else 0)           # normalised x, kept for the trainable norm weight
+            + (a if needs_input("q_proj", "k_proj", "v_proj") else 0)
+            + 3 * a                                 # q, k (after rotary), v
+            + (a if (needs_input("o_proj") or not eager) else 0)  # context (SDPA keeps its output)
+            + (a if needs_input("gate_proj", "up_proj") else 0)
+        )
+        per_layer_bsi = (3 + (1 if needs_input("down_proj") else 0)) * a  # gate, silu(gate), up, product
+        notes.append(
+            "activations (Llama layer): RMSNorm inputs in fp32, q, k, v, context, MLP gate/up/silu/product; "
+            "a linear layer's input is kept only when its weight or adapter trains; k, v at full width")
+        embed = 0
+    scores = 0.0
+    if eager:
+        # softmax in fp32 (then cast to the activation dtype) + dropout mask and output
+        per_score = f + (a if mixed else 0) + ((m1 + a) if p_attn else 0)
+        scores = per_score * b * heads * s * s
+        notes.append(f"eager attention: b*heads*s^2 probabilities kept ({per_score} B each"
+                     f"{', incl. dropout mask and output' if p_attn else ''})")
+    else:
+        scores = f * b * heads * s  # log-sum-exp only; no s^2 term
+        notes.append("SDPA attention (transformers' default): no s^2 probabilities kept, only log-sum-exp"
+                     + ("; attention dropout assumed fused" if p_attn else ""))
+
+    lora_extra = 0.0
+    r = int(counts.get("lora_r") or 8)
+    for name, d_in, n in adapted:
+        # lora_A's output (kept by lora_B); with dropout, its output (kept by lora_A) and its mask
+        # (kept unless the input needs no gradient: the first layer's q, k, v read the frozen
+        # embeddings); without dropout on a 16-bit base, peft's cast of the input to the fp32
+        # adapter dtype (a copy per adapted layer)
+        per_token = r * (f if mixed else a)
+        if lora_p:
+            per_token += d_in * (f if mixed else a)
+            masked = n - (1 if name in ("q_proj", "k_proj", "v_proj") and dims.get("arch") != "encoder" else 0)
+            lora_extra += masked * b * s * d_in * m1
+        elif mixed:
+            per_token += d_in * f
+        lora_extra += n * b * s * per_token
+    if adapted:
+        notes.append(f"LoRA: r-wide lora_A output per adapted layer"
+                     + (f", dropout (p={lora_p:g}) mask and output of each adapted layer's input" if lora_p else "")
+                     + (", fp32 copy of each adapted layer's input (fp32 adapters on a 16-bit base)" if mixed and not lora_p else ""))
+
+    layer = per_layer_bsh * bsh + per_layer_bsi * bsi + scores
+    first_input = f * bsh if strategy_type in ("lora", "qlora", "ia3") and dims.get("arch") != "encoder" else 0
+    terms = {}
+    if grad_checkpointing:
+        # HF checkpointing keeps each layer's input; backward recomputes one layer at a time
+        terms["layer_inputs"] = layers * a * bsh
+        terms["recomputed_layer"] = layer + lora_extra / max(1, layers)
+        notes.append("activation checkpointing: each layer's input (s*b*h) kept, one layer recomputed at a time")
+    else:
+        terms["layers"] = layers * layer - first_input
+        terms["lora"] = lora_extra
+    if dims.get("arch") == "encoder":
+        terms["embeddings"] = embed
+    else:
+        # final RMSNorm: input (fp32), normalised x and output kept when the norm and head train
+        terms["final_norm"] = (f + (2 * a if full_like else 0)) * bsh
+    terms["batch"] = 4 * b * s * 8  # input_ids, attention_mask, labels and the shifted labels, int64
+    if dims.get("causal_lm", True):
+        # The loss upcasts logits to fp32 and keeps log_softmax (f); at backward's start the logits'
+        # gradient and log_softmax's gradient (f each, + a 16-bit cast) are live at once.
+        terms["logits_saved"] = f * b * s * vocab
+        fwd = a + (f if mixed else 0)
+        bwd = 2 * f + (a if mixed else 0)
+        bsv = b * s * vocab
+        terms["loss_transient"] = max(fwd * bsv, bwd * bsv - grads_freed)
+        notes.append(f"loss: fp32 log_softmax kept (4*s*b*vocab), and the larger of the logits ({fwd}*s*b*vocab) at "
+                     f"forward's end or {bwd}*s*b*vocab of gradients at backward's start"
+                     + (" (where the parameter gradients freed by zero_grad(set_to_none=True) are not yet back)"
+                        if grads_freed else ""))
+    else:
+        labels = dims.get("num_labels") or 2
+        terms["logits_saved"] = f * b * labels
+        terms["loss_transient"] = 2 * f * b * labels
+        notes.append("classifier logits")
+    return terms, notes
+
+
 def memory_per_gpu(
     counts: dict,
     model_cfg,
@@ -329,6 +499,7 @@ def memory_per_gpu(
     precision: str = "bf16",
     grad_checkpointing: bool = False,
     virtual_tokens: int = 0,
+    on_gpu: bool = True,
 ) -> dict:
     """Bytes per GPU (per worker on a CPU run): weights, gradients, optimizer, activations, total."""
     if zero_stage not in (0, 1, 2, 3):
@@ -395,27 +566,38 @@ def memory_per_gpu(
         w = 2 * L
         assumptions.append("parameter offload: 16-bit parameters live in CPU memory, fetched per layer")
 
-    # Activations (Korthikanti et al. 2022), 16-bit; fp32 doubles them. Measured on an H200
-    # (0.94B Llama, b=2, s=1024, fp32 weights + bf16 autocast): model states within 1% of this
-    # estimate, but peak minus states was 1.9x this activation figure (full, eager), 9.6x with
-    # checkpointing, 2.8x for peft LoRA (fp32 adapter casts): not yet calibrated.
-    s = seq_len + virtual_tokens
-    b, h, a, layers = micro_batch, dims["hidden_size"], dims["num_heads"], dims["num_layers"]
-    per_layer = 2 * s * b * h if grad_checkpointing else s * b * h * (34 + 5 * a * s / h)
-    act = per_layer * layers * (1 if mixed else 2)
-    logits = s * b * dims["vocab_size"] * 4 if dims.get("causal_lm", True) else b * (dims.get("num_labels") or 2) * 4
-    assumptions.append(
-        "activations per layer s*b*h*(34 + 5*a*s/h) bytes (Korthikanti et al.; attention scores "
-        "materialised: an upper bound with SDPA/flash attention)"
-        if not grad_checkpointing else "full activation checkpointing: 2*s*b*h bytes per layer kept"
+    # Activations: the tensors autograd saves for backward, counted term by term (see
+    # activation_terms; calibrated against measured CPU peaks by bench/b6_memory.py).
+    terms, act_notes = activation_terms(
+        dims, counts, strategy_type, micro_batch=micro_batch, seq_len=seq_len + virtual_tokens,
+        mixed=mixed, grad_checkpointing=grad_checkpointing, on_gpu=on_gpu,
+        grads_freed=g if zero_stage == 0 else 0.0,
     )
-    assumptions.append("logits in fp32: s*b*vocab*4 bytes" if dims.get("causal_lm", True) else "classifier logits")
+    assumptions += act_notes
+    logits = terms["logits_saved"] + terms["loss_transient"]
+    act = sum(terms.values()) - logits
     if virtual_tokens:
         assumptions.append(f"prompt tuning lengthens the sequence by {virtual_tokens} virtual tokens")
 
+    # The optimizer step runs after backward has freed the activations; its temporaries can set the
+    # peak instead (measured: torch's single-tensor AdamW, the CPU default, allocates 2 fp32 copies
+    # of the tensor it updates; the foreach AdamW, the CUDA default, one fp32 copy of all of them).
+    # DeepSpeed's fused optimizers update in place.
+    if zero_stage:
+        opt_temp = 0.0
+    elif on_gpu:
+        opt_temp = 4.0 * T
+    else:
+        opt_temp = 2 * 4.0 * (L if strategy_type in ("full", "freeze") else min(T, L))
+    if opt_temp > act + logits:
+        assumptions.append("the peak is at the optimizer step: AdamW's temporaries "
+                           + ("(foreach: 4 B per trainable param)" if on_gpu else
+                              "(single-tensor: 2 fp32 copies of the largest trainable tensor)")
+                           + " exceed the activations")
+
     weights = w + frozen_bytes
     model_states = weights + g + o
-    total = model_states + act + logits
+    total = model_states + max(act + logits, opt_temp)
     paper = {0: 16 * T, 1: 4 * T + 12 * T / n, 2: 2 * T + 14 * T / n, 3: 16 * T / n}[zero_stage]
     return {
         "weights": int(weights),
@@ -423,6 +605,8 @@ def memory_per_gpu(
         "optimizer": int(o),
         "activations": int(act + logits),
         "logits": int(logits),
+        "activation_terms": {k: int(v) for k, v in terms.items()},
+        "optimizer_step_temp": int(opt_temp),
         "total": int(total),
         "model_states": int(model_states),
         "model_states_zero_paper": int(paper) if mixed else None,
@@ -440,6 +624,7 @@ def memory_per_gpu(
             "precision": precision,
             "grad_checkpointing": grad_checkpointing,
             "virtual_tokens": virtual_tokens,
+            "on_gpu": on_gpu,
         },
     }
 
@@ -570,7 +755,9 @@ def suggestions(memory: dict, profile: dict, resources: dict) -> list[dict]:
         if 0 < cap < workers:
             res = {**capacity_res, "workers": cap}
             mem = _remeasure(memory, workers=cap)
-            add(f"workers={cap} (what {profile['name']} can hold)", {"workers": cap}, mem=mem, res=res)
+            also = {k: v for k, v in capacity_res.items() if k != "workers" and v != resources.get(k)}
+            label = "".join(f"{k}={v:g}, " for k, v in also.items())  # the capacity changes made above
+            add(f"{label}workers={cap} (what {profile['name']} can hold)", {**also, "workers": cap}, mem=mem, res=res)
     else:
         full_like = kind in ("full", "freeze")
         if full_like and workers > 1 and inputs["zero_stage"] != 3:
@@ -692,6 +879,8 @@ def estimate(spec: dict, profile_name: Optional[str] = None) -> dict:
     counts = count_parameters(model, strategy)
     if strategy["type"] in ("lora", "qlora"):
         counts["lora_r"] = strategy.get("r", 8)
+        counts["lora_dropout"] = strategy.get("dropout", 0.0)
+        counts["lora_targets"] = strategy.get("target_modules", "all-linear")
     seq_len = model.get("seq_len", 64)
     micro_batch, workers = train.get("micro_batch", 8), resources["workers"]
     grad_ckpt = bool(train.get("grad_checkpointing", ds.get("grad_checkpointing", False)))
@@ -708,6 +897,7 @@ def estimate(spec: dict, profile_name: Optional[str] = None) -> dict:
         precision=ds.get("precision", "bf16" if on_gpu else "fp32"),
         grad_checkpointing=grad_ckpt,
         virtual_tokens=strategy.get("num_virtual_tokens", 0) if strategy["type"] == "prompt" else 0,
+        on_gpu=on_gpu,
     )
     tokens = train.get("max_steps", 100) * micro_batch * workers * seq_len
     devices = max(1, math.ceil(workers * resources["gpus_per_worker"])) if on_gpu else max(
@@ -739,6 +929,14 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.2f} GiB"
 
 
+def _size(n: float) -> str:
+    """Bytes in the unit that shows them: GiB, MiB or KiB (a tiny model is not '0.00 GiB')."""
+    for unit, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B" if n else "0 B"
+
+
 def _duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.1f} s"
@@ -762,12 +960,18 @@ def format_estimate(est: dict) -> str:
         f"{s['precision']}, ZeRO-{s['zero_stage']}{', grad checkpointing' if s['grad_checkpointing'] else ''})"
     )
     for key in ("weights", "gradients", "optimizer", "activations", "total"):
-        lines.append(f"    {key:<12}{m[key] / GIB:10.2f} GiB")
+        lines.append(f"    {key:<12}{_size(m[key]):>14}")
+        if key == "activations" and m.get("activation_terms"):
+            parts = [f"{k.replace('_', ' ')} {_size(v)}" for k, v in m["activation_terms"].items() if v]
+            lines.append(f"      ({', '.join(parts)})")
+    if m.get("optimizer_step_temp", 0) > m["activations"]:
+        lines.append(f"    (the peak is at the optimizer step: {_size(m['optimizer_step_temp'])} of AdamW temporaries "
+                     "instead of the activations)")
     if m["cpu_offload"]:
-        lines.append(f"    {'CPU offload':<12}{m['cpu_offload'] / GIB:10.2f} GiB (CPU memory per worker)")
+        lines.append(f"    {'CPU offload':<12}{_size(m['cpu_offload']):>14} (CPU memory per worker)")
     lines.append(f"  verdict     {f['verdict']}" + (f": {f['reason']}" if f["reason"] else ""))
     for sug in f["suggestions"]:
-        lines.append(f"    would fit: {sug['change']} -> {sug['per_gpu_gib']:.2f} GiB {unit.split(' (')[0]}")
+        lines.append(f"    would fit: {sug['change']} -> {_size(sug['per_gpu_bytes'])} {unit.split(' (')[0]}")
     if f["verdict"] != "fits" and not f["suggestions"]:
         lines.append("    no single change the planner knows would make it fit")
     if t:

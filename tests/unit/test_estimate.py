@@ -160,11 +160,22 @@ def test_memory_formulas_by_hand(full7b):
     for stage, paper in ((1, 4 * t + 12 * t / 8), (2, 2 * t + 14 * t / 8), (3, 16 * t / 8)):
         m = est.memory_per_gpu(full7b, None, "full", workers=8, micro_batch=1, seq_len=512, zero_stage=stage)
         assert m["model_states_zero_paper"] == int(paper)
-    s, b, h, a, layers, vocab = 512, 2, 4096, 32, 32, 32000
+    s, b, h, a, layers, vocab, inter = 512, 2, 4096, 32, 32, 32000, 11008
     act = est.memory_per_gpu(full7b, None, "full", workers=1, micro_batch=b, seq_len=s)
-    assert act["activations"] == int(s * b * h * (34 + 5 * a * s / h) * layers + s * b * vocab * 4)
+    # bf16, SDPA, full fine-tuning, by hand: per layer two fp32 RMSNorm inputs (4+4), normalised x
+    # (2+2), q/k/v/MLP inputs (2+2), q, k, v (6), context (2) = 24 B per s*b*h; gate, silu, up,
+    # product 8 B per s*b*intermediate; fp32 log-sum-exp per head and token.
+    layer = 24 * s * b * h + 8 * s * b * inter + 4 * b * a * s
+    final, batch = 8 * s * b * h, 4 * b * s * 8
+    loss = 4 * s * b * vocab + 6 * s * b * vocab  # log_softmax kept; bf16 logits + their fp32 copy
+    assert act["activation_terms"]["layers"] == layers * layer
+    assert act["activations"] == layers * layer + final + batch + loss
     ckpt = est.memory_per_gpu(full7b, None, "full", workers=1, micro_batch=b, seq_len=s, grad_checkpointing=True)
-    assert ckpt["activations"] == 2 * s * b * h * layers + s * b * vocab * 4
+    assert ckpt["activations"] == 2 * s * b * h * layers + layer + final + batch + loss
+    eager = est.memory_per_gpu({**full7b, "dims": {**full7b["dims"], "attn_implementation": "eager"}}, None, "full",
+                               workers=1, micro_batch=b, seq_len=s)
+    # eager attention keeps the fp32 softmax and its bf16 cast: 6 B per head and s^2
+    assert eager["activations"] - act["activations"] == layers * (6 * b * a * s * s - 4 * b * a * s)
 
 
 def test_lora_and_qlora_memory(full7b):
@@ -344,3 +355,33 @@ def test_design_claims_answered():
     arr = [c for c in by_claim if c.startswith("ARR-COC")]
     assert arr and "no ARR-COC config" in by_claim[arr[0]]["detail"]
     assert "[does-not-hold] 7B full fine-tuning needs 64 GB" in est.format_claims()
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy against a measured step, and formatting
+
+
+@pytest.mark.parametrize("strategy, micro_batch, seq_len", [
+    ({"type": "full"}, 8, 64),
+    ({"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}, 16, 48),
+])
+def test_predicted_memory_matches_a_measured_training_step(strategy, micro_batch, seq_len):
+    # B6's measurement (peak live tensor bytes of one real training step on CPU) for two cases.
+    from bench import b6_memory
+
+    spec = b6_memory._spec(strategy, micro_batch, seq_len, {})
+    measured = b6_memory.measure(spec)
+    mem = est.estimate(spec, "local-cpu")["memory"]
+    states = mem["weights"] + mem["gradients"] + mem["optimizer"]
+    # model states are exact, but for AdamW's 4-byte step counter per parameter tensor
+    assert 0 <= measured["states_bytes"] - states <= 4 * 64
+    assert mem["total"] == pytest.approx(measured["peak_bytes"], rel=0.15)
+
+
+def test_sizes_are_printed_in_a_unit_that_shows_them():
+    assert est._size(3 * GIB) == "3.00 GiB"
+    assert est._size(9.29 * 2**20) == "9.29 MiB"
+    assert est._size(518.75 * 1024) == "518.75 KiB"
+    e = est.estimate(finetune(TINY, {"type": "lora", "r": 8}, gpus=0, cpus=1, micro_batch=8), None)
+    text = est.format_estimate(e)
+    assert "0.00 GiB" not in text and "KiB" in text and "MiB" in text
