@@ -125,6 +125,15 @@ def tokenize_classification(batch: dict, column: str = "text", label: str = "lab
     }
 
 
+REPLAY_FLAG = "from_replay"
+
+
+def flag_rows(batch: dict, value: int) -> dict:
+    """Ray Data `map_batches` function: mark each row as replayed (1) or new (0)."""
+    rows = len(next(iter(batch.values())))
+    return {**batch, REPLAY_FLAG: np.full(rows, value, dtype=np.int64)}
+
+
 def tokenize_fn(spec: dict):
     """The map_batches function and its kwargs for a spec's task."""
     data, model = spec["data"], spec["model"]

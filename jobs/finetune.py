@@ -32,9 +32,12 @@ def run(plan: dict, run_dir: RunDir) -> dict:
     tokenize, kwargs = C.tokenize_fn(spec)
     columns = [kwargs["column"]] + ([kwargs["label"]] if "label" in kwargs else [])
 
-    def read(path):
-        return ray.data.read_parquet(path, columns=columns).map_batches(
+    def read(path, replayed=0):
+        ds = ray.data.read_parquet(path, columns=columns).map_batches(
             tokenize, fn_kwargs=kwargs, batch_format="numpy")
+        # With replay, every row says where it came from: the workers count the share they saw.
+        return ds.map_batches(C.flag_rows, fn_kwargs={"value": replayed}, batch_format="numpy") \
+            if data.get("replay") else ds
 
     train_ds = read(data["train"])
     rows = {role: info.get("rows") for role, info in (plan.get("data") or {}).items()}
@@ -42,7 +45,7 @@ def run(plan: dict, run_dir: RunDir) -> dict:
         # Replay: old-task rows interleaved at `fraction` of the stream (DESIGN: 80% new / 20% old).
         from jobs.data.mix import mix_datasets
 
-        train_ds = mix_datasets(train_ds, read(data["replay"]["path"]), data["replay"]["fraction"],
+        train_ds = mix_datasets(train_ds, read(data["replay"]["path"], 1), data["replay"]["fraction"],
                                 seed=train["seed"], new_rows=rows.get("train"), old_rows=rows.get("replay"))
     # Epochs of the schedule (gradual unfreezing) in steps: rows per step = micro_batch x workers.
     stream_rows = rows.get("train") and rows["train"] / (1 - data["replay"]["fraction"] if data.get("replay") else 1)
@@ -99,7 +102,7 @@ def run(plan: dict, run_dir: RunDir) -> dict:
                 summary[f"{split}_{metric}_delta"] = after - before
     summary.update({k: final.get(k) for k in (
         "trainable_params", "total_params", "digests_before", "digests_after", "lr_groups",
-        "unfrozen_at", "ewc_penalty_last", "rss_start_mb", "peak_rss_mb")})
+        "unfrozen_at", "ewc_penalty_last", "replay_share", "rss_start_mb", "peak_rss_mb")})
     summary.update(export=export_name, export_bytes=C.dir_size(target))
     return summary
 
@@ -177,7 +180,7 @@ def _train_loop(config: dict) -> None:
     )
     shard = ray.train.get_dataset_shard("train")
     tokens, window_tokens, window_start, run_start = 0, 0, time.time(), time.time()
-    losses, penalty = [], None
+    losses, penalty, seen = [], None, {"replay": 0, "rows": 0}
     model.train()
     while step < train["max_steps"]:
         for batch in shard.iter_torch_batches(
@@ -190,6 +193,9 @@ def _train_loop(config: dict) -> None:
                     if rank == 0:
                         run_dir.append("events.jsonl", {"event": "unfreeze", "step": step,
                                                         "params": len(opened), "time": time.time()})
+            if C.REPLAY_FLAG in batch:
+                seen["replay"] += int(batch[C.REPLAY_FLAG].sum())
+                seen["rows"] += len(batch[C.REPLAY_FLAG])
             batch = {k: batch[k] for k in C.TENSOR_COLUMNS}
             loss = model(**batch).loss
             objective = loss
@@ -246,6 +252,7 @@ def _train_loop(config: dict) -> None:
                                        for g in optimizer.param_groups],
                             unfrozen_at={str(k): len(v) for k, v in unfrozen_at.items()},
                             ewc_penalty_last=record.get("ewc_penalty"),
+                            replay_share=seen["replay"] / seen["rows"] if seen["rows"] else None,
                             rss_start_mb=round(rss_start, 1), peak_rss_mb=round(S.peak_rss_mb(), 1),
                         )
                     ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir))
