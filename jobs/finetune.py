@@ -33,11 +33,15 @@ def run(plan: dict, run_dir: RunDir) -> dict:
     columns = [kwargs["column"]] + ([kwargs["label"]] if "label" in kwargs else [])
 
     def read(path, replayed=0):
-        ds = ray.data.read_parquet(path, columns=columns).map_batches(
-            tokenize, fn_kwargs=kwargs, batch_format="numpy")
-        # With replay, every row says where it came from: the workers count the share they saw.
-        return ds.map_batches(C.flag_rows, fn_kwargs={"value": replayed}, batch_format="numpy") \
-            if data.get("replay") else ds
+        if not data.get("replay"):
+            return ray.data.read_parquet(path, columns=columns).map_batches(
+                tokenize, fn_kwargs=kwargs, batch_format="numpy")
+        # Mixing is per block: blocks of one micro-batch keep the replay share even over a few
+        # steps. Every row says where it came from: the workers count the share they saw.
+        return ray.data.read_parquet(path, columns=columns).map_batches(
+            tokenize, fn_kwargs=kwargs, batch_format="numpy",
+        ).map_batches(C.flag_rows, fn_kwargs={"value": replayed}, batch_format="numpy",
+                      ).repartition(target_num_rows_per_block=train["micro_batch"])
 
     train_ds = read(data["train"])
     rows = {role: info.get("rows") for role, info in (plan.get("data") or {}).items()}
