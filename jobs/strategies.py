@@ -180,6 +180,16 @@ def reload(export_dir: str, base, strategy: dict):
     return PeftModel.from_pretrained(base, export_dir).eval()
 
 
+def merge(export_dir: str, base):
+    """One plain model from a LoRA/QLoRA export: merged into a full-precision base (DESIGN: a
+    QLoRA adapter merges into the bf16/fp32 base, never into the NF4 one)."""
+    from peft import PeftModel
+
+    if any(type(m).__name__ == "Linear4bit" for m in base.modules()):
+        raise ValueError("merge a QLoRA adapter into the full-precision base, not the 4-bit one")
+    return PeftModel.from_pretrained(base, export_dir).merge_and_unload().eval()
+
+
 # ---------------------------------------------------------------------------------------------
 # Learning-rate groups
 

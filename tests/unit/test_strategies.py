@@ -353,3 +353,43 @@ def test_strategy_spec_errors_name_the_field_and_the_fix():
     spec = load_spec({"kind": "finetune", "name": "t", "strategy": {"type": "lora"},
                       "data": {"train": "t", "retain": "r"}, "mitigation": {"ewc": {"lambda": 5}}})
     assert spec.model_dump(mode="json")["mitigation"]["ewc"] == {"lambda": 5.0, "samples": 64}
+
+
+def test_plan_warns_when_a_pretrained_model_trains_above_the_lr_cap():
+    from launcher.plan import plan
+
+    def warnings(**changes):
+        raw = {"kind": "finetune", "name": "t", "model": {"source": "minilm", "num_labels": 4},
+               "strategy": {"type": "full"}, "data": {"train": "t.parquet", "task": "classification"},
+               "train": {"max_steps": 5, "lr": 2e-4}}
+        for key, value in changes.items():
+            raw[key] = {**raw[key], **value} if isinstance(raw.get(key), dict) else value
+        return [w for w in plan(load_spec(raw), "local", preflight=False).warnings if "train.lr" in w]
+
+    assert warnings() == [
+        "train.lr 0.0002 is above 1e-05 for full fine-tuning of the pretrained model minilm: catastrophic "
+        "forgetting is likely (the design's range is 1e-5 to 5e-6); lower train.lr or set mitigation.lr_cap: 1e-05"]
+    assert len(warnings(strategy={"type": "freeze", "freeze_first_layers": 2})) == 1
+    assert warnings(train={"lr": 5e-6}) == []
+    assert warnings(mitigation={"lr_cap": 1e-5}) == []
+    assert warnings(strategy={"type": "lora"}) == []  # the pretrained weights stay frozen
+    assert warnings(model={"source": "tiny-llama", "num_labels": 4}) == []  # random init: nothing to forget
+
+
+def test_qlora_adapter_merges_into_the_full_precision_base(tmp_path):
+    from peft import PeftModel
+
+    model, spec = built({"type": "qlora", "r": 4})
+    train(model, steps=3, lr=3e-2)
+    model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="not the 4-bit one"):
+        S.merge(str(tmp_path / "adapter"), S.load_quantized(C.build_model(TINY, 0), spec["strategy"],
+                                                            type(C.build_model(TINY, 0))))
+    merged = S.merge(str(tmp_path / "adapter"), C.build_model(TINY, 0))
+    assert not any(type(m).__name__ == "Linear4bit" for m in merged.modules())
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    unmerged = PeftModel.from_pretrained(C.build_model(TINY, 0), tmp_path / "adapter").eval()
+    b = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=b["input_ids"]).logits,
+                                   unmerged(input_ids=b["input_ids"]).logits, rtol=0, atol=1e-4)
