@@ -33,27 +33,29 @@ def run(plan: dict, run_dir: RunDir) -> dict:
     columns = [kwargs["column"]] + ([kwargs["label"]] if "label" in kwargs else [])
 
     def read(path, replayed=0):
+        ds = ray.data.read_parquet(path, columns=columns).map_batches(
+            tokenize, fn_kwargs=kwargs, batch_format="numpy")
         if not data.get("replay"):
-            return ray.data.read_parquet(path, columns=columns).map_batches(
-                tokenize, fn_kwargs=kwargs, batch_format="numpy")
+            return ds
         # Mixing is per block: blocks of one micro-batch keep the replay share even over a few
         # steps. Every row says where it came from: the workers count the share they saw.
-        return ray.data.read_parquet(path, columns=columns).map_batches(
-            tokenize, fn_kwargs=kwargs, batch_format="numpy",
-        ).map_batches(C.flag_rows, fn_kwargs={"value": replayed}, batch_format="numpy",
-                      ).repartition(target_num_rows_per_block=train["micro_batch"])
+        ds = ds.map_batches(C.flag_rows, fn_kwargs={"value": replayed}, batch_format="numpy")
+        return ds.repartition(target_num_rows_per_block=train["micro_batch"])
 
     train_ds = read(data["train"])
     rows = {role: info.get("rows") for role, info in (plan.get("data") or {}).items()}
+    stream_rows = rows.get("train")
     if data.get("replay"):
         # Replay: old-task rows interleaved at `fraction` of the stream (DESIGN: 80% new / 20% old).
         from jobs.data.mix import mix_datasets
 
-        train_ds = mix_datasets(train_ds, read(data["replay"]["path"], 1), data["replay"]["fraction"],
+        fraction = data["replay"]["fraction"]
+        train_ds = mix_datasets(train_ds, read(data["replay"]["path"], 1), fraction,
                                 seed=train["seed"], new_rows=rows.get("train"), old_rows=rows.get("replay"))
-    # Epochs of the schedule (gradual unfreezing) in steps: rows per step = micro_batch x workers.
-    stream_rows = rows.get("train") and rows["train"] / (1 - data["replay"]["fraction"] if data.get("replay") else 1)
-    steps_per_epoch = max(1, int(stream_rows // (train["micro_batch"] * res["workers"]))) if stream_rows else train["max_steps"]
+        stream_rows = stream_rows and stream_rows / (1 - fraction)
+    # Epochs of the unfreezing schedule in steps: each step takes micro_batch rows per worker.
+    steps_per_epoch = (max(1, int(stream_rows // (train["micro_batch"] * res["workers"])))
+                       if stream_rows else train["max_steps"])
 
     # 2. The Ray Train run. Its name is the run id: a rerun of the same id resumes on purpose.
     trainer = TorchTrainer(
