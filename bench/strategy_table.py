@@ -106,7 +106,12 @@ def run(address: str | None = None, steps: int = 40, rows: int = 2000, out_dir=R
             spec = _spec(name, data, storage, steps, base, variant)
             warnings = make_plan(load_spec(spec), "local", preflight=False).warnings
             t0 = time.time()
-            manifest = _submit(spec, address)
+            try:
+                manifest = _submit(spec, address)
+            except RuntimeError as exc:  # the table says so, the other strategies still run
+                rows_out.append({"variant": label, "strategy": spec["strategy"]["type"], "error": str(exc)[:300]})
+                print(f"[strategies] {label}: FAILED {exc}", flush=True)
+                continue
             s = manifest["summary"]
             metrics = [json.loads(x) for x in (Path(manifest["plan"]["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
             rows_out.append({
@@ -155,6 +160,9 @@ def table(result: dict) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
+        if r.get("error"):
+            lines.append(f"| {r['variant']} | failed: {r['error'][:120]} |||||||")
+            continue
         pct = 100 * r["trainable_params"] / r["total_params"]
         note = " (plan warns: lr above cap)" if r["plan_warnings"] else ""
         lines.append(

@@ -137,8 +137,13 @@ def bnb_config(strategy: dict):
 
 def load_quantized(model, strategy: dict, auto_class):
     """Quantize an in-memory model the way from_pretrained does: save it, load it in 4 bits."""
+    from safetensors.torch import save_model
+
     with tempfile.TemporaryDirectory(prefix="ftl-qbase-") as folder:
-        model.save_pretrained(folder)
+        # Not save_pretrained: under torch.distributed it writes on rank 0 only, and every rank
+        # quantizes its own copy.
+        model.config.save_pretrained(folder)
+        save_model(model, os.path.join(folder, "model.safetensors"))
         return auto_class.from_pretrained(folder, quantization_config=bnb_config(strategy),
                                           device_map="cpu" if not torch.cuda.is_available() else None)
 
