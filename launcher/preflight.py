@@ -11,6 +11,10 @@ from launcher.errors import MissingExtraError, PlanError
 
 DATA_ROLES = ("train", "eval", "retain")
 PEFT_TYPES = ("lora", "qlora", "prefix", "prompt", "ia3")
+# Strategies that update a pretrained model's own weights, and the design's safe rate for them.
+FULL_TYPES = ("full", "freeze", "gradual_unfreeze")
+PRETRAINED_LR_CAP = 1e-5  # DESIGN: full fine-tuning of a pretrained model at 1e-5 .. 5e-6
+RANDOM_INIT_SOURCES = ("tiny-llama", "arrcoc-mini")
 
 
 def check_data(spec: dict, target: str = "local") -> tuple[dict, list[str]]:
@@ -73,3 +77,21 @@ def check_fit(spec: dict, profile: Optional[str], strict: bool) -> tuple[Optiona
         raise PlanError(f"{verdict} on profile {est['profile']}: {est['fit']['reason']}{fix}")
     warnings = [] if verdict == "fits" else [f"{verdict} on {est['profile']}: {est['fit']['reason']}"]
     return est, warnings
+
+
+def check_learning_rate(spec: dict) -> list[str]:
+    """Warn when a pretrained model's own weights train above the design's 1e-5 cap (the rate
+    that `train.lr` gives them: all of them, or those no `lr_groups` entry claims)."""
+    strategy, model = spec["strategy"]["type"], spec.get("model", {}).get("source", "tiny-llama")
+    if strategy not in FULL_TYPES or model in RANDOM_INIT_SOURCES or spec.get("lr_groups") == "default":
+        return []
+    lr = spec["train"]["lr"]
+    cap = (spec.get("mitigation") or {}).get("lr_cap")
+    effective = min(lr, cap) if cap else lr
+    if effective <= PRETRAINED_LR_CAP:
+        return []
+    return [
+        f"train.lr {lr:g} is above {PRETRAINED_LR_CAP:g} for {strategy} fine-tuning of the pretrained "
+        f"model {model}: catastrophic forgetting is likely (the design's range is 1e-5 to 5e-6); "
+        f"lower train.lr or set mitigation.lr_cap: {PRETRAINED_LR_CAP:g}"
+    ]

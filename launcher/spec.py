@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -66,6 +67,86 @@ class LoraStrategy(Strict):
     target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
 
 
+class QloraStrategy(LoraStrategy):
+    """LoRA on a base whose linear layers are quantized to 4 bits by bitsandbytes."""
+
+    type: Literal["qlora"]
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = Field(True, description="quantize the quantization constants too")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of the 4-bit matmuls (bfloat16 on a GPU)"
+    )
+
+
+def _patterns(value: list[str]) -> list[str]:
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
+    return value
+
+
+Patterns = Annotated[list[str], Field(min_length=1), AfterValidator(_patterns)]
+
+
+class FreezeStrategy(Strict):
+    """Train only some of the model's own parameters. Patterns are regular expressions searched
+    in parameter names: `train: [lm_head]` (freeze the backbone, train the head),
+    `freeze: [embed]`, or `freeze_first_layers: 1` (embeddings and layers 0..N-1 frozen)."""
+
+    type: Literal["freeze"]
+    train: Optional[Patterns] = None
+    freeze: Optional[Patterns] = None
+    freeze_first_layers: Optional[int] = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("train", "freeze", "freeze_first_layers") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "a freeze strategy takes exactly one of train, freeze, freeze_first_layers"
+                f" (got {', '.join(given) or 'none'})"
+            )
+        return self
+
+
+class UnfreezeStep(Strict):
+    step: Optional[int] = Field(None, ge=0, description="unfreeze before this many steps are done")
+    epoch: Optional[float] = Field(None, ge=0, description="or after this many epochs")
+    unfreeze: Patterns
+
+    @model_validator(mode="after")
+    def _one_time(self):
+        if (self.step is None) == (self.epoch is None):
+            raise ValueError("each schedule entry takes exactly one of step or epoch")
+        return self
+
+
+class GradualUnfreezeStrategy(Strict):
+    """Start with `train` (e.g. the head) trainable; each schedule entry unfreezes more groups."""
+
+    type: Literal["gradual_unfreeze"]
+    train: Patterns
+    schedule: list[UnfreezeStep] = Field(min_length=1)
+
+
+class PrefixStrategy(Strict):
+    type: Literal["prefix"]
+    num_virtual_tokens: int = Field(20, gt=0, le=512)
+
+
+class PromptStrategy(Strict):
+    type: Literal["prompt"]
+    num_virtual_tokens: int = Field(20, gt=0, le=512)
+
+
+class Ia3Strategy(Strict):
+    type: Literal["ia3"]
+    target_modules: Optional[list[str]] = Field(None, description="default: peft's per-architecture choice")
+    feedforward_modules: Optional[list[str]] = None
+
+
 STRATEGIES: dict[str, type[Strict]] = {}
 
 
@@ -78,7 +159,8 @@ def register_strategy(model: type[Strict]) -> type[Strict]:
     return model
 
 
-for _model in (FullStrategy, LoraStrategy):
+for _model in (FullStrategy, FreezeStrategy, GradualUnfreezeStrategy, LoraStrategy, QloraStrategy,
+               PrefixStrategy, PromptStrategy, Ia3Strategy):
     register_strategy(_model)
 
 
@@ -130,6 +212,30 @@ class JobBase(Strict):
     env: dict[str, str] = Field(default_factory=dict, description="environment for the job")
 
 
+class LrGroup(Strict):
+    """Parameters whose names match `params` (regex search; first matching group wins) get `lr`."""
+
+    name: str
+    params: Patterns
+    lr: float = Field(gt=0, lt=1)
+
+
+class EwcSpec(Strict):
+    """Elastic weight consolidation: lambda/2 * sum F_i (theta_i - theta*_i)^2, F from the retain set."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, populate_by_name=True,
+                              serialize_by_alias=True)
+    lam: float = Field(100.0, gt=0, alias="lambda", description="penalty weight")
+    samples: int = Field(64, gt=0, le=100000, description="retain examples for the Fisher diagonal")
+
+
+class MitigationSpec(Strict):
+    """Catastrophic-forgetting mitigation beyond replay (which is `data.replay`)."""
+
+    ewc: Optional[EwcSpec] = None
+    lr_cap: Optional[float] = Field(None, gt=0, lt=1, description="no parameter group trains above it")
+
+
 class FinetuneSpec(JobBase):
     kind: Literal["finetune"]
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -138,6 +244,21 @@ class FinetuneSpec(JobBase):
     data: DataSpec
     train: TrainSpec = Field(default_factory=TrainSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    lr_groups: Optional[Union[Literal["default"], list[LrGroup]]] = Field(
+        None, description="per-group learning rates; 'default': new 1e-3, pretrained 2e-5, early 1e-5"
+    )
+    mitigation: MitigationSpec = Field(default_factory=MitigationSpec)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        problems = []
+        if self.data.task == "classification" and not self.model.num_labels:
+            problems.append("data.task classification needs model.num_labels (e.g. 4)")
+        if self.mitigation.ewc and not self.data.retain:
+            problems.append("mitigation.ewc needs data.retain: the Fisher information comes from it")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 KINDS: dict[str, type[Strict]] = {}
@@ -243,6 +364,8 @@ def _describe(err: dict) -> str:
         hint = difflib.get_close_matches(str(tag), choices, n=1)
         fix = f"did you mean '{hint[0]}'?" if hint else f"use one of: {', '.join(choices)}"
         return f"{path}.{err['ctx']['discriminator'].strip(chr(39))}: {tag!r} is unknown; {fix}"
+    if isinstance(err.get("input"), dict):  # a rule across fields: the message names them
+        return f"{path}: {msg}"
     return f"{path}: {msg} (got {_short(err.get('input'))})"
 
 
@@ -276,7 +399,7 @@ def _fields_at(loc: tuple) -> list[str]:
         else:
             return []
     if isinstance(model, type) and issubclass(model, BaseModel):
-        return list(model.model_fields)
+        return [f.alias or n for n, f in model.model_fields.items()]
     return []
 
 

@@ -14,10 +14,24 @@ def format_summary(manifest: dict) -> str:
         f"loss           {_f(s.get('loss_first'))} -> {_f(s.get('loss_last'))} over {s.get('steps')} steps",
         f"eval loss      {_f(s.get('eval_loss_before'))} -> {_f(s.get('eval_loss_after'))}",
     ]
+    if s.get("eval_accuracy_before") is not None:
+        lines.append(f"eval accuracy  {_pct(s['eval_accuracy_before'])} -> {_pct(s.get('eval_accuracy_after'))}")
     if s.get("retain_loss_before") is not None:
         delta = s["retain_loss_after"] - s["retain_loss_before"]
         lines.append(f"retain loss    {_f(s['retain_loss_before'])} -> {_f(s['retain_loss_after'])}"
                      f" (forgetting {delta:+.4f})")
+    if s.get("retain_accuracy_before") is not None:
+        delta = s["retain_accuracy_after"] - s["retain_accuracy_before"]
+        lines.append(f"retain acc.    {_pct(s['retain_accuracy_before'])} -> {_pct(s['retain_accuracy_after'])}"
+                     f" ({100 * delta:+.1f} points)")
+    if s.get("strategy"):
+        groups = ", ".join(f"{g['name']} {g['lr']:g}" for g in s.get("lr_groups") or [])
+        lines.append(f"strategy       {s['strategy']}" + (f"; lr groups: {groups}" if groups else ""))
+    if s.get("unfrozen_at"):
+        lines.append("unfrozen       " + ", ".join(f"{n} params at step {k}" for k, n in s["unfrozen_at"].items()))
+    if s.get("peak_rss_mb") is not None:
+        lines.append(f"peak memory    {s['peak_rss_mb']:.0f} MiB RSS per worker "
+                     f"({s['peak_rss_mb'] - s['rss_start_mb']:+.0f} MiB over its start)")
     lines += [
         f"parameters     {trainable:,} trainable / {total:,} total{pct}",
         f"{s.get('export', 'export'):<15}{_size(s.get('export_bytes'))}",
@@ -29,6 +43,10 @@ def format_summary(manifest: dict) -> str:
 
 def _f(x) -> str:
     return "-" if x is None else f"{x:.4f}"
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
 
 
 def _size(n) -> str:
