@@ -694,7 +694,7 @@ def estimate(spec: dict, profile_name: Optional[str] = None) -> dict:
         counts["lora_r"] = strategy.get("r", 8)
     seq_len = model.get("seq_len", 64)
     micro_batch, workers = train.get("micro_batch", 8), resources["workers"]
-    grad_ckpt = bool(train.get("grad_checkpointing", ds.get("grad_checkpointing", False)))
+    grad_ckpt = bool(train.get("grad_checkpointing", ds.get("grad_checkpointing", ds.get("activation_checkpointing", False))))
     memory = memory_per_gpu(
         counts,
         None,

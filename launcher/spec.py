@@ -123,6 +123,19 @@ class ResourcesSpec(Strict):
     gpus_per_worker: float = Field(0, ge=0)
 
 
+class DeepSpeedSpec(Strict):
+    """The `deepspeed:` block of `engine: deepspeed` (field names shared with launcher/estimate.py)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: bool = Field(False, description="optimizer states in CPU memory (ZeRO 1-3)")
+    offload_params: bool = Field(False, description="parameters in CPU memory (ZeRO-3 only)")
+    precision: Optional[Literal["bf16", "fp32", "fp16"]] = Field(
+        None, description="default: bf16 on GPUs, fp32 on CPU (fp16 is refused on CPU)"
+    )
+    grad_accumulation: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    activation_checkpointing: bool = False
+
+
 class JobBase(Strict):
     name: str = Field(pattern=NAME_PATTERN, description="lower-case letters, digits and '-'")
     storage: str = "./runs"
@@ -133,7 +146,8 @@ class FinetuneSpec(JobBase):
     kind: Literal["finetune"]
     model: ModelSpec = Field(default_factory=ModelSpec)
     strategy: _union(STRATEGIES.values()) = Field(discriminator="type")
-    engine: Literal["torch"] = "torch"
+    engine: Literal["torch", "deepspeed"] = "torch"
+    deepspeed: Optional[DeepSpeedSpec] = None
     data: DataSpec
     train: TrainSpec = Field(default_factory=TrainSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
