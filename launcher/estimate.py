@@ -709,7 +709,7 @@ def estimate(spec: dict, profile_name: Optional[str] = None) -> dict:
         grad_checkpointing=grad_ckpt,
         virtual_tokens=strategy.get("num_virtual_tokens", 0) if strategy["type"] == "prompt" else 0,
     )
-    tokens = train.get("max_steps", 100) * micro_batch * workers * seq_len
+    tokens = train.get("max_steps", 100) * micro_batch * workers * seq_len * ds.get("grad_accumulation", 1)
     devices = max(1, math.ceil(workers * resources["gpus_per_worker"])) if on_gpu else max(
         1, math.ceil(workers * resources["cpus_per_worker"]))
     if not on_gpu and profile["gpus"]:

@@ -33,13 +33,13 @@ def distributed():
     os.environ.update(saved)
 
 
-def spec_for(stage: int, strategy: str) -> dict:
+def spec_for(stage: int, strategy: str, accumulation: int = 1) -> dict:
     from launcher.dsconfig import prepare
 
     lora = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
     spec = {
         "engine": "deepspeed",
-        "deepspeed": {"zero_stage": stage},
+        "deepspeed": {"zero_stage": stage, "grad_accumulation": accumulation},
         "strategy": {"type": strategy, **(lora if strategy == "lora" else {})},
         "model": {"source": "tiny-llama", "config": {}, "seq_len": 32},
         "train": {"micro_batch": 8, "lr": 3e-3 if strategy == "full" else 1e-2, "seed": 0,
@@ -58,18 +58,19 @@ def batches():
     return texts, [{k: torch.from_numpy(v[j:j + 8]) for k, v in enc.items()} for j in range(0, 48, 8)]
 
 
-@pytest.mark.parametrize("stage, strategy", [(0, "full"), (1, "full"), (2, "lora")])
-def test_engine_trains_round_trips_and_exports(distributed, tmp_path, stage, strategy):
+@pytest.mark.parametrize("stage, strategy, accumulation", [(0, "full", 1), (1, "full", 2), (2, "lora", 1)])
+def test_engine_trains_round_trips_and_exports(distributed, tmp_path, stage, strategy, accumulation):
     from jobs import components as C
 
     D = distributed
-    spec = spec_for(stage, strategy)
+    spec = spec_for(stage, strategy, accumulation)
     texts, data = batches()
     engine = D.build_engine(D.build_model(spec), spec, world=1)
     assert engine.zero_optimization_stage() == stage
     loss_before = C.causal_lm_loss(engine.module, texts, 32)
     losses = [D.micro_step(engine, b) for _ in range(2) for b in data]
-    assert engine.global_steps == 12
+    steps = 12 // accumulation  # 12 micro-batches
+    assert engine.global_steps == steps
     assert losses[-1] < losses[0] - 0.5, losses
     loss_after = C.causal_lm_loss(engine.module, texts, 32)
     assert loss_after < loss_before - 0.5
@@ -78,11 +79,11 @@ def test_engine_trains_round_trips_and_exports(distributed, tmp_path, stage, str
     # next updates as the engine that kept going (optimizer state restored, not only weights).
     path = D.save(engine, engine.global_steps)
     probe = C.probe(engine.module)
-    continued = [D.micro_step(engine, b) for b in data[:3]]
+    continued = [D.micro_step(engine, b) for b in data[:4]]
     restored = D.build_engine(D.build_model(spec), spec, world=1)
-    assert D.load(restored, path) == 12 and restored.global_steps == 12
+    assert D.load(restored, path) == steps and restored.global_steps == steps
     assert C.causal_lm_loss(restored.module, texts, 32) == pytest.approx(loss_after, abs=1e-6)
-    resumed = [D.micro_step(restored, b) for b in data[:3]]
+    resumed = [D.micro_step(restored, b) for b in data[:4]]
     assert resumed == pytest.approx(continued, abs=1e-5)
 
     # Export: a plain transformers model (or a peft adapter) that reloads to the same logits.
