@@ -26,6 +26,9 @@ from jobs.data.read import read_dataset
 
 
 def run(plan: dict, run_dir: RunDir) -> dict:
+    if plan["spec"].get("engine") == "deepspeed":  # its own story: jobs/deepspeed_finetune.py
+        from jobs import deepspeed_finetune
+        return deepspeed_finetune.run(plan, run_dir)
     spec = plan["spec"]
     data, train, res = spec["data"], spec["train"], spec["resources"]
 

@@ -47,7 +47,7 @@ OTHER_SPECS = {
                  "resources": {"workers": 1, "cpus_per_worker": 8, "gpus_per_worker": 1},
                  "stages": ["texture", "lora", "end_to_end"]},
     "deepspeed": {"kind": "finetune", "name": "deepspeed-full", "engine": "deepspeed",
-                  "deepspeed": {"zero_stage": 3, "offload": False},
+                  "deepspeed": {"zero_stage": 3, "offload_optimizer": False},
                   "resources": {"workers": 4, "cpus_per_worker": 8, "gpus_per_worker": 1}},
     "multitask": {"kind": "multitask", "name": "multitask-lora",
                   "resources": {"workers": 3, "cpus_per_worker": 8, "gpus_per_worker": 1},

@@ -888,7 +888,7 @@ def estimate(spec: dict, profile_name: Optional[str] = None) -> dict:
         counts["lora_targets"] = strategy.get("target_modules", "all-linear")
     seq_len = model.get("seq_len", 64)
     micro_batch, workers = train.get("micro_batch", 8), resources["workers"]
-    grad_ckpt = bool(train.get("grad_checkpointing", ds.get("grad_checkpointing", False)))
+    grad_ckpt = bool(train.get("grad_checkpointing", ds.get("grad_checkpointing", ds.get("activation_checkpointing", False))))
     memory = memory_per_gpu(
         counts,
         None,
@@ -904,7 +904,7 @@ def estimate(spec: dict, profile_name: Optional[str] = None) -> dict:
         virtual_tokens=strategy.get("num_virtual_tokens", 0) if strategy["type"] == "prompt" else 0,
         on_gpu=on_gpu,
     )
-    tokens = train.get("max_steps", 100) * micro_batch * workers * seq_len
+    tokens = train.get("max_steps", 100) * micro_batch * workers * seq_len * ds.get("grad_accumulation", 1)
     devices = max(1, math.ceil(workers * resources["gpus_per_worker"])) if on_gpu else max(
         1, math.ceil(workers * resources["cpus_per_worker"]))
     if not on_gpu and profile["gpus"]:

@@ -54,6 +54,7 @@ class JobPlan:
     warnings: list = dataclasses.field(default_factory=list)
     data: dict = dataclasses.field(default_factory=dict)  # role -> rows and files, from footers
     estimate: Optional[dict] = None  # the planner's parameter, memory, fit and time figures
+    engine_config: Optional[dict] = None  # engine: deepspeed: the DeepSpeed config that runs
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -108,6 +109,9 @@ def plan(
                 "(a shared filesystem), or use s3://bucket/prefix"
             )
 
+    from launcher.dsconfig import prepare as prepare_engine
+
+    engine_config = prepare_engine(resolved)  # lints the engine settings, fills their defaults
     data, estimate = {}, None
     if spec.kind == "finetune":
         from launcher.preflight import check_learning_rate
@@ -169,6 +173,7 @@ def plan(
         spec=resolved,
         warnings=warnings,
         data=data,
+        engine_config=engine_config,
     )
     return with_runtime_env(JobPlan(**job_plan_fields), spec.env, estimate)
 

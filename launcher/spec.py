@@ -206,6 +206,19 @@ class ResourcesSpec(Strict):
     gpus_per_worker: float = Field(0, ge=0)
 
 
+class DeepSpeedSpec(Strict):
+    """The `deepspeed:` block of `engine: deepspeed` (field names shared with launcher/estimate.py)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: bool = Field(False, description="optimizer states in CPU memory (ZeRO 1-3)")
+    offload_params: bool = Field(False, description="parameters in CPU memory (ZeRO-3 only)")
+    precision: Optional[Literal["bf16", "fp32", "fp16"]] = Field(
+        None, description="default: bf16 on GPUs, fp32 on CPU (fp16 is refused on CPU)"
+    )
+    grad_accumulation: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    activation_checkpointing: bool = False
+
+
 class JobBase(Strict):
     name: str = Field(pattern=NAME_PATTERN, description="lower-case letters, digits and '-'")
     storage: str = "./runs"
@@ -240,7 +253,8 @@ class FinetuneSpec(JobBase):
     kind: Literal["finetune"]
     model: ModelSpec = Field(default_factory=ModelSpec)
     strategy: _union(STRATEGIES.values()) = Field(discriminator="type")
-    engine: Literal["torch"] = "torch"
+    engine: Literal["torch", "deepspeed"] = "torch"
+    deepspeed: Optional[DeepSpeedSpec] = None
     data: DataSpec
     train: TrainSpec = Field(default_factory=TrainSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
@@ -274,6 +288,68 @@ def register_kind(name: str, model: type[Strict], job_module: str) -> None:
 
 
 register_kind("finetune", FinetuneSpec, "jobs.finetune")
+
+
+class CompareSpec(FinetuneSpec):
+    """`kind: compare`: a base finetune (every field of one) and variants that override it.
+
+    Every variant runs on the same data, steps and evaluation; a variant's `strategy` replaces the
+    base's, every other key merges into it (e.g. `{engine: deepspeed, deepspeed: {zero_stage: 2}}`).
+    """
+
+    kind: Literal["compare"]
+    variants: dict[str, dict[str, Any]] = Field(min_length=1, description="name -> overrides of the base")
+
+    @field_validator("variants")
+    @classmethod
+    def _variant_names(cls, value: dict) -> dict:
+        bad = [n for n in value if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,30}", n)]
+        if bad:
+            raise ValueError(f"variant name {bad[0]!r}: use lower-case letters, digits, '-' and '_'")
+        return value
+
+    @model_validator(mode="after")
+    def _variants_run(self) -> "CompareSpec":
+        self.variant_specs()  # every variant must be a valid finetune: all problems at once
+        return self
+
+    def variant_specs(self) -> dict[str, dict]:
+        return expand_variants(self.model_dump(mode="json"))
+
+
+def expand_variants(spec: dict) -> dict[str, dict]:
+    """Each variant of a compare spec dict as a validated finetune spec dict (ConfigError if not)."""
+    from launcher.dsconfig import problems
+
+    base = {k: v for k, v in spec.items() if k not in ("kind", "variants")}
+    out, errors = {}, []
+    for name, overrides in spec["variants"].items():
+        merged = _merge(_deep_copy(base), {k: v for k, v in overrides.items() if k != "strategy"})
+        if "strategy" in overrides:
+            merged["strategy"] = _deep_copy(overrides["strategy"])
+        merged.update(kind="finetune", name=f"{spec['name']}-{name}".replace("_", "-")[:40].strip("-"))
+        try:
+            variant = _ADAPTER.validate_python(merged).model_dump(mode="json")
+        except ValidationError as exc:
+            errors += [f"variants.{name}: {_describe(e)}" for e in exc.errors()]
+            continue
+        errors += [f"variants.{name}: {p}" for p in problems(variant)]
+        out[name] = variant
+    if errors:
+        raise ConfigError(errors)
+    return out
+
+
+def _merge(into: dict, overrides: dict) -> dict:
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = _deep_copy(value)
+    return into
+
+
+register_kind("compare", CompareSpec, "jobs.compare")
 JobSpec = Annotated[Union[tuple(KINDS.values())], Field(discriminator="kind")]
 _ADAPTER = TypeAdapter(JobSpec)
 

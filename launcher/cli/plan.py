@@ -49,4 +49,8 @@ def describe(job) -> str:
         from launcher.estimate import format_estimate
 
         lines += ["", format_estimate(job.estimate)]
+    if getattr(job, "engine_config", None):
+        import json
+
+        lines += ["", "DeepSpeed config (world size = workers)", json.dumps(job.engine_config, indent=2)]
     return "\n".join(lines)

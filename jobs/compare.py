@@ -1,0 +1,111 @@
+"""`kind: compare`: the same data, steps and evaluation under several strategies, one report.
+
+The story: expand the variants (each a full finetune spec) -> run each in turn as its own finetune
+(torch or deepspeed engine) under <run>/variants/<name> -> a markdown table and PNG plots of
+loss curves, eval gain, forgetting, speed and trainable parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from jobs import finetune
+from jobs.artifacts import RunDir
+from launcher.dsconfig import prepare
+from launcher.spec import expand_variants
+
+COLUMNS = [  # (summary key, header, format)
+    ("strategy", "strategy", "{}"),
+    ("engine", "engine", "{}"),
+    ("trainable_params", "trainable", "{:,}"),
+    ("loss_first", "loss first", "{:.3f}"),
+    ("loss_last", "loss last", "{:.3f}"),
+    ("eval_loss_before", "eval before", "{:.3f}"),
+    ("eval_loss_after", "eval after", "{:.3f}"),
+    ("forgetting", "retain loss change", "{:+.3f}"),
+    ("tokens_per_s", "tokens/s", "{:,.0f}"),
+    ("wall_time_s", "wall s", "{:.1f}"),
+    ("export_bytes", "export bytes", "{:,}"),
+]
+
+
+def run(plan: dict, run_dir: RunDir) -> dict:
+    variants = expand_variants(plan["spec"])
+    results = {}
+    for name, spec in variants.items():
+        prepare(spec)  # fills the engine defaults of a deepspeed variant, as plan does
+        sub = RunDir(str(run_dir.path / "variants" / name))
+        started = time.time()
+        # Ray Train's run folder is <storage>/<name>: the variant's own folder.
+        summary = finetune.run({"spec": spec, "run_id": name}, sub)
+        metrics = sub.read_jsonl("metrics.jsonl")
+        results[name] = {
+            **summary,
+            "strategy": _label(spec["strategy"]),
+            "engine": spec["engine"] + (f" ZeRO-{spec['deepspeed']['zero_stage']}" if spec["deepspeed"] else ""),
+            "wall_time_s": round(time.time() - started, 2),
+            "tokens_per_s": metrics[-1]["tokens"] / max(metrics[-1]["elapsed_s"], 1e-9) if metrics else None,
+            "forgetting": _diff(summary.get("retain_loss_after"), summary.get("retain_loss_before")),
+            "curve": [(m["step"], m["loss"], m.get("eval_loss")) for m in metrics],
+        }
+        run_dir.append("variants.jsonl", {"variant": name, **{k: v for k, v in results[name].items()
+                                                              if k != "curve"}})
+    report = write_report(results, run_dir.path, plan["spec"]["name"])
+    return {
+        "variants": {n: {k: r.get(k) for k, _, _ in COLUMNS} for n, r in results.items()},
+        "report": report,
+    }
+
+
+def write_report(results: dict, out, title: str) -> str:
+    """report.md (a table and the plots) plus loss.png and summary.png; returns the report's name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in results.items():
+        steps = [c[0] for c in r["curve"]]
+        ax[0].plot(steps, [c[1] for c in r["curve"]], marker="o", label=name)
+        ax[1].plot(steps, [c[2] for c in r["curve"]], marker="o", label=name)
+    for a, label in zip(ax, ("train loss", "eval loss")):
+        a.set_xlabel("step")
+        a.set_ylabel(label)
+        a.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=100)
+    plt.close(fig)
+
+    names = list(results)
+    panels = [("eval_loss_after", "eval loss after"), ("forgetting", "retain loss change"),
+              ("tokens_per_s", "tokens/s"), ("trainable_params", "trainable parameters")]
+    fig, ax = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5))
+    for a, (key, label) in zip(ax, panels):
+        a.bar(names, [results[n].get(key) or 0 for n in names])
+        a.set_title(label)
+        a.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(out / "summary.png", dpi=100)
+    plt.close(fig)
+
+    lines = [f"# {title}: strategies compared", "",
+             "Same data, steps, evaluation and seed for every variant.", "",
+             "| variant | " + " | ".join(h for _, h, _ in COLUMNS) + " |",
+             "|---" * (len(COLUMNS) + 1) + "|"]
+    for name, r in results.items():
+        cells = [fmt.format(r[k]) if r.get(k) is not None else "-" for k, _, fmt in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "![loss curves](loss.png)", "", "![summary](summary.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    (out / "report.json").write_text(json.dumps(results, indent=1, default=str))
+    return "report.md"
+
+
+def _label(strategy: dict) -> str:
+    return strategy["type"] + (f" r={strategy['r']}" if "r" in strategy else "")
+
+
+def _diff(after, before):
+    return None if after is None or before is None else after - before

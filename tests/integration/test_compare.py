@@ -1,0 +1,41 @@
+"""kind: compare end to end: DeepSpeed full fine-tuning against LoRA on the same data and eval."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_jobs import cli, write_spec
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # two jobs in one: ~3 min on 2 cores
+
+
+def test_compare_deepspeed_full_against_lora(ray_head, tiny_spec, tmp_path):
+    spec = {
+        **tiny_spec,
+        "kind": "compare",
+        "name": "t-cmp",
+        "train": {**tiny_spec["train"], "max_steps": 10, "report_every": 5, "lr": 3e-3},
+        "variants": {
+            "ds_full": {"engine": "deepspeed", "deepspeed": {"zero_stage": 2}, "strategy": {"type": "full"}},
+            "lora8": {"strategy": {"type": "lora", "r": 8, "alpha": 16}, "train": {"lr": 1e-2}},
+        },
+    }
+    out = cli("submit", str(write_spec(spec, tmp_path)), "--submission-id", "it-cmp",
+              "--address", ray_head.address, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_dir = Path(spec["storage"]) / "it-cmp"
+    s = json.loads((run_dir / "manifest.json").read_text())["summary"]
+    full, lora = s["variants"]["ds_full"], s["variants"]["lora8"]
+    assert full["engine"] == "deepspeed ZeRO-2" and lora["engine"] == "torch"
+    assert lora["trainable_params"] < full["trainable_params"]
+    for v in (full, lora):
+        assert v["loss_last"] < v["loss_first"] and v["eval_loss_after"] < v["eval_loss_before"]
+    report = (run_dir / "report.md").read_text()
+    assert "| ds_full | full |" in report and "| lora8 | lora r=8 |" in report
+    for png in ("loss.png", "summary.png"):
+        assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run_dir / "variants" / "ds_full" / "model" / "config.json").exists()
+    assert (run_dir / "variants" / "lora8" / "adapter" / "adapter_config.json").exists()
