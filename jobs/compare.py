@@ -23,7 +23,10 @@ COLUMNS = [  # (summary key, header, format)
     ("loss_last", "loss last", "{:.3f}"),
     ("eval_loss_before", "eval before", "{:.3f}"),
     ("eval_loss_after", "eval after", "{:.3f}"),
+    ("eval_accuracy_after", "eval accuracy", "{:.3f}"),
+    ("quality_vs_full", "quality % of full", "{:.1f}"),
     ("forgetting", "retain loss change", "{:+.3f}"),
+    ("peak_rss_mb", "peak RSS MiB", "{:,.0f}"),
     ("tokens_per_s", "tokens/s", "{:,.0f}"),
     ("wall_time_s", "wall s", "{:.1f}"),
     ("export_bytes", "export bytes", "{:,}"),
@@ -51,11 +54,31 @@ def run(plan: dict, run_dir: RunDir) -> dict:
         }
         run_dir.append("variants.jsonl", {"variant": name, **{k: v for k, v in results[name].items()
                                                               if k != "curve"}})
+    quality_vs_full(results)
     report = write_report(results, run_dir.path, plan["spec"]["name"])
     return {
         "variants": {n: {k: r.get(k) for k, _, _ in COLUMNS} for n, r in results.items()},
         "report": report,
     }
+
+
+def quality_vs_full(results: dict) -> None:
+    """Each variant's quality as a percentage of the full fine-tuning variant's (if there is one).
+
+    Classification: eval accuracy after training. Language modelling: the eval-loss gain
+    (before - after), since a loss has no natural 100%.
+    """
+    full = next((r for r in results.values() if r["strategy"].startswith("full")), None)
+    if full is None:
+        return
+    for r in results.values():
+        if full.get("eval_accuracy_after") and r.get("eval_accuracy_after") is not None:
+            r["quality_vs_full"] = 100 * r["eval_accuracy_after"] / full["eval_accuracy_after"]
+        elif None not in (full.get("eval_loss_before"), full.get("eval_loss_after"),
+                          r.get("eval_loss_before"), r.get("eval_loss_after")):
+            gain = full["eval_loss_before"] - full["eval_loss_after"]
+            if gain > 0:
+                r["quality_vs_full"] = 100 * (r["eval_loss_before"] - r["eval_loss_after"]) / gain
 
 
 def write_report(results: dict, out, title: str) -> str:
@@ -91,7 +114,9 @@ def write_report(results: dict, out, title: str) -> str:
     plt.close(fig)
 
     lines = [f"# {title}: strategies compared", "",
-             "Same data, steps, evaluation and seed for every variant.", "",
+             "Same data, steps, evaluation and seed for every variant. Quality % of full: eval "
+             "accuracy (classification) or eval-loss gain (language modelling) relative to the "
+             "full fine-tuning variant. Peak RSS: the rank-0 worker process.", "",
              "| variant | " + " | ".join(h for _, h, _ in COLUMNS) + " |",
              "|---" * (len(COLUMNS) + 1) + "|"]
     for name, r in results.items():
