@@ -95,6 +95,11 @@ def plan(
         value = _get(resolved, field)
         if value is not None and not _is_uri(value):
             _set(resolved, field, str((base / value).resolve()) if not os.path.isabs(value) else value)
+    for i, stage in enumerate(resolved.get("stages") or []):  # kind: pipeline, per-stage data
+        for field in ("train", "eval", "retain"):
+            value = (stage.get("data") or {}).get(field)
+            if value is not None and not _is_uri(value) and not os.path.isabs(value):
+                stage["data"][field] = str((base / value).resolve())
     storage = resolved["storage"]
     if not _is_uri(storage):
         storage = resolved["storage"] = str((base / storage).resolve())
@@ -114,7 +119,7 @@ def plan(
             profile = "local-cpu"
         estimate, fit_warnings = checks.check_fit(resolved, profile, strict=profile is not None)
         warnings += fit_warnings
-    elif resolved.get("train", {}).get("max_steps") is None:
+    elif "stages" not in resolved and resolved.get("train", {}).get("max_steps") is None:
         raise PlanError("train.max_steps is not set and preflight is off: set it, or allow preflight")
 
     if submission_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}", submission_id):
@@ -123,6 +128,9 @@ def plan(
         )
     run_id = submission_id or make_run_id(spec.name, resolved, now)
     res = resolved.get("resources", {})
+    if resolved.get("stages"):  # stages run one at a time: the job needs its largest stage's
+        res = max((st["resources"] for st in resolved["stages"]),
+                  key=lambda r: (r["workers"] * r["gpus_per_worker"], r["workers"] * r["cpus_per_worker"]))
     workers = res.get("workers", 1)
     resources = {
         "workers": workers,
