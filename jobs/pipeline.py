@@ -65,14 +65,17 @@ def run(plan: dict, run_dir: RunDir) -> dict:
         try:
             result = run_stage(plan, run_dir, i, previous)
         except BaseException as exc:
-            entry.update(status="FAILED", error=f"{type(exc).__name__}: {exc}")
+            stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))
+            entry.update(status="STOPPED" if stopped else "FAILED", error=f"{type(exc).__name__}: {exc}")
             write_manifest(run_dir, manifest)
             raise
         # The stage's hand-on: its carried weights, out of Ray Train's folder into a stable place.
         target = run_dir.path / "stages" / stage["name"]
         target.mkdir(parents=True, exist_ok=True)
         with result.checkpoint.as_directory() as ckpt:
-            shutil.copy2(os.path.join(ckpt, "state.pt"), target / "state.pt")
+            weights = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)["weights"]
+        torch.save(weights, target / ".state.pt.tmp")
+        os.replace(target / ".state.pt.tmp", target / "state.pt")
         final = result.metrics or {}
         before = final.get("before", {})
         entry.update(
