@@ -1053,4 +1053,8 @@ def format_pipeline_estimate(est: dict) -> str:
     for e in est["stages"]:
         lines += ["", f"stage {e['stage']} (trains {', '.join(e['parameters']['train'])})",
                   *format_estimate(e).splitlines()[1:]]
+        if e["resources"]["gpus_per_worker"]:
+            gb = e["memory"]["total"] / GB
+            where = "within" if gb <= 25 else "over"
+            lines.append(f"  design      {gb:.1f} GB per GPU: {where} the design's 20-25 GB per stage")
     return "\n".join(lines)

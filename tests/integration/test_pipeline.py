@@ -78,9 +78,10 @@ def test_pipeline_stops_in_stage_two_and_resumes_without_rerunning_stage_one(ray
     # Stage 2 continued from its checkpoint: every report once, none lost, none repeated.
     steps = [m["step"] for m in metrics(run_dir) if m["stage"] == "lora"]
     assert steps == list(range(10, 100, 10)), steps
-    # The resumed attempt printed no stage-2 progress at or before the step it had reached.
-    resumed = out.stdout.split("stage 2/3 lora")[-1]
-    assert all(f"step {n}/90 " not in resumed for n in range(10, stopped_at + 1, 10)), resumed[:2000]
+    # The resumed attempt did not start stage 2 over: its step-10 checkpoint was complete before
+    # step 20 was reported, so the resumed attempt starts past it.
+    assert stopped_at >= 20
+    assert "step 10/90 " not in out.stdout.split("stage 2/3 lora")[-1], out.stdout[-3000:]
 
     # Each stage changed exactly its declared groups; the vision tower never moved.
     for entry, stage in zip(pipe["stages"], spec["stages"]):
