@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from jobs import arrcoc as A
 from launcher.errors import ConfigError
@@ -117,13 +118,25 @@ def test_plan_shows_each_stage_of_the_full_size_fitting_one_a100():
     assert "stage lora (trains lora)" in text and text.count("verdict     fits") == 3
 
 
+def mini_dict(**changes) -> dict:
+    spec = yaml.safe_load((ROOT / "configs/arrcoc/mini.yaml").read_text())
+    for key, value in changes.items():
+        *path, last = key.split("__")
+        node = spec
+        for part in path:
+            node = node[int(part)] if part.isdigit() else node[part]
+        node[last] = value
+    return spec
+
+
 def test_plan_refuses_a_stage_that_does_not_fit_and_names_it():
     from launcher.errors import PlanError
     from launcher.plan import plan
 
-    spec = load_spec(ROOT / "configs/arrcoc/full.yaml", ("stages.1.micro_batch=64",))
+    spec = yaml.safe_load((ROOT / "configs/arrcoc/full.yaml").read_text())
+    spec["stages"][1]["micro_batch"] = 64
     with pytest.raises(PlanError, match="stage lora"):
-        plan(spec, "ray", profile="a100-40g-1")
+        plan(load_spec(spec), "ray", profile="a100-40g-1")
 
 
 def test_mini_plan_reads_each_stages_data(tmp_path):
@@ -140,14 +153,15 @@ def test_mini_plan_reads_each_stages_data(tmp_path):
         plan(bad, "local")
 
 
-@pytest.mark.parametrize("override, message", [
-    ("stages.0.lr_groups={lora: 0.001}", "each key must be a trained group"),
-    ("stages.0.freeze=[vision, texture, llm, lora]", "both trained and frozen"),
-    ("stages.0.freeze=[vision]", "neither trained nor frozen"),
-    ("stages.2.name=texture", "used twice"),
-    ("model.source=tiny-llama", "ARR-COC model"),
-    ("stages.0.train=[lora]", "no stage up to here"),
+@pytest.mark.parametrize("change, message", [
+    ({"stages__0__lr_groups": {"lora": 0.001}}, "stages.0: .*each key must be a trained group"),
+    ({"stages__0__freeze": ["vision", "texture", "llm", "lora"]}, "stages.0: .*both trained and frozen"),
+    ({"stages__0__freeze": ["vision"]}, "stages.0: .*neither trained nor frozen"),
+    ({"stages__2__name": "texture"}, "stages.2 \\(texture\\): stage name is used twice"),
+    ({"model__source": "tiny-llama"}, "model: a pipeline runs an ARR-COC model"),
+    ({"stages__0__train": ["lora"], "stages__0__freeze": None, "stages__0__lr_groups": {"lora": 0.01}}, "stages.0 \\(texture\\): trains lora but no stage"),
+    ({"stages__1__strategy": {"type": "lora", "r": 0}}, "stages.1.strategy.r"),
 ])
-def test_bad_pipeline_specs_are_refused_with_the_field(override, message):
+def test_bad_pipeline_specs_are_refused_with_the_field(change, message):
     with pytest.raises(ConfigError, match=message):
-        load_spec(ROOT / "configs/arrcoc/mini.yaml", (override,))
+        load_spec(mini_dict(**change))
