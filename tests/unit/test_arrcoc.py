@@ -63,8 +63,10 @@ def test_without_the_sigmoid_scale_topk_gives_the_scorer_no_gradient():
     assert scores.grad.abs().sum() > 0
 
 
+@pytest.mark.slow  # ~30 s on an idle core, minutes on a loaded one; the integration test checks the same by digest
 def test_three_stages_change_exactly_their_groups_and_accuracy_rises(data):
     train, evals = data
+    torch.set_num_threads(1)
     spec = load_spec(ROOT / "configs/arrcoc/mini.yaml").model_dump(mode="json")
     model = A.build(MINI, A.pipeline_lora(spec["stages"]))
     rng = np.random.default_rng(0)
