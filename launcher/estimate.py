@@ -1070,3 +1070,200 @@ def format_claims(items: Optional[list] = None) -> str:
         lines.append(f"[{c['verdict']}] {c['claim']}")
         lines.append(f"    {c['detail']}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# ARR-COC (kind: pipeline): one architecture in two sizes; jobs/arrcoc.py builds it from these.
+
+# Qwen2-7B, the LLM of Qwen2-VL-7B, written out from its published config.json.
+QWEN2_7B = dict(
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    hidden_act="silu",
+    tie_word_embeddings=False,
+)
+# `vision` is a ViT in Qwen2-VL's shape (patch embed without bias, pre-LN blocks with a fused qkv,
+# an MLP merger of merge x merge neighbouring patches into one LLM-width token). The texture array
+# is computed on the token grid (image_size / patch_size / merge), so each vision token has one
+# 13-channel texture vector; top_k of the grid's tokens reach the LLM.
+ARRCOC_CONFIGS = {
+    "arrcoc-mini": dict(
+        image_size=64, patch_size=8, temporal_patch=1, merge=1,
+        vision=dict(width=32, depth=1, heads=2, mlp_ratio=2),
+        top_k=16, query_dim=16, balancer_hidden=16, answer_len=13,
+        llm=dict(family="llama", **{**TINY_LLAMA, "initializer_range": 0.1}),
+    ),
+    # Qwen2-VL-7B's vision tower (embed_dim 1280, depth 32, 16 heads, mlp_ratio 4, patch 14,
+    # temporal patch 2, 2x2 merge) on 896x896 images -> a 32x32 token grid, the design's grid.
+    "arrcoc-7b": dict(
+        image_size=896, patch_size=14, temporal_patch=2, merge=2,
+        vision=dict(width=1280, depth=32, heads=16, mlp_ratio=4),
+        top_k=256, query_dim=256, balancer_hidden=32, answer_len=16,
+        llm=dict(family="qwen2", **QWEN2_7B),
+    ),
+}
+TEXTURE_CHANNELS = 13
+
+
+def arrcoc_config(model: dict) -> dict:
+    """The ARR-COC config of a spec's model block, with `model["config"]` overrides (shallow,
+    and one level deep for `vision` and `llm`)."""
+    source = model.get("source")
+    if source not in ARRCOC_CONFIGS:
+        raise PlanError(f"model source {source!r} is not an ARR-COC model; use arrcoc-mini or arrcoc-7b")
+    cfg = copy.deepcopy(ARRCOC_CONFIGS[source])
+    for key, value in (model.get("config") or {}).items():
+        if key in ("vision", "llm") and isinstance(value, dict):
+            cfg[key].update(value)
+        elif key in cfg:
+            cfg[key] = value
+        else:
+            raise PlanError(f"model.config.{key} is not an ARR-COC setting; use one of {', '.join(cfg)}")
+    grid = cfg["image_size"] // (cfg["patch_size"] * cfg["merge"])
+    if grid * cfg["patch_size"] * cfg["merge"] != cfg["image_size"]:
+        raise PlanError(f"image_size {cfg['image_size']} is not a multiple of patch_size x merge")
+    if not 0 < cfg["top_k"] <= grid * grid:
+        raise PlanError(f"top_k {cfg['top_k']} must be between 1 and the {grid * grid} vision tokens")
+    cfg["grid"] = grid
+    return cfg
+
+
+def arrcoc_llm_config(cfg: dict):
+    """The transformers config of the ARR-COC LLM (built on the meta device by the planner)."""
+    _, transformers = _require_torch()
+    llm = {k: v for k, v in cfg["llm"].items() if k != "family"}
+    family = cfg["llm"]["family"]
+    if family == "llama":
+        return transformers.LlamaConfig(**llm)
+    if family == "qwen2":
+        return transformers.Qwen2Config(**llm)
+    raise PlanError(f"ARR-COC llm.family {family!r} is unknown; use llama or qwen2")
+
+
+def arrcoc_vision_params(cfg: dict) -> int:
+    """Closed form of the ViT's parameters (tests check it against the built module)."""
+    v, d_llm = cfg["vision"], cfg["llm"]["hidden_size"]
+    w, hidden, m2 = v["width"], v["width"] * v["mlp_ratio"], cfg["merge"] ** 2
+    patch = 3 * cfg["temporal_patch"] * cfg["patch_size"] ** 2 * w
+    block = 2 * 2 * w + (w * 3 * w + 3 * w) + (w * w + w) + (w * hidden + hidden) + (hidden * w + w)
+    merger = 2 * w + (w * m2 * w * m2 + w * m2) + (w * m2 * d_llm + d_llm)
+    return patch + v["depth"] * block + merger
+
+
+def arrcoc_texture_params(cfg: dict) -> int:
+    """Texture adapter: projection (13 -> LLM), query (LLM -> q), 1x1-conv key (13 -> q), balancer."""
+    c, d, q, hb = TEXTURE_CHANNELS, cfg["llm"]["hidden_size"], cfg["query_dim"], cfg["balancer_hidden"]
+    return (c * d + d) + (d * q + q) + (c * q + q) + (3 * hb + hb) + (hb + 1)
+
+
+def arrcoc_counts(model: dict, lora: Optional[dict]) -> dict:
+    """Parameters per group (vision, texture, llm, lora) of an ARR-COC model; the LLM and its
+    LoRA are counted on the meta device, the vision tower and adapter by closed form."""
+    key = json.dumps([model, lora], sort_keys=True, default=str)
+    return copy.deepcopy(_arrcoc_counts_cached(key))
+
+
+@functools.lru_cache(maxsize=8)
+def _arrcoc_counts_cached(key: str) -> dict:
+    model, lora = json.loads(key)
+    torch, transformers = _require_torch()
+    cfg = arrcoc_config(model)
+    config = arrcoc_llm_config(cfg)
+    with torch.device("meta"):
+        net = transformers.AutoModelForCausalLM.from_config(config)
+    llm = sum(p.numel() for p in net.parameters())
+    lora_params = 0
+    if lora:
+        lora_params = lora_closed_form(_linear_layers(net), lora.get("r", 8), lora.get("target_modules", "all-linear"))
+    groups = {"vision": arrcoc_vision_params(cfg), "texture": arrcoc_texture_params(cfg), "llm": llm, "lora": lora_params}
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in net.modules())
+    return {"groups": groups, "config": cfg, "largest_layer": int(largest),
+            "dims": _dims(config, causal_lm=True)}
+
+
+def estimate_pipeline(spec: dict, profile_name: Optional[str] = None) -> dict:
+    """Per-stage parameters, memory, fit and time of a pipeline spec (each stage runs alone)."""
+    model, stages = spec["model"], spec["stages"]
+    lora = next((s["strategy"] for s in stages if s.get("strategy")), None)
+    counted = arrcoc_counts(model, lora)
+    groups, cfg = counted["groups"], counted["config"]
+    total = sum(groups.values())
+    out = []
+    for stage in stages:
+        res = stage["resources"]
+        resources = {k: res[k] for k in ("workers", "cpus_per_worker", "gpus_per_worker")}
+        on_gpu = resources["gpus_per_worker"] > 0
+        profile = cluster_profiles.get_profile(profile_name or ("local-cpu" if not on_gpu else "a100-40g-1"))
+        trainable = sum(groups[g] for g in stage["train"])
+        counts = {"trainable": trainable, "frozen": total - trainable, "total": total, "base_total": total,
+                  "largest_layer": counted["largest_layer"], "quantizable": 0, "dims": counted["dims"]}
+        # The LLM reads the kept vision tokens, the question and the answer.
+        seq = cfg["top_k"] + model.get("seq_len", 64) + cfg["answer_len"]
+        grad_ckpt = bool(stage.get("grad_checkpointing", False))
+        memory = memory_per_gpu(counts, None, "lora", workers=resources["workers"],
+                                micro_batch=stage["micro_batch"], seq_len=seq,
+                                precision="bf16" if on_gpu else "fp32", grad_checkpointing=grad_ckpt)
+        # The frozen vision tower runs without gradient: only one block's activations are live,
+        # and they are freed before the LLM's forward starts; the peak is the larger of the two.
+        v, s_v = cfg["vision"], (cfg["grid"] * cfg["merge"]) ** 2
+        vision_act = stage["micro_batch"] * s_v * v["width"] * (34 + 5 * v["heads"] * s_v / v["width"])
+        vision_act *= 1 if on_gpu else 2
+        llm_act = memory["activations"]
+        memory["vision_activations"] = int(vision_act)
+        memory["activations"] = int(max(llm_act, vision_act))
+        memory["total"] = int(memory["model_states"] + memory["activations"])
+        memory["assumptions"].append(
+            f"frozen vision tower over {s_v} patches without gradient: one block's activations "
+            f"({vision_act / GIB:.2f} GiB) live at a time, before the LLM's; the peak takes the larger")
+        tokens = stage["steps"] * stage["micro_batch"] * resources["workers"] * seq
+        devices = max(1, math.ceil(resources["workers"] * (resources["gpus_per_worker"] or resources["cpus_per_worker"])))
+        timing = None if on_gpu and not profile["gpus"] else time_estimate(
+            counts, tokens, profile, "lora", devices=devices, grad_checkpointing=grad_ckpt)
+        out.append({
+            "stage": stage["name"],
+            "model": model["source"],
+            "strategy": "+".join(stage["train"]),
+            "profile": profile["name"],
+            "resources": resources,
+            "parameters": {"total": total, "trainable": trainable, "frozen": total - trainable,
+                           "percent_trainable": round(100.0 * trainable / total, 4), "groups": groups,
+                           "train": list(stage["train"])},
+            "memory": {k: v for k, v in memory.items() if k != "inputs"},
+            "memory_settings": {k: v for k, v in memory["inputs"].items() if k != "counts"},
+            "fit": fit(memory, profile, resources),
+            "time": timing,
+        })
+    worst = max(out, key=lambda e: e["memory"]["total"])
+    verdicts = [e["fit"]["verdict"] for e in out]
+    bad = next((e for e in out if e["fit"]["verdict"] != "fits"), None)
+    return {
+        "kind": "pipeline",
+        "model": model["source"],
+        "profile": worst["profile"],
+        "stages": out,
+        # The pipeline fits when every stage fits; its figures are its largest stage's.
+        "fit": {"verdict": bad["fit"]["verdict"] if bad else "fits",
+                "reason": f"stage {bad['stage']}: {bad['fit']['reason']}" if bad else None,
+                "suggestions": bad["fit"]["suggestions"] if bad else [], "stages": verdicts},
+        "peak_per_device_bytes": worst["memory"]["total"],
+    }
+
+
+def format_pipeline_estimate(est: dict) -> str:
+    lines = [f"pipeline of {len(est['stages'])} stage(s), model {est['model']}"]
+    groups = est["stages"][0]["parameters"]["groups"]
+    lines.append("  groups      " + ", ".join(f"{g} {n:,}" for g, n in groups.items()))
+    for e in est["stages"]:
+        lines += ["", f"stage {e['stage']} (trains {', '.join(e['parameters']['train'])})",
+                  *format_estimate(e).splitlines()[1:]]
+        if e["resources"]["gpus_per_worker"]:
+            gb = e["memory"]["total"] / GB
+            where = "within" if gb <= 25 else "over"
+            lines.append(f"  design      {gb:.1f} GB per GPU: {where} the design's 20-25 GB per stage")
+    return "\n".join(lines)

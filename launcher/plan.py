@@ -100,6 +100,11 @@ def plan(
         from launcher import multitask
 
         multitask.resolve_paths(resolved, lambda v: v if _is_uri(v) else str((base / v).resolve()))
+    for i, stage in enumerate(resolved.get("stages") or []):  # kind: pipeline, per-stage data
+        for field in ("train", "eval", "retain"):
+            value = (stage.get("data") or {}).get(field)
+            if value is not None and not _is_uri(value) and not os.path.isabs(value):
+                stage["data"][field] = str((base / value).resolve())
     storage = resolved["storage"]
     if not _is_uri(storage):
         storage = resolved["storage"] = str((base / storage).resolve())
@@ -135,7 +140,7 @@ def plan(
         if resolved["packing"] == "auto":
             resolved["packing"] = False
             warnings.append("packing: auto -> false (preflight is off: nothing to decide on)")
-    elif resolved.get("train", {}).get("max_steps") is None:
+    elif "stages" not in resolved and resolved.get("train", {}).get("max_steps") is None:
         raise PlanError("train.max_steps is not set and preflight is off: set it, or allow preflight")
 
     if submission_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}", submission_id):
@@ -144,6 +149,9 @@ def plan(
         )
     run_id = submission_id or make_run_id(spec.name, resolved, now)
     res = resolved.get("resources", {})
+    if resolved.get("stages"):  # stages run one at a time: the job needs its largest stage's
+        res = max((st["resources"] for st in resolved["stages"]),
+                  key=lambda r: (r["workers"] * r["gpus_per_worker"], r["workers"] * r["cpus_per_worker"]))
     workers = res.get("workers", 1)
     if "tasks" in resolved:  # multitask: one worker per adapter, or one when packed
         from launcher import multitask

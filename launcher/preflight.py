@@ -31,6 +31,8 @@ def check_data(spec: dict, target: str = "local") -> tuple[dict, list[str]]:
         from launcher import multitask
 
         return multitask.check_data(spec, target)
+    if "stages" in spec:
+        return _check_stage_data(spec, target)
     data, train = spec["data"], spec["train"]
     found, warnings = {}, []
     roles = [(r, data.get(r)) for r in DATA_ROLES]
@@ -66,6 +68,8 @@ def check_fit(spec: dict, profile: Optional[str], strict: bool) -> tuple[Optiona
         from launcher.estimate import estimate
     except MissingExtraError as exc:
         return None, [f"no parameter or memory estimate: {exc}"]
+    if "stages" in spec:  # a pipeline: one estimate per stage; it fits when every stage fits
+        from launcher.estimate import estimate_pipeline as estimate
     try:
         est = estimate(spec, profile)
     except MissingExtraError as exc:
@@ -95,3 +99,29 @@ def check_learning_rate(spec: dict) -> list[str]:
         f"model {model}: catastrophic forgetting is likely (the design's range is 1e-5 to 5e-6); "
         f"lower train.lr or set mitigation.lr_cap: {PRETRAINED_LR_CAP:g}"
     ]
+def _check_stage_data(spec: dict, target: str) -> tuple[dict, list[str]]:
+    """A pipeline's datasets, stage by stage (a stage without `data:` reads the pipeline's)."""
+    import os
+
+    from launcher.datacheck import check_dataset, sufficiency
+
+    found, warnings, seen = {}, [], {}
+    # The stages train adapters only (texture adapter, LoRA) unless one trains the LLM or vision.
+    peft = not any({"llm", "vision"} & set(s["train"]) for s in spec["stages"])
+    for stage in spec["stages"]:
+        data = stage.get("data") or spec["data"]
+        for role in DATA_ROLES:
+            path = data.get(role)
+            if not path:
+                continue
+            key = f"{stage['name']}.{role}"
+            if target != "local" and "://" not in path and not os.path.exists(path):
+                warnings.append(f"stages.{stage['name']}.data.{role}: {path} is not visible here; not checked")
+                continue
+            if path not in seen:
+                info = check_dataset(path, data["task"], role=role, columns=data.get("columns"))
+                seen[path] = {"rows": info.rows, "files": info.files}
+                if role == "train":
+                    warnings += sufficiency(data["task"], info.rows, peft=peft, force=data.get("force", False))
+            found[key] = seen[path]
+    return found, warnings

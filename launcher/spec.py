@@ -350,8 +350,6 @@ def _merge(into: dict, overrides: dict) -> dict:
 
 
 register_kind("compare", CompareSpec, "jobs.compare")
-JobSpec = Annotated[Union[tuple(KINDS.values())], Field(discriminator="kind")]
-_ADAPTER = TypeAdapter(JobSpec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,5 +570,104 @@ class MultitaskSpec(JobBase):
 
 
 register_kind("multitask", MultitaskSpec, "jobs.multitask")
+# kind: pipeline (ARR-COC: stages that hand their checkpoints on; see jobs/pipeline.py)
+
+# The parameter groups of an ARR-COC model: the vision encoder, the texture adapter (scorers,
+# balancer, texture projection), the LLM's own weights, and the LoRA adapters on the LLM.
+PARAM_GROUPS = ("vision", "texture", "llm", "lora")
+ARRCOC_SOURCES = ("arrcoc-mini", "arrcoc-7b")
+
+
+def _one_stage_resources() -> "ResourcesSpec":
+    return ResourcesSpec(workers=1, cpus_per_worker=1)
+
+
+class StageSpec(Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,30}$", description="lower-case, '-', '_'")
+    train: list[Literal[PARAM_GROUPS]] = Field(min_length=1, description="groups that train")
+    freeze: Optional[list[Literal[PARAM_GROUPS]]] = Field(
+        None, description="groups that stay frozen; default: every group not in train"
+    )
+    strategy: Optional[LoraStrategy] = Field(None, description="adds LoRA to the LLM from this stage on")
+    lr_groups: dict[str, float] = Field(description="learning rate per trained group")
+    steps: int = Field(gt=0)
+    micro_batch: int = Field(16, gt=0)
+    report_every: int = Field(10, gt=0, description="steps between reports and checkpoints")
+    data: Optional[DataSpec] = Field(None, description="default: the pipeline's data")
+    resources: ResourcesSpec = Field(default_factory=_one_stage_resources)
+
+    @field_validator("train", "freeze")
+    @classmethod
+    def _no_repeats(cls, value):
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("a group is listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _groups_agree(self):
+        trained = set(self.train)
+        if self.freeze is not None:
+            both = trained & set(self.freeze)
+            if both:
+                raise ValueError(f"groups {sorted(both)} are both trained and frozen; list each once")
+            missing = set(PARAM_GROUPS) - trained - set(self.freeze)
+            if missing:
+                raise ValueError(f"groups {sorted(missing)} are neither trained nor frozen; add them to freeze")
+        bad = {k: v for k, v in self.lr_groups.items() if k not in trained or not 0 < v < 1}
+        if bad:
+            raise ValueError(f"lr_groups {bad}: each key must be a trained group with 0 < lr < 1")
+        if set(self.lr_groups) != trained:
+            raise ValueError(f"lr_groups needs a learning rate for each trained group: {sorted(trained)}")
+        return self
+
+
+class PipelineTrainSpec(Strict):
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: Optional[float] = Field(1.0, gt=0)
+    eval_rows: int = Field(128, ge=0, description="rows of the eval split scored after each stage")
+    seed: int = 0
+
+
+class PipelineSpec(JobBase):
+    kind: Literal["pipeline"]
+    model: ModelSpec = Field(default_factory=lambda: ModelSpec(source="arrcoc-mini", seq_len=32))
+    data: Optional[DataSpec] = Field(None, description="the stages' data unless a stage has its own")
+    train: PipelineTrainSpec = Field(default_factory=PipelineTrainSpec)
+    stages: list[StageSpec] = Field(min_length=1)
+
+    @field_validator("model")
+    @classmethod
+    def _arrcoc_model(cls, value: ModelSpec) -> ModelSpec:
+        if value.source not in ARRCOC_SOURCES:
+            raise ValueError(f"a pipeline runs an ARR-COC model; use source {' or '.join(ARRCOC_SOURCES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _stages_chain(self):
+        problems, lora = [], None
+        names = [s.name for s in self.stages]
+        for i, stage in enumerate(self.stages):
+            where = f"stages.{i} ({stage.name})"
+            if names.count(stage.name) > 1:
+                problems.append(f"{where}: stage name is used twice; names must be unique")
+            data = stage.data or self.data
+            if data is None:
+                problems.append(f"{where}: no data; set data: at the pipeline or in the stage")
+            elif data.task != "vqa":
+                problems.append(f"{where}: data.task {data.task!r} is not vqa; ARR-COC stages read vqa data")
+            if stage.strategy is not None:
+                if lora is not None and stage.strategy != lora:
+                    problems.append(f"{where}: a second, different LoRA; later stages reuse the first one")
+                lora = lora or stage.strategy
+            if "lora" in stage.train and lora is None:
+                problems.append(f"{where}: trains lora but no stage up to here has strategy: {{type: lora}}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+register_kind("pipeline", PipelineSpec, "jobs.pipeline")
+
+# Every kind is registered: the discriminated union of them all validates a spec.
 JobSpec = Annotated[Union[tuple(KINDS.values())], Field(discriminator="kind")]
 _ADAPTER = TypeAdapter(JobSpec)

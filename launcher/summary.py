@@ -7,6 +7,8 @@ def format_summary(manifest: dict) -> str:
     s = manifest.get("summary") or {}
     if not s:
         return f"no summary recorded (status {manifest.get('status', 'unknown')})"
+    if s.get("stages"):
+        return _pipeline_summary(manifest, s)
     trainable, total = s.get("trainable_params") or 0, s.get("total_params") or 0
     pct = f" ({100 * trainable / total:.2f}%)" if total else ""
     lines = [
@@ -56,3 +58,15 @@ def _size(n) -> str:
         if n < 1024 or unit == "GiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
         n /= 1024
+
+
+def _pipeline_summary(manifest: dict, s: dict) -> str:
+    lines = [f"run            {manifest.get('run_id')}",
+             f"accuracy       {_f(s.get('accuracy_before'))} -> {_f(s.get('accuracy_after'))} over {len(s['stages'])} stages"]
+    for name, st in s["stages"].items():
+        lines.append(f"  stage {name:<12} {st.get('steps')} steps, accuracy {_f(st.get('accuracy_before'))} -> "
+                     f"{_f(st.get('accuracy_after'))}, loss {_f(st.get('loss_last'))}, "
+                     f"{st.get('trainable_params') or 0:,} trainable")
+    lines += [f"wall time      {s.get('wall_time_s')} s",
+              f"artifacts      {manifest.get('plan', {}).get('run_dir', '?')} (pipeline.json, stages/)"]
+    return "\n".join(lines)

@@ -30,7 +30,7 @@ def describe(job) -> str:
     gpus = f", {r['gpus_per_worker']} GPU" if r["gpus_per_worker"] else ""
     lines = [
         f"run id        {job.run_id}",
-        f"kind          {job.kind} ({job.spec.get('strategy', {}).get('type', '-')})",
+        f"kind          {job.kind} ({job.spec.get('strategy', {}).get('type', '-') if 'stages' not in job.spec else job.spec['model']['source']})",
         f"target        {job.target}",
         f"workers       {r['workers']} x ({r['cpus_per_worker']} CPU{gpus})",
         f"entrypoint    {job.entrypoint}",
@@ -42,13 +42,18 @@ def describe(job) -> str:
         from launcher.multitask import describe as describe_tasks
 
         lines += describe_tasks(job.spec, job.estimate)
+    if job.spec.get("stages"):
+        lines += [f"stage         {s['name']}: trains {'+'.join(s['train'])}, {s['steps']} steps, "
+                  f"{s['resources']['workers']} x ({s['resources']['cpus_per_worker']} CPU, "
+                  f"{s['resources']['gpus_per_worker']} GPU)" for s in job.spec["stages"]]
     else:
         lines.append(f"steps         {job.spec.get('train', {}).get('max_steps')}")
     lines += [f"warning       {w}" for w in job.warnings]
     if job.estimate:
-        from launcher.estimate import format_estimate
+        from launcher.estimate import format_estimate, format_pipeline_estimate
 
-        lines += ["", format_estimate(job.estimate)]
+        fmt = format_pipeline_estimate if job.estimate.get("kind") == "pipeline" else format_estimate
+        lines += ["", fmt(job.estimate)]
     if getattr(job, "engine_config", None):
         import json
 

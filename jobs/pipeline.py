@@ -1,0 +1,202 @@
+"""`kind: pipeline`: the ARR-COC stages run one after another, each a Ray Train run that starts
+from the previous stage's checkpoint.
+
+The story: read pipeline.json -> for each stage not yet SUCCEEDED: stream the VQA data through the
+texture transform -> TorchTrainer `<run_id>-<stage>` in the run folder (a rerun of the same name
+resumes from its last checkpoint) -> (worker) build the model, load the previous stage's state,
+train the declared groups with their learning rates, report + checkpoint -> save the stage's
+state under stages/<stage>/ -> record it in pipeline.json. `ftlaunch resume RUN` reruns this with
+the same run id: finished stages are skipped, the interrupted one continues from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import ray
+import ray.data
+import ray.train
+import torch
+from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from jobs import arrcoc as A
+from jobs.artifacts import RunDir
+from jobs.components import plain_errors
+from launcher.estimate import arrcoc_config
+
+MANIFEST = "pipeline.json"
+
+
+def read_manifest(run_dir: RunDir) -> dict:
+    try:
+        return json.loads((run_dir.path / MANIFEST).read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def write_manifest(run_dir: RunDir, manifest: dict) -> None:
+    tmp = run_dir.path / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, run_dir.path / MANIFEST)  # atomic: a stop mid-write loses nothing
+
+
+def run(plan: dict, run_dir: RunDir) -> dict:
+    spec = plan["spec"]
+    stages = spec["stages"]
+    manifest = read_manifest(run_dir) or {
+        "run_id": plan["run_id"],
+        "stages": [{"name": s["name"], "status": "PENDING", "checkpoint": None} for s in stages],
+    }
+    started, previous = time.time(), None
+    for i, stage in enumerate(stages):
+        entry = manifest["stages"][i]
+        if entry["status"] == "SUCCEEDED":
+            print(f"[ftlaunch] stage {stage['name']}: already SUCCEEDED, skipped", flush=True)
+            previous = entry["checkpoint"]
+            continue
+        entry.update(status="RUNNING", attempts=entry.get("attempts", 0) + 1, started=entry.get("started", time.time()))
+        write_manifest(run_dir, manifest)
+        print(f"[ftlaunch] stage {i + 1}/{len(stages)} {stage['name']}: trains {', '.join(stage['train'])}", flush=True)
+        try:
+            result = run_stage(plan, run_dir, i, previous)
+        except BaseException as exc:
+            stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))
+            entry.update(status="STOPPED" if stopped else "FAILED", error=f"{type(exc).__name__}: {exc}")
+            write_manifest(run_dir, manifest)
+            raise
+        # The stage's hand-on: its carried weights, out of Ray Train's folder into a stable place.
+        target = run_dir.path / "stages" / stage["name"]
+        target.mkdir(parents=True, exist_ok=True)
+        with result.checkpoint.as_directory() as ckpt:
+            weights = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)["weights"]
+        torch.save(weights, target / ".state.pt.tmp")
+        os.replace(target / ".state.pt.tmp", target / "state.pt")
+        final = result.metrics or {}
+        before = final.get("before", {})
+        entry.update(
+            status="SUCCEEDED", finished=time.time(), checkpoint=str(target / "state.pt"), steps=final.get("step"),
+            accuracy_before=before.get("accuracy"), accuracy_after=final.get("accuracy"),
+            loss_first=before.get("loss_first"), loss_last=final.get("loss"),
+            digests_before=before.get("digests"), digests_after=final.get("digests"),
+            trainable_params=final.get("trainable_params"), total_params=final.get("total_params"),
+        )
+        write_manifest(run_dir, manifest)
+        previous = entry["checkpoint"]
+
+    done = manifest["stages"]
+    return {
+        "wall_time_s": round(time.time() - started, 2),
+        "stages": {e["name"]: {k: e.get(k) for k in ("steps", "accuracy_before", "accuracy_after",
+                                                     "loss_last", "trainable_params")} for e in done},
+        "steps": sum(e.get("steps") or 0 for e in done),
+        "accuracy_before": done[0].get("accuracy_before"),
+        "accuracy_after": done[-1].get("accuracy_after"),
+        "total_params": done[-1].get("total_params"),
+        "trainable_params": max(e.get("trainable_params") or 0 for e in done),
+        "export": "stages",
+        "export_bytes": sum(f.stat().st_size for f in (run_dir.path / "stages").rglob("*") if f.is_file()),
+    }
+
+
+def run_stage(plan: dict, run_dir: RunDir, index: int, previous: str | None):
+    spec = plan["spec"]
+    stage = spec["stages"][index]
+    data, res = stage.get("data") or spec["data"], stage["resources"]
+    cfg = arrcoc_config(spec["model"])
+    # The texture array is computed as the rows stream to the worker, never stored.
+    train_ds = ray.data.read_parquet(data["train"], columns=["image", "question", "answer"]).map_batches(
+        A.vqa_batch, fn_kwargs={"grid": cfg["grid"], "q_len": spec["model"]["seq_len"], "answer_len": cfg["answer_len"]},
+        batch_format="numpy",
+    )
+    trainer = TorchTrainer(
+        stage_loop,
+        train_loop_config={"spec": spec, "index": index, "previous": previous, "run_dir": str(run_dir.path)},
+        scaling_config=ScalingConfig(
+            num_workers=res["workers"], use_gpu=res["gpus_per_worker"] > 0,
+            resources_per_worker={"CPU": res["cpus_per_worker"], "GPU": res["gpus_per_worker"]},
+        ),
+        # Same name and storage on a rerun: Ray Train resumes the stage from its last checkpoint.
+        run_config=RunConfig(name=f"{plan['run_id']}-{stage['name']}", storage_path=str(run_dir.path),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": train_ds},
+    )
+    with run_dir.progress(stage["steps"]):
+        return trainer.fit()
+
+
+def stage_loop(config: dict) -> None:
+    with plain_errors():
+        _stage_loop(config)
+
+
+def _stage_loop(config: dict) -> None:
+    spec, index, run_dir = config["spec"], config["index"], RunDir(config["run_dir"])
+    stage, train = spec["stages"][index], spec["train"]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.set_num_threads(max(1, int(stage["resources"]["cpus_per_worker"])))
+    data = stage.get("data") or spec["data"]
+
+    # Model: the same seed everywhere gives the same frozen vision tower and LLM in every stage.
+    model = A.build(spec["model"], A.pipeline_lora(spec["stages"]), seed=train["seed"])
+    carried = {g for s in spec["stages"] for g in s["train"]}  # what any stage changes is handed on
+    if config["previous"]:
+        A.load_state(model, torch.load(config["previous"], weights_only=True))
+    A.set_trainable(model, stage["train"])
+    optimizer = A.optimizer_for(model, stage["lr_groups"], train["weight_decay"])
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    evals = A.load_eval(data.get("eval"), model.cfg, spec["model"]["seq_len"], train["eval_rows"])
+
+    step, before = 0, {}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # resumed mid-stage: weights, optimizer and step from the stage's own checkpoint
+        with checkpoint.as_directory() as path:
+            state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+        A.load_state(model, state["weights"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, before = state["step"], state["before"]
+        if rank == 0:  # records past the checkpoint will be written again: keep none twice
+            run_dir.truncate_jsonl("metrics.jsonl", lambda r: r.get("stage") != stage["name"] or r["step"] <= step)
+    else:
+        before = {"accuracy": A.accuracy(model, evals), "digests": A.group_digests(model)}
+
+    model = ray.train.torch.prepare_model(model) if ctx.get_world_size() > 1 else model
+    inner = model.module if hasattr(model, "module") else model
+    shard = ray.train.get_dataset_shard("train")
+    losses, window_start, run_start = [], time.time(), time.time()
+    model.train()
+    while step < stage["steps"]:
+        for batch in shard.iter_torch_batches(batch_size=stage["micro_batch"], drop_last=True, dtypes=None):
+            batch = {k: batch[k] for k in A.TENSOR_COLUMNS}
+            losses.append(A.train_step(model, optimizer, batch, train["grad_clip"]))
+            step += 1
+            if "loss_first" not in before:
+                before["loss_first"] = losses[0]
+            if step % stage["report_every"] == 0 or step == stage["steps"]:
+                now = time.time()
+                rows = len(losses) * stage["micro_batch"]
+                record = {"stage": stage["name"], "step": step, "loss": sum(losses) / len(losses),
+                          "tokens_per_s": rows / max(now - window_start, 1e-9), "elapsed_s": now - run_start,
+                          "time": now}
+                final = step == stage["steps"]
+                if final:
+                    record.update(accuracy=A.accuracy(inner, evals), digests=A.group_digests(inner), before=before,
+                                  trainable_params=trainable, total_params=total)
+                if rank == 0:
+                    run_dir.append("metrics.jsonl", {k: v for k, v in record.items() if k != "before"})
+                    path = tempfile.mkdtemp(prefix="ftl-stage-")
+                    torch.save({"weights": A.carried_state(inner, carried), "optimizer": optimizer.state_dict(),
+                                "step": step, "before": before}, os.path.join(path, "state.pt"))
+                    ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(path))
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    ray.train.report(record)
+                losses, window_start = [], time.time()
+            if step >= stage["steps"]:
+                break
