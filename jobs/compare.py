@@ -102,8 +102,11 @@ def write_report(results: dict, out, title: str) -> str:
     plt.close(fig)
 
     names = list(results)
-    panels = [("eval_loss_after", "eval loss after"), ("forgetting", "retain loss change"),
-              ("tokens_per_s", "tokens/s"), ("trainable_params", "trainable parameters")]
+    panels = [("eval_loss_after", "eval loss after"), ("eval_accuracy_after", "eval accuracy"),
+              ("forgetting", "retain loss change"), ("tokens_per_s", "tokens/s"),
+              ("trainable_params", "trainable parameters")]
+    # A panel with no value in any variant (no retain set, no accuracy) is left out.
+    panels = [(k, label) for k, label in panels if any(r.get(k) is not None for r in results.values())]
     fig, ax = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5))
     for a, (key, label) in zip(ax, panels):
         a.bar(names, [results[n].get(key) or 0 for n in names])

@@ -9,6 +9,8 @@ def format_summary(manifest: dict) -> str:
         return f"no summary recorded (status {manifest.get('status', 'unknown')})"
     if s.get("stages"):
         return _pipeline_summary(manifest, s)
+    if s.get("variants"):
+        return _compare_summary(manifest, s)
     trainable, total = s.get("trainable_params") or 0, s.get("total_params") or 0
     pct = f" ({100 * trainable / total:.2f}%)" if total else ""
     lines = [
@@ -69,4 +71,17 @@ def _pipeline_summary(manifest: dict, s: dict) -> str:
                      f"{st.get('trainable_params') or 0:,} trainable")
     lines += [f"wall time      {s.get('wall_time_s')} s",
               f"artifacts      {manifest.get('plan', {}).get('run_dir', '?')} (pipeline.json, stages/)"]
+    return "\n".join(lines)
+
+
+def _compare_summary(manifest: dict, s: dict) -> str:
+    """One line per variant of a `kind: compare` run, and where its report is."""
+    lines = [f"run            {manifest.get('run_id')}"]
+    for name, v in s["variants"].items():
+        quality = f", {v['quality_vs_full']:.1f}% of full" if v.get("quality_vs_full") is not None else ""
+        acc = f", accuracy {v['eval_accuracy_after']:.3f}" if v.get("eval_accuracy_after") is not None else ""
+        lines.append(f"{name:<14} {v.get('strategy')}: {v.get('trainable_params') or 0:,} trainable, "
+                     f"eval loss {_f(v.get('eval_loss_before'))} -> {_f(v.get('eval_loss_after'))}"
+                     f"{acc}{quality}")
+    lines.append(f"report         {manifest.get('plan', {}).get('run_dir', '?')}/{s.get('report')}")
     return "\n".join(lines)
