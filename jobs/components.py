@@ -30,6 +30,17 @@ TINY_LLAMA = dict(
 RANDOM_INIT_SOURCES = ("tiny-llama",)
 
 
+def quiet_ray_train() -> None:
+    """Drop Ray Train's per-report INFO lines (one per rank per report) from the job's log;
+    ftlaunch prints its own progress line per report."""
+    import logging
+
+    from ray.train.v2._internal.execution import context, storage
+
+    for name in (context.__file__, storage.__name__):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 @contextlib.contextmanager
 def plain_errors():
     """Re-raise worker errors as RuntimeError carrying type and message.

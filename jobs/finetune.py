@@ -118,6 +118,7 @@ def run(plan: dict, run_dir: RunDir) -> dict:
 
 
 def train_loop(config: dict) -> None:
+    C.quiet_ray_train()
     with C.plain_errors():
         _train_loop(config)
 
