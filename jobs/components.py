@@ -16,17 +16,10 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-# The tiny Llama every CPU test and the demo uses (random init from this config, never downloaded).
-TINY_LLAMA = dict(
-    vocab_size=259,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    max_position_embeddings=256,
-    tie_word_embeddings=False,
-)
+from launcher.estimate import TINY_LLAMA
+
+# TINY_LLAMA (the tiny Llama of every CPU test and the demo, random init, never downloaded) has
+# one definition, the planner's, so what is planned is what runs.
 RANDOM_INIT_SOURCES = ("tiny-llama",)
 
 

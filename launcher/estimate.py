@@ -26,6 +26,7 @@ QLORA_BITS = 4.127  # NF4 4 bits + 8-bit absmax per 64 weights + fp32 absmax-of-
 ADAPTER_TYPES = ("lora", "qlora", "prefix", "prompt", "ia3")
 DEFAULT_MFU = 0.4
 
+# The tiny Llama every CPU test and the demo uses (jobs/components.py builds it from this).
 TINY_LLAMA = dict(
     vocab_size=259,
     hidden_size=64,
