@@ -25,7 +25,6 @@ from jobs.artifacts import RunDir
 from launcher import registry as R
 from launcher.multitask import task_settings
 
-DATA_CPUS = 0.1  # Ray Data's read/tokenize tasks: small, so they fit beside the adapter workers
 BASE_DIR, TOKENIZER_DIR, ADAPTERS_DIR = "base", "tokenizer", "adapters"
 
 
@@ -45,17 +44,22 @@ def run(plan: dict, run_dir: RunDir) -> dict:
     packed = spec.get("packing") is True
     res = spec["resources"]
     context = {"model": spec["model"], "base": base, "run_dir": str(run_dir.path),
-               "cpus": res["cpus_per_worker"], "gpus": res["gpus_per_worker"]}
+               "cpus": res["cpus_per_worker"], "gpus": res["gpus_per_worker"],
+               "data_cpus": res.get("data_cpus_per_worker", 0.2)}
 
     started = time.time()
-    options = dict(num_cpus=res["cpus_per_worker"], num_gpus=res["gpus_per_worker"], max_retries=0)
-    remote = ray.remote(**options)(_worker)
     # One worker per adapter (or one for the pack); results are collected as each one ends, so
     # a finished adapter is registered even when another task is still running or has failed.
     groups = [todo] if packed and todo else [[t] for t in todo]
-    pending = {remote.remote(group, context): group for group in groups}
-    outcomes = {}
-    while pending:
+    remote = ray.remote(num_cpus=context["cpus"], num_gpus=context["gpus"], max_retries=0)(_worker)
+    # At most `at_once` workers run together: the planner counted each worker's CPUs and its
+    # data stream's, and fitted that many on the cluster; the rest start as earlier ones end.
+    at_once = max(1, int(plan["resources"].get("at_once") or len(groups)))
+    waiting, pending, outcomes = list(groups), {}, {}
+    while waiting or pending:
+        while waiting and len(pending) < at_once:
+            group = waiting.pop(0)
+            pending[remote.remote(group, context)] = group
         ready, _ = ray.wait(list(pending), num_returns=1)
         group = pending.pop(ready[0])
         try:
@@ -142,7 +146,7 @@ def _worker(tasks: list[dict], context: dict) -> dict:
     torch.set_num_threads(max(1, int(context["cpus"])))
     device = "cuda" if context["gpus"] > 0 and torch.cuda.is_available() else "cpu"
     seq_len = context["model"]["seq_len"]
-    streams = {t["name"]: ray_data_stream(t, seq_len) for t in tasks}
+    streams = {t["name"]: ray_data_stream(t, seq_len, context["data_cpus"]) for t in tasks}
     try:
         with C.plain_errors():
             if len(tasks) == 1:
@@ -158,8 +162,12 @@ def _worker(tasks: list[dict], context: dict) -> dict:
     return {name: {"status": "SUCCEEDED", "entry": {**entry, **span}} for name, entry in entries.items()}
 
 
-def ray_data_stream(task: dict, seq_len: int) -> Callable[[], Iterator[dict]]:
-    """One pass over a task's train split, streamed through Ray Data, as tensor batches."""
+def ray_data_stream(task: dict, seq_len: int, cpus: float) -> Callable[[], Iterator[dict]]:
+    """One pass over a task's train split, streamed through Ray Data, as tensor batches.
+
+    Its read and tokenize tasks ask `cpus` each (resources.data_cpus_per_worker): the planner
+    leaves that much beside every running worker, so K streams run beside K workers.
+    """
     import ray.data
 
     data, micro = task["data"], task["train"]["micro_batch"]
@@ -167,10 +175,13 @@ def ray_data_stream(task: dict, seq_len: int) -> Callable[[], Iterator[dict]]:
     def one_pass():
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # a seed fixes the row order
-        ds = ray.data.read_parquet(data["train"], columns=columns_of(data),
-                                   ray_remote_args={"num_cpus": DATA_CPUS})
+        # Ray 2.60's V2 Parquet reader adds a file-listing step that asks a whole CPU and cannot
+        # be told otherwise; K such streams on a small cluster starve. The V1 reader runs only
+        # read tasks of the `cpus` asked here.
+        ctx.use_datasource_v2 = False
+        ds = ray.data.read_parquet(data["train"], columns=columns_of(data), num_cpus=cpus)
         ds = ds.map_batches(tokenize_task, fn_kwargs={"data": data, "seq_len": seq_len},
-                            batch_format="numpy", num_cpus=DATA_CPUS)
+                            batch_format="numpy", num_cpus=cpus)
         for batch in ds.iter_torch_batches(batch_size=micro, drop_last=True, dtypes=torch.long):
             yield {k: batch[k] for k in C.TENSOR_COLUMNS}
 

@@ -675,7 +675,7 @@ def schedule_problem(profile: dict, resources: dict) -> Optional[str]:
     return None
 
 
-def _capacity(profile: dict, resources: dict) -> int:
+def capacity(profile: dict, resources: dict) -> int:
     _, cpw, gpw = _resources(resources)
     per_node = math.floor(profile["cpus"] / cpw + 1e-9)
     if gpw:
@@ -685,7 +685,7 @@ def _capacity(profile: dict, resources: dict) -> int:
 
 def _memory_problem(memory: dict, profile: dict, resources: dict) -> tuple[Optional[str], dict]:
     workers, _, gpw = _resources(resources)
-    per_node = max(1, min(workers, _capacity(profile, resources) // max(1, profile["nodes"]) or 1))
+    per_node = max(1, min(workers, capacity(profile, resources) // max(1, profile["nodes"]) or 1))
     node_ram = USABLE_FRACTION * profile["memory_gib"] * GIB
     if gpw > 0:
         budget = USABLE_FRACTION * profile["gpu_memory_gib"] * GIB * min(gpw, 1.0)
@@ -757,7 +757,7 @@ def suggestions(memory: dict, profile: dict, resources: dict) -> list[dict]:
         if cpw > profile["cpus"]:
             capacity_res = {**capacity_res, "cpus_per_worker": profile["cpus"]}
             add(f"cpus_per_worker={profile['cpus']}", {"cpus_per_worker": profile["cpus"]}, mem=memory, res=capacity_res)
-        cap = _capacity(profile, capacity_res) if capacity_res.get("cpus_per_worker", cpw) <= profile["cpus"] else 0
+        cap = capacity(profile, capacity_res) if capacity_res.get("cpus_per_worker", cpw) <= profile["cpus"] else 0
         if 0 < cap < workers:
             res = {**capacity_res, "workers": cap}
             mem = _remeasure(memory, workers=cap)
@@ -782,7 +782,7 @@ def suggestions(memory: dict, profile: dict, resources: dict) -> list[dict]:
             add("gradient checkpointing", {"grad_checkpointing": True})
         if inputs["micro_batch"] > 1:
             add("micro_batch=1", {"micro_batch": 1})
-        cap = _capacity(profile, resources)
+        cap = capacity(profile, resources)
         if full_like and cap > workers:
             for more in range(workers + 1, cap + 1):
                 mem = _remeasure(memory, workers=more, zero_stage=3)

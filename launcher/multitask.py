@@ -90,8 +90,9 @@ def check_fit(spec: dict, profile: Optional[str], strict: bool) -> tuple[Optiona
     except MissingExtraError as exc:
         return None, _unestimated(spec, exc)
     k = len(spec["tasks"])
+    at_once, warnings = schedule(spec, profile, strict)
     try:
-        per_task = {t["name"]: estimate(_task_spec(spec, t, workers=k), profile) for t in spec["tasks"]}
+        per_task = {t["name"]: estimate(_task_spec(spec, t, workers=at_once), profile) for t in spec["tasks"]}
     except MissingExtraError as exc:
         return None, _unestimated(spec, exc)
     largest = max(per_task.values(), key=lambda e: e["memory"]["total"])
@@ -108,13 +109,20 @@ def check_fit(spec: dict, profile: Optional[str], strict: bool) -> tuple[Optiona
     separate_fit = largest["fit"]
     separate_total = sum(e["memory"]["total"] for e in per_task.values())
 
-    warnings = []
     choice = spec["packing"]
     if choice == "auto":
-        choice = separate_fit["verdict"] != "fits" and packed_fit["verdict"] == "fits"
+        too_few = at_once < k  # the workers would run in waves
+        choice = (separate_fit["verdict"] != "fits" or too_few) and packed_fit["verdict"] == "fits"
         spec["packing"] = choice
-        why = (f"one base per worker does not fit ({separate_fit['reason']}); packed fits"
-               if choice else "one base per worker fits")
+        if separate_fit["verdict"] != "fits":
+            why = f"one base per worker does not fit ({separate_fit['reason']})"
+        elif too_few:
+            why = f"only {at_once} of the {k} adapter workers run at once"
+        else:
+            why = "one base per worker fits, all at once"
+        why += "; packed fits" if choice else ""
+        if choice:
+            warnings = [w for w in warnings if "waves" not in w]
         warnings.append(f"packing: auto -> {str(choice).lower()}: {why}")
     chosen = packed_fit if choice else separate_fit
     if chosen["verdict"] != "fits":
@@ -133,10 +141,42 @@ def check_fit(spec: dict, profile: Optional[str], strict: bool) -> tuple[Optiona
         "packed_total_bytes": packed_mem["total"],
         "packed_vs_separate": packed_mem["total"] / max(separate_total, 1),
         "packing": choice,
+        "at_once": 1 if choice else at_once,
         "packed_fit": packed_fit["verdict"],
         "separate_fit": separate_fit["verdict"],
     }}
     return largest, warnings
+
+
+def schedule(spec: dict, profile: Optional[str], strict: bool) -> tuple[int, list[str]]:
+    """How many adapter workers the profile runs at once, each with its data stream's CPUs.
+
+    A worker that fits nowhere would wait forever: refused (strict) or warned. More workers than
+    the profile holds run in waves, each starting as an earlier one ends.
+    """
+    from cluster import profiles as cluster_profiles
+    from launcher.estimate import capacity, schedule_problem
+
+    res = spec["resources"]
+    cpus, gpus = res["cpus_per_worker"], res["gpus_per_worker"]
+    data_cpus = res.get("data_cpus_per_worker", 0.2)
+    prof = cluster_profiles.get_profile(profile or ("a100-80g-1" if gpus > 0 else "local-cpu"))
+    slot = {"workers": 1, "cpus_per_worker": cpus + data_cpus, "gpus_per_worker": gpus}
+    problem = schedule_problem(prof, slot)
+    if problem:
+        message = (f"an adapter worker ({cpus:g} CPU + {data_cpus:g} CPU for its data stream, {gpus:g} GPU) "
+                   f"cannot be placed: {problem}; lower resources.cpus_per_worker or "
+                   "resources.data_cpus_per_worker")
+        if strict:
+            raise PlanError(message)
+        return 1, [message]
+    k = workers(spec)
+    at_once = min(k, capacity(prof, slot))
+    if at_once >= k:
+        return k, []
+    waves = -(-k // at_once)
+    return at_once, [f"{k} adapter workers x ({cpus + data_cpus:g} CPU, {gpus:g} GPU): {prof['name']} holds "
+                     f"{at_once} at a time, so they run in {waves} waves"]
 
 
 def _unestimated(spec: dict, exc: Exception) -> list[str]:
@@ -160,7 +200,14 @@ def describe(spec: dict, estimate: Optional[dict]) -> list[str]:
         lines.append(f"task          {s['name']}: {s['data']['task']}, lora r={s['lora']['r']}, "
                      f"{s['train'].get('max_steps')} steps x {s['train']['micro_batch']}")
     mt = (estimate or {}).get("multitask")
-    layout = "packed on one base, one worker" if spec.get("packing") is True else "one worker per adapter"
+    res = spec["resources"]
+    per_worker = f"{res['cpus_per_worker']:g} CPU + {res.get('data_cpus_per_worker', 0.2):g} CPU for its data stream"
+    if spec.get("packing") is True:
+        layout = f"packed on one base, one worker ({per_worker})"
+    else:
+        k, at_once = len(spec["tasks"]), ((estimate or {}).get("multitask") or {}).get("at_once")
+        together = f", {at_once} at a time" if at_once and at_once < k else ", all at once"
+        layout = f"one worker per adapter ({per_worker}){together if at_once else ''}"
     lines.append(f"layout        {layout}")
     if mt:
         lines.append(f"memory        one base per worker {_gib(mt['separate_total_bytes'])} in all, "

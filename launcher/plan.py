@@ -164,6 +164,8 @@ def plan(
         "total_cpus": workers * res.get("cpus_per_worker", 1),
         "total_gpus": workers * res.get("gpus_per_worker", 0),
     }
+    if "tasks" in resolved:  # how many adapter workers run together (the rest wait their turn)
+        resources["at_once"] = min(workers, ((estimate or {}).get("multitask") or {}).get("at_once", workers))
     job_plan_fields = dict(
         run_id=run_id,
         submission_id=run_id,

@@ -534,6 +534,8 @@ class TaskSpec(Strict):
 class AdapterResources(Strict):
     cpus_per_worker: float = Field(0.5, gt=0, description="per adapter worker (or the packed one)")
     gpus_per_worker: float = Field(0, ge=0, description="1 on a GPU cluster: one GPU per adapter")
+    data_cpus_per_worker: float = Field(
+        0.2, gt=0, description="CPUs reserved beside each worker for its Ray Data stream (read, tokenize)")
 
 
 class MultitaskSpec(JobBase):

@@ -11,6 +11,8 @@ def format_summary(manifest: dict) -> str:
         return _pipeline_summary(manifest, s)
     if s.get("variants"):
         return _compare_summary(manifest, s)
+    if s.get("export") == "adapters":
+        return _multitask_summary(manifest, s)
     trainable, total = s.get("trainable_params") or 0, s.get("total_params") or 0
     pct = f" ({100 * trainable / total:.2f}%)" if total else ""
     lines = [
@@ -84,4 +86,21 @@ def _compare_summary(manifest: dict, s: dict) -> str:
                      f"eval loss {_f(v.get('eval_loss_before'))} -> {_f(v.get('eval_loss_after'))}"
                      f"{acc}{quality}")
     lines.append(f"report         {manifest.get('plan', {}).get('run_dir', '?')}/{s.get('report')}")
+    return "\n".join(lines)
+
+
+def _multitask_summary(manifest: dict, s: dict) -> str:
+    """One line per adapter of a `kind: multitask` run, and how to use them."""
+    run = manifest.get("run_id")
+    layout = "packed on one base" if s.get("packing") else "one worker per adapter"
+    lines = [f"run            {run}", f"layout         {layout}"]
+    for name, t in s.get("tasks", {}).items():
+        ev = t.get("eval") or {}
+        kept = " (kept from an earlier attempt)" if name in s.get("kept", []) else ""
+        lines.append(f"  task {name:<14} {t.get('steps')} steps, eval loss {_f(ev.get('eval_loss_before'))} -> "
+                     f"{_f(ev.get('eval_loss'))}, {t.get('trainable_params') or 0:,} trainable, "
+                     f"{_size(t.get('bytes'))}{kept}")
+    lines += [f"adapters       {_size(s.get('export_bytes'))} in all; ftlaunch adapters list {run}",
+              f"wall time      {s.get('wall_time_s')} s",
+              f"artifacts      {manifest.get('plan', {}).get('run_dir', '?')} (registry.json, adapters/)"]
     return "\n".join(lines)

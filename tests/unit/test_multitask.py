@@ -99,9 +99,14 @@ def test_planner_packs_when_one_gpu_per_adapter_does_not_fit(task_data, tmp_path
     assert job.spec["packing"] is True and job.resources["workers"] == 1
     assert any(w.startswith("packing: auto -> true") for w in job.warnings)
     forced = mt_spec(task_data, tmp_path, packing=False, resources={"gpus_per_worker": 1, "cpus_per_worker": 1})
-    with pytest.raises(PlanError, match="3 adapter workers: cannot-schedule .* would fit: packing: true"):
-        plan(load_spec(forced), "ray", profile="a100-80g-1")
-    local = plan(load_spec(mt_spec(task_data, tmp_path, packing="auto")), "local")
+    waves = plan(load_spec(forced), "ray", profile="a100-80g-1")  # one GPU: one adapter at a time
+    assert waves.spec["packing"] is False
+    assert "a100-80g-1 holds 1 at a time, so they run in 3 waves" in " ".join(waves.warnings)
+    tiny_gpu = mt_spec(task_data, tmp_path, resources={"gpus_per_worker": 2, "cpus_per_worker": 1})
+    with pytest.raises(PlanError, match="an adapter worker .* cannot be placed: each worker asks 2 GPUs"):
+        plan(load_spec(tiny_gpu), "ray", profile="a100-80g-1")
+    small = {"cpus_per_worker": 0.4, "data_cpus_per_worker": 0.2}  # 3 x 0.6 CPU: all at once on 2 CPUs
+    local = plan(load_spec(mt_spec(task_data, tmp_path, packing="auto", resources=small)), "local")
     assert local.spec["packing"] is False and local.resources["workers"] == 3
 
 
