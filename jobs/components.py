@@ -49,6 +49,26 @@ def plain_errors():
         raise RuntimeError(f"{type(exc).__name__}: {exc}") from None
 
 
+@contextlib.contextmanager
+def worker_scope(spec: dict, run_dir, name: str | None = None):
+    """How every training process starts: its output teed into `<run_dir>/logs/<name>.log`
+    (secrets redacted), the spec's `env:` references resolved from the cluster's environment,
+    and worker errors made plain. `name` defaults to `worker-<rank>` of the Ray Train run.
+    """
+    from jobs.logs import Tee, resolve_env_refs, secret_values
+
+    if name is None:
+        import ray.train
+
+        name = f"worker-{ray.train.get_context().get_world_rank()}"
+    env = spec.get("env") or {}
+    with plain_errors():
+        resolve_env_refs(env)
+    with Tee(Path(str(run_dir)) / "logs" / f"{name}.log", secret_values(env), header=f"{name} pid {os.getpid()}"):
+        with plain_errors():
+            yield
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenizer
 

@@ -99,7 +99,7 @@ def run(plan: dict, run_dir: RunDir) -> dict:
 
 def train_loop(config: dict) -> None:
     C.quiet_ray_train()
-    with C.plain_errors():
+    with C.worker_scope(config["spec"], config["run_dir"]):
         _train_loop(config)
 
 

@@ -45,7 +45,7 @@ def run(plan: dict, run_dir: RunDir) -> dict:
     res = spec["resources"]
     context = {"model": spec["model"], "base": base, "run_dir": str(run_dir.path),
                "cpus": res["cpus_per_worker"], "gpus": res["gpus_per_worker"],
-               "data_cpus": res.get("data_cpus_per_worker", 0.2)}
+               "data_cpus": res.get("data_cpus_per_worker", 0.2), "env": spec.get("env") or {}}
 
     started = time.time()
     # One worker per adapter (or one for the pack); results are collected as each one ends, so
@@ -147,8 +147,9 @@ def _worker(tasks: list[dict], context: dict) -> dict:
     device = "cuda" if context["gpus"] > 0 and torch.cuda.is_available() else "cpu"
     seq_len = context["model"]["seq_len"]
     streams = {t["name"]: ray_data_stream(t, seq_len, context["data_cpus"]) for t in tasks}
+    log = f"task-{tasks[0]['name']}" if len(tasks) == 1 else "packed"
     try:
-        with C.plain_errors():
+        with C.worker_scope({"env": context["env"]}, context["run_dir"], log):
             if len(tasks) == 1:
                 entries = {tasks[0]["name"]: train_adapter(
                     tasks[0], context["base"], streams[tasks[0]["name"]], context["run_dir"], seq_len, device)}

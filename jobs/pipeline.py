@@ -21,12 +21,12 @@ import ray
 import ray.data
 import ray.train
 import torch
-from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from jobs import arrcoc as A
 from jobs.artifacts import RunDir
-from jobs.components import plain_errors
+from jobs.components import worker_scope
 from launcher.estimate import arrcoc_config
 
 MANIFEST = "pipeline.json"
@@ -122,7 +122,8 @@ def run_stage(plan: dict, run_dir: RunDir, index: int, previous: str | None):
         ),
         # Same name and storage on a rerun: Ray Train resumes the stage from its last checkpoint.
         run_config=RunConfig(name=f"{plan['run_id']}-{stage['name']}", storage_path=str(run_dir.path),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=spec["train"].get("max_failures", 0))),
         datasets={"train": train_ds},
     )
     with run_dir.progress(stage["steps"]):
@@ -130,7 +131,8 @@ def run_stage(plan: dict, run_dir: RunDir, index: int, previous: str | None):
 
 
 def stage_loop(config: dict) -> None:
-    with plain_errors():
+    spec = config["spec"]
+    with worker_scope(spec, config["run_dir"], None):
         _stage_loop(config)
 
 

@@ -57,14 +57,28 @@ def main(argv=None) -> int:
         print(f"ftlaunch: error: {exc}", file=sys.stderr)
         return 2
 
-    from jobs.artifacts import RunDir, versions
+    from jobs.artifacts import RunDir
+    from jobs.logs import Tee, secret_values
+
+    run_dir = RunDir(plan["run_dir"])
+    env = plan["spec"].get("env") or {}
+    attempt = len(run_dir.read_manifest().get("attempts", [])) + 1
+    # The driver's log goes into the run folder as it is written: it outlives the cluster.
+    with Tee(run_dir.path / "logs" / "driver.log", secret_values(env),
+             header=f"attempt {attempt} submission {plan['submission_id']} pid {os.getpid()}"):
+        return run(plan, run_dir)
+
+
+def run(plan: dict, run_dir) -> int:
+    from jobs.artifacts import versions
+    from jobs.logs import resolve_env_refs
+    from jobs.watch import watch_pending
 
     import ray
 
-    run_dir = RunDir(plan["run_dir"])
     previous = run_dir.read_manifest()
     attempts = previous.get("attempts", []) + [
-        {"submission_id": plan["submission_id"], "started": time.time()}
+        {"submission_id": plan["submission_id"], "started": time.time(), "driver_pid": os.getpid()}
     ]
     run_dir.update_manifest(
         attempts=attempts,
@@ -74,13 +88,17 @@ def main(argv=None) -> int:
     )
     print(f"[ftlaunch] run {plan['run_id']} ({plan['kind']}) -> {run_dir.path}", flush=True)
     try:
+        resolve_env_refs(plan["spec"].get("env"))
         ray.init(address="auto", log_to_driver=True)
         signal.signal(signal.SIGTERM, _on_sigterm)  # after ray.init, which installs its own
         module = importlib.import_module(JOB_MODULES[plan["kind"]])
-        summary = module.run(plan, run_dir)
+        with watch_pending(plan["spec"].get("pending_timeout"), run_dir):
+            summary = module.run(plan, run_dir)
     except BaseException as exc:  # the manifest records every way a run ends
+        stopped = isinstance(exc, (Stopped, KeyboardInterrupt))
         run_dir.update_manifest(
-            status="STOPPED" if isinstance(exc, (Stopped, KeyboardInterrupt)) else "FAILED", finished=time.time(), error=f"{type(exc).__name__}: {exc}",
+            status="STOPPED" if stopped else "FAILED", finished=time.time(),
+            error=f"{type(exc).__name__}: {exc}",
             artifacts=run_dir.artifacts(),
         )
         traceback.print_exc()

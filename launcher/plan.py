@@ -114,6 +114,14 @@ def plan(
                 "(a shared filesystem), or use s3://bucket/prefix"
             )
 
+    for key, value in resolved.get("env", {}).items():  # secret references fit their target
+        if value.startswith("secret:") and target != "k8s":
+            raise PlanError(f"env.{key}: {value} names a Kubernetes Secret; on target {target} use "
+                            f"env:{key} (read from the cluster's environment)")
+        if value.startswith("env:") and target == "k8s":
+            raise PlanError(f"env.{key}: {value} reads the cluster's environment; on Kubernetes use "
+                            "secret:NAME/KEY (a Secret the pods mount as this variable)")
+
     from launcher.dsconfig import prepare as prepare_engine
 
     engine_config = prepare_engine(resolved)  # lints the engine settings, fills their defaults
@@ -191,6 +199,9 @@ def plan(
 def with_runtime_env(draft: JobPlan, env: dict, estimate: Optional[dict] = None) -> JobPlan:
     """Attach the runtime env that carries the plan itself to the job (no shell involved)."""
     draft = dataclasses.replace(draft, runtime_env={}, estimate=None)
+    # env:NAME references are resolved by the job from the cluster's own environment (see
+    # jobs/logs.py): setting them here would hide the value they point at.
+    env = {k: v for k, v in env.items() if not v.startswith("env:")}
     env = {**JOB_ENV, **env, PLAN_ENV: json.dumps(draft.to_dict(), sort_keys=True)}
     runtime_env = {"py_modules": package_dirs(), "env_vars": env}
     # The estimate stays out of the job's environment (it is large); the job needs none of it.

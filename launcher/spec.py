@@ -198,6 +198,9 @@ class TrainSpec(Strict):
     report_every: int = Field(20, gt=0, description="steps between reports and checkpoints")
     eval_batches: int = Field(4, ge=0, description="batches of the eval split at each report")
     seed: int = 0
+    max_failures: int = Field(
+        1, ge=-1, description="worker failures recovered from the last checkpoint (-1: no limit); "
+        "an error in the training code itself also uses one")
 
 
 class ResourcesSpec(Strict):
@@ -219,10 +222,33 @@ class DeepSpeedSpec(Strict):
     activation_checkpointing: bool = False
 
 
+# Environment names that hold credentials: their values must be references, never literals.
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|CREDENTIAL", re.I)
+
+
 class JobBase(Strict):
     name: str = Field(pattern=NAME_PATTERN, description="lower-case letters, digits and '-'")
     storage: str = "./runs"
-    env: dict[str, str] = Field(default_factory=dict, description="environment for the job")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="environment for the job; secrets only as references: "
+        "env:NAME (read from the cluster's environment) or secret:SECRET/KEY (Kubernetes)")
+    pending_timeout: Optional[float] = Field(
+        900, gt=0, description="seconds the job may wait for resources before it is stopped (null: no limit)")
+
+    @field_validator("env")
+    @classmethod
+    def _no_literal_secrets(cls, env: dict[str, str]) -> dict[str, str]:
+        for key, value in env.items():
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise ValueError(f"env name {key!r} is not an environment variable name")
+            if value.startswith("env:") and not re.fullmatch(r"env:[A-Za-z_][A-Za-z0-9_]*", value):
+                raise ValueError(f"env.{key}: {value!r} is not env:NAME")
+            if SECRET_NAME.search(key) and not value.startswith(("env:", "secret:")):
+                raise ValueError(
+                    f"env.{key} holds a literal secret, which would be written to the job's metadata and "
+                    f"manifest; use env.{key}: env:{key} (read from the cluster's environment) or "
+                    "secret:NAME/KEY (a Kubernetes Secret)")
+        return env
 
 
 class LrGroup(Strict):

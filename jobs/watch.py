@@ -1,0 +1,96 @@
+"""The job's watchdog for `pending_timeout`: a job that waits on resources too long is stopped.
+
+Ray never gives up on a placement group or a task it cannot place: a job asking for more than
+the cluster has (or will have) sits PENDING forever. The watchdog asks Ray's state API what this
+job is waiting for; when something has waited longer than the spec's `pending_timeout` while the
+run made no progress, it stops the driver with the reason (what waits, what the cluster has).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+
+QUIET_S = 15.0  # nothing pending this long: the earlier wait is over (Ray Train retries its groups)
+
+
+@contextlib.contextmanager
+def watch_pending(timeout: float | None, run_dir, poll: float | None = None):
+    if not timeout:
+        yield
+        return
+    import ray
+
+    job_id = ray.get_runtime_context().get_job_id()
+    poll = poll or max(0.5, min(5.0, timeout / 4))
+    stop = threading.Event()
+
+    def watch():
+        since, last_seen, moved = None, None, progress(run_dir)
+        while not stop.wait(poll):
+            try:
+                waiting = pending(job_id)
+            except Exception:  # the state API is best effort: a missed poll is not a verdict
+                continue
+            now, now_moved = time.monotonic(), progress(run_dir)
+            if now_moved != moved:  # the run moved on: what waits now is not holding it up
+                since, moved = None, now_moved
+            if waiting:
+                since, last_seen = since or now, now
+            elif last_seen is None or now - last_seen > QUIET_S:
+                since = None
+            if since is not None and now - since > timeout:
+                give_up(run_dir, (
+                    f"PendingTimeout: stopped after waiting {now - since:.0f}s for resources "
+                    f"(pending_timeout {timeout:g}s): {'; '.join(waiting) or 'placement'}; the cluster has "
+                    f"{_resources(ray.cluster_resources())} in all, {_resources(ray.available_resources())} free. "
+                    "Lower resources, or raise pending_timeout to wait longer"))
+
+    thread = threading.Thread(target=watch, daemon=True, name="ftlaunch-pending-watch")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=poll + 5)
+
+
+def give_up(run_dir, reason: str) -> None:
+    """Record the reason and end the driver now.
+
+    The main thread sits in a blocking Ray call that no signal interrupts; exiting the process
+    is what ends the job: Ray then removes its actors and placement groups and reports FAILED.
+    """
+    run_dir.update_manifest(status="FAILED", finished=time.time(), error=reason, artifacts=run_dir.artifacts())
+    print(f"[ftlaunch] FAILED: {reason}", flush=True)
+    time.sleep(1.0)  # the log tee copies the line out before the process goes
+    os._exit(1)
+
+
+def pending(job_id: str) -> list[str]:
+    """What this job is waiting on: placement groups and tasks Ray has not placed yet."""
+    from ray.util.state import list_placement_groups, list_tasks
+
+    found = []
+    for pg in list_placement_groups(filters=[("state", "=", "PENDING")], detail=True,
+                                    raise_on_missing_output=False, timeout=5):
+        if pg.creator_job_id == job_id:
+            bundles = [_resources(b.get("unit_resources") or b) for b in pg.bundles or []]
+            found.append(f"placement group of {len(bundles)} bundle(s) {', '.join(bundles)}")
+    tasks = list_tasks(filters=[("job_id", "=", job_id), ("state", "=", "PENDING_NODE_ASSIGNMENT")],
+                       raise_on_missing_output=False, timeout=5)
+    if tasks:
+        found.append(f"{len(tasks)} task(s) ({', '.join(sorted({t.name for t in tasks})[:3])})")
+    return found
+
+
+def progress(run_dir) -> tuple:
+    """Sizes of the run's metrics files: they grow while the job trains."""
+    return tuple(sorted((p.name, p.stat().st_size) for p in run_dir.path.rglob("metrics*.jsonl")))
+
+
+def _resources(res: dict) -> str:
+    keep = {k: v for k, v in res.items() if k in ("CPU", "GPU") or k.startswith("accelerator")}
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(keep.items())) + "}"
