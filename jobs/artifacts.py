@@ -14,6 +14,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from jobs import tensorboard
+
 PACKAGES = ("ftlaunch", "ray", "torch", "transformers", "peft", "accelerate", "pyarrow",
             "deepspeed", "bitsandbytes")
 
@@ -58,6 +60,8 @@ class RunDir:
         with open(self.path / name, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+        if name.startswith("metrics"):  # the same record as TensorBoard scalars
+            tensorboard.write(self.path, name, record)
 
     def read_jsonl(self, name: str) -> list[dict]:
         try:
@@ -68,10 +72,14 @@ class RunDir:
 
     def truncate_jsonl(self, name: str, keep) -> None:
         """Rewrite a JSONL file keeping only the records `keep` accepts (atomic)."""
-        records = [r for r in self.read_jsonl(name) if keep(r)]
+        records, removed = [], []
+        for r in self.read_jsonl(name):
+            (records if keep(r) else removed).append(r)
         tmp = self.path / f".{name}.tmp"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
         os.replace(tmp, self.path / name)
+        if name.startswith("metrics") and removed:
+            tensorboard.truncated(self.path, name, removed)
 
     def artifacts(self) -> dict:
         """Every file under the run folder with its size, relative paths."""

@@ -10,6 +10,7 @@ from launcher.errors import (
 )
 from launcher.client import JobHandle, attach, list_jobs, resume, submit
 from launcher.plan import JobPlan, plan
+from launcher.report import write_report
 from launcher.spec import load_spec
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "plan",
     "resume",
     "submit",
+    "write_report",
 ]

@@ -169,17 +169,22 @@ def resume(run: str, target: str = "local", *, address: Optional[str] = None,
     """
     from launcher.plan import resume_plan
 
-    run_dir = Path(run) if Path(run).is_dir() else Path(storage) / run
-    try:
-        manifest = json.loads((run_dir / "manifest.json").read_text())
-    except FileNotFoundError:
-        raise SubmissionError(
-            f"no run at {run_dir} (no manifest.json); pass the run folder or --storage"
-        ) from None
+    _, manifest = find_run(run, storage)
     if manifest.get("status") == "SUCCEEDED":
         raise SubmissionError(f"run {manifest['run_id']} already SUCCEEDED; nothing to resume")
     attempt = max(1, len(manifest.get("attempts", [])))  # attempts[0] is the first submit
     return submit(resume_plan(manifest, target, attempt), address=address)
+
+
+def find_run(run: str, storage: str = "./runs") -> tuple[Path, dict]:
+    """A run folder and its manifest: `run` is the folder, or a run id under `storage`."""
+    run_dir = Path(run) if Path(run).is_dir() else Path(storage) / run
+    try:
+        return run_dir, json.loads((run_dir / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise SubmissionError(
+            f"no run at {run_dir} (no manifest.json); pass the run folder or --storage"
+        ) from None
 
 
 def attach(submission_id: str, target: str = "local", address: Optional[str] = None) -> JobHandle:

@@ -67,6 +67,24 @@ def test_cli_lora_job_learns_keeps_base_and_reloads(ray_head, tiny_spec, tmp_pat
     with torch.no_grad():
         assert not torch.allclose(base(input_ids=probe["input_ids"]).logits, probe["logits"], atol=1e-3)
 
+    # The workers wrote every record as TensorBoard scalars too; `ftlaunch report` reads the folder.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard" / "train"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [10, 20, 30]
+    assert [e.value for e in events.Scalars("eval_loss")] == pytest.approx([m["eval_loss"] for m in metrics])
+    out = cli("report", str(run_dir))
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = run_dir / "report" / "report.md"
+    assert out.stdout.split()[:2] == [str(report), str(run_dir / "report" / "report.html")]
+    text = report.read_text()
+    assert f"train loss {metrics[0]['loss']:.4f} -> {metrics[-1]['loss']:.4f} (steps 10 -> 30" in text
+    assert f"eval loss {s['eval_loss_before']:.4f} -> {s['eval_loss_after']:.4f}" in text
+    assert f"measured peak RSS {s['peak_rss_mb']:,.0f} MiB" in text and "- train: planned " in text
+    for png in ("loss-train.png", "eval-train.png", "throughput-train.png", "memory.png"):
+        assert (run_dir / "report" / png).stat().st_size > 5000, png
+
 
 def test_raw_ray_job_submit_runs_the_same_job(ray_head, tiny_spec, tmp_path):
     tiny_spec["train"]["max_steps"] = 10

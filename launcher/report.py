@@ -1,0 +1,357 @@
+"""`ftlaunch report RUN`: a run folder read back as `report/report.md` and `report/report.html`.
+
+It reads only what the job wrote (manifest.json, metrics*.jsonl, pipeline.json, variants.jsonl),
+so a FAILED, STOPPED or still RUNNING run gets a report of what exists. One section per stage,
+task or variant, each with its loss, eval and throughput curves; one memory chart of the
+planner's estimate against the measured peak RSS. The figures are drawn by launcher/figures.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from launcher.client import find_run
+from launcher.summary import _f, _pct, _size
+
+
+@dataclass
+class Section:
+    """One curve of the run: the plain finetune, or a stage, a task, a variant."""
+
+    title: str  # "train", "stage texture", "task counting", "variant lora_r8"
+    name: str  # the stage, task or variant name (file names, memory chart)
+    metrics: list  # its metrics records, as written
+    status: Optional[str] = None
+    error: Optional[str] = None
+    facts: list = field(default_factory=list)  # one line each: loss first -> last, ...
+    evals: dict = field(default_factory=dict)  # series -> [(step, value)], eval before/after
+    measured: dict = field(default_factory=dict)  # peak_rss_mb, rss_start_mb when recorded
+    planned: Optional[int] = None  # bytes per worker, the planner's estimate
+
+
+def write_report(run: str, storage: str = "./runs") -> list[Path]:
+    """Write the report of a run folder (or a run id under `storage`); returns the paths written."""
+    from launcher import figures
+
+    run_dir, manifest = find_run(run, storage)
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    for old in out.glob("*.png"):  # a rerun's sections may differ: no stale figure stays
+        old.unlink()
+    sections = sections_of(run_dir, manifest)
+    planned, why_not = planned_memory(manifest)
+    for s in sections:
+        s.planned = planned.get(s.name)
+    rate = "rows/s" if manifest.get("kind") == "pipeline" else "tokens/s"
+
+    blocks = header(run_dir, manifest)
+    blocks += memory_blocks(sections, why_not, figures.memory(sections, out))
+    for s in sections:
+        blocks += [("h2", s.title), ("ul", section_lines(s))]
+        drawn = [figures.loss(s, out), figures.evals(s, out), figures.throughput(s, out, rate)]
+        blocks += [("img", p.name, p.stem) for p in drawn if p]
+        if not s.metrics:
+            blocks.append(("p", "No metrics recorded."))
+    md, page = out / "report.md", out / "report.html"
+    md.write_text(to_markdown(blocks))
+    page.write_text(to_html(blocks, out, manifest.get("run_id", run_dir.name)))
+    return [md, page, *sorted(out.glob("*.png"))]
+
+
+# ---------------------------------------------------------------------------------------------
+# What the run folder holds, per kind
+
+
+def sections_of(run_dir: Path, manifest: dict) -> list[Section]:
+    kind, spec = manifest.get("kind"), manifest.get("spec") or {}
+    if kind == "pipeline":
+        return _pipeline(run_dir, spec)
+    if kind == "multitask":
+        return _multitask(run_dir, manifest)
+    if kind == "compare":
+        return _compare(run_dir, manifest)
+    return [_finetune("train", "train", run_dir, manifest.get("summary") or {}, manifest.get("status"))]
+
+
+def _finetune(title: str, name: str, folder: Path, summary: dict, status: Optional[str]) -> Section:
+    """A finetune's curve (the run, or one compare variant): metrics.jsonl and its summary."""
+    metrics = read_jsonl(folder / "metrics.jsonl")
+    s = Section(title, name, metrics, status)
+    # The eval before any update: in the summary, or (a run that did not finish) where rank 0
+    # recorded it at the start, the folder's manifest.
+    before = {**_read_json(folder / "manifest.json").get("before", {}), **summary}
+    last = metrics[-1] if metrics else {}
+    for split in ("eval", "retain"):
+        for metric in ("loss", "accuracy"):
+            key, first = f"{split}_{metric}", before.get(f"{split}_{metric}_before")
+            points = [(0, first)] if first is not None else []
+            points += [(m["step"], m[key]) for m in metrics if m.get(key) is not None]
+            after = summary.get(f"{split}_{metric}_after", last.get(key))
+            if after is not None and last and (not points or points[-1][0] < last["step"]):
+                points.append((last["step"], after))  # measured at the end, not in the records
+            if points:
+                s.evals[f"{split} {metric}"] = points
+            if first is not None or after is not None:
+                show = _pct if metric == "accuracy" else _f
+                s.facts.append(f"{split} {metric} {show(first)} -> {show(after)} (before training -> last)")
+    s.facts[:0] = _loss_facts(metrics)
+    if summary.get("trainable_params"):
+        s.facts.append(f"trainable parameters {summary['trainable_params']:,} of {summary.get('total_params') or 0:,}")
+    s.measured = {k: summary[k] for k in ("peak_rss_mb", "rss_start_mb") if summary.get(k) is not None}
+    return s
+
+
+def _pipeline(run_dir: Path, spec: dict) -> list[Section]:
+    entries = {e["name"]: e for e in _read_json(run_dir / "pipeline.json").get("stages", [])}
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    out = []
+    for stage in spec.get("stages", []):
+        name = stage["name"]
+        e = entries.get(name, {})
+        s = Section(f"stage {name}", name, [m for m in metrics if m.get("stage") == name],
+                    e.get("status", "not started"), e.get("error"))
+        points = [(0, e["accuracy_before"])] if e.get("accuracy_before") is not None else []
+        points += [(m["step"], m["accuracy"]) for m in s.metrics if m.get("accuracy") is not None]
+        if points:
+            s.evals["eval accuracy"] = points
+        s.facts = _loss_facts(s.metrics, "rows/s") + [
+            f"eval accuracy {_pct(e.get('accuracy_before'))} -> {_pct(e.get('accuracy_after'))}",
+            f"trains {', '.join(stage.get('train', []))}; {e.get('trainable_params') or 0:,} trainable parameters"]
+        out.append(s)
+    return out
+
+
+def _multitask(run_dir: Path, manifest: dict) -> list[Section]:
+    recorded = manifest.get("tasks") or {}
+    registry = (manifest.get("summary") or {}).get("tasks") or {}
+    out = []
+    for task in (manifest.get("spec") or {}).get("tasks", []):
+        name = task["name"]
+        t = recorded.get(name, {})
+        ev = t.get("eval") or {}
+        s = Section(f"task {name}", name, read_jsonl(run_dir / f"metrics-{name}.jsonl"),
+                    t.get("status", "not finished"), t.get("error"))
+        points = [(step, ev[k]) for step, k in ((0, "eval_loss_before"), (t.get("steps"), "eval_loss"))
+                  if ev.get(k) is not None and step is not None]
+        if points:
+            s.evals["eval loss"] = points
+        s.facts = _loss_facts(s.metrics) + [
+            f"eval loss {_f(ev.get('eval_loss_before'))} -> {_f(ev.get('eval_loss'))} (before training -> last)"]
+        if name in registry:
+            r = registry[name]
+            s.facts.append(f"adapter {r.get('trainable_params') or 0:,} trainable parameters, {_size(r.get('bytes'))}")
+        out.append(s)
+    return out
+
+
+def _compare(run_dir: Path, manifest: dict) -> list[Section]:
+    done = {r["variant"]: r for r in read_jsonl(run_dir / "variants.jsonl")}
+    names = list((manifest.get("spec") or {}).get("variants") or {})
+    names += [p.name for p in sorted((run_dir / "variants").glob("*")) if p.is_dir() and p.name not in names]
+    out = []
+    for name in names:
+        folder = run_dir / "variants" / name
+        status = "SUCCEEDED" if name in done else manifest.get("status") if folder.is_dir() else "not started"
+        s = _finetune(f"variant {name}", name, folder, done.get(name, {}), status)
+        if name in done:
+            s.facts.insert(0, f"{done[name].get('strategy')}, engine {done[name].get('engine')}")
+        out.append(s)
+    return out
+
+
+def _loss_facts(metrics: list, unit: str = "tokens/s") -> list[str]:
+    if not metrics:
+        return []
+    facts = [f"train loss {_f(metrics[0].get('loss'))} -> {_f(metrics[-1].get('loss'))} "
+             f"(steps {metrics[0]['step']} -> {metrics[-1]['step']}, {len(metrics)} records)"]
+    rates = sorted(m["tokens_per_s"] for m in metrics if m.get("tokens_per_s") is not None)
+    if rates:  # the median: the first window also holds the start-up
+        facts.append(f"throughput median {rates[len(rates) // 2]:,.0f} {unit}, last "
+                     f"{metrics[-1].get('tokens_per_s') or 0:,.0f} {unit}")
+    return facts
+
+
+def planned_memory(manifest: dict) -> tuple[dict, Optional[str]]:
+    """The planner's memory per worker (bytes) for each section's name; or why there is none.
+
+    A submitted plan travels without its estimate (it is large), so the estimate is recomputed
+    from the recorded spec as `plan` made it: it is pure, but needs the training extra.
+    """
+    kind, spec, plan = manifest.get("kind"), manifest.get("spec") or {}, manifest.get("plan") or {}
+    profile = "local-cpu" if plan.get("target") == "local" else None
+    try:
+        if kind == "compare":
+            from launcher.dsconfig import prepare
+            from launcher.estimate import estimate
+            from launcher.spec import expand_variants
+
+            variants = expand_variants(spec)
+            for v in variants.values():
+                prepare(v)  # a deepspeed variant's engine defaults, as the job fills them
+            return {n: estimate(v, profile)["memory"]["total"] for n, v in variants.items()}, None
+        est = plan.get("estimate")
+        if est is None:
+            from launcher.preflight import check_fit
+
+            est, _ = check_fit(json.loads(json.dumps(spec)), profile, strict=False)
+        if est is None:
+            return {}, "the planner made no estimate for this spec"
+        if kind == "pipeline":
+            return {e["stage"]: e["memory"]["total"] for e in est["stages"]}, None
+        if kind == "multitask":
+            mt = est["multitask"]
+            return {n: mt["packed_total_bytes"] if mt["packing"] else t["memory_total"]
+                    for n, t in mt["tasks"].items()}, None
+        return {"train": est["memory"]["total"]}, None
+    except Exception as exc:  # a report of any run is still written; say why this part is missing
+        return {}, f"no planner estimate ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks: ("h1" | "h2" | "p", text), ("ul", [lines]), ("img", file, alt); rendered twice
+
+
+def header(run_dir: Path, manifest: dict) -> list:
+    plan, summary = manifest.get("plan") or {}, manifest.get("summary") or {}
+    started, finished = manifest.get("started"), manifest.get("finished")
+    wall = summary.get("wall_time_s")
+    if started:
+        span = f"{(finished or time.time()) - started:.1f} s {'from start to end' if finished else 'so far'}"
+        wall = f"{wall} s training, {span}" if wall is not None else span
+    lines = [f"run id: {manifest.get('run_id', run_dir.name)}", f"kind: {manifest.get('kind')}",
+             f"status: {manifest.get('status', 'unknown')}"]
+    if manifest.get("error"):
+        lines.append(f"error: {manifest['error']}")
+    lines += [f"wall time: {wall if wall is not None else '-'}",
+              f"attempts: {len(manifest.get('attempts') or [])}",
+              f"folder: {run_dir.resolve()}"]
+    blocks = [("h1", f"Run report: {manifest.get('name') or run_dir.name}"), ("ul", lines),
+              ("h2", "Spec"), ("ul", spec_lines(manifest.get("spec") or {}, plan.get("resources")))]
+    warnings = plan.get("warnings") or []
+    blocks += [("h2", "Plan warnings"), ("ul", warnings) if warnings else ("p", "None.")]
+    blocks += [("h2", "Artifacts"), ("ul", artifact_lines(run_dir))]
+    return blocks
+
+
+def spec_lines(spec: dict, resources: Optional[dict] = None) -> list[str]:
+    model, strategy, train = spec.get("model") or {}, spec.get("strategy") or {}, spec.get("train") or {}
+    res, data = resources or spec.get("resources") or {}, spec.get("data") or {}
+    lines = [f"model: {model.get('source')}, seq_len {model.get('seq_len')}"]
+    if strategy:
+        lines.append(f"strategy: {strategy.get('type')}" + "".join(
+            f", {k} {v}" for k, v in strategy.items() if k != "type" and v is not None))
+    if data:
+        lines.append(f"data: {data.get('task')}; train {data.get('train')}; eval {data.get('eval')}")
+    if train:
+        keys = ("max_steps", "micro_batch", "lr", "report_every") if train.get("max_steps") else (
+            "epochs", "micro_batch", "lr", "report_every")
+        lines.append("train: " + ", ".join(f"{k} {train[k]}" for k in keys if train.get(k) is not None))
+    if res:  # the plan's: it counts a multitask run's workers
+        lines.append(f"resources: {res.get('workers', '-')} workers x {res.get('cpus_per_worker')} CPU, "
+                     f"{res.get('gpus_per_worker', 0)} GPU")
+    for st in spec.get("stages") or []:
+        lines.append(f"stage {st['name']}: trains {', '.join(st.get('train', []))}, {st.get('steps')} steps")
+    for t in spec.get("tasks") or []:
+        own = ", ".join(f"{k} {v}" for k, v in _set_fields({k: v for k, v in t.items() if k not in ("name", "data")}))
+        lines.append(f"task {t['name']}: {(t.get('data') or {}).get('task')} on {(t.get('data') or {}).get('train')}"
+                     + (f"; {own}" if own else ""))
+    for name, v in (spec.get("variants") or {}).items():
+        lines.append(f"variant {name}: {json.dumps(v) if v else 'the base spec'}")
+    return lines
+
+
+def _set_fields(d: dict, prefix: str = ""):
+    """(dotted key, value) of every field a task sets itself (the rest is inherited: None)."""
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _set_fields(v, f"{prefix}{k}.")
+        elif v is not None:
+            yield f"{prefix}{k}", v
+
+
+def artifact_lines(run_dir: Path) -> list[str]:
+    """Each top-level entry of the run folder with its size (a folder: its files' total)."""
+    lines = []
+    for entry in sorted(run_dir.iterdir()):
+        if entry.name == "report":
+            continue
+        files = [entry] if entry.is_file() else [f for f in entry.rglob("*") if f.is_file()]
+        size = _size(sum(f.stat().st_size for f in files))
+        lines.append(f"{entry.name}: {size}" if entry.is_file() else f"{entry.name}/: {len(files)} files, {size}")
+    return lines
+
+
+def section_lines(s: Section) -> list[str]:
+    return [f"status: {s.status or '-'}"] + ([f"error: {s.error}"] if s.error else []) + s.facts
+
+
+def memory_blocks(sections: list, why_not: Optional[str], chart: Optional[Path]) -> list:
+    lines = []
+    for s in sections:
+        planned = f"planned {_size(s.planned)}" if s.planned is not None else "planned: none"
+        m = s.measured
+        measured = (f"measured peak RSS {m['peak_rss_mb']:,.0f} MiB ({m['peak_rss_mb'] - m['rss_start_mb']:+,.0f} "
+                    f"MiB over the worker's start)" if m else "measured: not recorded")
+        lines.append(f"{s.name}: {planned}; {measured}")
+    notes = ("Planned: the planner's estimate per worker (weights, gradients, optimizer, activations). "
+             "Measured: the rank-0 worker's peak RSS, which also holds the Python and torch runtime; "
+             "its rise over the worker's start is the closer match to the estimate.")
+    blocks = [("h2", "Memory per worker: planned vs measured"), ("p", notes), ("ul", lines)]
+    if why_not:
+        blocks.append(("p", f"Planned side missing: {why_not}."))
+    if chart:
+        blocks.append(("img", chart.name, "memory"))
+    return blocks
+
+
+def to_markdown(blocks: list) -> str:
+    out = []
+    for kind, *rest in blocks:
+        if kind == "h1":
+            out += [f"# {rest[0]}", ""]
+        elif kind == "h2":
+            out += [f"## {rest[0]}", ""]
+        elif kind == "p":
+            out += [rest[0], ""]
+        elif kind == "ul":
+            out += [f"- {line}" for line in rest[0]] + [""]
+        elif kind == "img":
+            out += [f"![{rest[1]}]({rest[0]})", ""]
+    return "\n".join(out)
+
+
+def to_html(blocks: list, folder: Path, title: str) -> str:
+    """One self-contained page: the PNGs are embedded, the page can be mailed or archived."""
+    e = html.escape
+    body = []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2", "p"):
+            body.append(f"<{kind}>{e(rest[0])}</{kind}>")
+        elif kind == "ul":
+            body.append("<ul>" + "".join(f"<li>{e(line)}</li>" for line in rest[0]) + "</ul>")
+        elif kind == "img":
+            data = base64.b64encode((folder / rest[0]).read_bytes()).decode()
+            body.append(f'<img alt="{e(rest[1])}" title="{e(rest[0])}" src="data:image/png;base64,{data}">')
+    style = "body{font-family:sans-serif;max-width:1000px;margin:2em auto}img{max-width:100%;display:block}"
+    return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{e(title)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
