@@ -31,27 +31,36 @@ TASKS = ("causal_lm", "instruction", "classification", "ner", "vqa")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # No inf or nan anywhere: `cpus_per_worker: .inf` passes `gt=0` but no arithmetic after it.
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------------------------
 # Model and strategy
 
 
+MODEL_SOURCES = ("tiny-llama", "minilm", "arrcoc-mini", "arrcoc-7b", "llama-2-7b")
+
+
 class ModelSpec(Strict):
     source: str = Field("tiny-llama", description="tiny-llama | minilm | hf:<local path>")
     config: dict[str, Any] = Field(default_factory=dict, description="overrides of the model config")
     seq_len: int = Field(64, gt=0, le=32768)
-    num_labels: Optional[int] = Field(None, gt=1, description="classification heads only")
+    # transformers writes a label name per class into the config: a bound keeps that small.
+    num_labels: Optional[int] = Field(None, gt=1, le=100_000, description="classification heads only")
 
     @field_validator("source")
     @classmethod
     def _known_source(cls, value: str) -> str:
-        known = ("tiny-llama", "minilm", "arrcoc-mini", "arrcoc-7b", "llama-2-7b")
-        if value in known or value.startswith("hf:"):
+        known = f"{', '.join(MODEL_SOURCES)}, or hf:<local model folder>"
+        if value in MODEL_SOURCES:
             return value
-        hint = difflib.get_close_matches(value, known, n=1)
-        fix = f"did you mean '{hint[0]}'?" if hint else f"use one of {', '.join(known)} or hf:<path>"
+        if value.startswith("hf:"):
+            if not value[3:].strip() or any(ord(c) < 32 for c in value):
+                raise ValueError("hf: needs the path of a local model folder (with config.json)")
+            return value
+        hint = difflib.get_close_matches(value, MODEL_SOURCES, n=1)
+        fix = f"did you mean '{hint[0]}'? Known: {known}" if hint else f"use one of {known}"
         raise ValueError(f"unknown model source; {fix}")
 
 
@@ -88,6 +97,21 @@ def _patterns(value: list[str]) -> list[str]:
 
 
 Patterns = Annotated[list[str], Field(min_length=1), AfterValidator(_patterns)]
+
+
+def _path(value: str) -> str:
+    if not value.strip():
+        raise ValueError("the path is empty; give a file, folder, glob or URI")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("a path cannot hold control characters (a newline, a NUL byte); fix the path")
+    return value
+
+
+# A file, folder, glob or URI: checked for what no filesystem accepts before it reaches one.
+PathStr = Annotated[str, AfterValidator(_path)]
+# What os.environ accepts on the cluster (a NUL byte or '=' in a name would fail there).
+EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+EnvValue = Annotated[str, Field(pattern=r"^[^\x00]*$")]
 
 
 class FreezeStrategy(Strict):
@@ -173,15 +197,15 @@ def _union(models):
 
 
 class ReplaySpec(Strict):
-    path: str
+    path: PathStr
     fraction: float = Field(0.2, gt=0, lt=1)
 
 
 class DataSpec(Strict):
     task: Literal[TASKS] = "causal_lm"
-    train: str
-    eval: Optional[str] = None
-    retain: Optional[str] = None
+    train: PathStr
+    eval: Optional[PathStr] = None
+    retain: Optional[PathStr] = None
     replay: Optional[ReplaySpec] = None
     columns: dict[str, str] = Field(default_factory=dict, description="task role -> column name")
     force: bool = Field(False, description="run even when the dataset is far too small")
@@ -221,8 +245,8 @@ class DeepSpeedSpec(Strict):
 
 class JobBase(Strict):
     name: str = Field(pattern=NAME_PATTERN, description="lower-case letters, digits and '-'")
-    storage: str = "./runs"
-    env: dict[str, str] = Field(default_factory=dict, description="environment for the job")
+    storage: PathStr = "./runs"
+    env: dict[EnvName, EnvValue] = Field(default_factory=dict, description="environment for the job")
 
 
 class LrGroup(Strict):
@@ -236,8 +260,8 @@ class LrGroup(Strict):
 class EwcSpec(Strict):
     """Elastic weight consolidation: lambda/2 * sum F_i (theta_i - theta*_i)^2, F from the retain set."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True, populate_by_name=True,
-                              serialize_by_alias=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False,
+                              populate_by_name=True, serialize_by_alias=True)
     lam: float = Field(100.0, gt=0, alias="lambda", description="penalty weight")
     samples: int = Field(64, gt=0, le=100000, description="retain examples for the Fisher diagonal")
 
@@ -373,6 +397,11 @@ def read_yaml(path: Union[str, Path]) -> dict:
         raise ConfigError(f"spec file not found: {path}; check the path") from None
     except OSError as exc:
         raise ConfigError(f"cannot read spec file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: byte {exc.object[exc.start]:#04x} at offset {exc.start} is not UTF-8 text; "
+            "save the spec as UTF-8 YAML"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -382,7 +411,29 @@ def read_yaml(path: Union[str, Path]) -> dict:
         raise ConfigError(f"{path}: YAML error{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a spec is a YAML mapping with a 'kind:' key, got {type(data).__name__}")
+    _check_tree(data, str(path))
     return data
+
+
+MAX_VALUES = 100_000  # a real spec holds a few hundred; more is an alias bomb
+
+
+def _check_tree(data: dict, source: str) -> None:
+    """YAML aliases can make a mapping contain itself, or a few lines expand to millions of
+    values: refuse both here, with where, before anything walks the spec."""
+    count, stack = 0, [(data, (), frozenset())]
+    while stack:
+        node, where, above = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise ConfigError(f"the spec expands to over {MAX_VALUES:,} values (YAML aliases?); "
+                              "write the values out or remove the aliases", source)
+        if isinstance(node, (dict, list)):
+            if id(node) in above:
+                raise ConfigError(f"{'.'.join(where)}: a YAML alias makes this value contain itself; "
+                                  "remove the alias", source)
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            stack += [(value, (*where, _key(key)), above | {id(node)}) for key, value in items]
 
 
 def apply_override(data: dict, item: str, source: Optional[str] = None) -> None:
@@ -408,7 +459,7 @@ def apply_override(data: dict, item: str, source: Optional[str] = None) -> None:
 
 def validate(data: dict, source: Optional[str] = None) -> BaseModel:
     kind = data.get("kind")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         hint = difflib.get_close_matches(str(kind), KINDS, n=1)
         fix = f"did you mean '{hint[0]}'?" if hint else f"use one of: {', '.join(KINDS)}"
         got = "missing" if kind is None else repr(kind)
@@ -421,7 +472,7 @@ def validate(data: dict, source: Optional[str] = None) -> BaseModel:
 
 def _describe(err: dict) -> str:
     loc = _field_path(err["loc"])
-    path = ".".join(str(p) for p in loc) or "(top level)"
+    path = ".".join(_key(p) for p in loc) or "(top level)"
     kind = err["type"]
     if kind == "extra_forbidden":
         parent_fields = _fields_at(err["loc"][:-1])
@@ -432,6 +483,9 @@ def _describe(err: dict) -> str:
         return f"{path}: unknown key; {fix}"
     if kind == "missing":
         return f"{path}: required field is missing"
+    if loc and loc[-1] == "[key]":  # a dict key failed its own type (env names)
+        path = ".".join(_key(p) for p in loc[:-1])
+        return f"{path}: invalid key: {err['msg']} (got {_short(err.get('input'))})"
     msg = err["msg"].removeprefix("Value error, ")
     if kind == "union_tag_invalid":
         tag, choices = err["ctx"]["tag"], STRATEGIES if path == "strategy" else KINDS
@@ -441,6 +495,12 @@ def _describe(err: dict) -> str:
     if isinstance(err.get("input"), dict):  # a rule across fields: the message names them
         return f"{path}: {msg}"
     return f"{path}: {msg} (got {_short(err.get('input'))})"
+
+
+def _key(part: Any) -> str:
+    """A path part as typed in a spec; a key with spaces, control characters or the like quoted."""
+    text = str(part)
+    return text if re.fullmatch(r"[\w\-]+", text, re.ASCII) else repr(text)
 
 
 def _short(value: Any) -> str:
