@@ -27,6 +27,8 @@ from pydantic import (
 from launcher.errors import ConfigError
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
+# Upper bounds far above any real job, so that the planner's float arithmetic stays finite.
+MAX_STEPS, MAX_EPOCHS, MAX_BATCH, MAX_CPUS, MAX_GPUS = 10**9, 10**6, 2**20, 1024, 64
 TASKS = ("causal_lm", "instruction", "classification", "ner", "vqa")
 
 
@@ -122,7 +124,7 @@ class FreezeStrategy(Strict):
     type: Literal["freeze"]
     train: Optional[Patterns] = None
     freeze: Optional[Patterns] = None
-    freeze_first_layers: Optional[int] = Field(None, ge=0)
+    freeze_first_layers: Optional[int] = Field(None, ge=0, le=MAX_STEPS)
 
     @model_validator(mode="after")
     def _exactly_one(self):
@@ -136,8 +138,8 @@ class FreezeStrategy(Strict):
 
 
 class UnfreezeStep(Strict):
-    step: Optional[int] = Field(None, ge=0, description="unfreeze before this many steps are done")
-    epoch: Optional[float] = Field(None, ge=0, description="or after this many epochs")
+    step: Optional[int] = Field(None, ge=0, le=MAX_STEPS, description="unfreeze before this many steps are done")
+    epoch: Optional[float] = Field(None, ge=0, le=MAX_EPOCHS, description="or after this many epochs")
     unfreeze: Patterns
 
     @model_validator(mode="after")
@@ -212,22 +214,22 @@ class DataSpec(Strict):
 
 
 class TrainSpec(Strict):
-    max_steps: Optional[int] = Field(None, gt=0, description="default: from epochs and row counts")
-    epochs: float = Field(1.0, gt=0, description="used when max_steps is not set")
-    micro_batch: int = Field(8, gt=0)
+    max_steps: Optional[int] = Field(None, gt=0, le=MAX_STEPS, description="default: from epochs and row counts")
+    epochs: float = Field(1.0, gt=0, le=MAX_EPOCHS, description="used when max_steps is not set")
+    micro_batch: int = Field(8, gt=0, le=MAX_BATCH)
     lr: float = Field(2e-4, gt=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
     grad_clip: Optional[float] = Field(1.0, gt=0)
-    report_every: int = Field(20, gt=0, description="steps between reports and checkpoints")
-    eval_batches: int = Field(4, ge=0, description="batches of the eval split at each report")
+    report_every: int = Field(20, gt=0, le=MAX_STEPS, description="steps between reports and checkpoints")
+    eval_batches: int = Field(4, ge=0, le=MAX_STEPS, description="batches of the eval split at each report")
     seed: int = 0
 
 
 class ResourcesSpec(Strict):
     workers: int = Field(2, gt=0, le=4096)
-    cpus_per_worker: float = Field(0.5, gt=0)
-    gpus_per_worker: float = Field(0, ge=0)
+    cpus_per_worker: float = Field(0.5, gt=0, le=MAX_CPUS)
+    gpus_per_worker: float = Field(0, ge=0, le=MAX_GPUS)
 
 
 class DeepSpeedSpec(Strict):
@@ -239,7 +241,7 @@ class DeepSpeedSpec(Strict):
     precision: Optional[Literal["bf16", "fp32", "fp16"]] = Field(
         None, description="default: bf16 on GPUs, fp32 on CPU (fp16 is refused on CPU)"
     )
-    grad_accumulation: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    grad_accumulation: int = Field(1, gt=0, le=MAX_BATCH, description="micro-batches per optimizer step")
     activation_checkpointing: bool = False
 
 
@@ -566,9 +568,9 @@ class LoraOverride(Strict):
 
 
 class TrainOverride(Strict):
-    max_steps: Optional[int] = Field(None, gt=0)
-    epochs: Optional[float] = Field(None, gt=0)
-    micro_batch: Optional[int] = Field(None, gt=0)
+    max_steps: Optional[int] = Field(None, gt=0, le=MAX_STEPS)
+    epochs: Optional[float] = Field(None, gt=0, le=MAX_EPOCHS)
+    micro_batch: Optional[int] = Field(None, gt=0, le=MAX_BATCH)
     lr: Optional[float] = Field(None, gt=0, lt=1)
     seed: Optional[int] = None
 
@@ -592,10 +594,10 @@ class TaskSpec(Strict):
 
 
 class AdapterResources(Strict):
-    cpus_per_worker: float = Field(0.5, gt=0, description="per adapter worker (or the packed one)")
-    gpus_per_worker: float = Field(0, ge=0, description="1 on a GPU cluster: one GPU per adapter")
+    cpus_per_worker: float = Field(0.5, gt=0, le=MAX_CPUS, description="per adapter worker (or the packed one)")
+    gpus_per_worker: float = Field(0, ge=0, le=MAX_GPUS, description="1 on a GPU cluster: one GPU per adapter")
     data_cpus_per_worker: float = Field(
-        0.2, gt=0, description="CPUs reserved beside each worker for its Ray Data stream (read, tokenize)")
+        0.2, gt=0, le=MAX_CPUS, description="CPUs reserved beside each worker for its Ray Data stream (read, tokenize)")
 
 
 class MultitaskSpec(JobBase):
@@ -652,9 +654,9 @@ class StageSpec(Strict):
     )
     strategy: Optional[LoraStrategy] = Field(None, description="adds LoRA to the LLM from this stage on")
     lr_groups: dict[str, float] = Field(description="learning rate per trained group")
-    steps: int = Field(gt=0)
-    micro_batch: int = Field(16, gt=0)
-    report_every: int = Field(10, gt=0, description="steps between reports and checkpoints")
+    steps: int = Field(gt=0, le=MAX_STEPS)
+    micro_batch: int = Field(16, gt=0, le=MAX_BATCH)
+    report_every: int = Field(10, gt=0, le=MAX_STEPS, description="steps between reports and checkpoints")
     data: Optional[DataSpec] = Field(None, description="default: the pipeline's data")
     resources: ResourcesSpec = Field(default_factory=_one_stage_resources)
 
@@ -686,7 +688,7 @@ class StageSpec(Strict):
 class PipelineTrainSpec(Strict):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: Optional[float] = Field(1.0, gt=0)
-    eval_rows: int = Field(128, ge=0, description="rows of the eval split scored after each stage")
+    eval_rows: int = Field(128, ge=0, le=MAX_STEPS, description="rows of the eval split scored after each stage")
     seed: int = 0
 
 

@@ -98,6 +98,9 @@ def test_values_no_filesystem_or_arithmetic_accepts_are_refused():
     assert len(found) == 6
     assert problems({**GOOD, "kind": ["finetune"]}) == [
         "kind: ['finetune'] is not a job kind; did you mean 'finetune'?"]
+    assert problems({**GOOD, "train": {"micro_batch": 10**400}, "resources": {"cpus_per_worker": 1e308}}) == [
+        f"train.micro_batch: Input should be less than or equal to 1048576 (got {10**400!r:.57}...)",
+        "resources.cpus_per_worker: Input should be less than or equal to 1024 (got 1e+308)"]
     assert problems({**GOOD, "model": {"num_labels": 10**12}}) == [
         "model.num_labels: Input should be less than or equal to 100000 (got 1000000000000)"]
 
