@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -19,6 +22,7 @@ from launcher.plan import JobPlan, plan as make_plan
 from launcher.spec import load_spec
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+CONNECT_TIMEOUT_S = 5.0
 
 
 def resolve_address(target: str = "local", address: Optional[str] = None, start: bool = True) -> str:
@@ -34,9 +38,25 @@ def resolve_address(target: str = "local", address: Optional[str] = None, start:
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         raise ClusterError("no cluster address; pass --address http://HOST:8265 or set RAY_ADDRESS")
-    if "://" not in address:
-        address = f"http://{address}"
-    return address
+    url = _dashboard_url(address)
+    if url is None:
+        raise ClusterError(
+            f"address {address!r} is not a Ray dashboard URL; use http://HOST:8265 (--address or RAY_ADDRESS)"
+        )
+    return url
+
+
+def _dashboard_url(address: str) -> Optional[str]:
+    """`HOST:PORT` or `http(s)://HOST[:PORT]` as a URL; None for anything else."""
+    url = address if "://" in address else f"http://{address}"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port_ok = parts.port is None or 0 < parts.port < 65536  # .port raises on a non-number
+    except ValueError:
+        return None
+    plain = re.fullmatch(r"[A-Za-z0-9._\-]+(:\d+)?|\[[0-9a-fA-F:.]+\](:\d+)?", parts.netloc)
+    ok = parts.scheme in ("http", "https") and parts.hostname and plain and port_ok
+    return url if ok else None
 
 
 def client(address: str):
@@ -50,8 +70,17 @@ def client(address: str):
         logging.getLogger(name).setLevel(logging.WARNING)
 
     try:
+        # A host that drops packets would hold the connect for minutes; Ray sets no timeout.
+        parts = urllib.parse.urlsplit(address)
+        if parts.hostname and parts.port:
+            socket.create_connection((parts.hostname, parts.port), timeout=CONNECT_TIMEOUT_S).close()
         return JobSubmissionClient(address)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
+    except socket.timeout:
+        raise ClusterError(
+            f"cannot reach a Ray cluster at {address}: no answer within {CONNECT_TIMEOUT_S:.0f} s; "
+            "check the address and that the head's dashboard (Jobs API) is up"
+        ) from None
+    except (OSError, RuntimeError, ValueError) as exc:  # refused, no route, unknown host, HTTP errors
         raise ClusterError(
             f"cannot reach a Ray cluster at {address}: {str(exc).splitlines()[0]}; "
             "check the address and that the head's dashboard (Jobs API) is up"

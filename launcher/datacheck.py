@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import os
 from dataclasses import dataclass, field
 
 from launcher.errors import ConfigError
@@ -29,6 +30,7 @@ _NEEDS = {
 PARQUET = (".parquet", ".parq", ".pq")
 ARROW_IPC = (".arrow", ".feather", ".ipc")
 _MAX_LINES = 8
+MAX_LISTED = 100_000  # files and folders a dataset path may hold
 
 # Rough minimum examples per task (DESIGN.md "Bad input"); PEFT gets by with 50-500.
 MINIMUM_ROWS = {
@@ -89,14 +91,34 @@ def _filesystem(path_or_uri: str, where: str):
 
 
 def _data_files(fs, path: str, shown: str, where: str) -> list[str]:
+    try:
+        return _find_files(fs, path, shown, where)
+    except OSError as e:  # permissions, a name too long, an unreachable bucket
+        reason = os.strerror(e.errno) if e.errno else (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"{where}: cannot list {shown} ({reason}); fix the path or its permissions") from None
+
+
+def _find_files(fs, path: str, shown: str, where: str) -> list[str]:
     import pyarrow.fs as pafs
 
     def listing(base):
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-        return sorted(
-            i.path for i in infos
-            if i.type == pafs.FileType.File and not i.base_name.startswith(("_", "."))
-        )  # fmt: skip
+        # Folder by folder, skipping `_`/`.` entries as readers do, and bounded: a path such as
+        # `/` must not make plan walk the whole machine (or loop through /proc).
+        files, folders, seen = [], [base], 0
+        while folders:
+            infos = fs.get_file_info(pafs.FileSelector(folders.pop(), allow_not_found=True))
+            seen += len(infos)
+            if seen > MAX_LISTED:
+                raise ConfigError(f"{where}: {shown} holds over {MAX_LISTED:,} files and folders; "
+                                  "point it at the dataset's own folder")
+            for i in infos:
+                if i.base_name.startswith(("_", ".")):
+                    continue
+                if i.type == pafs.FileType.File:
+                    files.append(i.path)
+                elif i.type == pafs.FileType.Directory:
+                    folders.append(i.path)
+        return sorted(files)
 
     if any(c in path for c in "*?["):
         base = path[: min(path.find(c) for c in "*?[" if c in path)].rpartition("/")[0] or "/"

@@ -6,13 +6,15 @@ class LauncherError(Exception):
 
 
 class ConfigError(LauncherError):
-    """A spec or an override is invalid. Carries every problem found, one line each."""
+    """A spec or an override is invalid. Carries every problem found; its message is one line
+    that lists them all: `spec.yaml: 2 problems: a.b: ... | c: ...`."""
 
     def __init__(self, problems, source=None):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         self.source = source
         prefix = f"{source}: " if source else ""
-        super().__init__("\n".join(prefix + p for p in self.problems))
+        count = f"{len(self.problems)} problems: " if len(self.problems) > 1 else ""
+        super().__init__(prefix + count + " | ".join(self.problems))
 
 
 class PlanError(LauncherError):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from cluster import profiles as cluster_profiles
-from launcher.errors import MissingExtraError, PlanError
+from launcher.errors import ConfigError, MissingExtraError, PlanError
 
 GB = 10**9
 GIB = 2**30
@@ -172,6 +172,25 @@ def _targets_match(name: str, targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def _check_targets(model: dict, strategy: dict, linears: list) -> None:
+    """LoRA target_modules that name no linear layer of the model fail in peft on the cluster:
+    refuse them here, with the names that would match."""
+    targets = strategy.get("target_modules")
+    if strategy.get("type") not in ("lora", "qlora") or not isinstance(targets, list):
+        return
+    if any(_targets_match(name, targets) for name, _, _ in linears):
+        return
+    names = sorted({name.rsplit(".", 1)[-1] for name, _, _ in linears})
+    raise ConfigError(
+        f"strategy.target_modules: {targets} match no linear layer of model "
+        f"{model.get('source', 'tiny-llama')}; use all-linear or some of: {', '.join(names)}"
+    )
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def lora_closed_form(linears: list, r: int, target_modules: Union[str, list] = "all-linear") -> int:
     """Σ r·(d_in + d_out) over the adapted linear layers: [(name, d_in, d_out), ...]."""
     total = 0
@@ -258,8 +277,15 @@ def _count_cached(key: str) -> dict:
         task_type = "SEQ_CLS" if model.get("num_labels") else ("FEATURE_EXTRACTION" if classifier else "CAUSAL_LM")
         import peft
 
+        _check_targets(model, strategy, linears)
         with torch.device("meta"):
-            wrapped = peft.get_peft_model(net, _peft_config(strategy, task_type))
+            try:
+                wrapped = peft.get_peft_model(net, _peft_config(strategy, task_type))
+            except (ValueError, TypeError, KeyError) as exc:  # the job's get_peft_model would fail alike
+                raise ConfigError(
+                    f"strategy: peft cannot apply {kind} to model {model.get('source', 'tiny-llama')}: "
+                    f"{_first_line(exc)}; fix the strategy's module names or use the defaults"
+                ) from None
         trainable, total = wrapped.get_nb_trainable_parameters()
         if kind in ("lora", "qlora"):
             counts["lora_closed_form"] = lora_closed_form(

@@ -105,14 +105,23 @@ def plan(
             value = (stage.get("data") or {}).get(field)
             if value is not None and not _is_uri(value) and not os.path.isabs(value):
                 stage["data"][field] = str((base / value).resolve())
+    model = resolved.get("model") or {}
+    if model.get("source", "").startswith("hf:"):  # the job loads it from its own working dir
+        folder = os.path.expanduser(model["source"][3:])
+        model["source"] = "hf:" + (folder if os.path.isabs(folder) else str((base / folder).resolve()))
     storage = resolved["storage"]
-    if not _is_uri(storage):
-        storage = resolved["storage"] = str((base / storage).resolve())
-        if target in ("ray", "k8s"):
-            warnings.append(
-                f"storage {storage} is a local path: the cluster's nodes must see it "
-                "(a shared filesystem), or use s3://bucket/prefix"
-            )
+    if _is_uri(storage):  # jobs/artifacts.py RunDir writes with local file I/O only
+        raise PlanError(
+            f"storage {storage}: a {storage.split('://')[0]}:// URI is not supported yet (run folders are "
+            "written with local file I/O); use a folder, on a shared filesystem for a multi-node cluster"
+        )
+    storage = resolved["storage"] = str((base / storage).resolve())
+    if target == "local":
+        check_storage(storage)
+    else:
+        warnings.append(
+            f"storage {storage} is a local path: the cluster's nodes must see it (a shared filesystem)"
+        )
 
     for key, value in resolved.get("env", {}).items():  # secret references fit their target
         if value.startswith("secret:") and target != "k8s":
@@ -133,6 +142,7 @@ def plan(
     if preflight:
         from launcher import preflight as checks
 
+        warnings += checks.check_model(resolved, target)
         data, data_warnings = checks.check_data(resolved, target)
         warnings += data_warnings
         if target == "local" and profile is None:
@@ -194,6 +204,29 @@ def plan(
         engine_config=engine_config,
     )
     return with_runtime_env(JobPlan(**job_plan_fields), spec.env, estimate)
+
+
+def check_storage(path: str) -> None:
+    """The local target creates the run folder on this machine: refuse a storage path that cannot
+    hold one now, before anything is submitted (no write: the nearest existing folder is probed)."""
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == path else f"is under {existing}, a file"
+        raise PlanError(f"storage {path} {where}, not a folder; point storage at a folder (e.g. ./runs)")
+    stat = os.statvfs(existing)
+    reason = (
+        "no write permission" if not os.access(existing, os.W_OK | os.X_OK)
+        else "a read-only filesystem" if stat.f_flag & os.ST_RDONLY
+        else "a virtual filesystem, like /proc" if stat.f_blocks == 0
+        else None
+    )
+    if reason:
+        raise PlanError(
+            f"storage {path}: cannot create a run folder in {existing} ({reason}); "
+            "point storage at a writable folder (e.g. ./runs)"
+        )
 
 
 def with_runtime_env(draft: JobPlan, env: dict, estimate: Optional[dict] = None) -> JobPlan:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from launcher.errors import MissingExtraError, PlanError
+from launcher.errors import ConfigError, MissingExtraError, PlanError
 
 DATA_ROLES = ("train", "eval", "retain")
 PEFT_TYPES = ("lora", "qlora", "prefix", "prompt", "ia3")
@@ -56,6 +56,31 @@ def check_data(spec: dict, target: str = "local") -> tuple[dict, list[str]]:
         workers = spec["resources"]["workers"]
         train["max_steps"] = steps_for(found["train"]["rows"], train["epochs"], train["micro_batch"], workers)
     return found, warnings
+
+
+def check_model(spec: dict, target: str = "local") -> list[str]:
+    """An hf: model is a local folder with config.json: jobs run with the hub offline
+    (HF_HUB_OFFLINE=1), so a hub id, or a folder that is not there, would fail on the cluster."""
+    import os
+
+    models = [spec.get("model") or {}] + [v.get("model") for v in (spec.get("variants") or {}).values()]
+    warnings = []
+    for model in models:
+        source = model.get("source", "") if isinstance(model, dict) else ""
+        if not source.startswith("hf:"):
+            continue
+        folder = source[3:]
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            continue
+        if target != "local" and not os.path.exists(folder):
+            warnings.append(f"model.source: {folder} is not visible here; not checked before submit")
+            continue
+        raise ConfigError(
+            f"model.source: {source} is not a local model folder (no config.json in {folder}); jobs "
+            "do not download from the Hugging Face hub (HF_HUB_OFFLINE=1): download the model first "
+            "and point hf: at its folder"
+        )
+    return warnings
 
 
 def check_fit(spec: dict, profile: Optional[str], strict: bool) -> tuple[Optional[dict], list[str]]:

@@ -27,31 +27,42 @@ from pydantic import (
 from launcher.errors import ConfigError
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
+# Upper bounds far above any real job, so that the planner's float arithmetic stays finite.
+MAX_STEPS, MAX_EPOCHS, MAX_BATCH, MAX_CPUS, MAX_GPUS = 10**9, 10**6, 2**20, 1024, 64
 TASKS = ("causal_lm", "instruction", "classification", "ner", "vqa")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # No inf or nan anywhere: `cpus_per_worker: .inf` passes `gt=0` but no arithmetic after it.
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------------------------
 # Model and strategy
 
 
+MODEL_SOURCES = ("tiny-llama", "minilm", "arrcoc-mini", "arrcoc-7b", "llama-2-7b")
+
+
 class ModelSpec(Strict):
     source: str = Field("tiny-llama", description="tiny-llama | minilm | hf:<local path>")
     config: dict[str, Any] = Field(default_factory=dict, description="overrides of the model config")
     seq_len: int = Field(64, gt=0, le=32768)
-    num_labels: Optional[int] = Field(None, gt=1, description="classification heads only")
+    # transformers writes a label name per class into the config: a bound keeps that small.
+    num_labels: Optional[int] = Field(None, gt=1, le=100_000, description="classification heads only")
 
     @field_validator("source")
     @classmethod
     def _known_source(cls, value: str) -> str:
-        known = ("tiny-llama", "minilm", "arrcoc-mini", "arrcoc-7b", "llama-2-7b")
-        if value in known or value.startswith("hf:"):
+        known = f"{', '.join(MODEL_SOURCES)}, or hf:<local model folder>"
+        if value in MODEL_SOURCES:
             return value
-        hint = difflib.get_close_matches(value, known, n=1)
-        fix = f"did you mean '{hint[0]}'?" if hint else f"use one of {', '.join(known)} or hf:<path>"
+        if value.startswith("hf:"):
+            if not value[3:].strip() or any(ord(c) < 32 for c in value):
+                raise ValueError("hf: needs the path of a local model folder (with config.json)")
+            return value
+        hint = difflib.get_close_matches(value, MODEL_SOURCES, n=1)
+        fix = f"did you mean '{hint[0]}'? Known: {known}" if hint else f"use one of {known}"
         raise ValueError(f"unknown model source; {fix}")
 
 
@@ -90,6 +101,21 @@ def _patterns(value: list[str]) -> list[str]:
 Patterns = Annotated[list[str], Field(min_length=1), AfterValidator(_patterns)]
 
 
+def _path(value: str) -> str:
+    if not value.strip():
+        raise ValueError("the path is empty; give a file, folder, glob or URI")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("a path cannot hold control characters (a newline, a NUL byte); fix the path")
+    return value
+
+
+# A file, folder, glob or URI: checked for what no filesystem accepts before it reaches one.
+PathStr = Annotated[str, AfterValidator(_path)]
+# What os.environ accepts on the cluster (a NUL byte or '=' in a name would fail there).
+EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+EnvValue = Annotated[str, Field(pattern=r"^[^\x00]*$")]
+
+
 class FreezeStrategy(Strict):
     """Train only some of the model's own parameters. Patterns are regular expressions searched
     in parameter names: `train: [lm_head]` (freeze the backbone, train the head),
@@ -98,7 +124,7 @@ class FreezeStrategy(Strict):
     type: Literal["freeze"]
     train: Optional[Patterns] = None
     freeze: Optional[Patterns] = None
-    freeze_first_layers: Optional[int] = Field(None, ge=0)
+    freeze_first_layers: Optional[int] = Field(None, ge=0, le=MAX_STEPS)
 
     @model_validator(mode="after")
     def _exactly_one(self):
@@ -112,8 +138,8 @@ class FreezeStrategy(Strict):
 
 
 class UnfreezeStep(Strict):
-    step: Optional[int] = Field(None, ge=0, description="unfreeze before this many steps are done")
-    epoch: Optional[float] = Field(None, ge=0, description="or after this many epochs")
+    step: Optional[int] = Field(None, ge=0, le=MAX_STEPS, description="unfreeze before this many steps are done")
+    epoch: Optional[float] = Field(None, ge=0, le=MAX_EPOCHS, description="or after this many epochs")
     unfreeze: Patterns
 
     @model_validator(mode="after")
@@ -173,30 +199,30 @@ def _union(models):
 
 
 class ReplaySpec(Strict):
-    path: str
+    path: PathStr
     fraction: float = Field(0.2, gt=0, lt=1)
 
 
 class DataSpec(Strict):
     task: Literal[TASKS] = "causal_lm"
-    train: str
-    eval: Optional[str] = None
-    retain: Optional[str] = None
+    train: PathStr
+    eval: Optional[PathStr] = None
+    retain: Optional[PathStr] = None
     replay: Optional[ReplaySpec] = None
     columns: dict[str, str] = Field(default_factory=dict, description="task role -> column name")
     force: bool = Field(False, description="run even when the dataset is far too small")
 
 
 class TrainSpec(Strict):
-    max_steps: Optional[int] = Field(None, gt=0, description="default: from epochs and row counts")
-    epochs: float = Field(1.0, gt=0, description="used when max_steps is not set")
-    micro_batch: int = Field(8, gt=0)
+    max_steps: Optional[int] = Field(None, gt=0, le=MAX_STEPS, description="default: from epochs and row counts")
+    epochs: float = Field(1.0, gt=0, le=MAX_EPOCHS, description="used when max_steps is not set")
+    micro_batch: int = Field(8, gt=0, le=MAX_BATCH)
     lr: float = Field(2e-4, gt=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
     grad_clip: Optional[float] = Field(1.0, gt=0)
-    report_every: int = Field(20, gt=0, description="steps between reports and checkpoints")
-    eval_batches: int = Field(4, ge=0, description="batches of the eval split at each report")
+    report_every: int = Field(20, gt=0, le=MAX_STEPS, description="steps between reports and checkpoints")
+    eval_batches: int = Field(4, ge=0, le=MAX_STEPS, description="batches of the eval split at each report")
     seed: int = 0
     max_failures: int = Field(
         1, ge=-1, description="worker failures recovered from the last checkpoint (-1: no limit); "
@@ -205,8 +231,8 @@ class TrainSpec(Strict):
 
 class ResourcesSpec(Strict):
     workers: int = Field(2, gt=0, le=4096)
-    cpus_per_worker: float = Field(0.5, gt=0)
-    gpus_per_worker: float = Field(0, ge=0)
+    cpus_per_worker: float = Field(0.5, gt=0, le=MAX_CPUS)
+    gpus_per_worker: float = Field(0, ge=0, le=MAX_GPUS)
 
 
 class DeepSpeedSpec(Strict):
@@ -218,7 +244,7 @@ class DeepSpeedSpec(Strict):
     precision: Optional[Literal["bf16", "fp32", "fp16"]] = Field(
         None, description="default: bf16 on GPUs, fp32 on CPU (fp16 is refused on CPU)"
     )
-    grad_accumulation: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    grad_accumulation: int = Field(1, gt=0, le=MAX_BATCH, description="micro-batches per optimizer step")
     activation_checkpointing: bool = False
 
 
@@ -228,8 +254,8 @@ SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|CRE
 
 class JobBase(Strict):
     name: str = Field(pattern=NAME_PATTERN, description="lower-case letters, digits and '-'")
-    storage: str = "./runs"
-    env: dict[str, str] = Field(
+    storage: PathStr = "./runs"
+    env: dict[EnvName, EnvValue] = Field(
         default_factory=dict, description="environment for the job; secrets only as references: "
         "env:NAME (read from the cluster's environment) or secret:SECRET/KEY (Kubernetes)")
     pending_timeout: Optional[float] = Field(
@@ -239,8 +265,6 @@ class JobBase(Strict):
     @classmethod
     def _no_literal_secrets(cls, env: dict[str, str]) -> dict[str, str]:
         for key, value in env.items():
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-                raise ValueError(f"env name {key!r} is not an environment variable name")
             if value.startswith("env:") and not re.fullmatch(r"env:[A-Za-z_][A-Za-z0-9_]*", value):
                 raise ValueError(f"env.{key}: {value!r} is not env:NAME")
             if SECRET_NAME.search(key) and not value.startswith(("env:", "secret:")):
@@ -262,8 +286,8 @@ class LrGroup(Strict):
 class EwcSpec(Strict):
     """Elastic weight consolidation: lambda/2 * sum F_i (theta_i - theta*_i)^2, F from the retain set."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True, populate_by_name=True,
-                              serialize_by_alias=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False,
+                              populate_by_name=True, serialize_by_alias=True)
     lam: float = Field(100.0, gt=0, alias="lambda", description="penalty weight")
     samples: int = Field(64, gt=0, le=100000, description="retain examples for the Fisher diagonal")
 
@@ -399,6 +423,11 @@ def read_yaml(path: Union[str, Path]) -> dict:
         raise ConfigError(f"spec file not found: {path}; check the path") from None
     except OSError as exc:
         raise ConfigError(f"cannot read spec file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: byte {exc.object[exc.start]:#04x} at offset {exc.start} is not UTF-8 text; "
+            "save the spec as UTF-8 YAML"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -408,7 +437,29 @@ def read_yaml(path: Union[str, Path]) -> dict:
         raise ConfigError(f"{path}: YAML error{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a spec is a YAML mapping with a 'kind:' key, got {type(data).__name__}")
+    _check_tree(data, str(path))
     return data
+
+
+MAX_VALUES = 100_000  # a real spec holds a few hundred; more is an alias bomb
+
+
+def _check_tree(data: dict, source: str) -> None:
+    """YAML aliases can make a mapping contain itself, or a few lines expand to millions of
+    values: refuse both here, with where, before anything walks the spec."""
+    count, stack = 0, [(data, (), frozenset())]
+    while stack:
+        node, where, above = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise ConfigError(f"the spec expands to over {MAX_VALUES:,} values (YAML aliases?); "
+                              "write the values out or remove the aliases", source)
+        if isinstance(node, (dict, list)):
+            if id(node) in above:
+                raise ConfigError(f"{'.'.join(where)}: a YAML alias makes this value contain itself; "
+                                  "remove the alias", source)
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            stack += [(value, (*where, _key(key)), above | {id(node)}) for key, value in items]
 
 
 def apply_override(data: dict, item: str, source: Optional[str] = None) -> None:
@@ -434,7 +485,7 @@ def apply_override(data: dict, item: str, source: Optional[str] = None) -> None:
 
 def validate(data: dict, source: Optional[str] = None) -> BaseModel:
     kind = data.get("kind")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         hint = difflib.get_close_matches(str(kind), KINDS, n=1)
         fix = f"did you mean '{hint[0]}'?" if hint else f"use one of: {', '.join(KINDS)}"
         got = "missing" if kind is None else repr(kind)
@@ -447,7 +498,7 @@ def validate(data: dict, source: Optional[str] = None) -> BaseModel:
 
 def _describe(err: dict) -> str:
     loc = _field_path(err["loc"])
-    path = ".".join(str(p) for p in loc) or "(top level)"
+    path = ".".join(_key(p) for p in loc) or "(top level)"
     kind = err["type"]
     if kind == "extra_forbidden":
         parent_fields = _fields_at(err["loc"][:-1])
@@ -458,6 +509,9 @@ def _describe(err: dict) -> str:
         return f"{path}: unknown key; {fix}"
     if kind == "missing":
         return f"{path}: required field is missing"
+    if loc and loc[-1] == "[key]":  # a dict key failed its own type (env names)
+        path = ".".join(_key(p) for p in loc[:-1])
+        return f"{path}: invalid key: {err['msg']} (got {_short(err.get('input'))})"
     msg = err["msg"].removeprefix("Value error, ")
     if kind == "union_tag_invalid":
         tag, choices = err["ctx"]["tag"], STRATEGIES if path == "strategy" else KINDS
@@ -467,6 +521,12 @@ def _describe(err: dict) -> str:
     if isinstance(err.get("input"), dict):  # a rule across fields: the message names them
         return f"{path}: {msg}"
     return f"{path}: {msg} (got {_short(err.get('input'))})"
+
+
+def _key(part: Any) -> str:
+    """A path part as typed in a spec; a key with spaces, control characters or the like quoted."""
+    text = str(part)
+    return text if re.fullmatch(r"[\w\-]+", text, re.ASCII) else repr(text)
 
 
 def _short(value: Any) -> str:
@@ -532,9 +592,9 @@ class LoraOverride(Strict):
 
 
 class TrainOverride(Strict):
-    max_steps: Optional[int] = Field(None, gt=0)
-    epochs: Optional[float] = Field(None, gt=0)
-    micro_batch: Optional[int] = Field(None, gt=0)
+    max_steps: Optional[int] = Field(None, gt=0, le=MAX_STEPS)
+    epochs: Optional[float] = Field(None, gt=0, le=MAX_EPOCHS)
+    micro_batch: Optional[int] = Field(None, gt=0, le=MAX_BATCH)
     lr: Optional[float] = Field(None, gt=0, lt=1)
     seed: Optional[int] = None
 
@@ -558,10 +618,10 @@ class TaskSpec(Strict):
 
 
 class AdapterResources(Strict):
-    cpus_per_worker: float = Field(0.5, gt=0, description="per adapter worker (or the packed one)")
-    gpus_per_worker: float = Field(0, ge=0, description="1 on a GPU cluster: one GPU per adapter")
+    cpus_per_worker: float = Field(0.5, gt=0, le=MAX_CPUS, description="per adapter worker (or the packed one)")
+    gpus_per_worker: float = Field(0, ge=0, le=MAX_GPUS, description="1 on a GPU cluster: one GPU per adapter")
     data_cpus_per_worker: float = Field(
-        0.2, gt=0, description="CPUs reserved beside each worker for its Ray Data stream (read, tokenize)")
+        0.2, gt=0, le=MAX_CPUS, description="CPUs reserved beside each worker for its Ray Data stream (read, tokenize)")
 
 
 class MultitaskSpec(JobBase):
@@ -618,9 +678,9 @@ class StageSpec(Strict):
     )
     strategy: Optional[LoraStrategy] = Field(None, description="adds LoRA to the LLM from this stage on")
     lr_groups: dict[str, float] = Field(description="learning rate per trained group")
-    steps: int = Field(gt=0)
-    micro_batch: int = Field(16, gt=0)
-    report_every: int = Field(10, gt=0, description="steps between reports and checkpoints")
+    steps: int = Field(gt=0, le=MAX_STEPS)
+    micro_batch: int = Field(16, gt=0, le=MAX_BATCH)
+    report_every: int = Field(10, gt=0, le=MAX_STEPS, description="steps between reports and checkpoints")
     data: Optional[DataSpec] = Field(None, description="default: the pipeline's data")
     resources: ResourcesSpec = Field(default_factory=_one_stage_resources)
 
@@ -652,7 +712,7 @@ class StageSpec(Strict):
 class PipelineTrainSpec(Strict):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: Optional[float] = Field(1.0, gt=0)
-    eval_rows: int = Field(128, ge=0, description="rows of the eval split scored after each stage")
+    eval_rows: int = Field(128, ge=0, le=MAX_STEPS, description="rows of the eval split scored after each stage")
     seed: int = 0
 
 

@@ -33,8 +33,9 @@ def main(argv=None) -> int:
     except LauncherError as exc:
         if args.debug:
             raise
-        for line in str(exc).splitlines() or [type(exc).__name__]:
-            print(f"ftlaunch: error: {line}", file=sys.stderr)
+        # One line, whatever the message holds (a library's multi-line text, a key with a newline).
+        message = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"ftlaunch: error: {message or type(exc).__name__}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("ftlaunch: interrupted", file=sys.stderr)

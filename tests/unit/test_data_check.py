@@ -148,3 +148,21 @@ def test_client_data_modules_import_without_pyarrow_torch_or_ray():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_paths_the_filesystem_refuses_or_that_hold_too_much_are_one_line(tmp_path, monkeypatch):
+    import launcher.datacheck as datacheck
+
+    with pytest.raises(ConfigError) as e:
+        check_dataset(tmp_path / ("x" * 300), "causal_lm")
+    line = _one_line(e)
+    assert line.startswith(f"data.train: cannot list {tmp_path}/xxx") and "File name too long" in line
+    assert line.endswith("; fix the path or its permissions")
+    for i in range(3):
+        synthetic.make("counting", 5, tmp_path / "tree" / f"d{i}")
+    monkeypatch.setattr(datacheck, "MAX_LISTED", 5)  # 3 folders + 3 files: `/` would hold millions
+    with pytest.raises(ConfigError, match=rf"^data.train: {tmp_path}/tree holds over 5 files and folders; "
+                                          "point it at the dataset's own folder$"):
+        check_dataset(tmp_path / "tree", "causal_lm")
+    monkeypatch.setattr(datacheck, "MAX_LISTED", 6)
+    assert check_dataset(tmp_path / "tree", "causal_lm").files == 3
