@@ -29,12 +29,14 @@ def secret_values(env_spec: dict) -> list[str]:
     return [v for v in values if v]
 
 
-def resolve_env_refs(env_spec: dict) -> None:
+def resolve_env_refs(env_spec: dict) -> list[str]:
     """`KEY: env:NAME` -> KEY gets NAME's value from this process's (the cluster's) environment.
 
     The value is read where the job runs; it never travels through the client, the job's
-    metadata or the run folder. A missing variable fails the job with what to set.
+    metadata or the run folder. A missing variable fails the job with what to set. Returns the
+    names set (names only are recorded).
     """
+    resolved = []
     for key, ref in (env_spec or {}).items():
         if not str(ref).startswith("env:"):
             continue
@@ -44,6 +46,8 @@ def resolve_env_refs(env_spec: dict) -> None:
                 f"env.{key}: {name} is not set in the cluster's environment; set it where the Ray "
                 "head runs (local: export it, then ftlaunch cluster down && ftlaunch cluster up)")
         os.environ[key] = os.environ[name]
+        resolved.append(key)
+    return resolved
 
 
 class Tee:
@@ -88,6 +92,7 @@ class Tee:
                     break
                 data = self._redact(carry + chunk)
                 cut = max(0, len(data) - self._keep) if self.secrets else len(data)
+                cut = _char_boundary(data, cut)  # readers of the file decode what is there
                 out, carry = data[:cut], data[cut:]
                 if out:
                     self._emit(out)
@@ -107,6 +112,21 @@ class Tee:
                 write(data)
             except OSError:  # one copy failing (a closed terminal) must not stop the other
                 pass
+
+
+def _char_boundary(data: bytes, cut: int) -> int:
+    """The largest cut <= `cut` that splits no UTF-8 character."""
+    while 0 < cut < len(data) and data[cut] & 0xC0 == 0x80:
+        cut -= 1  # data[cut] continues a character: move back to its first byte
+    if cut == len(data):
+        for back in range(1, min(4, cut) + 1):  # an unfinished character at the very end
+            lead = data[cut - back]
+            if lead & 0xC0 == 0xC0:
+                need = 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+                return cut - back if need > back else cut
+            if lead & 0x80 == 0:
+                break
+    return cut
 
 
 def _flush() -> None:

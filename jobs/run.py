@@ -88,7 +88,7 @@ def run(plan: dict, run_dir) -> int:
     )
     print(f"[ftlaunch] run {plan['run_id']} ({plan['kind']}) -> {run_dir.path}", flush=True)
     try:
-        resolve_env_refs(plan["spec"].get("env"))
+        run_dir.update_manifest(env_from_cluster=resolve_env_refs(plan["spec"].get("env")))
         ray.init(address="auto", log_to_driver=True)
         signal.signal(signal.SIGTERM, _on_sigterm)  # after ray.init, which installs its own
         module = importlib.import_module(JOB_MODULES[plan["kind"]])

@@ -124,7 +124,10 @@ class JobHandle:
         while True:
             status = str(c.get_job_status(self.submission_id).value)
             if on_logs:
-                text = c.get_job_logs(self.submission_id)
+                try:
+                    text = c.get_job_logs(self.submission_id)
+                except UnicodeDecodeError:  # read while a character was half written: next poll
+                    text = ""
                 if len(text) > seen:
                     on_logs(text[seen:])
                     seen = len(text)
@@ -201,6 +204,16 @@ def resume(run: str, target: str = "local", *, address: Optional[str] = None,
     _, manifest = find_run(run, storage)
     if manifest.get("status") == "SUCCEEDED":
         raise SubmissionError(f"run {manifest['run_id']} already SUCCEEDED; nothing to resume")
+    last = (manifest.get("attempts") or [{}])[-1].get("submission_id")
+    if manifest.get("status") == "RUNNING" and last:
+        # RUNNING in the manifest: the driver is alive, or died before it could say otherwise.
+        try:
+            status = attach(last, target, address).status()
+        except (ClusterError, SubmissionError):
+            status = None  # that cluster (or its record of the job) is gone: nothing runs it
+        if status in ("PENDING", "RUNNING"):
+            raise SubmissionError(f"run {manifest['run_id']} is still {status} as job {last}; "
+                                  f"stop it first: ftlaunch stop {last}")
     attempt = max(1, len(manifest.get("attempts", [])))  # attempts[0] is the first submit
     return submit(resume_plan(manifest, target, attempt), address=address)
 

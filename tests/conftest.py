@@ -17,6 +17,9 @@ os.environ.update({
     "RAY_AUTH_MODE": "disabled",
     "HF_HUB_OFFLINE": "1",
 })
+# A credential the session's head inherits (as a user's exported token would be): tests check
+# jobs can read it through an env: reference and that its value is written nowhere.
+os.environ.setdefault("FTL_TEST_SECRET", "ftl-secret-" + os.urandom(12).hex())
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,165 @@
+"""Faults on the session's real Ray head: a killed worker, a killed driver, a job that waits
+forever, 20 submissions at once; durable logs; secrets and hostile spec values."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import launcher
+from launcher.client import attach, list_jobs
+from tests.integration.test_jobs import cli, write_spec
+
+pytestmark = pytest.mark.integration
+CLOSED = "http://127.0.0.1:9"  # nothing listens there: "the cluster is gone"
+
+
+def steps_of(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(x)["step"] for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_for_step(run_dir: Path, step: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if steps_of(run_dir) and steps_of(run_dir)[-1] >= step:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"no step {step} in {run_dir} after {timeout}s: {steps_of(run_dir)}")
+
+
+def test_a_killed_worker_is_replaced_and_no_step_is_lost_or_repeated(ray_head, tiny_spec):
+    from ray.util.state import list_actors
+
+    tiny_spec["train"].update(max_steps=60, report_every=5)  # max_failures: 1 by default
+    handle = launcher.submit(tiny_spec, "ray", address=ray_head.address, submission_id="ft-kill-worker")
+    run_dir = Path(handle.run_dir)
+    wait_for_step(run_dir, 10)
+    workers = list_actors(address=ray_head.address, detail=True, raise_on_missing_output=False,
+                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    assert len(workers) == 2, workers
+    killed_at = steps_of(run_dir)[-1]
+    os.kill(workers[1].pid, signal.SIGKILL)  # a worker of the job this test submitted
+
+    assert handle.wait(timeout=300) == "SUCCEEDED", handle.logs()[-3000:]
+    manifest = handle.manifest()
+    assert manifest["status"] == "SUCCEEDED" and manifest["summary"]["steps"] == 60
+    assert steps_of(run_dir) == list(range(5, 65, 5))  # every report once: none lost, none twice
+    assert killed_at < 60
+    # The replacement workers wrote their own log beside the first ones'.
+    worker_logs = "".join(p.read_text() for p in (run_dir / "logs").glob("worker-*.log"))
+    assert worker_logs.count("=== worker-0 pid") == 2, worker_logs[:2000]
+
+
+def test_a_killed_driver_resumes_from_the_checkpoint_and_its_logs_outlive_the_cluster(ray_head, tiny_spec, tmp_path):
+    tiny_spec["train"].update(max_steps=60, report_every=5)
+    handle = launcher.submit(tiny_spec, "ray", address=ray_head.address, submission_id="ft-kill-driver")
+    run_dir = Path(handle.run_dir)
+    wait_for_step(run_dir, 10)
+    driver = json.loads((run_dir / "manifest.json").read_text())["attempts"][-1]["driver_pid"]
+    os.kill(driver, signal.SIGKILL)  # the job's driver, started for this test's submission
+    assert handle.wait(timeout=120) == "FAILED"
+    # The driver had no chance to record its end: the manifest still says RUNNING.
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "RUNNING"
+
+    out = cli("resume", str(run_dir), "--address", ray_head.address)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "SUCCEEDED" and manifest["summary"]["steps"] == 60
+    assert [a["submission_id"] for a in manifest["attempts"]] == ["ft-kill-driver", "ft-kill-driver-resume1"]
+    assert steps_of(run_dir) == list(range(5, 65, 5))
+
+    # The cluster is gone (nothing answers at the address): the logs come from the run folder.
+    logs = cli("logs", "ft-kill-driver", "--storage", tiny_spec["storage"], "--address", CLOSED, "--workers")
+    assert logs.returncode == 0, logs.stderr
+    assert "cannot reach a Ray cluster" in logs.stderr and str(run_dir / "logs") in logs.stderr
+    assert "=== attempt 1 submission ft-kill-driver" in logs.stdout
+    assert "=== attempt 2 submission ft-kill-driver-resume1" in logs.stdout
+    assert "[ftlaunch] step 60/60" in logs.stdout  # the driver's progress lines, as they ran
+    assert "--- worker-0.log" in logs.stdout and "--- worker-1.log" in logs.stdout
+
+
+def test_a_job_waiting_on_resources_past_pending_timeout_is_stopped_with_the_reason(ray_head, tiny_spec):
+    # 8 CPUs on a 2-CPU head: Ray would keep it PENDING forever (the planner only warns: a
+    # remote cluster may grow). The watchdog ends it.
+    tiny_spec["resources"] = {"workers": 1, "cpus_per_worker": 8}
+    tiny_spec["pending_timeout"] = 8
+    started = time.monotonic()
+    handle = launcher.submit(tiny_spec, "ray", address=ray_head.address, submission_id="ft-pending")
+    assert handle.wait(timeout=180) == "FAILED"
+    assert time.monotonic() - started < 120
+    error = handle.manifest()["error"]
+    assert error.startswith("PendingTimeout: stopped after waiting"), error
+    assert "pending_timeout 8s" in error and "{CPU: 8}" in error and "{CPU: 2} in all" in error
+
+
+def test_twenty_concurrent_submissions_are_twenty_jobs_and_a_resubmit_is_the_same_job(ray_head, tiny_spec):
+    tiny_spec["train"]["max_steps"] = 100000
+    tiny_spec["resources"] = {"workers": 1, "cpus_per_worker": 0.5}
+    ids = [f"ft-many-{i:02d}" for i in range(20)]
+
+    def submit(sid):
+        return launcher.submit(dict(tiny_spec), "ray", address=ray_head.address, submission_id=sid)
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        handles = list(pool.map(submit, ids))
+    try:
+        assert [h.submission_id for h in handles] == ids and not any(h.existing for h in handles)
+        assert len({h.run_dir for h in handles}) == 20
+        tracked = {j["submission_id"]: j for j in list_jobs("ray", ray_head.address)}
+        assert set(ids) <= set(tracked)
+        assert {tracked[i]["run_dir"] for i in ids} == {h.run_dir for h in handles}
+        again = submit(ids[7])  # the same id again: that job, not a new one
+        assert again.existing and again.run_dir == handles[7].run_dir
+        assert sum(1 for j in list_jobs("ray", ray_head.address) if j["submission_id"] == ids[7]) == 1
+    finally:
+        for h in handles:
+            h.stop()
+    for h in handles:
+        assert h.wait(timeout=180) in ("STOPPED", "SUCCEEDED", "FAILED")
+        assert attach(h.submission_id, "ray", ray_head.address).status() == "STOPPED"
+
+
+def test_secrets_come_from_env_references_and_are_written_nowhere(ray_head, tiny_spec, tmp_path):
+    secret = os.environ["FTL_TEST_SECRET"]  # in the head's environment since it started
+    canary = tmp_path / f"pwned-{uuid.uuid4().hex}"
+    hostile = f"$(touch {canary}); `touch {canary}` && touch {canary} | touch {canary}"
+    tiny_spec["train"].update(max_steps=10, report_every=5)
+    tiny_spec["env"] = {"HF_TOKEN": "env:FTL_TEST_SECRET", "PLAIN_NOTE": hostile}
+    tiny_spec["storage"] = str(tmp_path / "runs $(touch x)")  # a folder with a hostile name
+    path = write_spec(tiny_spec, tmp_path)
+    out = cli("submit", str(path), "--submission-id", "ft-secret", "--address", ray_head.address)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_dir = Path(tiny_spec["storage"]) / "ft-secret"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "SUCCEEDED" and manifest["env_from_cluster"] == ["HF_TOKEN"]
+
+    # No spec value reached a shell: the entrypoint is fixed text and nothing ran the commands.
+    info = attach("ft-secret", "ray", ray_head.address).info()
+    assert info.entrypoint == "python -m jobs.run --plan-env FTLAUNCH_PLAN"
+    assert not canary.exists() and not (ROOT_CWD / "x").exists()
+    assert info.runtime_env["env_vars"]["PLAIN_NOTE"] == hostile  # passed as data, untouched
+    assert "HF_TOKEN" not in info.runtime_env["env_vars"]  # the reference is resolved on the cluster
+
+    report = cli("report", str(run_dir))
+    assert report.returncode == 0, report.stderr
+    logs = cli("logs", "ft-secret", "--address", ray_head.address, "--workers")
+    texts = {"submit output": out.stdout + out.stderr, "ray job info": json.dumps(
+        {"metadata": info.metadata, "runtime_env": info.runtime_env, "entrypoint": info.entrypoint}),
+        "logs": logs.stdout + logs.stderr, "ray job log": attach("ft-secret", "ray", ray_head.address).logs()}
+    for where, text in texts.items():
+        assert secret not in text, where
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert len(files) > 10 and any(p.suffix == ".png" for p in files)
+    leaked = [str(p) for p in files if secret.encode() in p.read_bytes()]
+    assert leaked == []
+
+
+ROOT_CWD = Path(__file__).resolve().parent.parent.parent
