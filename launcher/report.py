@@ -251,7 +251,9 @@ def spec_lines(spec: dict, resources: Optional[dict] = None) -> list[str]:
     if train:
         keys = ("max_steps", "micro_batch", "lr", "report_every") if train.get("max_steps") else (
             "epochs", "micro_batch", "lr", "report_every")
-        lines.append("train: " + ", ".join(f"{k} {train[k]}" for k in keys if train.get(k) is not None))
+        shown = [f"{k} {train[k]}" for k in keys if train.get(k) is not None]
+        shown = shown or [f"{k} {v}" for k, v in train.items() if v is not None]  # a pipeline's shared settings
+        lines.append("train: " + ", ".join(shown))
     if res:  # the plan's: it counts a multitask run's workers
         lines.append(f"resources: {res.get('workers', '-')} workers x {res.get('cpus_per_worker')} CPU, "
                      f"{res.get('gpus_per_worker', 0)} GPU")

@@ -1,7 +1,7 @@
 """`ftlaunch status ID`: the job's state, message and run folder."""
 
 from launcher.cli.common import add_target_args, print_json, target_of
-from launcher.client import attach
+from launcher.client import TERMINAL, attach
 
 
 def add_parser(sub) -> None:
@@ -27,10 +27,17 @@ def run(args) -> int:
         "end_time": info.end_time,
         "run_dir": handle.run_dir,
     }
+    manifest = handle.manifest()
+    row["run_status"], row["error"] = manifest.get("status"), manifest.get("error")
     if args.json:
         print_json(row)
     else:
         print(f"{row['submission_id']}  {row['status']}  {row['message'] or ''}".rstrip())
+        if row["error"]:
+            print(f"error: {row['error']}")
+        if row["status"] in TERMINAL and row["run_status"] == "RUNNING":
+            print(f"run: still RUNNING in its manifest: the driver ended without recording why "
+                  f"(killed?); continue it with: ftlaunch resume {handle.run_dir}")
         if handle.run_dir:
             print(f"artifacts: {handle.run_dir}")
     return 0

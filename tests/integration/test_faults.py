@@ -68,6 +68,8 @@ def test_a_killed_driver_resumes_from_the_checkpoint_and_its_logs_outlive_the_cl
     assert handle.wait(timeout=120) == "FAILED"
     # The driver had no chance to record its end: the manifest still says RUNNING.
     assert json.loads((run_dir / "manifest.json").read_text())["status"] == "RUNNING"
+    status = cli("status", "ft-kill-driver", "--address", ray_head.address)
+    assert "FAILED" in status.stdout and f"ftlaunch resume {run_dir}" in status.stdout, status.stdout
 
     out = cli("resume", str(run_dir), "--address", ray_head.address)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -96,6 +98,8 @@ def test_a_job_waiting_on_resources_past_pending_timeout_is_stopped_with_the_rea
     assert handle.wait(timeout=180) == "FAILED"
     assert time.monotonic() - started < 120
     error = handle.manifest()["error"]
+    status = cli("status", "ft-pending", "--address", ray_head.address)
+    assert f"error: {error}" in status.stdout
     assert error.startswith("PendingTimeout: stopped after waiting"), error
     assert "pending_timeout 8s" in error and "{CPU: 8}" in error and "{CPU: 2} in all" in error
 
