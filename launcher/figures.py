@@ -71,9 +71,9 @@ def evals(section, out: Path) -> Optional[Path]:
         ax.set(xlabel="step (0 = before training)", ylabel=kind, title=f"{sets} {kind}")
         ax.set_xlim(-0.05 * last - 0.5, 1.05 * last + 0.5)
         if kind == "accuracy":
-            ax.set_ylim(-0.02, 1.02)
+            ax.set_ylim(-0.02, 1.12)  # room above 1.0 for the legend: accuracy often ends there
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="lower right" if kind == "accuracy" else "best")
     fig.suptitle(f"{section.title}: evaluation")
     return _save(fig, _file(out, "eval", section), plt)
 
