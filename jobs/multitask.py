@@ -70,8 +70,11 @@ def run(plan: dict, run_dir: RunDir) -> dict:
             outcomes[name] = result
             if result["status"] == "SUCCEEDED":
                 R.register(run_dir.path, name, result["entry"], base_record(spec, base), TOKENIZER_DIR)
+                discard_progress(run_dir.path, f"task-{name}")
             print(f"[ftlaunch] task {name}: {result['status']}"
                   + (f" ({result['error']})" if result.get("error") else ""), flush=True)
+        if all(r["status"] == "SUCCEEDED" for r in results.values()):
+            discard_progress(run_dir.path, PACKED)
         run_dir.update_manifest(tasks={**run_dir.read_manifest().get("tasks", {}),
                                        **{n: _status(r) for n, r in results.items()}})
 
@@ -305,14 +308,19 @@ def train_adapter(task: dict, base_path: str, stream, run_dir: str, seq_len: int
     params = adapter_params(model, name)
     optimizer = torch.optim.AdamW(params, lr=train["lr"], weight_decay=train["weight_decay"])
     evals = eval_batch(task, seq_len, 16 * train["eval_batches"])
-    before = eval_loss(model, evals, device)
     out = RunDir(run_dir)
     log = f"metrics-{name}.jsonl"
-    out.truncate_jsonl(log, lambda r: False)  # a retrained task starts its record afresh
     started, losses, step = time.time(), [], 0
+    saved = load_progress(run_dir, f"task-{name}", model, optimizer, [name])
+    if saved:  # an earlier attempt got this far: continue from its last report
+        step, losses, before = saved["steps"][name], saved["losses"][name], saved["before"][name]
+    else:
+        before = eval_loss(model, evals, device)
+    out.truncate_jsonl(log, lambda r: r["step"] <= step)  # records past the progress point go
     model.train()
-    for batch in _batches(stream):
-        batch = {k: v.to(device) for k, v in batch.items()}
+    batches = _batches(stream)
+    while step < train["max_steps"]:
+        batch = {k: v.to(device) for k, v in next(batches).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss_tok, mask = token_losses(logits, batch["labels"])
         loss = (loss_tok * mask).sum() / mask.sum()
@@ -326,8 +334,8 @@ def train_adapter(task: dict, base_path: str, stream, run_dir: str, seq_len: int
         if step % train["report_every"] == 0 or step == train["max_steps"]:
             out.append(log, {"task": name, "step": step, "loss": float(np.mean(losses[-train["report_every"]:])),
                              "elapsed_s": time.time() - started, "time": time.time()})
-        if step >= train["max_steps"]:
-            break
+            save_progress(run_dir, f"task-{name}", model, optimizer, [name], {name: step}, {name: losses},
+                          {name: before})
     after = eval_loss(model, evals, device)
     return _export(model, name, run_dir, base_sha, step, losses, before, after, started, packed=False, task=task)
 
@@ -361,15 +369,20 @@ def train_packed(tasks: list[dict], base_path: str, streams: dict, run_dir: str,
     # eval mode changes nothing else, and autograd records the forward as usual.
     model.eval()
     evals = {t["name"]: eval_batch(t, seq_len, 16 * t["train"]["eval_batches"]) for t in tasks}
-    before = {n: eval_loss(model, b, device, adapter=n) for n, b in evals.items()}
     out = RunDir(run_dir)
-    for t in tasks:
-        out.truncate_jsonl(f"metrics-{t['name']}.jsonl", lambda r: False)
-    iters = {t["name"]: _batches(streams[t["name"]]) for t in tasks}
-    steps = {t["name"]: 0 for t in tasks}
-    losses = {t["name"]: [] for t in tasks}
-    started, done_at = time.time(), {}
+    names = [t["name"] for t in tasks]
+    steps, losses = {n: 0 for n in names}, {n: [] for n in names}
+    saved = load_progress(run_dir, PACKED, model, optimizer, names)
+    if saved:  # an earlier attempt got this far: continue from its last report
+        steps, losses, before = saved["steps"], saved["losses"], saved["before"]
+    else:
+        before = {n: eval_loss(model, b, device, adapter=n) for n, b in evals.items()}
+    for n in names:
+        out.truncate_jsonl(f"metrics-{n}.jsonl", lambda r, n=n: r["step"] <= steps[n])
+    iters = {n: _batches(streams[n]) for n in names}
+    started = time.time()
     by_name = {t["name"]: t for t in tasks}
+    done_at = {n: started for n in names if steps[n] >= by_name[n]["train"]["max_steps"]}
     while len(done_at) < len(tasks):
         active = [n for n in steps if steps[n] < by_name[n]["train"]["max_steps"]]
         losses_now = packed_step(model, optimizer, {n: next(iters[n]) for n in active}, params,
@@ -381,12 +394,55 @@ def train_packed(tasks: list[dict], base_path: str, streams: dict, run_dir: str,
             if steps[n] % every == 0 or steps[n] == by_name[n]["train"]["max_steps"]:
                 out.append(f"metrics-{n}.jsonl", {"task": n, "step": steps[n], "loss": float(np.mean(losses[n][-every:])),
                                                   "elapsed_s": time.time() - started, "time": time.time()})
+                save_progress(run_dir, PACKED, model, optimizer, names, steps, losses, before)
             if steps[n] == by_name[n]["train"]["max_steps"]:
                 done_at[n] = time.time()
     return {n: _export(model, n, run_dir, base_sha, steps[n], losses[n], before[n],
                        eval_loss(model, evals[n], device, adapter=n), started, packed=True, task=by_name[n],
                        finished=done_at[n])
             for n in steps}
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress checkpoints: a worker that dies (or a stopped run) continues from its last report
+
+
+PROGRESS_DIR, PACKED = ".progress", "pack"  # keys: task-<name> (one adapter) or pack
+
+
+def save_progress(run_dir: str, key: str, model, optimizer, names: list[str], steps: dict,
+                  losses: dict, before: dict) -> None:
+    """The adapters' weights, the optimizer, steps and losses so far (atomic)."""
+    path = Path(run_dir) / PROGRESS_DIR / f"{key}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weights = {n: p.detach().cpu().clone() for n, p in model.named_parameters()
+               if any(n.endswith(f".{name}.weight") and ".lora_" in n for name in names)}
+    tmp = path.with_suffix(".tmp")
+    torch.save({"names": names, "weights": weights, "optimizer": optimizer.state_dict(),
+                "steps": dict(steps), "losses": {n: list(v) for n, v in losses.items()},
+                "before": dict(before)}, tmp)
+    os.replace(tmp, path)
+
+
+def load_progress(run_dir: str, key: str, model, optimizer, names: list[str]) -> dict | None:
+    """Restore what `save_progress` kept for the same adapters, or None (start afresh)."""
+    path = Path(run_dir) / PROGRESS_DIR / f"{key}.pt"
+    if not path.exists():
+        return None
+    state = torch.load(path, weights_only=False)
+    if state["names"] != names:  # another set of tasks shares the key: not this one's progress
+        return None
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, value in state["weights"].items():
+            params[n].copy_(value.to(params[n].device))
+    optimizer.load_state_dict(state["optimizer"])
+    print(f"[ftlaunch] {key}: continuing from step(s) {state['steps']}", flush=True)
+    return state
+
+
+def discard_progress(run_dir, key: str) -> None:
+    (Path(run_dir) / PROGRESS_DIR / f"{key}.pt").unlink(missing_ok=True)
 
 
 def packed_step(model, optimizer, batches: dict, params: dict, clips: dict, device: str = "cpu") -> dict:

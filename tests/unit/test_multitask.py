@@ -272,3 +272,46 @@ def test_cli_adapters_list_and_infer(trained, capsys):
     assert capsys.readouterr().out.startswith("[counting] count from 1:")
     assert main(["infer", str(trained["alone_dir"]), "--task", "nope", "--input", "x"]) == 1
     assert "no adapter nope" in capsys.readouterr().err
+
+
+def _dies_after(stream, batches: int):
+    """The task's stream, ending the worker (an exception) after `batches` batches."""
+    def one_pass():
+        for i, batch in enumerate(stream()):
+            if i == batches:
+                raise RuntimeError("worker died")
+            yield batch
+    return one_pass
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_task_that_dies_continues_from_its_last_report(trained, tmp_path, packed):
+    """Killed after step 4 (reports every 3): the rerun restores step 3's adapter and optimizer,
+    keeps the step-3 record, and ends at the planned steps with each report once."""
+    from jobs import multitask as M
+
+    tasks = [t for t in trained["tasks"] if t["name"] != "instruction"]  # 6 steps each, report every 3
+    base = str(trained["alone_dir"] / "base")
+    run = str(tmp_path)
+    streams = {t["name"]: M.arrow_stream(t, SEQ) for t in tasks}
+    key = M.PACKED if packed else f"task-{tasks[0]['name']}"
+
+    def train(s):
+        if packed:
+            return M.train_packed(tasks, base, s, run, SEQ)
+        return {tasks[0]["name"]: M.train_adapter(tasks[0], base, s[tasks[0]["name"]], run, SEQ)}
+
+    with pytest.raises(RuntimeError, match="worker died"):
+        train({n: _dies_after(s, 4) for n, s in streams.items()})
+    saved = torch.load(tmp_path / M.PROGRESS_DIR / f"{key}.pt", weights_only=False)
+    assert set(saved["steps"].values()) == {3}
+    first = {n: [json.loads(x) for x in (tmp_path / f"metrics-{n}.jsonl").read_text().splitlines()]
+             for n in saved["steps"]}
+    assert all([r["step"] for r in recs] == [3] for recs in first.values())
+
+    entries = train(streams)
+    for name, entry in entries.items():
+        records = [json.loads(x) for x in (tmp_path / f"metrics-{name}.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == [3, 6] and records[0] == first[name][0]
+        assert entry["steps"] == 6 and entry["eval"]["eval_loss_before"] == saved["before"][name]
+        assert entry["eval"]["eval_loss"] < entry["eval"]["eval_loss_before"]
