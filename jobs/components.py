@@ -49,6 +49,23 @@ def plain_errors():
         raise RuntimeError(f"{type(exc).__name__}: {exc}") from None
 
 
+def ray_train_configs(res: dict, name: str, storage_path: str, max_failures: int) -> dict:
+    """The ScalingConfig and RunConfig of every ftlaunch Ray Train run: one rank per worker with
+    the spec's CPUs and GPUs; a run named so that a rerun of the name resumes from its last
+    checkpoint (two kept); `max_failures` dead workers recovered from it."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+
+    return {
+        "scaling_config": ScalingConfig(
+            num_workers=res["workers"], use_gpu=res["gpus_per_worker"] > 0,
+            resources_per_worker={"CPU": res["cpus_per_worker"], "GPU": res["gpus_per_worker"]},
+        ),
+        "run_config": RunConfig(name=name, storage_path=storage_path,
+                                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                failure_config=FailureConfig(max_failures=max_failures)),
+    }
+
+
 @contextlib.contextmanager
 def worker_scope(spec: dict, run_dir, name: str | None = None):
     """How every training process starts: its output teed into `<run_dir>/logs/<name>.log`

@@ -26,8 +26,6 @@ CKPT_TAG = "ds"  # one DeepSpeed tag per Ray checkpoint folder: each folder is s
 
 
 def run(plan: dict, run_dir: RunDir) -> dict:
-    import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs.data.read import read_dataset
@@ -48,18 +46,8 @@ def run(plan: dict, run_dir: RunDir) -> dict:
         train_loop,
         train_loop_config={"spec": spec, "run_dir": str(run_dir.path)},
         torch_config=TorchConfig(backend="nccl" if on_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=res["workers"],
-            use_gpu=on_gpu,
-            resources_per_worker={"CPU": res["cpus_per_worker"], "GPU": res["gpus_per_worker"]},
-        ),
-        run_config=RunConfig(
-            name=plan["run_id"],
-            storage_path=str(run_dir.path.parent),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=train.get("max_failures", 0)),
-        ),
         datasets={"train": train_ds},
+        **C.ray_train_configs(res, plan["run_id"], str(run_dir.path.parent), train.get("max_failures", 0)),
     )
     started = time.time()
     with run_dir.progress(train["max_steps"]):

@@ -16,7 +16,6 @@ import ray
 import ray.data
 import ray.train
 import torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from jobs import components as C
@@ -65,18 +64,8 @@ def run(plan: dict, run_dir: RunDir) -> dict:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec, "run_dir": str(run_dir.path), "steps_per_epoch": steps_per_epoch},
-        scaling_config=ScalingConfig(
-            num_workers=res["workers"],
-            use_gpu=res["gpus_per_worker"] > 0,
-            resources_per_worker={"CPU": res["cpus_per_worker"], "GPU": res["gpus_per_worker"]},
-        ),
-        run_config=RunConfig(
-            name=plan["run_id"],
-            storage_path=str(run_dir.path.parent),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=train.get("max_failures", 0)),
-        ),
         datasets={"train": train_ds},
+        **C.ray_train_configs(res, plan["run_id"], str(run_dir.path.parent), train.get("max_failures", 0)),
     )
     started = time.time()
     with run_dir.progress(train["max_steps"]):

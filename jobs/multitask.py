@@ -73,7 +73,7 @@ def run(plan: dict, run_dir: RunDir) -> dict:
                 discard_progress(run_dir.path, f"task-{name}")
             print(f"[ftlaunch] task {name}: {result['status']}"
                   + (f" ({result['error']})" if result.get("error") else ""), flush=True)
-        if all(r["status"] == "SUCCEEDED" for r in results.values()):
+        if packed and all(r["status"] == "SUCCEEDED" for r in results.values()):
             discard_progress(run_dir.path, PACKED)
         run_dir.update_manifest(tasks={**run_dir.read_manifest().get("tasks", {}),
                                        **{n: _status(r) for n, r in results.items()}})

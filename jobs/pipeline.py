@@ -21,12 +21,11 @@ import ray
 import ray.data
 import ray.train
 import torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from jobs import arrcoc as A
 from jobs.artifacts import RunDir
-from jobs.components import worker_scope
+from jobs.components import ray_train_configs, worker_scope
 from launcher.estimate import arrcoc_config
 
 MANIFEST = "pipeline.json"
@@ -116,15 +115,10 @@ def run_stage(plan: dict, run_dir: RunDir, index: int, previous: str | None):
     trainer = TorchTrainer(
         stage_loop,
         train_loop_config={"spec": spec, "index": index, "previous": previous, "run_dir": str(run_dir.path)},
-        scaling_config=ScalingConfig(
-            num_workers=res["workers"], use_gpu=res["gpus_per_worker"] > 0,
-            resources_per_worker={"CPU": res["cpus_per_worker"], "GPU": res["gpus_per_worker"]},
-        ),
-        # Same name and storage on a rerun: Ray Train resumes the stage from its last checkpoint.
-        run_config=RunConfig(name=f"{plan['run_id']}-{stage['name']}", storage_path=str(run_dir.path),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=spec["train"].get("max_failures", 0))),
         datasets={"train": train_ds},
+        # Same name and storage on a rerun: Ray Train resumes the stage from its last checkpoint.
+        **ray_train_configs(res, f"{plan['run_id']}-{stage['name']}", str(run_dir.path),
+                            spec["train"].get("max_failures", 0)),
     )
     with run_dir.progress(stage["steps"]):
         return trainer.fit()

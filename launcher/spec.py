@@ -213,6 +213,12 @@ class DataSpec(Strict):
     force: bool = Field(False, description="run even when the dataset is far too small")
 
 
+# Ray Train's FailureConfig.max_failures for every kind that trains through Ray Train.
+MaxFailures = Annotated[int, Field(
+    ge=-1, le=1000, description="worker failures recovered from the last checkpoint (-1: no limit); "
+    "an error in the training code itself also uses one")]
+
+
 class TrainSpec(Strict):
     max_steps: Optional[int] = Field(None, gt=0, le=MAX_STEPS, description="default: from epochs and row counts")
     epochs: float = Field(1.0, gt=0, le=MAX_EPOCHS, description="used when max_steps is not set")
@@ -224,9 +230,7 @@ class TrainSpec(Strict):
     report_every: int = Field(20, gt=0, le=MAX_STEPS, description="steps between reports and checkpoints")
     eval_batches: int = Field(4, ge=0, le=MAX_STEPS, description="batches of the eval split at each report")
     seed: int = 0
-    max_failures: int = Field(
-        1, ge=-1, description="worker failures recovered from the last checkpoint (-1: no limit); "
-        "an error in the training code itself also uses one")
+    max_failures: MaxFailures = 1
 
 
 class ResourcesSpec(Strict):
@@ -714,6 +718,7 @@ class PipelineTrainSpec(Strict):
     grad_clip: Optional[float] = Field(1.0, gt=0)
     eval_rows: int = Field(128, ge=0, le=MAX_STEPS, description="rows of the eval split scored after each stage")
     seed: int = 0
+    max_failures: MaxFailures = 1
 
 
 class PipelineSpec(JobBase):
