@@ -75,7 +75,7 @@ def _submit(spec: dict, address: str) -> dict:
 
 def run(address: str | None = None, steps: int = 40, rows: int = 2000, out_dir=RESULTS,
         only: list[str] | None = None) -> dict:
-    from launcher.plan import plan as make_plan
+    from launcher.jobplan import plan as make_plan
     from launcher.spec import load_spec
     from launcher.synthetic import make, make_demo
 

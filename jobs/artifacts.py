@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from common.runfolder import MANIFEST, METRICS, read_json, read_jsonl, write_json, write_jsonl
 from jobs import tensorboard
 
 PACKAGES = ("ftlaunch", "ray", "torch", "transformers", "peft", "accelerate", "pyarrow",
@@ -41,19 +42,14 @@ class RunDir:
 
     @property
     def manifest_path(self) -> Path:
-        return self.path / "manifest.json"
+        return self.path / MANIFEST
 
     def read_manifest(self) -> dict:
-        try:
-            return json.loads(self.manifest_path.read_text())
-        except FileNotFoundError:
-            return {}
+        return read_json(self.manifest_path)
 
     def update_manifest(self, **fields: Any) -> dict:
         manifest = {**self.read_manifest(), **fields, "updated": time.time()}
-        tmp = self.manifest_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1, default=str))
-        os.replace(tmp, self.manifest_path)  # atomic: a reader never sees half a manifest
+        write_json(self.manifest_path, manifest)  # atomic: a reader never sees half a manifest
         return manifest
 
     def append(self, name: str, record: dict) -> None:
@@ -64,20 +60,14 @@ class RunDir:
             tensorboard.write(self.path, name, record)
 
     def read_jsonl(self, name: str) -> list[dict]:
-        try:
-            lines = (self.path / name).read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        return [json.loads(line) for line in lines if line.strip()]
+        return read_jsonl(self.path / name)
 
     def truncate_jsonl(self, name: str, keep) -> None:
         """Rewrite a JSONL file keeping only the records `keep` accepts (atomic)."""
         records, removed = [], []
         for r in self.read_jsonl(name):
             (records if keep(r) else removed).append(r)
-        tmp = self.path / f".{name}.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        os.replace(tmp, self.path / name)
+        write_jsonl(self.path / name, records)
         if name.startswith("metrics") and removed:
             tensorboard.truncated(self.path, name, removed)
 
@@ -86,7 +76,7 @@ class RunDir:
         return {
             str(f.relative_to(self.path)): f.stat().st_size
             for f in sorted(self.path.rglob("*"))
-            if f.is_file() and f.name != "manifest.json"
+            if f.is_file() and f.name != MANIFEST
         }
 
     @contextlib.contextmanager
@@ -95,9 +85,9 @@ class RunDir:
         stop = threading.Event()
 
         def follow():
-            seen = len(self.read_jsonl("metrics.jsonl"))
+            seen = len(self.read_jsonl(METRICS))
             while True:
-                records = self.read_jsonl("metrics.jsonl")
+                records = self.read_jsonl(METRICS)
                 for r in records[seen:]:
                     print(progress_line(r, total_steps), flush=True)
                 seen = len(records)

@@ -383,7 +383,3 @@ def load_checkpoint(model, optimizer, checkpoint) -> int:
             params[name].copy_(value)
     optimizer.load_state_dict(state["optimizer"])
     return int(state["step"])
-
-
-def dir_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from common.runfolder import dir_size
 from jobs import components as C
 from jobs.artifacts import RunDir
 from launcher.dsconfig import ds_config
@@ -81,7 +82,7 @@ def run(plan: dict, run_dir: RunDir) -> dict:
         "digests_before": final.get("digests_before"),
         "digests_after": C.frozen_and_trainable_digests(model),
         "export": export_name,
-        "export_bytes": C.dir_size(target),
+        "export_bytes": dir_size(target),
     }
 
 

@@ -18,6 +18,7 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
+from common.runfolder import dir_size
 from jobs import components as C
 from jobs import strategies as S
 from jobs.artifacts import RunDir
@@ -102,7 +103,7 @@ def run(plan: dict, run_dir: RunDir) -> dict:
     summary.update({k: final.get(k) for k in (
         "trainable_params", "total_params", "digests_before", "digests_after", "lr_groups",
         "unfrozen_at", "ewc_penalty_last", "replay_share", "rss_start_mb", "peak_rss_mb")})
-    summary.update(export=export_name, export_bytes=C.dir_size(target))
+    summary.update(export=export_name, export_bytes=dir_size(target))
     return summary
 
 

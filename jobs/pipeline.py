@@ -23,25 +23,20 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
+from common.runfolder import PIPELINE as MANIFEST, read_json, write_json
 from jobs import arrcoc as A
 from jobs.artifacts import RunDir
 from jobs.components import ray_train_configs, worker_scope
 from launcher.estimate import arrcoc_config
 
-MANIFEST = "pipeline.json"
 
 
 def read_manifest(run_dir: RunDir) -> dict:
-    try:
-        return json.loads((run_dir.path / MANIFEST).read_text())
-    except FileNotFoundError:
-        return {}
+    return read_json(run_dir.path / MANIFEST)
 
 
 def write_manifest(run_dir: RunDir, manifest: dict) -> None:
-    tmp = run_dir.path / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, run_dir.path / MANIFEST)  # atomic: a stop mid-write loses nothing
+    write_json(run_dir.path / MANIFEST, manifest)  # atomic: a stop mid-write loses nothing
 
 
 def run(plan: dict, run_dir: RunDir) -> dict:

@@ -16,7 +16,7 @@ import time
 import traceback
 
 from launcher.errors import LauncherError
-from launcher.plan import plan as make_plan
+from launcher.jobplan import plan as make_plan
 from launcher.spec import JOB_MODULES, load_spec
 
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from launcher.k8s.render import dump_manifest, render_raycluster, render_rayjob  # noqa: E402
-from launcher.plan import JOB_ENV, PLAN_ENV, JobPlan, plan  # noqa: E402
+from launcher.jobplan import JOB_ENV, PLAN_ENV, JobPlan, plan  # noqa: E402
 from launcher.spec import load_spec  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

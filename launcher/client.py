@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+from common.runfolder import MANIFEST, find_run, read_json
 from launcher.errors import ClusterError, LauncherError, SubmissionError
-from launcher.plan import JobPlan, plan as make_plan
+from launcher.jobplan import JobPlan, plan as make_plan
 from launcher.spec import load_spec
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -144,8 +145,8 @@ class JobHandle:
         if not self.run_dir:
             return {}
         try:
-            return json.loads((Path(self.run_dir) / "manifest.json").read_text())
-        except (FileNotFoundError, ValueError):
+            return read_json(Path(self.run_dir) / MANIFEST)
+        except ValueError:
             return {}
 
 
@@ -199,7 +200,7 @@ def resume(run: str, target: str = "local", *, address: Optional[str] = None,
     `run` is a run folder, or a run id under `storage`. Finished stages, tasks and steps are
     not redone: the job reads what the run folder already holds.
     """
-    from launcher.plan import resume_plan
+    from launcher.jobplan import resume_plan
 
     _, manifest = find_run(run, storage)
     if manifest.get("status") == "SUCCEEDED":
@@ -216,17 +217,6 @@ def resume(run: str, target: str = "local", *, address: Optional[str] = None,
                                   f"stop it first: ftlaunch stop {last}")
     attempt = max(1, len(manifest.get("attempts", [])))  # attempts[0] is the first submit
     return submit(resume_plan(manifest, target, attempt), address=address)
-
-
-def find_run(run: str, storage: str = "./runs") -> tuple[Path, dict]:
-    """A run folder and its manifest: `run` is the folder, or a run id under `storage`."""
-    run_dir = Path(run) if Path(run).is_dir() else Path(storage) / run
-    try:
-        return run_dir, json.loads((run_dir / "manifest.json").read_text())
-    except FileNotFoundError:
-        raise SubmissionError(
-            f"no run at {run_dir} (no manifest.json); pass the run folder or --storage"
-        ) from None
 
 
 def attach(submission_id: str, target: str = "local", address: Optional[str] = None) -> JobHandle:
@@ -286,4 +276,4 @@ def echo(text: str) -> None:
     sys.stdout.flush()
 
 
-__all__ = ["JobHandle", "LauncherError", "attach", "list_jobs", "resolve_address", "resume", "submit"]
+__all__ = ["JobHandle", "LauncherError", "attach", "find_run", "list_jobs", "resolve_address", "resume", "submit"]

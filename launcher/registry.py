@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 from typing import Union
 
+from common.runfolder import REGISTRY, dir_size, run_path, write_json
 from launcher.errors import LauncherError
 
-FILE = "registry.json"
+FILE = REGISTRY
 
 
 def load_registry(run_dir: Union[str, Path]) -> dict:
@@ -31,10 +32,7 @@ def load_registry(run_dir: Union[str, Path]) -> dict:
 
 
 def save_registry(run_dir: Union[str, Path], registry: dict) -> None:
-    path = Path(run_dir) / FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(registry, indent=1, sort_keys=True))
-    os.replace(tmp, path)  # atomic: a reader never sees half a registry
+    write_json(Path(run_dir) / FILE, registry)  # atomic: a reader never sees half a registry
 
 
 def register(run_dir: Union[str, Path], task: str, entry: dict, base: dict, tokenizer: str) -> dict:
@@ -43,7 +41,7 @@ def register(run_dir: Union[str, Path], task: str, entry: dict, base: dict, toke
     adapter = Path(run_dir) / entry["path"]
     registry["base"], registry["tokenizer"] = base, tokenizer
     registry["adapters"][task] = {
-        **entry, "bytes": dir_bytes(adapter), "sha256": dir_sha256(adapter),
+        **entry, "bytes": dir_size(adapter), "sha256": dir_sha256(adapter),
         "created": entry.get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     save_registry(run_dir, registry)
@@ -58,15 +56,11 @@ def intact(run_dir: Union[str, Path], entry: dict) -> bool:
 
 def resolve_run(run: str, storage: str = "./runs") -> Path:
     """A run folder, or a run id under `storage`; raises when neither holds a registry."""
-    path = Path(run) if Path(run).is_dir() else Path(storage) / run
+    path = run_path(run, storage)
     if not (path / FILE).is_file():
         raise LauncherError(f"no adapter registry at {path / FILE}; pass a multitask run folder "
                             "or its run id with --storage")
     return path
-
-
-def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def dir_sha256(path: Path) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from launcher.plan import TARGETS
+from launcher.jobplan import TARGETS
 
 
 def add_spec_args(p) -> None:

@@ -1,7 +1,7 @@
 """`ftlaunch plan SPEC`: print what submit would do. Pure: no network, no GPU."""
 
 from launcher.cli.common import add_spec_args, add_target_args, print_json, target_of
-from launcher.plan import plan
+from launcher.jobplan import plan
 from launcher.spec import load_spec
 
 

@@ -31,7 +31,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from launcher.k8s.render import dump_manifest, render_rayjob
     from launcher.k8s.validate import validate_manifest
-    from launcher.plan import plan
+    from launcher.jobplan import plan
     from launcher.spec import load_spec
 
     job_plan = plan(load_spec(args.spec, tuple(args.overrides)), target="k8s")

@@ -3,7 +3,7 @@
 import sys
 
 from launcher.cli.common import add_spec_args, add_target_args, target_of
-from launcher.plan import plan
+from launcher.jobplan import plan
 from launcher.spec import load_spec
 from launcher.client import echo, submit
 from launcher.summary import format_summary

@@ -18,7 +18,7 @@ from typing import Optional
 import yaml
 
 from launcher.errors import PlanError
-from launcher.plan import JobPlan
+from launcher.jobplan import JobPlan
 
 # One constant for the Ray version: images and rayVersion follow it; it must match pyproject's pin
 # (a test checks it against the installed ray).

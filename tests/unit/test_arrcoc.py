@@ -104,7 +104,7 @@ def test_planner_counts_match_the_built_model_in_both_sizes():
 
 
 def test_plan_shows_each_stage_of_the_full_size_fitting_one_a100():
-    from launcher.plan import plan
+    from launcher.jobplan import plan
 
     job = plan(load_spec(ROOT / "configs/arrcoc/full.yaml"), "ray", profile="a100-40g-1")
     est = job.estimate
@@ -133,7 +133,7 @@ def mini_dict(**changes) -> dict:
 
 def test_plan_refuses_a_stage_that_does_not_fit_and_names_it():
     from launcher.errors import PlanError
-    from launcher.plan import plan
+    from launcher.jobplan import plan
 
     spec = yaml.safe_load((ROOT / "configs/arrcoc/full.yaml").read_text())
     spec["stages"][1]["micro_batch"] = 64
@@ -142,7 +142,7 @@ def test_plan_refuses_a_stage_that_does_not_fit_and_names_it():
 
 
 def test_mini_plan_reads_each_stages_data(tmp_path):
-    from launcher.plan import plan
+    from launcher.jobplan import plan
     from launcher.synthetic import make
 
     train = make("vqa", 600, tmp_path)

@@ -6,7 +6,7 @@ import pytest
 
 import launcher.client as submit_mod
 from launcher.cli.main import main
-from launcher.plan import PLAN_ENV
+from launcher.jobplan import PLAN_ENV
 
 
 class Recorder:

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from launcher.dsconfig import ds_config, prepare, problems
 from launcher.errors import ConfigError, PlanError
-from launcher.plan import plan
+from launcher.jobplan import plan
 from launcher.spec import load_spec
 
 

@@ -8,7 +8,7 @@ import pytest
 from launcher.cli.render import load_profile
 from launcher.k8s.render import render_rayjob
 from launcher.k8s.validate import security_problems, validate_manifest
-from launcher.plan import plan
+from launcher.jobplan import plan
 from launcher.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]

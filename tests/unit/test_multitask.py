@@ -11,7 +11,7 @@ import torch
 from launcher import registry as R
 from launcher.errors import ConfigError, PlanError
 from launcher.multitask import task_settings
-from launcher.plan import plan
+from launcher.jobplan import plan
 from launcher.spec import load_spec
 
 SEQ = 32

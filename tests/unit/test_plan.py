@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from launcher.errors import PlanError
-from launcher.plan import PLAN_ENV, plan
+from launcher.jobplan import PLAN_ENV, plan
 from launcher.spec import load_spec
 
 SPEC = {
@@ -48,7 +48,7 @@ def test_plan_is_deterministic_and_travels_in_the_runtime_env():
     assert carried["run_id"] == a.run_id and carried["spec"] == a.spec
     # No spec field reaches the shell: the entrypoint is fixed text.
     assert a.entrypoint == f"python -m jobs.run --plan-env {PLAN_ENV}"
-    assert [p.rsplit("/", 1)[1] for p in a.runtime_env["py_modules"]] == ["launcher", "jobs", "cluster"]
+    assert [p.rsplit("/", 1)[1] for p in a.runtime_env["py_modules"]] == ["common", "launcher", "jobs", "cluster"]
 
 
 def test_explicit_submission_id_and_bad_one():

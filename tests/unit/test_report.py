@@ -12,7 +12,7 @@ import matplotlib.image
 import pytest
 
 from launcher.cli.main import main
-from launcher.plan import plan
+from launcher.jobplan import plan
 from launcher.report import write_report
 from launcher.spec import load_spec
 from tests.conftest import ROOT

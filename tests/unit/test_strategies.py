@@ -356,7 +356,7 @@ def test_strategy_spec_errors_name_the_field_and_the_fix():
 
 
 def test_plan_warns_when_a_pretrained_model_trains_above_the_lr_cap():
-    from launcher.plan import plan
+    from launcher.jobplan import plan
 
     def warnings(**changes):
         raw = {"kind": "finetune", "name": "t", "model": {"source": "minilm", "num_labels": 4},

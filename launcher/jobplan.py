@@ -255,7 +255,7 @@ def resume_plan(manifest: dict, target: str, attempt: int) -> JobPlan:
 def package_dirs() -> list[str]:
     """The project's packages, shipped to the cluster so local and remote run the same code."""
     root = Path(launcher.__file__).resolve().parent.parent
-    return [str(root / name) for name in ("launcher", "jobs", "cluster")]
+    return [str(root / name) for name in ("common", "launcher", "jobs", "cluster")]
 
 
 def _is_uri(value: str) -> bool:

@@ -1,0 +1,86 @@
+"""The run-folder contract, `<storage>/<run_id>/`: its file names, the manifest's fields, and the
+small file helpers both sides use to read and write it (atomic JSON, JSONL, sizes).
+
+The job writes the folder (jobs/artifacts.py RunDir); the client reads it (status, report,
+resume, adapters, infer). Neither side spells a file name of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Union
+
+MANIFEST = "manifest.json"
+METRICS = "metrics.jsonl"  # one record per report: step, loss, eval_*, lr, tokens, tokens_per_s
+EVENTS = "events.jsonl"
+REGISTRY = "registry.json"  # multitask: the adapter registry
+PIPELINE = "pipeline.json"  # pipeline: one entry per stage
+VARIANTS = "variants.jsonl"  # compare: one record per finished variant
+LOGS, TENSORBOARD, REPORT = "logs", "tensorboard", "report"
+PROGRESS = ".progress"  # multitask: per-worker progress checkpoints
+# Manifest fields: run_id, kind, name, status, started, finished, error, spec, plan, versions,
+# attempts [{submission_id, started, driver_pid}], summary, artifacts, before, tasks.
+STATUSES = ("RUNNING", "SUCCEEDED", "FAILED", "STOPPED")
+
+PathLike = Union[str, Path]
+
+
+def metrics_file(curve: str = "") -> str:
+    """`metrics.jsonl`, or `metrics-<curve>.jsonl` for one task of a multitask run."""
+    return f"metrics-{curve}.jsonl" if curve else METRICS
+
+
+def write_json(path: PathLike, data: Any, indent: int = 1) -> None:
+    """Write JSON atomically: a reader never sees half a file, a failed write leaves the old one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=indent, default=str, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def read_json(path: PathLike, default: Any = None) -> Any:
+    """The JSON in a file; `default` when the file is missing (a half-written file cannot exist)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return {} if default is None else default
+
+
+def read_jsonl(path: PathLike) -> list[dict]:
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def write_jsonl(path: PathLike, records: Iterable[dict]) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
+def dir_size(path: PathLike) -> int:
+    """Bytes of every file under a folder (0 for a folder that is not there)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def run_path(run: PathLike, storage: PathLike = "./runs") -> Path:
+    """`run` as a run folder: the folder itself when it exists, else a run id under `storage`."""
+    return Path(run) if Path(run).is_dir() else Path(storage) / str(run)
+
+
+def find_run(run: PathLike, storage: PathLike = "./runs") -> tuple[Path, dict]:
+    """A run folder and its manifest: `run` is the folder, or a run id under `storage`."""
+    from common.errors import SubmissionError
+
+    folder = run_path(run, storage)
+    try:
+        return folder, json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise SubmissionError(
+            f"no run at {folder} (no {MANIFEST}); pass the run folder or --storage"
+        ) from None
