@@ -1,46 +1,44 @@
-"""What each `strategy.type` makes trainable, and the training-time pieces strategies need:
-learning-rate groups, the gradual-unfreezing schedule and the EWC penalty.
-
-One function per strategy, registered by name: `apply(model, strategy)` returns the model to
-train (peft methods wrap it) with exactly that strategy's parameters requiring gradients.
-"""
+"""The training-time side of strategies: `apply` (what the registered strategy makes
+trainable, launcher/strategies/), reload and merge of adapters, learning-rate groups, the
+gradual-unfreezing schedule and the EWC penalty."""
 
 from __future__ import annotations
 
 import math
 import os
 import re
-import tempfile
 from typing import Callable, Iterable, Optional
 
 import torch
 
-APPLY: dict[str, Callable] = {}
+from launcher.strategies import get_strategy
+from launcher.strategies.freeze import layer_index, matches
 
 
-def register(name: str):
-    def add(fn):
-        if name in APPLY:
-            raise RuntimeError(f"strategy {name!r} is registered twice")
-        APPLY[name] = fn
-        return fn
+def apply(model, strategy):
+    """The model to train under `strategy` (a `strategy:` block, dict or spec model), with exactly
+    that strategy's parameters requiring gradients: adapters wrap it with peft (after the
+    strategy's own base preparation, e.g. QLoRA's 4-bit quantization); the full and partial
+    families mark the parameters their registration names."""
+    from peft import get_peft_model
 
-    return add
-
-
-def apply(model, strategy: dict):
-    kind = strategy["type"]
-    if kind not in APPLY:
-        raise ValueError(f"strategy {kind!r} has no implementation; known: {', '.join(APPLY)}")
-    return APPLY[kind](model, strategy)
+    registered = get_strategy(strategy)
+    spec = registered.parse(strategy)
+    if registered.is_adapter:
+        if registered.prepare_base is not None:
+            model = registered.prepare_base(model, spec)
+        return get_peft_model(model, registered.peft_config(spec, task_type(model)))
+    names = [n for n, _ in model.named_parameters()]
+    trained = registered.trainable(spec, names)
+    if not trained:
+        raise ValueError(f"strategy {spec.model_dump(exclude_none=True)} leaves no parameter trainable; "
+                         "check the patterns")
+    set_trainable(model, lambda name: name in trained)
+    return model
 
 
 def task_type(model) -> str:
     return "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
-
-
-def matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(re.search(p, name) for p in patterns)
 
 
 def set_trainable(model, trainable: Callable[[str], bool]) -> None:
@@ -48,140 +46,21 @@ def set_trainable(model, trainable: Callable[[str], bool]) -> None:
         p.requires_grad_(bool(trainable(name)))
 
 
-def layer_index(name: str) -> Optional[int]:
-    """The transformer block a parameter belongs to (`...layers.3...`, `...layer.3...`)."""
-    found = re.search(r"\.layers?\.(\d+)\.", name)
-    return int(found.group(1)) if found else None
+def load_quantized(model, strategy):
+    """A 4-bit copy of an in-memory model (QLoRA's base), e.g. to show a merge refuses it."""
+    from launcher.strategies.qlora import load_quantized as quantize
+
+    return quantize(model, get_strategy(strategy).parse(strategy))
 
 
-# ---------------------------------------------------------------------------------------------
-# Strategies on the model's own parameters
-
-
-@register("full")
-def full(model, strategy: dict):
-    set_trainable(model, lambda name: True)
-    return model
-
-
-@register("freeze")
-def freeze(model, strategy: dict):
-    if strategy.get("train"):
-        set_trainable(model, lambda n: matches(n, strategy["train"]))
-    elif strategy.get("freeze"):
-        set_trainable(model, lambda n: not matches(n, strategy["freeze"]))
-    else:
-        first = int(strategy["freeze_first_layers"])
-
-        def late(name: str) -> bool:  # the embeddings sit below layer 0: frozen with the first N
-            index = layer_index(name)
-            return "embed" not in name and (index is None or index >= first)
-
-        set_trainable(model, late)
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError(f"freeze strategy {strategy} leaves no parameter trainable; check the patterns")
-    return model
-
-
-@register("gradual_unfreeze")
-def gradual_unfreeze(model, strategy: dict):
-    """Only `train` at first; `Unfreezer` opens the scheduled groups during training."""
-    return freeze(model, {"train": strategy["train"]})
-
-
-# ---------------------------------------------------------------------------------------------
-# peft methods
-
-
-def _wrap(model, config):
-    from peft import get_peft_model
-
-    return get_peft_model(model, config)
-
-
-@register("lora")
-def lora(model, strategy: dict):
-    from peft import LoraConfig
-
-    return _wrap(model, LoraConfig(
-        r=strategy["r"], lora_alpha=strategy["alpha"], lora_dropout=strategy["dropout"],
-        target_modules=strategy["target_modules"], task_type=task_type(model),
-    ))
-
-
-@register("qlora")
-def qlora(model, strategy: dict):
-    """LoRA over a 4-bit copy of the base: the linear layers become bitsandbytes Linear4bit."""
-    from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    quantized = load_quantized(model, strategy,
-                               AutoModelForSequenceClassification if task_type(model) == "SEQ_CLS"
-                               else AutoModelForCausalLM)
-    # Norms and head to fp32 for stable training; checkpointing is a memory choice, not QLoRA's.
-    quantized = prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False)
-    quantized.train()  # from_pretrained returns eval mode (DESIGN: call train() after loading)
-    return lora(quantized, strategy)
-
-
-def bnb_config(strategy: dict):
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=strategy.get("quant_type", "nf4"),
-        bnb_4bit_use_double_quant=strategy.get("double_quant", True),
-        bnb_4bit_compute_dtype=getattr(torch, strategy.get("compute_dtype", "float32")),
-    )
-
-
-def load_quantized(model, strategy: dict, auto_class):
-    """Quantize an in-memory model the way from_pretrained does: save it, load it in 4 bits."""
-    from safetensors.torch import save_model
-
-    with tempfile.TemporaryDirectory(prefix="ftl-qbase-") as folder:
-        # Not save_pretrained: under torch.distributed it writes on rank 0 only, and every rank
-        # quantizes its own copy.
-        model.config.save_pretrained(folder)
-        save_model(model, os.path.join(folder, "model.safetensors"))
-        return auto_class.from_pretrained(folder, quantization_config=bnb_config(strategy),
-                                          device_map="cpu" if not torch.cuda.is_available() else None)
-
-
-@register("prefix")
-def prefix(model, strategy: dict):
-    from peft import PrefixTuningConfig
-
-    return _wrap(model, PrefixTuningConfig(num_virtual_tokens=strategy["num_virtual_tokens"],
-                                           task_type=task_type(model)))
-
-
-@register("prompt")
-def prompt(model, strategy: dict):
-    from peft import PromptTuningConfig
-
-    return _wrap(model, PromptTuningConfig(num_virtual_tokens=strategy["num_virtual_tokens"],
-                                           task_type=task_type(model)))
-
-
-@register("ia3")
-def ia3(model, strategy: dict):
-    from peft import IA3Config
-
-    return _wrap(model, IA3Config(target_modules=strategy.get("target_modules"),
-                                  feedforward_modules=strategy.get("feedforward_modules"),
-                                  task_type=task_type(model)))
-
-
-def reload(export_dir: str, base, strategy: dict):
-    """An exported adapter onto a fresh base, for inference (QLoRA: onto a 4-bit base again)."""
+def reload(export_dir: str, base, strategy):
+    """An exported adapter onto a fresh base, for inference (onto the strategy's own prepared
+    base: QLoRA's 4-bit one)."""
     from peft import PeftModel
 
-    if strategy["type"] == "qlora":
-        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-        base = load_quantized(base, strategy, AutoModelForSequenceClassification
-                              if task_type(base) == "SEQ_CLS" else AutoModelForCausalLM)
+    registered = get_strategy(strategy)
+    if registered.prepare_base is not None:
+        base = registered.prepare_base(base, registered.parse(strategy)).eval()
     return PeftModel.from_pretrained(base, export_dir).eval()
 
 
@@ -252,18 +131,17 @@ class Unfreezer:
     names it opened.
     """
 
-    def __init__(self, strategy: dict, steps_per_epoch: int):
+    def __init__(self, strategy, steps_per_epoch: int):
+        spec = get_strategy(strategy).parse(strategy)
         self.events = sorted(
-            (e["step"] if e.get("step") is not None else math.ceil(e["epoch"] * steps_per_epoch),
-             tuple(e["unfreeze"]))
-            for e in strategy["schedule"]
+            (e.step if e.step is not None else math.ceil(e.epoch * steps_per_epoch), tuple(e.unfreeze))
+            for e in spec.schedule
         )
         self.done = 0
 
-    def eventual(self, strategy: dict, model) -> set:
+    def eventual(self, strategy, model) -> set:
         """Every parameter that is trainable by the end of the schedule."""
-        patterns = list(strategy["train"]) + [p for _, ps in self.events for p in ps]
-        return {n for n, _ in model.named_parameters() if matches(n, patterns)}
+        return get_strategy(strategy).trained_names(strategy, [n for n, _ in model.named_parameters()])
 
     def at(self, model, step: int) -> list[str]:
         opened = []

@@ -25,20 +25,18 @@ from pydantic import (
 )
 
 from launcher.errors import ConfigError
+from launcher.fields import (  # noqa: F401  (re-exported: the spec's building blocks)
+    MAX_BATCH, MAX_CPUS, MAX_EPOCHS, MAX_GPUS, MAX_STEPS, NAME_PATTERN, EnvName, EnvValue, PathStr,
+    Patterns, Strict,
+)
+from launcher.strategies import STRATEGIES as STRATEGY_REGISTRY, spec_union
+from launcher.strategies.lora import LoraStrategy
 
-NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
-# Upper bounds far above any real job, so that the planner's float arithmetic stays finite.
-MAX_STEPS, MAX_EPOCHS, MAX_BATCH, MAX_CPUS, MAX_GPUS = 10**9, 10**6, 2**20, 1024, 64
 TASKS = ("causal_lm", "instruction", "classification", "ner", "vqa")
 
 
-class Strict(BaseModel):
-    # No inf or nan anywhere: `cpus_per_worker: .inf` passes `gt=0` but no arithmetic after it.
-    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
-
-
 # ---------------------------------------------------------------------------------------------
-# Model and strategy
+# Model and strategy (each strategy's spec model lives in its file under launcher/strategies/)
 
 
 MODEL_SOURCES = ("tiny-llama", "minilm", "arrcoc-mini", "arrcoc-7b", "llama-2-7b")
@@ -66,132 +64,7 @@ class ModelSpec(Strict):
         raise ValueError(f"unknown model source; {fix}")
 
 
-class FullStrategy(Strict):
-    type: Literal["full"]
-
-
-class LoraStrategy(Strict):
-    type: Literal["lora"]
-    r: int = Field(8, gt=0, le=1024)
-    alpha: float = Field(16, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
-
-
-class QloraStrategy(LoraStrategy):
-    """LoRA on a base whose linear layers are quantized to 4 bits by bitsandbytes."""
-
-    type: Literal["qlora"]
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = Field(True, description="quantize the quantization constants too")
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="dtype of the 4-bit matmuls (bfloat16 on a GPU)"
-    )
-
-
-def _patterns(value: list[str]) -> list[str]:
-    for pattern in value:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
-    return value
-
-
-Patterns = Annotated[list[str], Field(min_length=1), AfterValidator(_patterns)]
-
-
-def _path(value: str) -> str:
-    if not value.strip():
-        raise ValueError("the path is empty; give a file, folder, glob or URI")
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise ValueError("a path cannot hold control characters (a newline, a NUL byte); fix the path")
-    return value
-
-
-# A file, folder, glob or URI: checked for what no filesystem accepts before it reaches one.
-PathStr = Annotated[str, AfterValidator(_path)]
-# What os.environ accepts on the cluster (a NUL byte or '=' in a name would fail there).
-EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
-EnvValue = Annotated[str, Field(pattern=r"^[^\x00]*$")]
-
-
-class FreezeStrategy(Strict):
-    """Train only some of the model's own parameters. Patterns are regular expressions searched
-    in parameter names: `train: [lm_head]` (freeze the backbone, train the head),
-    `freeze: [embed]`, or `freeze_first_layers: 1` (embeddings and layers 0..N-1 frozen)."""
-
-    type: Literal["freeze"]
-    train: Optional[Patterns] = None
-    freeze: Optional[Patterns] = None
-    freeze_first_layers: Optional[int] = Field(None, ge=0, le=MAX_STEPS)
-
-    @model_validator(mode="after")
-    def _exactly_one(self):
-        given = [k for k in ("train", "freeze", "freeze_first_layers") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(
-                "a freeze strategy takes exactly one of train, freeze, freeze_first_layers"
-                f" (got {', '.join(given) or 'none'})"
-            )
-        return self
-
-
-class UnfreezeStep(Strict):
-    step: Optional[int] = Field(None, ge=0, le=MAX_STEPS, description="unfreeze before this many steps are done")
-    epoch: Optional[float] = Field(None, ge=0, le=MAX_EPOCHS, description="or after this many epochs")
-    unfreeze: Patterns
-
-    @model_validator(mode="after")
-    def _one_time(self):
-        if (self.step is None) == (self.epoch is None):
-            raise ValueError("each schedule entry takes exactly one of step or epoch")
-        return self
-
-
-class GradualUnfreezeStrategy(Strict):
-    """Start with `train` (e.g. the head) trainable; each schedule entry unfreezes more groups."""
-
-    type: Literal["gradual_unfreeze"]
-    train: Patterns
-    schedule: list[UnfreezeStep] = Field(min_length=1)
-
-
-class PrefixStrategy(Strict):
-    type: Literal["prefix"]
-    num_virtual_tokens: int = Field(20, gt=0, le=512)
-
-
-class PromptStrategy(Strict):
-    type: Literal["prompt"]
-    num_virtual_tokens: int = Field(20, gt=0, le=512)
-
-
-class Ia3Strategy(Strict):
-    type: Literal["ia3"]
-    target_modules: Optional[list[str]] = Field(None, description="default: peft's per-architecture choice")
-    feedforward_modules: Optional[list[str]] = None
-
-
-STRATEGIES: dict[str, type[Strict]] = {}
-
-
-def register_strategy(model: type[Strict]) -> type[Strict]:
-    """One registration per strategy: its `type:` tag maps to its spec model. Duplicates fail."""
-    name = typing.get_args(model.model_fields["type"].annotation)[0]
-    if name in STRATEGIES:
-        raise RuntimeError(f"strategy {name!r} is registered twice")
-    STRATEGIES[name] = model
-    return model
-
-
-for _model in (FullStrategy, FreezeStrategy, GradualUnfreezeStrategy, LoraStrategy, QloraStrategy,
-               PrefixStrategy, PromptStrategy, Ia3Strategy):
-    register_strategy(_model)
-
-
-def _union(models):
-    return Annotated[Union[tuple(models)], Field(discriminator="type")]
+STRATEGIES = {name: s.spec for name, s in STRATEGY_REGISTRY.items()}  # type tag -> spec model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,7 +179,7 @@ class MitigationSpec(Strict):
 class FinetuneSpec(JobBase):
     kind: Literal["finetune"]
     model: ModelSpec = Field(default_factory=ModelSpec)
-    strategy: _union(STRATEGIES.values()) = Field(discriminator="type")
+    strategy: spec_union()
     engine: Literal["torch", "deepspeed"] = "torch"
     deepspeed: Optional[DeepSpeedSpec] = None
     data: DataSpec

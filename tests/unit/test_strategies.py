@@ -383,8 +383,7 @@ def test_qlora_adapter_merges_into_the_full_precision_base(tmp_path):
     train(model, steps=3, lr=3e-2)
     model.save_pretrained(tmp_path / "adapter")
     with pytest.raises(ValueError, match="not the 4-bit one"):
-        S.merge(str(tmp_path / "adapter"), S.load_quantized(C.build_model(TINY, 0), spec["strategy"],
-                                                            type(C.build_model(TINY, 0))))
+        S.merge(str(tmp_path / "adapter"), S.load_quantized(C.build_model(TINY, 0), spec["strategy"]))
     merged = S.merge(str(tmp_path / "adapter"), C.build_model(TINY, 0))
     assert not any(type(m).__name__ == "Linear4bit" for m in merged.modules())
     assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
