@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.ftlaunch-installed
 EXTRAS ?= train,deepspeed,qlora,k8s,report,dev
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-unit bench install clean
+.PHONY: demo test test-unit lint bench install clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# ruff (pyproject.toml [tool.ruff]): pyflakes, pycodestyle, import order, line length 120.
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration" $(PYTEST_ARGS)
