@@ -9,7 +9,8 @@ from typing import Optional, Union
 
 from common.runfolder import find_run
 from launcher.errors import ClusterError, LauncherError, SubmissionError
-from launcher.jobplan import JobPlan, plan as make_plan
+from launcher.jobplan import JobPlan
+from launcher.jobplan import plan as make_plan
 from launcher.spec import load_spec
 from launcher.targets import Handle, get_target
 from launcher.targets.ray import JobHandle

@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
     add_spec_args(p)
     add_target_args(p)
     p.add_argument("--submission-id", help="idempotent: an existing id returns that job")
-    p.add_argument("--profile", help="refuse unless the job fits this cluster profile")
+    p.add_argument("--profile", help="refuse unless the job fits this cluster profile (k8s: it also "
+                   "sizes the RayJob; default a100-80g-1)")
     add_k8s_args(p)
     p.add_argument("--image", help="k8s target: an image with ftlaunch installed")
     p.add_argument("--no-wait", action="store_true", help="return right after submitting")

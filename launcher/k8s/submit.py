@@ -120,7 +120,8 @@ def submitter_log(name: str, namespace: str, api_client: Any) -> Optional[str]:
         return None
     newest = max(pods, key=lambda p: str(p.metadata.creation_timestamp or ""))
     pod = newest.metadata.name
-    return _call(lambda: core.read_namespaced_pod_log(pod, namespace), f"reading the log of pod {namespace}/{pod}",
+    return _call(lambda: core.read_namespaced_pod_log(pod, namespace),
+                 f"reading the log of pod {namespace}/{pod}",
                  missing=f"pod {namespace}/{pod} of RayJob {name} is gone; read what is left with: "
                          f"kubectl logs -n {namespace} job/{name}")
 

@@ -32,7 +32,8 @@ class Handle(abc.ABC):
     def logs(self) -> str: ...
 
     @abc.abstractmethod
-    def wait(self, timeout: Optional[float] = None, on_logs: Optional[Callable[[str], None]] = None) -> str: ...
+    def wait(self, timeout: Optional[float] = None,
+             on_logs: Optional[Callable[[str], None]] = None) -> str: ...
 
     @abc.abstractmethod
     def stop(self) -> bool:
@@ -125,6 +126,7 @@ def describe_targets() -> str:
 
 # The registrations, in the order `--target` lists them (ray registers local, then ray).
 from launcher.targets import ray  # noqa: E402,F401
+
 # isort: split
 from launcher.targets import k8s  # noqa: E402,F401
 

@@ -102,14 +102,14 @@ class RayJobHandle(Handle):
              poll: float = POLL_S) -> str:
         """Block until the RayJob ends (or is deleted: STOPPED); stream the submitter's log to `on_logs`."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        seen, api = 0, self._api()
+        seen, api, name, ns = 0, self._api(), self.submission_id, self.namespace
         while True:
             try:
                 row = self.row()
             except kube.NotFound:  # deleted by a stop: what is gone has stopped
                 return "STOPPED"
             if on_logs:
-                text = kube.submitter_log(self.submission_id, self.namespace, api) or ""
+                text = kube.submitter_log(name, ns, api) or ""
                 if len(text) > seen:
                     on_logs(text[seen:])
                     seen = len(text)
@@ -117,9 +117,8 @@ class RayJobHandle(Handle):
                 return _state(row)
             if deadline is not None and time.monotonic() > deadline:
                 raise SubmissionError(
-                    f"RayJob {self.namespace}/{self.submission_id} still {_state(row)} after {timeout:.0f}s; "
-                    f"follow it with: ftlaunch logs -f {self.submission_id} --target k8s --namespace {self.namespace}"
-                )
+                    f"RayJob {ns}/{name} still {_state(row)} after {timeout:.0f}s; "
+                    f"follow it with: ftlaunch logs -f {name} --target k8s --namespace {ns}")
             time.sleep(poll)
 
     def format_row(self, row: dict) -> list[str]:
@@ -128,10 +127,11 @@ class RayJobHandle(Handle):
 
     def submitted_lines(self) -> list[str]:
         if self.file:
-            return [f"no kubeconfig; wrote the RayJob to {self.file['path']}", f"next: {self.file['command']}"]
+            return [f"no kubeconfig; wrote the RayJob to {self.file['path']}",
+                    f"next: {self.file['command']}"]
         name, ns = self.submission_id, self.namespace
-        return [f"created RayJob {ns}/{name}",
-                f"next: ftlaunch status {name} --target k8s --namespace {ns} | kubectl get rayjob -n {ns} {name}"]
+        follow = f"ftlaunch status {name} --target k8s --namespace {ns} | kubectl get rayjob -n {ns} {name}"
+        return [f"created RayJob {ns}/{name}", f"next: {follow}"]
 
 
 class K8sTarget(Target):

@@ -229,7 +229,8 @@ class RayTarget(Target):
             info = c.get_job_info(job_id)
         except RuntimeError:
             raise SubmissionError(f"no job {job_id!r} at {url}; list jobs with: ftlaunch list") from None
-        return JobHandle(job_id, url, (info.metadata or {}).get("ftlaunch_run_dir"), cli_address=address or "")
+        run_dir = (info.metadata or {}).get("ftlaunch_run_dir")
+        return JobHandle(job_id, url, run_dir, cli_address=address or "")
 
     def list(self, address: Optional[str] = None, **options) -> list[dict]:
         c = client(resolve_address(address, embedded=self.embedded, start=False))
