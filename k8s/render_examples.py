@@ -17,17 +17,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from launcher.k8s.render import dump_manifest, render_raycluster, render_rayjob  # noqa: E402
 from launcher.jobplan import JOB_ENV, PLAN_ENV, JobPlan, plan  # noqa: E402
+from launcher.k8s.constants import STORAGE_MOUNT as STORAGE  # noqa: E402
+from launcher.k8s.render import dump_manifest, render_raycluster, render_rayjob  # noqa: E402
 from launcher.spec import load_spec  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 NOW = dt.datetime(2026, 11, 28, 12, 0, 0, tzinfo=dt.timezone.utc)
-STORAGE = "/mnt/cluster_storage"
-# Mirrors the a100-80g-1 resource profile: one A100 80GB per node.
+# The a100-80g-1 resource profile (one A100 80GB per node, in cluster/profiles.yaml's keys), on
+# four nodes and with the GPU product label NVIDIA's feature discovery sets.
 A100_PROFILE = {
-    "name": "a100-80g-1", "nodes": 4, "gpus_per_node": 1, "gpu_memory_gib": 80,
-    "gpu_model": "NVIDIA-A100-SXM4-80GB", "cpus_per_node": 12, "memory_gib": 85,
+    "name": "a100-80g-1", "nodes": 4, "gpus": 1, "gpu_memory_gib": 80,
+    "gpu_model": "NVIDIA-A100-SXM4-80GB", "cpus": 12, "memory_gib": 85,
 }
 LORA_SPEC = {
     "kind": "finetune",

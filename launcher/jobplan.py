@@ -18,8 +18,8 @@ from pydantic import BaseModel
 
 import launcher
 from launcher.errors import PlanError
+from launcher.targets import get_target
 
-TARGETS = ("local", "ray", "k8s")
 PLAN_ENV = "FTLAUNCH_PLAN"
 # Environment every job runs with: quiet Ray Data, no hub access, and a short Train health-check
 # interval (ray.train.report blocks up to this long per call; the 2 s default dominates tiny jobs).
@@ -31,7 +31,6 @@ JOB_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "PYTHONUNBUFFERED": "1",
 }
-K8S_STORAGE_ROOT = "/mnt/cluster_storage"  # where rendered RayJobs mount the shared volume
 PATH_FIELDS = ("data.train", "data.eval", "data.retain", "data.replay.path")
 
 
@@ -86,10 +85,8 @@ def plan(
     With `preflight`, datasets are checked from their footers and the job is estimated against
     `profile` (default: this machine for `local`); a job that cannot fit there is refused.
     """
-    if target not in TARGETS:
-        raise PlanError(f"target {target!r} is unknown; use one of: {', '.join(TARGETS)}")
-    # On Kubernetes, relative paths name places on the cluster's shared volume, not this machine.
-    base = Path(base_dir or (K8S_STORAGE_ROOT if target == "k8s" else os.getcwd()))
+    rules = get_target(target)  # the target's plan rules; an unknown name fails here
+    base = Path(base_dir or rules.base_dir())
     resolved = spec.model_dump(mode="json")
     warnings = []
     for field in PATH_FIELDS:
@@ -116,20 +113,9 @@ def plan(
             "written with local file I/O); use a folder, on a shared filesystem for a multi-node cluster"
         )
     storage = resolved["storage"] = str((base / storage).resolve())
-    if target == "local":
-        check_storage(storage)
-    else:
-        warnings.append(
-            f"storage {storage} is a local path: the cluster's nodes must see it (a shared filesystem)"
-        )
-
+    warnings += rules.check_storage(storage)
     for key, value in resolved.get("env", {}).items():  # secret references fit their target
-        if value.startswith("secret:") and target != "k8s":
-            raise PlanError(f"env.{key}: {value} names a Kubernetes Secret; on target {target} use "
-                            f"env:{key} (read from the cluster's environment)")
-        if value.startswith("env:") and target == "k8s":
-            raise PlanError(f"env.{key}: {value} reads the cluster's environment; on Kubernetes use "
-                            "secret:NAME/KEY (a Secret the pods mount as this variable)")
+        rules.check_env_ref(key, value)
 
     from launcher.dsconfig import prepare as prepare_engine
 
@@ -145,8 +131,8 @@ def plan(
         warnings += checks.check_model(resolved, target)
         data, data_warnings = checks.check_data(resolved, target)
         warnings += data_warnings
-        if target == "local" and profile is None:
-            profile = "local-cpu"
+        if profile is None:
+            profile = rules.default_profile(resolved.get("resources", {}).get("gpus_per_worker", 0))
         estimate, fit_warnings = checks.check_fit(resolved, profile, strict=profile is not None)
         warnings += fit_warnings
     elif "tasks" in resolved:
@@ -204,29 +190,6 @@ def plan(
         engine_config=engine_config,
     )
     return with_runtime_env(JobPlan(**job_plan_fields), spec.env, estimate)
-
-
-def check_storage(path: str) -> None:
-    """The local target creates the run folder on this machine: refuse a storage path that cannot
-    hold one now, before anything is submitted (no write: the nearest existing folder is probed)."""
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        where = "is a file" if existing == path else f"is under {existing}, a file"
-        raise PlanError(f"storage {path} {where}, not a folder; point storage at a folder (e.g. ./runs)")
-    stat = os.statvfs(existing)
-    reason = (
-        "no write permission" if not os.access(existing, os.W_OK | os.X_OK)
-        else "a read-only filesystem" if stat.f_flag & os.ST_RDONLY
-        else "a virtual filesystem, like /proc" if stat.f_blocks == 0
-        else None
-    )
-    if reason:
-        raise PlanError(
-            f"storage {path}: cannot create a run folder in {existing} ({reason}); "
-            "point storage at a writable folder (e.g. ./runs)"
-        )
 
 
 def with_runtime_env(draft: JobPlan, env: dict, estimate: Optional[dict] = None) -> JobPlan:

@@ -1,10 +1,11 @@
-"""Arguments several verbs share."""
+"""Arguments several verbs share, and the terminal helpers they print with."""
 
 from __future__ import annotations
 
 import json
+import sys
 
-from launcher.jobplan import TARGETS
+from launcher.targets import TARGETS, describe_targets
 
 
 def add_spec_args(p) -> None:
@@ -13,13 +14,28 @@ def add_spec_args(p) -> None:
 
 
 def add_target_args(p, targets=TARGETS) -> None:
-    p.add_argument("--target", choices=targets, default="local",
-                   help="local: the embedded Ray head (default); ray: any cluster by address")
+    p.add_argument("--target", choices=targets, default="local", help=describe_targets())
     p.add_argument("--address", help="Ray dashboard address (else RAY_ADDRESS)")
+
+
+def add_k8s_args(p) -> None:
+    p.add_argument("--namespace", default="default", help="k8s target: the RayJob's namespace")
+    p.add_argument("--kubeconfig", help="k8s target: the kubeconfig (else KUBECONFIG, ~/.kube/config)")
+
+
+def target_options(args) -> dict:
+    """The flags a verb has that only some targets read (each target takes the ones it uses)."""
+    names = ("namespace", "kubeconfig", "image", "profile")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
 def print_json(data) -> None:
     print(json.dumps(data, indent=2, default=str))
+
+
+def echo(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def target_of(args) -> str:

@@ -4,8 +4,8 @@ gone or no longer knows the job, from the run folder (`<run>/logs/`, written whi
 import sys
 from pathlib import Path
 
-from launcher.cli.common import add_target_args, target_of
-from launcher.client import attach, echo, find_run
+from launcher.cli.common import add_k8s_args, add_target_args, echo, target_of, target_options
+from launcher.client import attach, find_run
 from launcher.errors import ClusterError, SubmissionError
 
 
@@ -16,12 +16,13 @@ def add_parser(sub) -> None:
     p.add_argument("--workers", action="store_true", help="also print each worker's stored log")
     p.add_argument("--storage", default="./runs", help="where run folders are (default ./runs)")
     add_target_args(p)
+    add_k8s_args(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     try:
-        handle = attach(args.submission_id, target_of(args), args.address)
+        handle = attach(args.submission_id, target_of(args), args.address, **target_options(args))
     except (ClusterError, SubmissionError) as exc:
         try:
             run_dir, _ = find_run(args.submission_id, args.storage)

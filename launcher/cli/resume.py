@@ -1,7 +1,7 @@
 """`ftlaunch resume RUN`: continue a stopped or failed run from its last checkpoint."""
 
-from launcher.cli.common import add_target_args, target_of
-from launcher.client import echo, resume
+from launcher.cli.common import add_target_args, echo, target_of
+from launcher.client import resume
 from launcher.summary import format_summary
 
 

@@ -13,26 +13,32 @@ import hashlib
 import json
 import math
 import re
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import yaml
 
+from common import refs
 from launcher.errors import PlanError
-from launcher.jobplan import JobPlan
+from launcher.k8s.constants import (
+    API_VERSION,
+    APP_LABEL,
+    APP_NAME,
+    DEFAULT_PVC,
+    MAX_RAYCLUSTER_NAME,
+    MAX_RAYJOB_NAME,
+    PYTHON_TAG,
+    RAY_VERSION,
+    RUN_DIR_ANNOTATION,
+    STORAGE_MOUNT,
+    SUBMISSION_MODES,
+)
 
-# One constant for the Ray version: images and rayVersion follow it; it must match pyproject's pin
-# (a test checks it against the installed ray).
-RAY_VERSION = "2.60.0"
-PYTHON_TAG = "py311"
-API_VERSION = "ray.io/v1"
-SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
-# The operator appends 6 characters to a RayJob's name for its RayCluster (limit 53): 47 is left.
-MAX_RAYJOB_NAME = 47
-MAX_RAYCLUSTER_NAME = 53
+if TYPE_CHECKING:
+    from launcher.jobplan import JobPlan
+
 GPU_RESOURCE = "nvidia.com/gpu"
 # NVIDIA GPU feature discovery's product label, e.g. NVIDIA-A100-SXM4-80GB.
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
-SECRET_PREFIX = "secret:"
 # The rayproject images run as user `ray` (uid 1000, group users = 100).
 RAY_UID, RAY_GID = 1000, 100
 HEAD = {"cpu": "2", "memory": "8Gi"}
@@ -41,8 +47,6 @@ SUBMITTER = {"cpu": "500m", "memory": "1Gi"}
 # Part of a node the kubelet and daemonsets keep: a pod asking for the whole node never schedules.
 RESERVED_CPUS = 1
 MEMORY_FRACTION = 0.9
-DEFAULT_PVC = "ftlaunch-storage"
-DEFAULT_STORAGE_MOUNT = "/mnt/cluster_storage"
 
 
 def ray_image(gpu: bool) -> str:
@@ -80,6 +84,9 @@ def render_rayjob(
 ) -> dict:
     """A RayJob (ray.io/v1) that runs `plan` on a fresh RayCluster sized from `profile`.
 
+    `profile` is the planner's (cluster/profiles.py), per node: nodes, gpus, cpus, memory_gib,
+    gpu_model, gpu_memory_gib.
+
     Uses only the plan's fields (kind, name, run_id, resources, entrypoint, env), so any job kind renders.
     """
     if submission_mode not in SUBMISSION_MODES:
@@ -87,7 +94,7 @@ def render_rayjob(
             f"submission mode {submission_mode!r} is unknown; use one of: {', '.join(SUBMISSION_MODES)}"
         )
     env_vars = dict(plan.runtime_env.get("env_vars", {}))
-    secrets = {k: v for k, v in env_vars.items() if str(v).startswith(SECRET_PREFIX)}
+    secrets = {k: v for k, v in env_vars.items() if str(v).startswith(refs.SECRET_PREFIX)}
     plain = {k: v for k, v in env_vars.items() if k not in secrets}
     pod_env = [_secret_env(k, v) for k, v in sorted(secrets.items())]
     mount = None if "://" in plan.storage_path else plan.storage_path
@@ -98,7 +105,7 @@ def render_rayjob(
         image=image, storage_mount=mount, pvc=pvc, env=pod_env, autoscale=not queue,
     )
     labels = {
-        "app.kubernetes.io/name": "ftlaunch",
+        APP_LABEL: APP_NAME,
         "app.kubernetes.io/component": plan.kind,
         "ftlaunch/run-id": _label_value(plan.run_id),
     }
@@ -133,7 +140,7 @@ def render_rayjob(
             "name": k8s_name(plan.run_id),
             "namespace": namespace,
             "labels": labels,
-            "annotations": {"ftlaunch/run-id": plan.run_id, "ftlaunch/run-dir": plan.run_dir},
+            "annotations": {"ftlaunch/run-id": plan.run_id, RUN_DIR_ANNOTATION: plan.run_dir},
         },
         "spec": spec,
     }
@@ -145,7 +152,7 @@ def render_raycluster(
     name: Optional[str] = None,
     image: Optional[str] = None,
     namespace: str = "default",
-    storage_path: str = DEFAULT_STORAGE_MOUNT,
+    storage_path: str = STORAGE_MOUNT,
     pvc: str = DEFAULT_PVC,
     min_workers: int = 0,
 ) -> dict:
@@ -163,7 +170,7 @@ def render_raycluster(
         "metadata": {
             "name": k8s_name(name or f"ftlaunch-{profile['name']}", MAX_RAYCLUSTER_NAME),
             "namespace": namespace,
-            "labels": {"app.kubernetes.io/name": "ftlaunch", "ftlaunch/profile": _label_value(profile["name"])},
+            "labels": {APP_LABEL: APP_NAME, "ftlaunch/profile": _label_value(profile["name"])},
         },
         "spec": cluster,
     }
@@ -173,7 +180,7 @@ def worker_pods(profile: dict, resources: dict) -> int:
     """Worker pods (one per node) that hold the plan's Ray workers; refuses what cannot schedule."""
     workers = resources.get("workers", 0)
     gpus, cpus = resources.get("gpus_per_worker", 0), resources.get("cpus_per_worker", 0)
-    node_gpus, node_cpus = profile["gpus_per_node"], _pod_cpus(profile)
+    node_gpus, node_cpus = profile["gpus"], _pod_cpus(profile)
     name = profile["name"]
     if gpus and not node_gpus:
         raise PlanError(f"profile {name} has no GPUs but the job asks {gpus} per worker; "
@@ -203,13 +210,13 @@ def dump_manifest(doc: dict, header: str = "") -> str:
 
 def _cluster_spec(profile, replicas, min_replicas, max_replicas, *, image, storage_mount, pvc, env,
                   autoscale=True) -> dict:
-    gpu = profile["gpus_per_node"] > 0
+    gpu = profile["gpus"] > 0
     image = image or _default_image(profile)
     node_cpus = _pod_cpus(profile)
     memory = f"{int(profile['memory_gib'] * MEMORY_FRACTION)}Gi"
     worker_res = {"cpu": str(node_cpus), "memory": memory}
     if gpu:
-        worker_res[GPU_RESOURCE] = str(profile["gpus_per_node"])
+        worker_res[GPU_RESOURCE] = str(profile["gpus"])
     # The head has no GPU: NVIDIA_VISIBLE_DEVICES=void keeps a GPU image from grabbing one anyway.
     head_env = list(env) + ([{"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"}] if gpu else [])
     head = _pod_template(
@@ -310,19 +317,19 @@ def _container_security() -> dict:
 
 def _secret_env(name: str, value: str) -> dict:
     """`secret:NAME/KEY` -> a secretKeyRef; the value itself never appears in a manifest."""
-    ref = value[len(SECRET_PREFIX):]
-    secret, sep, key = ref.partition("/")
-    if not sep or not secret or not key:
-        raise PlanError(f"env.{name}: {value!r} is not secret:NAME/KEY (e.g. secret:hf-token/token)")
-    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+    try:
+        ref = refs.parse(value)
+    except ValueError as exc:
+        raise PlanError(f"env.{name}: {exc}") from None
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
 
 
 def _default_image(profile: dict) -> str:
-    return ray_image(profile["gpus_per_node"] > 0)
+    return ray_image(profile["gpus"] > 0)
 
 
 def _pod_cpus(profile: dict) -> int:
-    return max(1, int(profile["cpus_per_node"]) - RESERVED_CPUS)
+    return max(1, int(profile["cpus"]) - RESERVED_CPUS)
 
 
 def _label_value(value: str) -> str:

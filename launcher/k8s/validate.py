@@ -18,13 +18,12 @@ from typing import Any, Iterable
 import yaml
 
 from launcher.errors import MissingExtraError
+from launcher.k8s.constants import API_VERSION, MAX_RAYCLUSTER_NAME, MAX_RAYJOB_NAME, SUBMISSION_MODES
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 SCHEMAS = {"RayJob": "rayjob.v1.openapi.json", "RayCluster": "raycluster.v1.openapi.json"}
-API_VERSION = "ray.io/v1"
-MAX_NAME = {"RayJob": 47, "RayCluster": 53}  # MaxRayClusterNameLength = 53; a RayJob's cluster adds 6
+MAX_NAME = {"RayJob": MAX_RAYJOB_NAME, "RayCluster": MAX_RAYCLUSTER_NAME}
 GENERATED_SUFFIX = 5  # the apiserver appends 5 characters to generateName
-SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 MANAGED_BY = ("ray.io/kuberay-operator", "kueue.x-k8s.io/multikueue")
 RESOURCE_START_PARAMS = ("num-cpus", "num-gpus", "memory", "resources")
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-import launcher.client as client_mod
+import launcher.targets.ray as client_mod
 from launcher.cli.main import main
 from tests.unit.test_cli import Recorder
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-import launcher.client as submit_mod
+import launcher.targets.ray as submit_mod
 from launcher.cli.main import main
 from launcher.jobplan import PLAN_ENV
 

@@ -14,17 +14,18 @@ import pytest
 import yaml
 
 from launcher.errors import PlanError
-from launcher.k8s import render
+from launcher.k8s import constants
 from launcher.k8s.render import k8s_name, render_raycluster, render_rayjob, worker_pods
 from launcher.k8s.validate import security_problems, validate_file, validate_manifest
 from launcher.jobplan import JobPlan
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = Path("/work/shared/kuberay/samples")
-A100 = {"name": "a100-80g-1", "nodes": 4, "gpus_per_node": 1, "gpu_memory_gib": 80,
-        "gpu_model": "NVIDIA-A100-SXM4-80GB", "cpus_per_node": 12, "memory_gib": 85}
-CPU = {"name": "local-cpu", "nodes": 2, "gpus_per_node": 0, "gpu_memory_gib": 0,
-       "gpu_model": "", "cpus_per_node": 4, "memory_gib": 16}
+# Profiles in the planner's vocabulary (cluster/profiles.py): gpus and cpus are per node.
+A100 = {"name": "a100-80g-1", "nodes": 4, "gpus": 1, "gpu_memory_gib": 80,
+        "gpu_model": "NVIDIA-A100-SXM4-80GB", "cpus": 12, "memory_gib": 85}
+CPU = {"name": "local-cpu", "nodes": 2, "gpus": 0, "gpu_memory_gib": 0,
+       "gpu_model": "", "cpus": 4, "memory_gib": 16}
 
 
 def _examples():
@@ -84,7 +85,7 @@ def test_rayjob_follows_kuberay_recommendations():
     assert spec["suspend"] is True and doc["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     assert spec["submissionMode"] == "K8sJobMode" and spec["jobId"] == "tiny-lora-20261128-120000-abc123"
     cluster = spec["rayClusterSpec"]
-    assert cluster["rayVersion"] == render.RAY_VERSION
+    assert cluster["rayVersion"] == constants.RAY_VERSION
     assert cluster["enableInTreeAutoscaling"] is False  # Kueue admits fixed-size gangs
     head = cluster["headGroupSpec"]["template"]["spec"]
     worker_group = cluster["workerGroupSpecs"][0]
@@ -192,8 +193,8 @@ def test_unschedulable_plans_are_refused():
 
 
 def test_ray_version_constant_matches_the_pinned_ray():
-    assert render.RAY_VERSION == importlib.metadata.version("ray")
-    assert f"ray[default]=={render.RAY_VERSION}" in (ROOT / "pyproject.toml").read_text()
+    assert constants.RAY_VERSION == importlib.metadata.version("ray")
+    assert f"ray[default]=={constants.RAY_VERSION}" in (ROOT / "pyproject.toml").read_text()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,7 +436,7 @@ def test_gpu_cloud_cluster_yaml_passes_rays_own_validation():
     validate_config(prepare_config(copy.deepcopy(config)))  # raises on a schema violation
     workers = config["available_node_types"]["a100-80g-x8"]
     assert workers["resources"]["GPU"] == 8 and workers["min_workers"] < workers["max_workers"]
-    assert config["docker"]["image"] == f"rayproject/ray:{render.RAY_VERSION}-py311-gpu"
+    assert config["docker"]["image"] == f"rayproject/ray:{constants.RAY_VERSION}-py311-gpu"
     broken = copy.deepcopy(config)
     broken["available_node_types"]["head"]["min_wrkers"] = 0
     with pytest.raises(Exception, match="min_wrkers"):

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from launcher.cli.render import load_profile
+from launcher.jobplan import plan
 from launcher.k8s.render import render_rayjob
 from launcher.k8s.validate import security_problems, validate_manifest
-from launcher.jobplan import plan
 from launcher.spec import load_spec
+from launcher.targets.k8s import load_profile
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = sorted((ROOT / "configs").rglob("*.yaml"))
