@@ -28,7 +28,11 @@ _NEEDS = {
     "image": "binary, a fixed-size list<uint8> or a fixed-shape tensor",
 }  # fmt: skip
 PARQUET = (".parquet", ".parq", ".pq")
-ARROW_IPC = (".arrow", ".feather", ".ipc")
+ARROW_IPC = (".arrow", ".feather", ".ipc")  # the file format, or the stream one (datasets' save_to_disk)
+JSONL = (".jsonl", ".json", ".jsonl.gz", ".json.gz")  # one JSON object per line
+DATA_SUFFIXES = PARQUET + ARROW_IPC + JSONL
+DATASETS_STATE = "state.json"  # a `datasets.save_to_disk` folder: its data files are listed there
+JSONL_SCHEMA_ROWS = 256  # rows whose types stand for the file's schema
 _MAX_LINES = 8
 MAX_LISTED = 100_000  # files and folders a dataset path may hold
 
@@ -133,13 +137,40 @@ def _find_files(fs, path: str, shown: str, where: str) -> list[str]:
         )
     if info.type == pafs.FileType.File:
         return [path]
-    files = [f for f in listing(path) if f.lower().endswith(PARQUET + ARROW_IPC)]
+    saved = _saved_dataset_files(fs, path, shown, where)
+    if saved is not None:
+        return saved
+    files = [f for f in listing(path) if f.lower().endswith(DATA_SUFFIXES)]
     if not files:
         raise ConfigError(
-            f"{where}: the folder {shown} holds no {'/'.join(PARQUET + ARROW_IPC)} file; "
+            f"{where}: the folder {shown} holds no {'/'.join(DATA_SUFFIXES)} file; "
             "point it at the data files"
         )
     return files
+
+
+def _saved_dataset_files(fs, path: str, shown: str, where: str):
+    """The Arrow files of a `datasets.save_to_disk` folder (named in its state.json), else None."""
+    import json
+
+    import pyarrow.fs as pafs
+
+    state = f"{path.rstrip('/')}/{DATASETS_STATE}"
+    if fs.get_file_info(state).type != pafs.FileType.File:
+        return None
+    try:
+        with fs.open_input_stream(state) as f:
+            names = [d["filename"] for d in json.loads(f.read())["_data_files"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{where}: {shown}/{DATASETS_STATE} is not a datasets state file ({e}); "
+                          "save the dataset again with save_to_disk") from None
+    if not names:
+        raise ConfigError(f"{where}: {shown}/{DATASETS_STATE} lists no data file; add data")
+    return [f"{path.rstrip('/')}/{name}" for name in names]
+
+
+def is_jsonl(path: str) -> bool:
+    return path.lower().endswith(JSONL)
 
 
 def list_files(path_or_uri: str, role: str = "train") -> tuple[object, list[str]]:
@@ -150,22 +181,62 @@ def list_files(path_or_uri: str, role: str = "train") -> tuple[object, list[str]
 
 
 def _footer(fs, path: str):
-    """(rows, arrow schema) from the file's footer; raises ValueError with the reason."""
+    """(rows, arrow schema) of a data file, without reading its rows where the format allows
+    (Parquet footer, Arrow IPC file footer); raises ValueError with the reason."""
     import pyarrow as pa
     import pyarrow.ipc as ipc
     import pyarrow.parquet as pq
 
+    if is_jsonl(path):
+        return _jsonl_rows(fs, path)
     with fs.open_input_file(path) as f:
         try:
             if path.lower().endswith(ARROW_IPC):
-                reader = ipc.open_file(f)
-                return reader.count_rows(), reader.schema
+                try:
+                    reader = ipc.open_file(f)
+                    return reader.count_rows(), reader.schema
+                except pa.ArrowInvalid:  # the stream format (datasets' save_to_disk): no footer
+                    f.seek(0)
+                    stream = ipc.open_stream(f)
+                    return sum(batch.num_rows for batch in stream), stream.schema
             meta = pq.ParquetFile(f).metadata
             return meta.num_rows, meta.schema.to_arrow_schema()
         except (pa.ArrowException, OSError) as e:
             kind = "Arrow IPC" if path.lower().endswith(ARROW_IPC) else "Parquet"
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ValueError(f"is not a readable {kind} file ({reason})") from e
+
+
+def _jsonl_rows(fs, path: str):
+    """Rows and schema of a JSON-lines file: every line must be a JSON object (a line that is not
+    names its number); the schema is inferred from the first rows, as a JSON reader would."""
+    import io
+    import json
+
+    import pyarrow as pa
+
+    rows, sample = 0, []
+    with fs.open_input_stream(path) as stream:  # pyarrow decompresses .gz by the file's ending
+        try:
+            for number, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8"), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as e:
+                    raise ValueError(f"line {number} is not JSON ({e.args[0][:80]})") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"line {number} is a JSON {type(record).__name__}, not an object with columns")
+                rows += 1
+                if len(sample) < JSONL_SCHEMA_ROWS:
+                    sample.append(record)
+        except (UnicodeDecodeError, OSError, EOFError, pa.ArrowException) as e:
+            raise ValueError(f"is not readable UTF-8 JSON lines ({str(e).splitlines()[0][:80]})") from None
+    try:
+        schema = pa.Table.from_pylist(sample).schema if sample else pa.schema([])
+    except (pa.ArrowException, TypeError) as e:
+        raise ValueError(f"has rows whose columns change type ({str(e).splitlines()[0][:80]})") from None
+    return rows, schema
 
 
 def check_dataset(
@@ -194,7 +265,8 @@ def check_dataset(
         try:
             n, schema = _footer(fs, f)
         except ValueError as e:
-            problems.append(f"{where}: {f} {e}; rewrite the file or remove it from the dataset")
+            fix = "fix that line or remove the file" if str(e).startswith("line ") else "rewrite the file or remove it"
+            problems.append(f"{where}: {f} {e}; {fix} from the dataset")
             continue
         if first_schema is None:
             first_schema = schema

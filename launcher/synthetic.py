@@ -199,21 +199,72 @@ def vqa(rows: int, seed: int = 0, size: int = 64):
     return pa.table({"image": image, "question": questions, "answer": answers})
 
 
-def make(name: str, rows: int, out: str | Path, seed: int = 0, split: str = "train") -> Path:
-    """Write `<out>/<split>.parquet` from the named generator; returns the file path."""
+# Chat: a lookup the model can only learn from the data: each of a fixed set of made-up creatures
+# has a colour. Asked in a few phrasings, answered in one; some chats ask two in a row.
+CREATURES = ("zorp", "blick", "mundle", "quav", "treeb", "fenwick", "glimmet", "osk", "pellow",
+             "rusk", "snarv", "tulo", "vesk", "wembly", "yarrow", "zint")
+CHAT_COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")
+_ASK = ("what colour is the {}?", "which colour does the {} have?", "tell me the colour of the {}.")
+
+
+def creature_colour(name: str) -> str:
+    """The fixed lookup every chat set shares (train, eval and any seed agree on it)."""
+    return CHAT_COLOURS[(5 * CREATURES.index(name) + 3) % len(CHAT_COLOURS)]
+
+
+@generator("chat")
+def chat(rows: int, seed: int = 0):
+    """`messages` (OpenAI style: role, content) chats: a system line, a question about a creature
+    and the assistant's answer `The <creature> is <colour>.`; a fifth of them ask a second one."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed + 6)
+    chats = []
+    for _ in range(rows):
+        turns = [{"role": "system", "content": "You answer in one short sentence."}]
+        for _ in range(2 if rng.random() < 0.2 else 1):
+            name = str(rng.choice(CREATURES))
+            turns.append({"role": "user", "content": str(rng.choice(_ASK)).format(name)})
+            turns.append({"role": "assistant", "content": f"The {name} is {creature_colour(name)}."})
+        chats.append(turns)
+    return pa.table({"messages": chats})
+
+
+FORMATS = ("parquet", "jsonl")
+
+
+def make(name: str, rows: int, out: str | Path, seed: int = 0, split: str = "train",
+         fmt: str = "parquet") -> Path:
+    """Write `<out>/<split>.parquet` (or `.jsonl`) from the named generator; returns the path."""
+    import json
+
     import pyarrow.parquet as pq
 
     from launcher.errors import ConfigError
 
     if name not in GENERATORS:
-        raise ConfigError(f"unknown dataset {name!r}; use one of: {', '.join(sorted(GENERATORS))}")
+        raise ConfigError(f"unknown dataset {name!r}; use one of: {', '.join(sorted(GENERATORS))}, demo")
     if rows <= 0:
         raise ConfigError(f"--rows {rows} must be positive")
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r} is unknown; use one of: {', '.join(FORMATS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{split}.parquet"
-    pq.write_table(GENERATORS[name](rows, seed), path)
+    table = GENERATORS[name](rows, seed)
+    path = out / f"{split}.{fmt}"
+    if fmt == "jsonl":
+        if any(isinstance(t, pa_extension_types()) for t in table.schema.types):
+            raise ConfigError(f"dataset {name} holds tensors (images): write it as --format parquet")
+        path.write_text("".join(json.dumps(row) + "\n" for row in table.to_pylist()))
+    else:
+        pq.write_table(table, path)
     return path
+
+
+def pa_extension_types():
+    import pyarrow as pa
+
+    return pa.BaseExtensionType
 
 
 def make_demo(out: str | Path, rows: int = 4000, seed: int = 0) -> dict[str, Path]:

@@ -1,4 +1,5 @@
-"""Open a dataset spec (file, folder, glob or pyarrow.fs URI; Parquet or Arrow IPC) as a Ray Dataset.
+"""Open a dataset spec (file, folder, glob or pyarrow.fs URI; Parquet, Arrow IPC, JSON lines, or a
+`datasets.save_to_disk` folder) as a Ray Dataset.
 
 The same file listing the pre-flight check used, so what was checked is what is read.
 """
@@ -9,24 +10,35 @@ from typing import Optional
 
 import ray.data
 
-from launcher.datacheck import ARROW_IPC, list_files
+from launcher.datacheck import ARROW_IPC, is_jsonl, list_files
 
 
 def read_dataset(path: str, columns: Optional[list[str]] = None, role: str = "train") -> ray.data.Dataset:
     fs, files = list_files(path, role)
-    parquet = [f for f in files if not f.lower().endswith(ARROW_IPC)]
     ipc = [f for f in files if f.lower().endswith(ARROW_IPC)]
+    jsonl = [f for f in files if is_jsonl(f)]
+    parquet = [f for f in files if f not in ipc and f not in jsonl]
     parts = []
     if parquet:
         parts.append(ray.data.read_parquet(parquet, filesystem=fs, columns=columns))
+    if jsonl:
+        # pyarrow's JSON reader (Ray's default) reads one object per line, streamed by block.
+        ds = ray.data.read_json(jsonl, filesystem=fs)
+        parts.append(ds.select_columns(columns) if columns else ds)
     if ipc:
         # Ray Data has no streaming Arrow IPC reader: IPC files are read whole, one block each.
-        import pyarrow as pa
-
-        def table(f):
-            with fs.open_input_file(f) as src:
-                t = pa.ipc.open_file(src).read_all()
-            return t.select(columns) if columns else t
-
-        parts.append(ray.data.from_arrow([table(f) for f in ipc]))
+        parts.append(ray.data.from_arrow([read_ipc(fs, f, columns) for f in ipc]))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+
+
+def read_ipc(fs, path: str, columns: Optional[list[str]] = None):
+    """An Arrow IPC file, in the file format or the stream format (`datasets.save_to_disk`)."""
+    import pyarrow as pa
+
+    with fs.open_input_file(path) as src:
+        try:
+            table = pa.ipc.open_file(src).read_all()
+        except pa.ArrowInvalid:
+            src.seek(0)
+            table = pa.ipc.open_stream(src).read_all()
+    return table.select(columns) if columns else table

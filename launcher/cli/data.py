@@ -1,4 +1,4 @@
-"""`ftlaunch data make NAME --rows N --out DIR`: synthetic, learnable datasets as Parquet."""
+"""`ftlaunch data make NAME --rows N --out DIR`: synthetic, learnable datasets (Parquet or JSON lines)."""
 
 from launcher import synthetic
 
@@ -10,7 +10,8 @@ def add_parser(sub) -> None:
     p.add_argument("--rows", type=int, default=4000)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split", default="train", help="file name: <out>/<split>.parquet")
+    p.add_argument("--split", default="train", help="file name: <out>/<split>.<format>")
+    p.add_argument("--format", default="parquet", choices=synthetic.FORMATS, help="parquet (default) or jsonl")
     p.set_defaults(func=run)
 
 
@@ -18,7 +19,7 @@ def run(args) -> int:
     if args.name == "demo":
         paths = synthetic.make_demo(args.out, args.rows, args.seed)
     else:
-        paths = {args.split: synthetic.make(args.name, args.rows, args.out, args.seed, args.split)}
+        paths = {args.split: synthetic.make(args.name, args.rows, args.out, args.seed, args.split, args.format)}
     for split, path in paths.items():
         print(f"{split}: {path}")
     return 0

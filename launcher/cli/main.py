@@ -9,7 +9,7 @@ import sys
 from launcher.errors import LauncherError
 
 VERBS = ("validate", "plan", "submit", "status", "logs", "stop", "list", "cluster", "data",
-         "resume", "render", "validate-k8s", "claims", "adapters", "infer", "report")
+         "resume", "render", "validate-k8s", "claims", "adapters", "infer", "report", "model")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -30,3 +30,15 @@ def test_folder_glob_uri_and_ipc_read_the_checked_rows(ray_client, tmp_path):
         ds = read_dataset(ref, columns=["text"])
         assert ds.count() == check_dataset(ref, "causal_lm").rows, ref
     assert sorted(read_dataset(str(tmp_path)).to_pandas()["text"])[:1] == ["ipc-0"]
+
+
+def test_jsonl_gz_and_save_to_disk_stream_the_checked_rows(ray_client, tmp_path):
+    from jobs.data.read import read_dataset
+    from tests.unit.test_data_formats import ROWS, save_to_disk, write_jsonl
+
+    refs = [write_jsonl(tmp_path / "a.jsonl", ROWS), write_jsonl(tmp_path / "b.jsonl.gz", ROWS, gz=True),
+            save_to_disk(tmp_path / "saved", pa.Table.from_pylist(ROWS))]
+    for ref in map(str, refs):
+        ds = read_dataset(ref, columns=["instruction", "response"])
+        assert ds.count() == check_dataset(ref, "instruction").rows == 40, ref
+        assert sorted(ds.to_pandas()["response"])[0] == "1 0"

@@ -98,3 +98,25 @@ def test_make_writes_every_new_generator(tmp_path):
     for name in NEW:
         path = synthetic.make(name, 20, tmp_path / name)
         assert pq.ParquetFile(path).metadata.num_rows == 20
+
+
+def test_chat_sets_hold_one_fixed_lookup_in_messages_and_write_jsonl_or_parquet(tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from launcher.synthetic import CREATURES, creature_colour, make
+
+    jsonl = make("chat", 50, tmp_path, seed=3, fmt="jsonl")
+    parquet = make("chat", 50, tmp_path, seed=3)
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert rows == pq.read_table(parquet).to_pylist()  # the same chats in both formats
+    assert any(len(r["messages"]) == 5 for r in rows)  # some chats ask twice
+    for r in rows:
+        roles = [m["role"] for m in r["messages"]]
+        assert roles[0] == "system" and roles[1:] == ["user", "assistant"] * (len(roles) // 2)
+        for question, answer in zip(r["messages"][1::2], r["messages"][2::2]):
+            name = next(c for c in CREATURES if f" {c}" in question["content"])
+            assert answer["content"] == f"The {name} is {creature_colour(name)}."
+    # every colour is used: the answer is not one constant
+    assert len({creature_colour(c) for c in CREATURES}) == 8
