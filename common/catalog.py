@@ -150,7 +150,8 @@ def config_for(model_spec: dict):
     if source.startswith("hf:"):
         folder = Path(source[3:]).expanduser()
         if not (folder / "config.json").is_file():
-            raise PlanError(f"model source {source!r}: no config.json in {folder}; point hf: at a model folder")
+            raise PlanError(
+                f"model source {source!r}: no config.json in {folder}; point hf: at a model folder")
         return transformers.AutoConfig.from_pretrained(str(folder), **overrides)
     raise PlanError(f"model source {source!r} has no config the planner knows yet")
 

@@ -86,8 +86,9 @@ def _memory_problem(memory: dict, profile: dict, resources: dict) -> tuple[Optio
         info = {"per_gpu": memory["total"], "usable_per_gpu": int(budget), "cpu_per_node": int(need_cpu),
                 "usable_cpu_per_node": int(node_ram)}
         if memory["total"] > budget:
+            usable = f"{USABLE_FRACTION:.0%} of {profile['gpu_memory_gib']:g} GiB"
             return (f"needs {gib(memory['total'])} per GPU, {profile['name']} offers "
-                    f"{gib(budget)} usable ({USABLE_FRACTION:.0%} of {profile['gpu_memory_gib']:g} GiB)"), info
+                    f"{gib(budget)} usable ({usable})"), info
         if need_cpu > node_ram:
             return (f"offload needs {gib(need_cpu)} of CPU memory per node, {profile['name']} has "
                     f"{gib(node_ram)} usable"), info
@@ -117,7 +118,8 @@ def fit(memory: dict, profile: Union[str, dict], resources: dict, levers: Option
         "verdict": verdict,
         "reason": reason,
         "memory": info,
-        "assumptions": [f"usable memory is {USABLE_FRACTION:.0%} of the GPU's (CUDA context, allocator slack)"],
+        "assumptions": [
+            f"usable memory is {USABLE_FRACTION:.0%} of the GPU's (CUDA context, allocator slack)"],
         "suggestions": [],
     }
     if verdict != "fits":
@@ -211,24 +213,28 @@ def suggestions(memory: dict, profile: dict, resources: dict, levers: Optional[L
         capacity_res = dict(resources)
         if gpw > profile["gpus"] and profile["gpus"]:
             capacity_res["gpus_per_worker"] = 1
-            add("gpus_per_worker=1 (one GPU per worker; Ray Train runs one rank per GPU)", {"gpus_per_worker": 1},
-                mem=memory, res=capacity_res)
+            add("gpus_per_worker=1 (one GPU per worker; Ray Train runs one rank per GPU)",
+                {"gpus_per_worker": 1}, mem=memory, res=capacity_res)
         if cpw > profile["cpus"]:
             capacity_res = {**capacity_res, "cpus_per_worker": profile["cpus"]}
-            add(f"cpus_per_worker={profile['cpus']}", {"cpus_per_worker": profile["cpus"]}, mem=memory, res=capacity_res)
-        cap = capacity(profile, capacity_res) if capacity_res.get("cpus_per_worker", cpw) <= profile["cpus"] else 0
+            add(f"cpus_per_worker={profile['cpus']}", {"cpus_per_worker": profile["cpus"]},
+                mem=memory, res=capacity_res)
+        fits_cpus = capacity_res.get("cpus_per_worker", cpw) <= profile["cpus"]
+        cap = capacity(profile, capacity_res) if fits_cpus else 0
         if 0 < cap < workers:
             res = {**capacity_res, "workers": cap}
             mem = remeasure(memory, workers=cap)
             also = {k: v for k, v in capacity_res.items() if k != "workers" and v != resources.get(k)}
             label = "".join(f"{k}={v:g}, " for k, v in also.items())  # the capacity changes made above
-            add(f"{label}workers={cap} (what {profile['name']} can hold)", {**also, "workers": cap}, mem=mem, res=res)
+            add(f"{label}workers={cap} (what {profile['name']} can hold)", {**also, "workers": cap},
+                mem=mem, res=res)
     else:
         full_like = kind in ("full", "freeze")
         if full_like and workers > 1 and inputs["zero_stage"] != 3:
             add(f"DeepSpeed ZeRO-3 over the {workers} workers", {"zero_stage": 3})
         if full_like and on_gpu:
-            add("DeepSpeed ZeRO-2 with optimizer offload to CPU", {"zero_stage": 2, "offload_optimizer": True})
+            add("DeepSpeed ZeRO-2 with optimizer offload to CPU",
+                {"zero_stage": 2, "offload_optimizer": True})
             add("DeepSpeed ZeRO-3 with optimizer and parameter offload to CPU",
                 {"zero_stage": 3, "offload_optimizer": True, "offload_params": True})
         if kind in ("full", "freeze"):
@@ -254,8 +260,8 @@ def suggestions(memory: dict, profile: dict, resources: dict, levers: Optional[L
             if other["name"] == profile["name"] or other["gpu_memory_gib"] < profile["gpu_memory_gib"]:
                 continue
             if _verdict(memory, other, resources)[0] == "fits":
-                add(f"profile {other['name']} ({other['gpu_memory_gib']:g} GiB GPUs)", {"profile": other["name"]},
-                    mem=memory, prof=other)
+                add(f"profile {other['name']} ({other['gpu_memory_gib']:g} GiB GPUs)",
+                    {"profile": other["name"]}, mem=memory, prof=other)
                 break
     # A change that alone does not fit is retried with smaller activations (checkpointing where a
     # spec field turns it on, micro_batch 1): activations often dominate, and "QLoRA" alone would
@@ -264,7 +270,8 @@ def suggestions(memory: dict, profile: dict, resources: dict, levers: Optional[L
     if not inputs["grad_checkpointing"]:
         extras.append((" + gradient checkpointing", {"grad_checkpointing": True}))
         if inputs["micro_batch"] > 1:
-            extras.append((" + gradient checkpointing + micro_batch=1", {"grad_checkpointing": True, "micro_batch": 1}))
+            extras.append((" + gradient checkpointing + micro_batch=1",
+                           {"grad_checkpointing": True, "micro_batch": 1}))
     if inputs["micro_batch"] > 1:
         extras.append((" + micro_batch=1", {"micro_batch": 1}))
     out, seen = [], set()
@@ -272,18 +279,18 @@ def suggestions(memory: dict, profile: dict, resources: dict, levers: Optional[L
         for suffix, extra in extras:
             if any(settings.get(k) == v for k, v in extra.items()):
                 continue
-            overrides = spec_overrides({k: v for k, v in {**settings, **extra}.items() if k != "profile"}, levers)
+            wanted = {k: v for k, v in {**settings, **extra}.items() if k != "profile"}
+            overrides = spec_overrides(wanted, levers)
             if overrides is None:
                 continue
             trial = remeasure(mem, None, **extra) if extra else mem
             if _verdict(trial, prof, res)[0] == "fits":
-                label = change + suffix
-                if label not in seen:
-                    seen.add(label)
-                    flag = [] if prof["name"] == profile["name"] else ["--profile", prof["name"]]
-                    out.append({"change": label, "settings": {**settings, **extra}, "overrides": overrides,
-                                "args": " ".join(shlex.quote(a) for a in overrides + flag),
-                                "per_gpu_bytes": trial["total"], "per_gpu_gib": round(trial["total"] / GIB, 2),
-                                "profile": prof["name"]})
+                flag = [] if prof["name"] == profile["name"] else ["--profile", prof["name"]]
+                args = " ".join(shlex.quote(a) for a in overrides + flag)
+                if args not in seen:  # "micro_batch=1 + checkpointing" is "checkpointing + micro_batch=1"
+                    seen.add(args)
+                    out.append({"change": change + suffix, "settings": {**settings, **extra},
+                                "overrides": overrides, "args": args, "per_gpu_bytes": trial["total"],
+                                "per_gpu_gib": round(trial["total"] / GIB, 2), "profile": prof["name"]})
                 break
     return out

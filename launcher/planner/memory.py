@@ -138,7 +138,7 @@ def activation_terms(
             per_token += d_in * f
         lora_extra += n * b * s * per_token
     if adapted:
-        notes.append(f"LoRA: r-wide lora_A output per adapted layer"
+        notes.append("LoRA: r-wide lora_A output per adapted layer"
                      + (f", dropout (p={lora_p:g}) mask and output of each adapted layer's input" if lora_p else "")
                      + (", fp32 copy of each adapted layer's input (fp32 adapters on a 16-bit base)" if mixed and not lora_p else ""))
 
