@@ -112,3 +112,16 @@ def test_config_overrides_and_unknown_source():
     assert wider.hidden_size == 128 and wider.vocab_size == catalog.TINY_LLAMA["vocab_size"]
     with pytest.raises(PlanError, match="no config.json"):
         catalog.config_for({"source": "hf:/nonexistent/dir"})
+
+
+def test_the_job_builds_the_model_the_planner_counts():
+    # One config_for on both sides: what is planned is what runs (config overrides, a classifier head).
+    from jobs import components
+    from launcher import preflight
+
+    for model in ({**TINY, "config": {"hidden_size": 32}}, {**TINY, "num_labels": 3}):
+        built = components.build_model(model)
+        assert sum(p.numel() for p in built.parameters()) == est.count_parameters(model, {"type": "full"})["total"]
+        assert built.config.to_dict() == catalog.config_for(model).to_dict()
+    # One meaning of RANDOM_INIT_SOURCES: the lr-cap warning and the job's saved base read the same.
+    assert components.RANDOM_INIT_SOURCES is preflight.RANDOM_INIT_SOURCES is catalog.RANDOM_INIT_SOURCES
