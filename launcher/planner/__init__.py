@@ -69,7 +69,8 @@ def estimate(spec: dict, profile_name: Optional[str] = None) -> dict:
     devices = max(1, math.ceil(workers * resources["gpus_per_worker"])) if on_gpu else max(
         1, math.ceil(workers * resources["cpus_per_worker"]))
     if not on_gpu and profile["gpus"]:
-        profile_for_time = {**cluster_profiles.get_profile("local-cpu"), "cpus": profile["cpus"], "name": profile["name"]}
+        profile_for_time = {**cluster_profiles.get_profile("local-cpu"), "cpus": profile["cpus"],
+                            "name": profile["name"]}
     else:
         profile_for_time = profile
     if on_gpu and not profile["gpus"]:

@@ -51,8 +51,10 @@ def _arrcoc_counts_cached(key: str) -> dict:
     llm = sum(p.numel() for p in net.parameters())
     lora_params = 0
     if lora:
-        lora_params = lora_closed_form(linear_layers(net), lora.get("r", 8), lora.get("target_modules", "all-linear"))
-    groups = {"vision": arrcoc_vision_params(cfg), "texture": arrcoc_texture_params(cfg), "llm": llm, "lora": lora_params}
+        lora_params = lora_closed_form(linear_layers(net), lora.get("r", 8),
+                                       lora.get("target_modules", "all-linear"))
+    groups = {"vision": arrcoc_vision_params(cfg), "texture": arrcoc_texture_params(cfg), "llm": llm,
+              "lora": lora_params}
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in net.modules())
     return {"groups": groups, "config": cfg, "largest_layer": int(largest),
             "dims": dims_of(config, causal_lm=True)}
@@ -92,7 +94,8 @@ def estimate_pipeline(spec: dict, profile_name: Optional[str] = None) -> dict:
             f"frozen vision tower over {s_v} patches without gradient: one block's activations "
             f"({vision_act / GIB:.2f} GiB) live at a time, before the LLM's; the peak takes the larger")
         tokens = stage["steps"] * stage["micro_batch"] * resources["workers"] * seq
-        devices = max(1, math.ceil(resources["workers"] * (resources["gpus_per_worker"] or resources["cpus_per_worker"])))
+        per_worker = resources["gpus_per_worker"] or resources["cpus_per_worker"]
+        devices = max(1, math.ceil(resources["workers"] * per_worker))
         timing = None if on_gpu and not profile["gpus"] else time_estimate(
             counts, tokens, profile, "lora", devices=devices)
         out.append({

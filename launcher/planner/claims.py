@@ -23,7 +23,8 @@ def claims() -> list[dict]:
     out.append(_claim(
         "7B full fine-tuning needs 64 GB", 64 * GB, states["model_states"],
         f"Llama-2-7B ({psi:,} params) x 16 B (bf16 weights, grads, fp32 master + Adam m, v) = "
-        f"{states['model_states'] / GB:.1f} GB of model states before activations; DeepSpeed ZeRO-2 on one GPU "
+        f"{states['model_states'] / GB:.1f} GB of model states before activations; DeepSpeed ZeRO-2 on "
+        "one GPU "
         f"(fp32 grad copy too) {ds['model_states'] / GIB:.1f} GiB",
     ))
 
@@ -33,10 +34,12 @@ def claims() -> list[dict]:
     out.append(_claim(
         "QLoRA on a 7B model needs 6 GB", 6 * GB, qmem["total"],
         f"Llama-2-7B 4-bit (double quant) + LoRA r=16 all-linear, micro_batch 1, seq_len 512 with gradient "
-        f"checkpointing: {qmem['total'] / GB:.2f} GB; without checkpointing {qmem_nockpt['total'] / GB:.2f} GB",
+        f"checkpointing: {qmem['total'] / GB:.2f} GB; without checkpointing "
+        f"{qmem_nockpt['total'] / GB:.2f} GB",
     ))
 
-    arr = memory_per_gpu(lora32, None, "lora", workers=1, micro_batch=1, seq_len=1024, grad_checkpointing=True)
+    arr = memory_per_gpu(lora32, None, "lora", workers=1, micro_batch=1, seq_len=1024,
+                         grad_checkpointing=True)
     arr_nockpt = memory_per_gpu(lora32, None, "lora", workers=1, micro_batch=1, seq_len=1024)
     out.append(_claim(
         "ARR-COC (vision encoder + 7B LLM) trains on one A100 in 20 GB", 20 * GB, arr["total"],
@@ -55,7 +58,8 @@ def claims() -> list[dict]:
             "claimed_bytes": 50 * 10**6,
             "planner_bytes": size16,
             "verdict": verdict,
-            "detail": f"Llama-2-7B all-linear r={r}: {counts['trainable']:,} params = {size16 / 1e6:.0f} MB bf16, "
+            "detail": f"Llama-2-7B all-linear r={r}: {counts['trainable']:,} params = "
+                      f"{size16 / 1e6:.0f} MB bf16, "
                       f"{size32 / 1e6:.0f} MB fp32 (q_proj,v_proj only: {qv * 2 / 1e6:.1f} MB bf16)",
         })
 

@@ -120,9 +120,11 @@ def _peft_config(strategy: dict, task_type: str):
             task_type=task_type,
         )
     if kind == "prefix":
-        return peft.PrefixTuningConfig(num_virtual_tokens=strategy.get("num_virtual_tokens", 20), task_type=task_type)
+        return peft.PrefixTuningConfig(num_virtual_tokens=strategy.get("num_virtual_tokens", 20),
+                                       task_type=task_type)
     if kind == "prompt":
-        return peft.PromptTuningConfig(num_virtual_tokens=strategy.get("num_virtual_tokens", 20), task_type=task_type)
+        return peft.PromptTuningConfig(num_virtual_tokens=strategy.get("num_virtual_tokens", 20),
+                                       task_type=task_type)
     if kind == "ia3":
         return peft.IA3Config(
             target_modules=strategy.get("target_modules"),
@@ -179,7 +181,8 @@ def _count_cached(key: str) -> dict:
         opened = list(strategy["train"]) + [p for e in strategy["schedule"] for p in e["unfreeze"]]
         total, trainable = base_total, _freeze_trainable(net, {"train": opened})
     elif kind in ADAPTER_TYPES:
-        task_type = "SEQ_CLS" if model.get("num_labels") else ("FEATURE_EXTRACTION" if classifier else "CAUSAL_LM")
+        task_type = ("SEQ_CLS" if model.get("num_labels") else
+                     "FEATURE_EXTRACTION" if classifier else "CAUSAL_LM")
         import peft
 
         _check_targets(model, strategy, linears)
@@ -236,7 +239,8 @@ def dims_of(config, num_labels=None, causal_lm=True) -> dict:
         "arch": "encoder" if model_type == "bert" else "decoder",
         # transformers picks sdpa when a model is built from a config (as jobs/components.py does)
         "attn_implementation": get("_attn_implementation") or get("attn_implementation") or "sdpa",
-        "attention_dropout": float(get("attention_dropout", None) or get("attention_probs_dropout_prob", None) or 0.0),
+        "attention_dropout": float(get("attention_dropout", None)
+                                   or get("attention_probs_dropout_prob", None) or 0.0),
         "hidden_dropout": float(get("hidden_dropout_prob", None) or 0.0),
     }
 

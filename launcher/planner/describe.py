@@ -38,7 +38,8 @@ def format_estimate(est: dict) -> str:
     s = est["memory_settings"]
     lines.append(
         f"  memory {unit} (workers {s['workers']}, micro_batch {s['micro_batch']}, seq_len {s['seq_len']}, "
-        f"{s['precision']}, ZeRO-{s['zero_stage']}{', grad checkpointing' if s['grad_checkpointing'] else ''})"
+        f"{s['precision']}, ZeRO-{s['zero_stage']}"
+        f"{', grad checkpointing' if s['grad_checkpointing'] else ''})"
     )
     for key in ("weights", "gradients", "optimizer", "activations", "total"):
         lines.append(f"    {key:<12}{size(m[key]):>14}")
@@ -46,7 +47,8 @@ def format_estimate(est: dict) -> str:
             parts = [f"{k.replace('_', ' ')} {size(v)}" for k, v in m["activation_terms"].items() if v]
             lines.append(f"      ({', '.join(parts)})")
     if m.get("optimizer_step_temp", 0) > m["activations"]:
-        lines.append(f"    (the peak is at the optimizer step: {size(m['optimizer_step_temp'])} of AdamW temporaries "
+        lines.append(f"    (the peak is at the optimizer step: {size(m['optimizer_step_temp'])} of AdamW "
+                     "temporaries "
                      "instead of the activations)")
     if m["cpu_offload"]:
         lines.append(f"    {'CPU offload':<12}{size(m['cpu_offload']):>14} (CPU memory per worker)")
@@ -57,8 +59,10 @@ def format_estimate(est: dict) -> str:
     if f["verdict"] != "fits" and not f["suggestions"]:
         lines.append("    no single change the planner knows would make it fit")
     if t:
-        hours = f", {t['gpu_hours']:.3g} GPU-hours" if t["gpu_hours"] else f", {t['device_hours']:.3g} CPU-core-hours"
-        lines.append(f"  time        {duration(t['seconds'])} for {t['tokens']:,} tokens{hours} (MFU {t['mfu']:.0%} assumed)")
+        hours = (f", {t['gpu_hours']:.3g} GPU-hours" if t["gpu_hours"] else
+                 f", {t['device_hours']:.3g} CPU-core-hours")
+        lines.append(f"  time        {duration(t['seconds'])} for {t['tokens']:,} tokens{hours} "
+                     f"(MFU {t['mfu']:.0%} assumed)")
     return "\n".join(lines)
 
 

@@ -85,7 +85,8 @@ def activation_terms(
     eager = dims.get("attn_implementation", "sdpa") == "eager"
     p_attn = dims.get("attention_dropout", 0.0)
     notes = [] if not mixed else [
-        "16-bit activation terms follow transformers' code but are not yet measured on a GPU (fp32 terms are, by B6)"]
+        "16-bit activation terms follow transformers' code but are not yet measured on a GPU "
+        "(fp32 terms are, by B6)"]
     if dims.get("arch") == "encoder":
         p_hid = dims.get("hidden_dropout", 0.0)
         mask = m1 if p_hid else 0
@@ -132,24 +133,29 @@ def activation_terms(
         per_token = r * (f if mixed else a)
         if lora_p:
             per_token += d_in * (f if mixed else a)
-            masked = n - (1 if name in ("q_proj", "k_proj", "v_proj") and dims.get("arch") != "encoder" else 0)
+            reads_embeddings = name in ("q_proj", "k_proj", "v_proj") and dims.get("arch") != "encoder"
+            masked = n - (1 if reads_embeddings else 0)
             lora_extra += masked * b * s * d_in * m1
         elif mixed:
             per_token += d_in * f
         lora_extra += n * b * s * per_token
     if adapted:
         notes.append("LoRA: r-wide lora_A output per adapted layer"
-                     + (f", dropout (p={lora_p:g}) mask and output of each adapted layer's input" if lora_p else "")
-                     + (", fp32 copy of each adapted layer's input (fp32 adapters on a 16-bit base)" if mixed and not lora_p else ""))
+                     + (f", dropout (p={lora_p:g}) mask and output of each adapted layer's input"
+                        if lora_p else "")
+                     + (", fp32 copy of each adapted layer's input (fp32 adapters on a 16-bit base)"
+                        if mixed and not lora_p else ""))
 
     layer = per_layer_bsh * bsh + per_layer_bsi * bsi + scores
-    first_input = f * bsh if strategy_type in ("lora", "qlora", "ia3") and dims.get("arch") != "encoder" else 0
+    adapters_on_decoder = strategy_type in ("lora", "qlora", "ia3") and dims.get("arch") != "encoder"
+    first_input = f * bsh if adapters_on_decoder else 0
     terms = {}
     if grad_checkpointing:
         # HF checkpointing keeps each layer's input; backward recomputes one layer at a time
         terms["layer_inputs"] = layers * a * bsh
         terms["recomputed_layer"] = layer + lora_extra / max(1, layers)
-        notes.append("activation checkpointing: each layer's input (s*b*h) kept, one layer recomputed at a time")
+        notes.append("activation checkpointing: each layer's input (s*b*h) kept, one layer recomputed "
+                     "at a time")
     else:
         terms["layers"] = layers * layer - first_input
         terms["lora"] = lora_extra
@@ -167,9 +173,11 @@ def activation_terms(
         bwd = 2 * f + (a if mixed else 0)
         bsv = b * s * vocab
         terms["loss_transient"] = max(fwd * bsv, bwd * bsv - grads_freed)
-        notes.append(f"loss: fp32 log_softmax kept (4*s*b*vocab), and the larger of the logits ({fwd}*s*b*vocab) at "
+        notes.append(f"loss: fp32 log_softmax kept (4*s*b*vocab), and the larger of the logits "
+                     f"({fwd}*s*b*vocab) at "
                      f"forward's end or {bwd}*s*b*vocab of gradients at backward's start"
-                     + (" (where the parameter gradients freed by zero_grad(set_to_none=True) are not yet back)"
+                     + (" (where the parameter gradients freed by zero_grad(set_to_none=True) are not "
+                        "yet back)"
                         if grads_freed else ""))
     else:
         labels = dims.get("num_labels") or 2
@@ -215,7 +223,9 @@ def memory_per_gpu(
     ob = 12 if mixed else 8  # fp32 master + Adam m, v; in fp32 the weights are the master copy
     g32 = 4 if (mixed and zero_stage) else 0  # DeepSpeed keeps an fp32 gradient partition
     assumptions = [
-        f"AdamW, {'mixed precision ' + precision + ': 2 B weights + 2 B grads + 12 B fp32 master, m, v per trainable param' if mixed else 'fp32: 4 B weights + 4 B grads + 8 B Adam m, v per trainable param'}",
+        "AdamW, " + (f"mixed precision {precision}: 2 B weights + 2 B grads + 12 B fp32 master, m, v "
+                     "per trainable param" if mixed else
+                     "fp32: 4 B weights + 4 B grads + 8 B Adam m, v per trainable param"),
     ]
 
     # Frozen weights: kept, never updated; 4-bit for QLoRA's quantized linear layers.

@@ -33,7 +33,8 @@ def time_estimate(
         devices = devices or profile["cpus"]
         peak = profile["peak_tflops_per_cpu"] * 1e12
     seconds = flops / (peak * mfu * devices)
-    label = f"{devices} GPU(s) at {peak / 1e12:g} TFLOP/s bf16 peak" if on_gpu else f"{devices} CPU core(s) at {peak / 1e12:g} TFLOP/s each (a rough peak)"
+    label = (f"{devices} GPU(s) at {peak / 1e12:g} TFLOP/s bf16 peak" if on_gpu else
+             f"{devices} CPU core(s) at {peak / 1e12:g} TFLOP/s each (a rough peak)")
     return {
         "flops": float(flops),
         "tokens": int(tokens),
@@ -43,8 +44,10 @@ def time_estimate(
         "devices": devices,
         "mfu": mfu,
         "assumptions": [
-            f"FLOPs = (4*params + 2*trainable{' + 2*params recompute' if grad_checkpointing else ''}) per token "
-            f"= {per_token / total:.2f}*params; {'full fine-tuning 6*params' if strategy_type == 'full' else 'frozen base weights need no weight gradients'}",
+            f"FLOPs = (4*params + 2*trainable{' + 2*params recompute' if grad_checkpointing else ''}) "
+            f"per token = {per_token / total:.2f}*params; "
+            + ("full fine-tuning 6*params" if strategy_type == "full" else
+               "frozen base weights need no weight gradients"),
             f"model FLOPs utilisation {mfu:.0%} of {label} (assumed, not measured)",
         ],
     }
