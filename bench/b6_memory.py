@@ -14,7 +14,7 @@ the starting bytes, is the live-bytes curve, and its maximum is the measured pea
 the measured one is profiled as well, so every tensor freed during the measured step was allocated
 under the profiler (a free of a block allocated before profiling is not reported).
 
-Predicted: `launcher.estimate.estimate(spec, "local-cpu")["memory"]["total"]` for the same spec.
+Predicted: `launcher.planner.estimate(spec, "local-cpu")["memory"]["total"]` for the same spec.
 Goal: predicted within +-15% of measured for every case.
 
 Run: python -m bench.b6_memory   (about a minute on two cores; writes bench/results/b6_memory.json)
@@ -133,7 +133,7 @@ def measure(spec: dict, seed: int = 0) -> dict:
 def run() -> dict:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    from launcher.estimate import estimate
+    from launcher.planner import estimate
 
     rows = []
     for name, strategy, b, s, config in CASES:
@@ -181,7 +181,7 @@ def run() -> dict:
             "start plus the running sum of torch.profiler(profile_memory=True) allocator events during "
             "the step; excludes the Python/torch runtime and allocator slack"
         ),
-        "predicted": "launcher.estimate.estimate(spec, 'local-cpu')['memory']['total']",
+        "predicted": "launcher.planner.estimate(spec, 'local-cpu')['memory']['total']",
         "cases": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

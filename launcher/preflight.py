@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from common.catalog import RANDOM_INIT_SOURCES
 from launcher.errors import ConfigError, MissingExtraError, PlanError
 
 DATA_ROLES = ("train", "eval", "retain")
@@ -14,7 +15,6 @@ PEFT_TYPES = ("lora", "qlora", "prefix", "prompt", "ia3")
 # Strategies that update a pretrained model's own weights, and the design's safe rate for them.
 FULL_TYPES = ("full", "freeze", "gradual_unfreeze")
 PRETRAINED_LR_CAP = 1e-5  # DESIGN: full fine-tuning of a pretrained model at 1e-5 .. 5e-6
-RANDOM_INIT_SOURCES = ("tiny-llama", "arrcoc-mini")
 
 
 def check_data(spec: dict, target: str = "local") -> tuple[dict, list[str]]:
@@ -89,19 +89,18 @@ def check_fit(spec: dict, profile: Optional[str], strict: bool) -> tuple[Optiona
         from launcher import multitask
 
         return multitask.check_fit(spec, profile, strict)
-    try:
-        from launcher.estimate import estimate
-    except MissingExtraError as exc:
-        return None, [f"no parameter or memory estimate: {exc}"]
+    from launcher.planner import estimate, estimate_pipeline
+
     if "stages" in spec:  # a pipeline: one estimate per stage; it fits when every stage fits
-        from launcher.estimate import estimate_pipeline as estimate
+        estimate = estimate_pipeline
     try:
         est = estimate(spec, profile)
     except MissingExtraError as exc:
         return None, [f"no parameter or memory estimate: {exc}"]
     verdict = est["fit"]["verdict"]
     if verdict != "fits" and strict:
-        fixes = [s.get("change", str(s)) for s in est["fit"].get("suggestions", [])]
+        # Each fix with the overrides (or --profile) that make it, to paste after the spec.
+        fixes = [f"{s['change']}: {s['args']}" for s in est["fit"].get("suggestions", [])]
         fix = f"; would fit: {'; '.join(fixes)}" if fixes else ""
         raise PlanError(f"{verdict} on profile {est['profile']}: {est['fit']['reason']}{fix}")
     warnings = [] if verdict == "fits" else [f"{verdict} on {est['profile']}: {est['fit']['reason']}"]

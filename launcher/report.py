@@ -188,7 +188,7 @@ def planned_memory(manifest: dict) -> tuple[dict, Optional[str]]:
     try:
         if kind == "compare":
             from launcher.dsconfig import prepare
-            from launcher.estimate import estimate
+            from launcher.planner import estimate
             from launcher.spec import expand_variants
 
             variants = expand_variants(spec)

@@ -113,7 +113,7 @@ class ResourcesSpec(Strict):
 
 
 class DeepSpeedSpec(Strict):
-    """The `deepspeed:` block of `engine: deepspeed` (field names shared with launcher/estimate.py)."""
+    """The `deepspeed:` block of `engine: deepspeed` (field names shared with launcher/planner/)."""
 
     zero_stage: Literal[0, 1, 2, 3] = 0
     offload_optimizer: bool = Field(False, description="optimizer states in CPU memory (ZeRO 1-3)")

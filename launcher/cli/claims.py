@@ -7,7 +7,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from launcher.estimate import format_claims
+    from launcher.planner.claims import format_claims
 
     print(format_claims())
     return 0

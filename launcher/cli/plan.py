@@ -50,7 +50,7 @@ def describe(job) -> str:
         lines.append(f"steps         {job.spec.get('train', {}).get('max_steps')}")
     lines += [f"warning       {w}" for w in job.warnings]
     if job.estimate:
-        from launcher.estimate import format_estimate, format_pipeline_estimate
+        from launcher.planner import format_estimate, format_pipeline_estimate
 
         fmt = format_pipeline_estimate if job.estimate.get("kind") == "pipeline" else format_estimate
         lines += ["", fmt(job.estimate)]

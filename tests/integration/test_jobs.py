@@ -120,7 +120,7 @@ def test_failing_job_reports_failed_with_its_message(ray_head, tiny_spec, tmp_pa
     # weights, in the workers, can find that out.
     from transformers import LlamaConfig
 
-    from jobs.components import TINY_LLAMA
+    from common.catalog import TINY_LLAMA
 
     model_dir = tmp_path / "corrupt-model"
     LlamaConfig(**TINY_LLAMA).save_pretrained(model_dir)

@@ -89,7 +89,7 @@ def test_three_stages_change_exactly_their_groups_and_accuracy_rises(data):
 
 
 def test_planner_counts_match_the_built_model_in_both_sizes():
-    from launcher.estimate import arrcoc_counts
+    from launcher.planner import arrcoc_counts
 
     mini = A.build(MINI, LORA)
     built = {g: sum(p.numel() for n, p in mini.named_parameters() if A.group_of(n) == g) for g in A.GROUPS}

@@ -109,7 +109,7 @@ def test_plan_carries_the_config_and_fills_the_planner_fields():
 
 
 def test_planner_reads_the_same_block():
-    from launcher.estimate import estimate
+    from launcher.planner import estimate
 
     spec = prepared(ds_spec({"zero_stage": 3}, workers=4))
     prepare(spec)

@@ -14,7 +14,7 @@ import torch
 
 from jobs import components as C
 from jobs import strategies as S
-from launcher.estimate import count_parameters
+from launcher.planner import count_parameters
 from launcher.spec import load_spec
 
 TINY = {"source": "tiny-llama", "seq_len": 24}

@@ -1,0 +1,261 @@
+"""Exact parameter counts from a model's config on the meta device (no weights, no GPU): total,
+trainable under each strategy (freeze rules, the peft config built for counting, LoRA's closed form),
+and the shapes the memory model and the re-estimates need without torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import re
+from typing import Any, Union
+
+from common.catalog import config_for
+from launcher.errors import ConfigError, MissingExtraError, PlanError
+
+ADAPTER_TYPES = ("lora", "qlora", "prefix", "prompt", "ia3")
+
+
+def require_torch():
+    import logging
+    import warnings
+
+    # Library chatter on import (bitsandbytes' optional CPU kernels, transformers deprecations)
+    # is not the planner's output.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        raise MissingExtraError("torch", "train") from None
+    return torch, transformers
+
+
+def _is_classifier(model: dict, config) -> bool:
+    return bool(model.get("num_labels")) or getattr(config, "model_type", "") == "bert"
+
+
+def _build_meta(model: dict):
+    torch, transformers = require_torch()
+    config = config_for(model)
+    with torch.device("meta"):
+        if model.get("num_labels"):
+            net = transformers.AutoModelForSequenceClassification.from_config(config)
+        elif getattr(config, "model_type", "") == "bert":
+            net = transformers.AutoModel.from_config(config)
+        else:
+            net = transformers.AutoModelForCausalLM.from_config(config)
+    return net, config
+
+
+def _head_names(net) -> set:
+    """Output layers that adapters leave alone (lm_head, classifier) and QLoRA keeps in 16 bits."""
+    names = set()
+    out = net.get_output_embeddings() if hasattr(net, "get_output_embeddings") else None
+    for name, module in net.named_modules():
+        if module is out or name.split(".")[-1] in ("lm_head", "classifier", "score"):
+            names.add(name)
+    return names
+
+
+def linear_layers(net) -> list[tuple[str, int, int]]:
+    torch, _ = require_torch()
+    heads = _head_names(net)
+    return [
+        (name, m.in_features, m.out_features)
+        for name, m in net.named_modules()
+        if isinstance(m, torch.nn.Linear) and name not in heads
+    ]
+
+
+def targets_match(name: str, targets) -> bool:
+    """peft's rule: a string is a full-match regex, a list matches the name or a dotted suffix."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _check_targets(model: dict, strategy: dict, linears: list) -> None:
+    """LoRA target_modules that name no linear layer of the model fail in peft on the cluster:
+    refuse them here, with the names that would match."""
+    targets = strategy.get("target_modules")
+    if strategy.get("type") not in ("lora", "qlora") or not isinstance(targets, list):
+        return
+    if any(targets_match(name, targets) for name, _, _ in linears):
+        return
+    names = sorted({name.rsplit(".", 1)[-1] for name, _, _ in linears})
+    raise ConfigError(
+        f"strategy.target_modules: {targets} match no linear layer of model "
+        f"{model.get('source', 'tiny-llama')}; use all-linear or some of: {', '.join(names)}"
+    )
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def lora_closed_form(linears: list, r: int, target_modules: Union[str, list] = "all-linear") -> int:
+    """Σ r·(d_in + d_out) over the adapted linear layers: [(name, d_in, d_out), ...]."""
+    total = 0
+    for name, d_in, d_out in linears:
+        if target_modules == "all-linear" or targets_match(name, target_modules):
+            total += r * (d_in + d_out)
+    return total
+
+
+def _peft_config(strategy: dict, task_type: str):
+    try:
+        import peft
+    except ImportError:
+        raise MissingExtraError("peft", "train") from None
+    kind = strategy["type"]
+    if kind in ("lora", "qlora"):
+        return peft.LoraConfig(
+            r=strategy.get("r", 8),
+            lora_alpha=strategy.get("alpha", 16),
+            lora_dropout=strategy.get("dropout", 0.0),
+            target_modules=strategy.get("target_modules", "all-linear"),
+            task_type=task_type,
+        )
+    if kind == "prefix":
+        return peft.PrefixTuningConfig(num_virtual_tokens=strategy.get("num_virtual_tokens", 20),
+                                       task_type=task_type)
+    if kind == "prompt":
+        return peft.PromptTuningConfig(num_virtual_tokens=strategy.get("num_virtual_tokens", 20),
+                                       task_type=task_type)
+    if kind == "ia3":
+        return peft.IA3Config(
+            target_modules=strategy.get("target_modules"),
+            feedforward_modules=strategy.get("feedforward_modules"),
+            task_type=task_type,
+        )
+    raise PlanError(f"strategy {kind!r} is not a peft method")
+
+
+def _freeze_trainable(net, strategy: dict) -> int:
+    """Trainable parameters under a freeze strategy (names are the model's own parameter names)."""
+    named = list(net.named_parameters())
+    if strategy.get("train") is not None:
+        pats = [re.compile(p) for p in strategy["train"]]
+        return sum(p.numel() for n, p in named if any(x.search(n) for x in pats))
+    if strategy.get("freeze") is not None:
+        pats = [re.compile(p) for p in strategy["freeze"]]
+        return sum(p.numel() for n, p in named if not any(x.search(n) for x in pats))
+    if strategy.get("freeze_first_layers") is not None:
+        # The embeddings are frozen with the first N layers: they sit below them.
+        first = int(strategy["freeze_first_layers"])
+
+        def frozen(name):
+            found = re.search(r"\.layers?\.(\d+)\.", name)
+            return ("embed" in name) or (found is not None and int(found.group(1)) < first)
+
+        return sum(p.numel() for n, p in named if not frozen(n))
+    raise PlanError("a freeze strategy needs 'train', 'freeze' or 'freeze_first_layers'")
+
+
+def count_parameters(model: dict, strategy: dict) -> dict:
+    """Exact total and trainable parameters, from the config on the meta device (no weights)."""
+    key = json.dumps([model, strategy], sort_keys=True, default=str)
+    return copy.deepcopy(_count_cached(key))
+
+
+@functools.lru_cache(maxsize=32)
+def _count_cached(key: str) -> dict:
+    model, strategy = json.loads(key)
+    torch, _ = require_torch()
+    net, config = _build_meta(model)
+    base_total = sum(p.numel() for p in net.parameters())  # shared (tied) tensors count once
+    linears = linear_layers(net)
+    quantizable = sum(d_in * d_out for _, d_in, d_out in linears)
+    largest_layer = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in net.modules())
+    kind = strategy.get("type", "full")
+    classifier = _is_classifier(model, config)
+    counts: dict[str, Any] = {"method": kind}
+    if kind == "full":
+        total, trainable = base_total, base_total
+    elif kind == "freeze":
+        total, trainable = base_total, _freeze_trainable(net, strategy)
+    elif kind == "gradual_unfreeze":  # memory peaks once the whole schedule is open
+        opened = list(strategy["train"]) + [p for e in strategy["schedule"] for p in e["unfreeze"]]
+        total, trainable = base_total, _freeze_trainable(net, {"train": opened})
+    elif kind in ADAPTER_TYPES:
+        task_type = ("SEQ_CLS" if model.get("num_labels") else
+                     "FEATURE_EXTRACTION" if classifier else "CAUSAL_LM")
+        import peft
+
+        _check_targets(model, strategy, linears)
+        with torch.device("meta"):
+            try:
+                wrapped = peft.get_peft_model(net, _peft_config(strategy, task_type))
+            except (ValueError, TypeError, KeyError) as exc:  # the job's get_peft_model would fail alike
+                raise ConfigError(
+                    f"strategy: peft cannot apply {kind} to model {model.get('source', 'tiny-llama')}: "
+                    f"{_first_line(exc)}; fix the strategy's module names or use the defaults"
+                ) from None
+        trainable, total = wrapped.get_nb_trainable_parameters()
+        if kind in ("lora", "qlora"):
+            counts["lora_closed_form"] = lora_closed_form(
+                linears, strategy.get("r", 8), strategy.get("target_modules", "all-linear")
+            )
+    else:
+        raise PlanError(f"strategy {kind!r} is unknown to the planner")
+    # Linear shapes grouped by their last name: enough to re-estimate LoRA/QLoRA without torch.
+    groups: dict[tuple, int] = {}
+    for name, d_in, d_out in linears:
+        k = (name.split(".")[-1], d_in, d_out)
+        groups[k] = groups.get(k, 0) + 1
+    counts.update(
+        total=int(total),
+        trainable=int(trainable),
+        frozen=int(total - trainable),
+        base_total=int(base_total),
+        # % of the base model (the usual convention); peft's print_trainable_parameters divides by
+        # base + adapter parameters instead, reported as percent_of_all.
+        percent_trainable=round(100.0 * trainable / base_total, 4),
+        percent_of_all=round(100.0 * trainable / total, 4),
+        quantizable=int(quantizable),
+        largest_layer=int(largest_layer),
+        linear_shapes=[[n, i, o, c] for (n, i, o), c in groups.items()],
+        dims=dims_of(net.config, num_labels=model.get("num_labels"), causal_lm=not classifier),
+    )
+    return counts
+
+
+def dims_of(config, num_labels=None, causal_lm=True) -> dict:
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    hidden = int(get("hidden_size"))
+    model_type = get("model_type") or ""
+    return {
+        "hidden_size": hidden,
+        "num_layers": int(get("num_hidden_layers")),
+        "num_heads": int(get("num_attention_heads")),
+        "vocab_size": int(get("vocab_size")),
+        "num_labels": num_labels,
+        "causal_lm": causal_lm,
+        # What the activation model needs beyond Korthikanti's h, a, L:
+        "intermediate_size": int(get("intermediate_size") or 4 * hidden),
+        "arch": "encoder" if model_type == "bert" else "decoder",
+        # transformers picks sdpa when a model is built from a config (as jobs/components.py does)
+        "attn_implementation": get("_attn_implementation") or get("attn_implementation") or "sdpa",
+        "attention_dropout": float(get("attention_dropout", None)
+                                   or get("attention_probs_dropout_prob", None) or 0.0),
+        "hidden_dropout": float(get("hidden_dropout_prob", None) or 0.0),
+    }
+
+
+def lora_counts(counts: dict, r: int, method: str = "lora") -> dict:
+    """Counts for LoRA/QLoRA r on all linear layers of the same base, by the closed form (no torch)."""
+    adapter = sum(r * (d_in + d_out) * n for _, d_in, d_out, n in counts["linear_shapes"])
+    total = counts["base_total"] + adapter
+    return {
+        **counts,
+        "method": method,
+        "total": total,
+        "trainable": adapter,
+        "frozen": counts["base_total"],
+        "percent_trainable": round(100.0 * adapter / counts["base_total"], 4),
+        "percent_of_all": round(100.0 * adapter / total, 4),
+        "lora_closed_form": adapter,
+    }

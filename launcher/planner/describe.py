@@ -1,0 +1,80 @@
+"""How `ftlaunch plan` prints an estimate: sizes in a unit that shows them, durations, the
+parameter, memory, fit and time lines, and a pipeline's stages."""
+
+from __future__ import annotations
+
+from launcher.planner.memory import GB, GIB
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def size(n: float) -> str:
+    """Bytes in the unit that shows them: GiB, MiB or KiB (a tiny model is not '0.00 GiB')."""
+    for unit, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B" if n else "0 B"
+
+
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def format_estimate(est: dict) -> str:
+    p, m, f, t = est["parameters"], est["memory"], est["fit"], est["time"]
+    unit = "per GPU" if est["resources"]["gpus_per_worker"] else "per worker (CPU memory)"
+    lines = [
+        f"model {est['model']}, strategy {est['strategy']}, profile {est['profile']}",
+        f"  parameters  total {p['total']:,}   trainable {p['trainable']:,} ({p['percent_trainable']:.2f}%)",
+    ]
+    if "lora_closed_form" in p:
+        lines.append(f"              LoRA closed form sum r*(d_in+d_out) = {p['lora_closed_form']:,}")
+    s = est["memory_settings"]
+    lines.append(
+        f"  memory {unit} (workers {s['workers']}, micro_batch {s['micro_batch']}, seq_len {s['seq_len']}, "
+        f"{s['precision']}, ZeRO-{s['zero_stage']}"
+        f"{', grad checkpointing' if s['grad_checkpointing'] else ''})"
+    )
+    for key in ("weights", "gradients", "optimizer", "activations", "total"):
+        lines.append(f"    {key:<12}{size(m[key]):>14}")
+        if key == "activations" and m.get("activation_terms"):
+            parts = [f"{k.replace('_', ' ')} {size(v)}" for k, v in m["activation_terms"].items() if v]
+            lines.append(f"      ({', '.join(parts)})")
+    if m.get("optimizer_step_temp", 0) > m["activations"]:
+        lines.append(f"    (the peak is at the optimizer step: {size(m['optimizer_step_temp'])} of AdamW "
+                     "temporaries "
+                     "instead of the activations)")
+    if m["cpu_offload"]:
+        lines.append(f"    {'CPU offload':<12}{size(m['cpu_offload']):>14} (CPU memory per worker)")
+    lines.append(f"  verdict     {f['verdict']}" + (f": {f['reason']}" if f["reason"] else ""))
+    for sug in f["suggestions"]:
+        lines.append(f"    would fit: {sug['args']} -> {size(sug['per_gpu_bytes'])} {unit.split(' (')[0]}"
+                     f"  # {sug['change']}")
+    if f["verdict"] != "fits" and not f["suggestions"]:
+        lines.append("    no single change the planner knows would make it fit")
+    if t:
+        hours = (f", {t['gpu_hours']:.3g} GPU-hours" if t["gpu_hours"] else
+                 f", {t['device_hours']:.3g} CPU-core-hours")
+        lines.append(f"  time        {duration(t['seconds'])} for {t['tokens']:,} tokens{hours} "
+                     f"(MFU {t['mfu']:.0%} assumed)")
+    return "\n".join(lines)
+
+
+def format_pipeline_estimate(est: dict) -> str:
+    lines = [f"pipeline of {len(est['stages'])} stage(s), model {est['model']}"]
+    groups = est["stages"][0]["parameters"]["groups"]
+    lines.append("  groups      " + ", ".join(f"{g} {n:,}" for g, n in groups.items()))
+    for e in est["stages"]:
+        lines += ["", f"stage {e['stage']} (trains {', '.join(e['parameters']['train'])})",
+                  *format_estimate(e).splitlines()[1:]]
+        if e["resources"]["gpus_per_worker"]:
+            gb = e["memory"]["total"] / GB
+            where = "within" if gb <= 25 else "over"
+            lines.append(f"  design      {gb:.1f} GB per GPU: {where} the design's 20-25 GB per stage")
+    return "\n".join(lines)
