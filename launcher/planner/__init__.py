@@ -14,14 +14,14 @@ from typing import Optional
 
 from cluster import profiles as cluster_profiles
 from launcher.planner.arrcoc import arrcoc_counts, estimate_pipeline
-from launcher.planner.counts import ADAPTER_TYPES, count_parameters, lora_closed_form, lora_counts
+from launcher.planner.counts import count_parameters, lora_closed_form, lora_counts
 from launcher.planner.describe import format_estimate, format_pipeline_estimate
 from launcher.planner.fit import USABLE_FRACTION, Levers, capacity, fit, schedule_problem, suggestions
 from launcher.planner.memory import GB, GIB, QLORA_BITS, activation_terms, memory_per_gpu
 from launcher.planner.timing import DEFAULT_MFU, time_estimate
 
 __all__ = [
-    "ADAPTER_TYPES", "DEFAULT_MFU", "GB", "GIB", "QLORA_BITS", "USABLE_FRACTION", "Levers",
+    "DEFAULT_MFU", "GB", "GIB", "QLORA_BITS", "USABLE_FRACTION", "Levers",
     "activation_terms", "arrcoc_counts", "capacity", "count_parameters", "estimate", "estimate_pipeline",
     "fit", "format_estimate", "format_pipeline_estimate", "lora_closed_form", "lora_counts",
     "memory_per_gpu", "schedule_problem", "suggestions", "time_estimate",

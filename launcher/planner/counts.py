@@ -13,8 +13,9 @@ from typing import Any, Union
 
 from common.catalog import config_for
 from launcher.errors import ConfigError, MissingExtraError, PlanError
+from launcher.strategies import get_strategy
+from launcher.strategies.lora import LoraStrategy
 
-ADAPTER_TYPES = ("lora", "qlora", "prefix", "prompt", "ia3")
 
 
 def require_torch():
@@ -81,7 +82,7 @@ def _check_targets(model: dict, strategy: dict, linears: list) -> None:
     """LoRA target_modules that name no linear layer of the model fail in peft on the cluster:
     refuse them here, with the names that would match."""
     targets = strategy.get("target_modules")
-    if strategy.get("type") not in ("lora", "qlora") or not isinstance(targets, list):
+    if not isinstance(get_strategy(strategy).parse(strategy), LoraStrategy) or not isinstance(targets, list):
         return
     if any(targets_match(name, targets) for name, _, _ in linears):
         return
@@ -105,56 +106,6 @@ def lora_closed_form(linears: list, r: int, target_modules: Union[str, list] = "
     return total
 
 
-def _peft_config(strategy: dict, task_type: str):
-    try:
-        import peft
-    except ImportError:
-        raise MissingExtraError("peft", "train") from None
-    kind = strategy["type"]
-    if kind in ("lora", "qlora"):
-        return peft.LoraConfig(
-            r=strategy.get("r", 8),
-            lora_alpha=strategy.get("alpha", 16),
-            lora_dropout=strategy.get("dropout", 0.0),
-            target_modules=strategy.get("target_modules", "all-linear"),
-            task_type=task_type,
-        )
-    if kind == "prefix":
-        return peft.PrefixTuningConfig(num_virtual_tokens=strategy.get("num_virtual_tokens", 20),
-                                       task_type=task_type)
-    if kind == "prompt":
-        return peft.PromptTuningConfig(num_virtual_tokens=strategy.get("num_virtual_tokens", 20),
-                                       task_type=task_type)
-    if kind == "ia3":
-        return peft.IA3Config(
-            target_modules=strategy.get("target_modules"),
-            feedforward_modules=strategy.get("feedforward_modules"),
-            task_type=task_type,
-        )
-    raise PlanError(f"strategy {kind!r} is not a peft method")
-
-
-def _freeze_trainable(net, strategy: dict) -> int:
-    """Trainable parameters under a freeze strategy (names are the model's own parameter names)."""
-    named = list(net.named_parameters())
-    if strategy.get("train") is not None:
-        pats = [re.compile(p) for p in strategy["train"]]
-        return sum(p.numel() for n, p in named if any(x.search(n) for x in pats))
-    if strategy.get("freeze") is not None:
-        pats = [re.compile(p) for p in strategy["freeze"]]
-        return sum(p.numel() for n, p in named if not any(x.search(n) for x in pats))
-    if strategy.get("freeze_first_layers") is not None:
-        # The embeddings are frozen with the first N layers: they sit below them.
-        first = int(strategy["freeze_first_layers"])
-
-        def frozen(name):
-            found = re.search(r"\.layers?\.(\d+)\.", name)
-            return ("embed" in name) or (found is not None and int(found.group(1)) < first)
-
-        return sum(p.numel() for n, p in named if not frozen(n))
-    raise PlanError("a freeze strategy needs 'train', 'freeze' or 'freeze_first_layers'")
-
-
 def count_parameters(model: dict, strategy: dict) -> dict:
     """Exact total and trainable parameters, from the config on the meta device (no weights)."""
     key = json.dumps([model, strategy], sort_keys=True, default=str)
@@ -171,36 +122,37 @@ def _count_cached(key: str) -> dict:
     quantizable = sum(d_in * d_out for _, d_in, d_out in linears)
     largest_layer = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in net.modules())
     kind = strategy.get("type", "full")
+    try:
+        registered = get_strategy(kind)
+    except KeyError:
+        raise PlanError(f"strategy {kind!r} is unknown to the planner") from None
+    spec = registered.parse(strategy)
     classifier = _is_classifier(model, config)
     counts: dict[str, Any] = {"method": kind}
-    if kind == "full":
-        total, trainable = base_total, base_total
-    elif kind == "freeze":
-        total, trainable = base_total, _freeze_trainable(net, strategy)
-    elif kind == "gradual_unfreeze":  # memory peaks once the whole schedule is open
-        opened = list(strategy["train"]) + [p for e in strategy["schedule"] for p in e["unfreeze"]]
-        total, trainable = base_total, _freeze_trainable(net, {"train": opened})
-    elif kind in ADAPTER_TYPES:
+    if registered.is_adapter:
         task_type = ("SEQ_CLS" if model.get("num_labels") else
                      "FEATURE_EXTRACTION" if classifier else "CAUSAL_LM")
-        import peft
+        try:
+            import peft
+        except ImportError:
+            raise MissingExtraError("peft", "train") from None
 
         _check_targets(model, strategy, linears)
         with torch.device("meta"):
             try:
-                wrapped = peft.get_peft_model(net, _peft_config(strategy, task_type))
+                wrapped = peft.get_peft_model(net, registered.peft_config(spec, task_type))
             except (ValueError, TypeError, KeyError) as exc:  # the job's get_peft_model would fail alike
                 raise ConfigError(
                     f"strategy: peft cannot apply {kind} to model {model.get('source', 'tiny-llama')}: "
                     f"{_first_line(exc)}; fix the strategy's module names or use the defaults"
                 ) from None
         trainable, total = wrapped.get_nb_trainable_parameters()
-        if kind in ("lora", "qlora"):
-            counts["lora_closed_form"] = lora_closed_form(
-                linears, strategy.get("r", 8), strategy.get("target_modules", "all-linear")
-            )
-    else:
-        raise PlanError(f"strategy {kind!r} is unknown to the planner")
+        if isinstance(spec, LoraStrategy):
+            counts["lora_closed_form"] = lora_closed_form(linears, spec.r, spec.target_modules)
+    else:  # full and partial: the parameters the registration names (a schedule's peak: all it opens)
+        named = dict(net.named_parameters())
+        trained = registered.trained_names(spec, list(named))
+        total, trainable = base_total, sum(named[n].numel() for n in trained)
     # Linear shapes grouped by their last name: enough to re-estimate LoRA/QLoRA without torch.
     groups: dict[tuple, int] = {}
     for name, d_in, d_out in linears:
