@@ -125,7 +125,7 @@ def plan(
     if preflight:
         from launcher import preflight as checks
 
-        warnings += checks.check_model(kind.models(resolved), target)
+        warnings += checks.check_model(list(kind.models(resolved).values()), target)
         data, data_warnings = kind.check_data(resolved, target)
         warnings += data_warnings
     # After the data (a missing dataset is missing on every target), before the estimate (a

@@ -374,6 +374,8 @@ def validate(data: dict, source: Optional[str] = None) -> BaseModel:
         spec = _adapter().validate_python(data)
     except ValidationError as exc:
         raise ConfigError([_describe(err) for err in exc.errors()], source) from None
+    except ConfigError as exc:  # raised by a kind's own check inside its model (compare's variants)
+        raise ConfigError(exc.problems, source) from None
     refused = kinds[kind].refusals(spec)
     if refused:
         raise ConfigError(refused, source)

@@ -84,7 +84,7 @@ class Kind:
                          f"{' or '.join(engine.strategies)}{self._other_engines(lambda e: e.strategies is None or strategy in e.strategies)}")
         for field in engine.ignores:
             if _value(spec, field) not in (None, [], {}):
-                fix = self._other_engines(lambda e: field not in e.ignores).removeprefix(", or ")
+                fix = self._other_engines(lambda e: field not in e.ignores).replace(", or ", "use ")
                 found.append(f"engine: {engine.name} does not run {field}; {fix or 'remove it'}")
         return found + self.own_refusals(spec)
 
@@ -92,22 +92,22 @@ class Kind:
         """The kind's own refusals beyond tasks, sources, strategies and engine fields."""
         return []
 
-    def models(self, spec: dict) -> list[dict]:
-        """Every model block of a spec dict (a compare adds its variants')."""
-        return [spec.get("model") or {}]
+    def models(self, spec: dict) -> dict[str, dict]:
+        """Every model block of a spec dict by its field path (a compare adds its variants')."""
+        return {"model": spec.get("model") or {}}
 
     def check_target(self, spec: dict, target: str) -> list[str]:
         """Refuse a plan-only model source on the local target; elsewhere, warn what it needs."""
         warnings = []
-        for model in self.models(spec):
+        for where, model in self.models(spec).items():
             source = model.get("source")
             if source not in self.plan_only:
                 continue
             if target == "local":
                 raise ConfigError(
-                    f"model.source: {source} has no weights here and is planned for a cluster only; "
+                    f"{where}.source: {source} has no weights here and is planned for a cluster only; "
                     f"plan it with --target ray (or k8s), or use {_names(self.sources)} to run it here")
-            warnings.append(f"model.source: {source}: {self.plan_only[source]}")
+            warnings.append(f"{where}.source: {source}: {self.plan_only[source]}")
         return warnings
 
     def _task_refusal(self, field: str, task: str, engine: Engine) -> list[str]:

@@ -98,9 +98,9 @@ class Compare(Finetune):
                 f"variants.{name}.name: {why}; remove it"
                 for name, overrides in spec.variants.items() for key, why in JOB_KEYS.items() if key in overrides]
 
-    def models(self, spec: dict) -> list[dict]:
-        return [spec.get("model") or {}] + [v["model"] for v in spec["variants"].values()
-                                             if isinstance(v.get("model"), dict)]
+    def models(self, spec: dict) -> dict[str, dict]:
+        return {**super().models(spec), **{f"variants.{n}.model": v["model"] for n, v in spec["variants"].items()
+                                           if isinstance(v.get("model"), dict)}}
 
     def resolve_paths(self, spec: dict, resolve) -> None:
         super().resolve_paths(spec, resolve)

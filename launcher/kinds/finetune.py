@@ -111,13 +111,6 @@ class Finetune(Kind):
     engines = ENGINES
     plan_only = PLAN_ONLY
 
-    def own_refusals(self, spec) -> list[str]:
-        labels = spec.model.num_labels
-        if labels and spec.data.task != "classification":  # it would build a classifier head
-            return [f"model.num_labels: {labels} is read by data.task classification only; remove it "
-                    f"(data.task is {spec.data.task})"]
-        return []
-
     def resolve_paths(self, spec: dict, resolve) -> None:
         resolve_data(spec["data"], resolve)
         resolve_model(spec["model"], resolve)
