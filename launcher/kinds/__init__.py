@@ -80,8 +80,9 @@ class Kind:
         found += self._source_refusal(spec.model.source, engine)
         strategy = getattr(getattr(spec, "strategy", None), "type", None)
         if engine.strategies is not None and strategy not in engine.strategies:
+            other = self._other_engines(lambda e: e.strategies is None or strategy in e.strategies)
             found.append(f"engine: {engine.name} does not run strategy {strategy}; use strategy "
-                         f"{' or '.join(engine.strategies)}{self._other_engines(lambda e: e.strategies is None or strategy in e.strategies)}")
+                         f"{' or '.join(engine.strategies)}{other}")
         for field in engine.ignores:
             if _value(spec, field) not in (None, [], {}):
                 fix = self._other_engines(lambda e: field not in e.ignores).replace(", or ", "use ")

@@ -19,7 +19,8 @@ from launcher.kinds import register_kind, resolve_data, resolve_model
 from launcher.kinds.finetune import FINETUNE, Finetune, FinetuneSpec
 
 # Keys of the whole compare job: one folder, one environment, one wait for resources.
-JOB_KEYS = {"name": "a variant is named by its key", "storage": "every variant writes under the compare's run folder",
+JOB_KEYS = {"name": "a variant is named by its key",
+            "storage": "every variant writes under the compare's run folder",
             "env": "every variant runs in the compare job's environment",
             "pending_timeout": "the compare job waits for resources once, for all variants"}
 

@@ -327,7 +327,8 @@ class Multitask(Kind):
                          "(its adapters train at a constant learning rate); remove it")
         if "max_failures" in spec.train.model_fields_set:
             found.append(f"train.max_failures: {spec.train.max_failures} is not run by kind multitask (a failed "
-                         "adapter worker is not retried; ftlaunch resume RUN retrains only the failed tasks); remove it")
+                         "adapter worker is not retried; ftlaunch resume RUN retrains only the failed tasks); "
+                         "remove it")
         return found
 
     def resolve_paths(self, spec: dict, resolve) -> None:
@@ -403,14 +404,16 @@ class Multitask(Kind):
                 f"eval loss {_f(ev.get('eval_loss_before'))} -> {_f(ev.get('eval_loss'))} (before training -> last)"]
             if name in registry:
                 r = registry[name]
-                s.facts.append(f"adapter {r.get('trainable_params') or 0:,} trainable parameters, {_size(r.get('bytes'))}")
+                s.facts.append(f"adapter {r.get('trainable_params') or 0:,} trainable parameters, "
+                               f"{_size(r.get('bytes'))}")
             out.append(s)
         return out
 
     def spec_lines(self, spec: dict) -> list[str]:
         lines = []
         for t in spec.get("tasks") or []:
-            own = ", ".join(f"{k} {v}" for k, v in _set_fields({k: v for k, v in t.items() if k not in ("name", "data")}))
+            own = ", ".join(f"{k} {v}" for k, v in _set_fields({k: v for k, v in t.items()
+                                                                 if k not in ("name", "data")}))
             data = t.get("data") or {}
             lines.append(f"task {t['name']}: {data.get('task')} on {data.get('train')}" + (f"; {own}" if own else ""))
         return lines

@@ -217,7 +217,8 @@ class Pipeline(Kind):
 
         stages = s.get("stages") or {}
         lines = [f"run            {manifest.get('run_id')}",
-                 f"accuracy       {_f(s.get('accuracy_before'))} -> {_f(s.get('accuracy_after'))} over {len(stages)} stages"]
+                 f"accuracy       {_f(s.get('accuracy_before'))} -> {_f(s.get('accuracy_after'))} "
+                 f"over {len(stages)} stages"]
         for name, st in stages.items():
             lines.append(f"  stage {name:<12} {st.get('steps')} steps, accuracy {_f(st.get('accuracy_before'))} -> "
                          f"{_f(st.get('accuracy_after'))}, loss {_f(st.get('loss_last'))}, "
