@@ -13,7 +13,7 @@ import time
 from jobs import finetune
 from jobs.artifacts import RunDir
 from launcher.dsconfig import prepare
-from launcher.spec import expand_variants
+from launcher.kinds.compare import expand_variants
 
 COLUMNS = [  # (summary key, header, format)
     ("strategy", "strategy", "{}"),

@@ -23,7 +23,7 @@ import torch
 from jobs import components as C
 from jobs.artifacts import RunDir
 from launcher import registry as R
-from launcher.multitask import task_settings
+from launcher.kinds.multitask import task_settings
 
 BASE_DIR, TOKENIZER_DIR, ADAPTERS_DIR = "base", "tokenizer", "adapters"
 

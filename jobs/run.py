@@ -17,7 +17,8 @@ import traceback
 
 from launcher.errors import LauncherError
 from launcher.jobplan import plan as make_plan
-from launcher.spec import JOB_MODULES, load_spec
+from launcher.kinds import get_kind
+from launcher.spec import load_spec
 
 
 class Stopped(BaseException):
@@ -91,7 +92,7 @@ def run(plan: dict, run_dir) -> int:
         run_dir.update_manifest(env_from_cluster=resolve_env_refs(plan["spec"].get("env")))
         ray.init(address="auto", log_to_driver=True)
         signal.signal(signal.SIGTERM, _on_sigterm)  # after ray.init, which installs its own
-        module = importlib.import_module(JOB_MODULES[plan["kind"]])
+        module = importlib.import_module(get_kind(plan["kind"]).job_module(plan["spec"]))
         with watch_pending(plan["spec"].get("pending_timeout"), run_dir):
             summary = module.run(plan, run_dir)
     except BaseException as exc:  # the manifest records every way a run ends

@@ -12,12 +12,13 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from pydantic import BaseModel
 
 import launcher
 from launcher.errors import PlanError
+from launcher.kinds import get_kind, path_resolver
 from launcher.targets import get_target
 
 PLAN_ENV = "FTLAUNCH_PLAN"
@@ -31,7 +32,6 @@ JOB_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "PYTHONUNBUFFERED": "1",
 }
-PATH_FIELDS = ("data.train", "data.eval", "data.retain", "data.replay.path")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,26 +86,12 @@ def plan(
     `profile` (default: this machine for `local`); a job that cannot fit there is refused.
     """
     rules = get_target(target)  # the target's plan rules; an unknown name fails here
-    base = Path(base_dir or rules.base_dir())
+    kind = get_kind(spec.kind)
     resolved = spec.model_dump(mode="json")
     warnings = []
-    for field in PATH_FIELDS:
-        value = _get(resolved, field)
-        if value is not None and not _is_uri(value):
-            _set(resolved, field, str((base / value).resolve()) if not os.path.isabs(value) else value)
-    if "tasks" in resolved:  # kind: multitask: every task's datasets
-        from launcher import multitask
 
-        multitask.resolve_paths(resolved, lambda v: v if _is_uri(v) else str((base / v).resolve()))
-    for i, stage in enumerate(resolved.get("stages") or []):  # kind: pipeline, per-stage data
-        for field in ("train", "eval", "retain"):
-            value = (stage.get("data") or {}).get(field)
-            if value is not None and not _is_uri(value) and not os.path.isabs(value):
-                stage["data"][field] = str((base / value).resolve())
-    model = resolved.get("model") or {}
-    if model.get("source", "").startswith("hf:"):  # the job loads it from its own working dir
-        folder = os.path.expanduser(model["source"][3:])
-        model["source"] = "hf:" + (folder if os.path.isabs(folder) else str((base / folder).resolve()))
+    # The target's rules: where relative paths point, the storage, env references, the profile.
+    base = Path(base_dir or rules.base_dir())
     storage = resolved["storage"]
     if _is_uri(storage):  # jobs/artifacts.py RunDir writes with local file I/O only
         raise PlanError(
@@ -117,59 +103,32 @@ def plan(
     for key, value in resolved.get("env", {}).items():  # secret references fit their target
         rules.check_env_ref(key, value)
 
-    from launcher.dsconfig import prepare as prepare_engine
-
-    engine_config = prepare_engine(resolved)  # lints the engine settings, fills their defaults
+    kind.resolve_paths(resolved, path_resolver(base))
+    engine_config, lint = kind.prepare(resolved)  # lints the engine settings, fills their defaults
+    warnings += lint
     data, estimate = {}, None
-    if spec.kind == "finetune":
-        from launcher.preflight import check_learning_rate
-
-        warnings += check_learning_rate(resolved)
     if preflight:
         from launcher import preflight as checks
 
-        warnings += checks.check_model(resolved, target)
-        data, data_warnings = checks.check_data(resolved, target)
+        warnings += checks.check_model(list(kind.models(resolved).values()), target)
+        data, data_warnings = kind.check_data(resolved, target)
         warnings += data_warnings
+    # After the data (a missing dataset is missing on every target), before the estimate (a
+    # model this target cannot run is refused for that, not for its memory).
+    warnings += kind.check_target(resolved, target)
+    if preflight:
         if profile is None:
             profile = rules.default_profile(resolved.get("resources", {}).get("gpus_per_worker", 0))
-        estimate, fit_warnings = checks.check_fit(resolved, profile, strict=profile is not None)
+        estimate, fit_warnings = kind.estimate(resolved, profile, strict=profile is not None)
         warnings += fit_warnings
-    elif "tasks" in resolved:
-        from launcher import multitask
-
-        if multitask.missing_steps(resolved):
-            raise PlanError(f"train.max_steps is not set for tasks {', '.join(multitask.missing_steps(resolved))} "
-                            "and preflight is off: set it, or allow preflight")
-        if resolved["packing"] == "auto":
-            resolved["packing"] = False
-            warnings.append("packing: auto -> false (preflight is off: nothing to decide on)")
-    elif "stages" not in resolved and resolved.get("train", {}).get("max_steps") is None:
-        raise PlanError("train.max_steps is not set and preflight is off: set it, or allow preflight")
+    else:
+        warnings += kind.without_preflight(resolved)
 
     if submission_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}", submission_id):
         raise PlanError(
             f"submission id {submission_id!r} is invalid; use letters, digits, '-', '_' and '.'"
         )
     run_id = submission_id or make_run_id(spec.name, resolved, now)
-    res = resolved.get("resources", {})
-    if resolved.get("stages"):  # stages run one at a time: the job needs its largest stage's
-        res = max((st["resources"] for st in resolved["stages"]),
-                  key=lambda r: (r["workers"] * r["gpus_per_worker"], r["workers"] * r["cpus_per_worker"]))
-    workers = res.get("workers", 1)
-    if "tasks" in resolved:  # multitask: one worker per adapter, or one when packed
-        from launcher import multitask
-
-        workers = multitask.workers(resolved)
-    resources = {
-        "workers": workers,
-        "cpus_per_worker": res.get("cpus_per_worker", 1),
-        "gpus_per_worker": res.get("gpus_per_worker", 0),
-        "total_cpus": workers * res.get("cpus_per_worker", 1),
-        "total_gpus": workers * res.get("gpus_per_worker", 0),
-    }
-    if "tasks" in resolved:  # how many adapter workers run together (the rest wait their turn)
-        resources["at_once"] = min(workers, ((estimate or {}).get("multitask") or {}).get("at_once", workers))
     job_plan_fields = dict(
         run_id=run_id,
         submission_id=run_id,
@@ -181,7 +140,7 @@ def plan(
         # The driver only starts a Ray Train run; a CPU reserved for it would starve the workers.
         entrypoint_num_cpus=0,
         runtime_env={},
-        resources=resources,
+        resources=kind.resources(resolved, estimate),
         storage_path=storage,
         run_dir=_join(storage, run_id),
         spec=resolved,
@@ -227,18 +186,3 @@ def _is_uri(value: str) -> bool:
 
 def _join(base: str, name: str) -> str:
     return f"{base.rstrip('/')}/{name}"
-
-
-def _get(data: dict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(data, dict):
-            return None
-        data = data.get(part)
-    return data
-
-
-def _set(data: dict, dotted: str, value: Any) -> None:
-    *parents, last = dotted.split(".")
-    for part in parents:
-        data = data[part]
-    data[last] = value

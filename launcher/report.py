@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from launcher.client import find_run
+from launcher.kinds import get_kind
 from launcher.summary import _f, _pct, _size
 
 
@@ -44,11 +45,12 @@ def write_report(run: str, storage: str = "./runs") -> list[Path]:
     out.mkdir(exist_ok=True)
     for old in out.glob("*.png"):  # a rerun's sections may differ: no stale figure stays
         old.unlink()
-    sections = sections_of(run_dir, manifest)
+    kind = get_kind(manifest.get("kind", "finetune"))
+    sections = kind.sections(run_dir, manifest)
     planned, why_not = planned_memory(manifest)
     for s in sections:
         s.planned = planned.get(s.name)
-    rate = "rows/s" if manifest.get("kind") == "pipeline" else "tokens/s"
+    rate = kind.throughput_unit
 
     blocks = header(run_dir, manifest)
     blocks += memory_blocks(sections, why_not, figures.memory(sections, out))
@@ -65,27 +67,16 @@ def write_report(run: str, storage: str = "./runs") -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------
-# What the run folder holds, per kind
+# What the run folder holds: each kind's sections (launcher/kinds/) are built from these
 
 
-def sections_of(run_dir: Path, manifest: dict) -> list[Section]:
-    kind, spec = manifest.get("kind"), manifest.get("spec") or {}
-    if kind == "pipeline":
-        return _pipeline(run_dir, spec)
-    if kind == "multitask":
-        return _multitask(run_dir, manifest)
-    if kind == "compare":
-        return _compare(run_dir, manifest)
-    return [_finetune("train", "train", run_dir, manifest.get("summary") or {}, manifest.get("status"))]
-
-
-def _finetune(title: str, name: str, folder: Path, summary: dict, status: Optional[str]) -> Section:
+def finetune_section(title: str, name: str, folder: Path, summary: dict, status: Optional[str]) -> Section:
     """A finetune's curve (the run, or one compare variant): metrics.jsonl and its summary."""
     metrics = read_jsonl(folder / "metrics.jsonl")
     s = Section(title, name, metrics, status)
     # The eval before any update: in the summary, or (a run that did not finish) where rank 0
     # recorded it at the start, the folder's manifest.
-    before = {**_read_json(folder / "manifest.json").get("before", {}), **summary}
+    before = {**read_json(folder / "manifest.json").get("before", {}), **summary}
     last = metrics[-1] if metrics else {}
     for split in ("eval", "retain"):
         for metric in ("loss", "accuracy"):
@@ -100,72 +91,14 @@ def _finetune(title: str, name: str, folder: Path, summary: dict, status: Option
             if first is not None or after is not None:
                 show = _pct if metric == "accuracy" else _f
                 s.facts.append(f"{split} {metric} {show(first)} -> {show(after)} (before training -> last)")
-    s.facts[:0] = _loss_facts(metrics)
+    s.facts[:0] = loss_facts(metrics)
     if summary.get("trainable_params"):
         s.facts.append(f"trainable parameters {summary['trainable_params']:,} of {summary.get('total_params') or 0:,}")
     s.measured = {k: summary[k] for k in ("peak_rss_mb", "rss_start_mb") if summary.get(k) is not None}
     return s
 
 
-def _pipeline(run_dir: Path, spec: dict) -> list[Section]:
-    entries = {e["name"]: e for e in _read_json(run_dir / "pipeline.json").get("stages", [])}
-    metrics = read_jsonl(run_dir / "metrics.jsonl")
-    out = []
-    for stage in spec.get("stages", []):
-        name = stage["name"]
-        e = entries.get(name, {})
-        s = Section(f"stage {name}", name, [m for m in metrics if m.get("stage") == name],
-                    e.get("status", "not started"), e.get("error"))
-        points = [(0, e["accuracy_before"])] if e.get("accuracy_before") is not None else []
-        points += [(m["step"], m["accuracy"]) for m in s.metrics if m.get("accuracy") is not None]
-        if points:
-            s.evals["eval accuracy"] = points
-        s.facts = _loss_facts(s.metrics, "rows/s") + [
-            f"eval accuracy {_pct(e.get('accuracy_before'))} -> {_pct(e.get('accuracy_after'))}",
-            f"trains {', '.join(stage.get('train', []))}; {e.get('trainable_params') or 0:,} trainable parameters"]
-        out.append(s)
-    return out
-
-
-def _multitask(run_dir: Path, manifest: dict) -> list[Section]:
-    recorded = manifest.get("tasks") or {}
-    registry = (manifest.get("summary") or {}).get("tasks") or {}
-    out = []
-    for task in (manifest.get("spec") or {}).get("tasks", []):
-        name = task["name"]
-        t = recorded.get(name, {})
-        ev = t.get("eval") or {}
-        s = Section(f"task {name}", name, read_jsonl(run_dir / f"metrics-{name}.jsonl"),
-                    t.get("status", "not finished"), t.get("error"))
-        points = [(step, ev[k]) for step, k in ((0, "eval_loss_before"), (t.get("steps"), "eval_loss"))
-                  if ev.get(k) is not None and step is not None]
-        if points:
-            s.evals["eval loss"] = points
-        s.facts = _loss_facts(s.metrics) + [
-            f"eval loss {_f(ev.get('eval_loss_before'))} -> {_f(ev.get('eval_loss'))} (before training -> last)"]
-        if name in registry:
-            r = registry[name]
-            s.facts.append(f"adapter {r.get('trainable_params') or 0:,} trainable parameters, {_size(r.get('bytes'))}")
-        out.append(s)
-    return out
-
-
-def _compare(run_dir: Path, manifest: dict) -> list[Section]:
-    done = {r["variant"]: r for r in read_jsonl(run_dir / "variants.jsonl")}
-    names = list((manifest.get("spec") or {}).get("variants") or {})
-    names += [p.name for p in sorted((run_dir / "variants").glob("*")) if p.is_dir() and p.name not in names]
-    out = []
-    for name in names:
-        folder = run_dir / "variants" / name
-        status = "SUCCEEDED" if name in done else manifest.get("status") if folder.is_dir() else "not started"
-        s = _finetune(f"variant {name}", name, folder, done.get(name, {}), status)
-        if name in done:
-            s.facts.insert(0, f"{done[name].get('strategy')}, engine {done[name].get('engine')}")
-        out.append(s)
-    return out
-
-
-def _loss_facts(metrics: list, unit: str = "tokens/s") -> list[str]:
+def loss_facts(metrics: list, unit: str = "tokens/s") -> list[str]:
     if not metrics:
         return []
     facts = [f"train loss {_f(metrics[0].get('loss'))} -> {_f(metrics[-1].get('loss'))} "
@@ -178,39 +111,14 @@ def _loss_facts(metrics: list, unit: str = "tokens/s") -> list[str]:
 
 
 def planned_memory(manifest: dict) -> tuple[dict, Optional[str]]:
-    """The planner's memory per worker (bytes) for each section's name; or why there is none.
-
-    A submitted plan travels without its estimate (it is large), so the estimate is recomputed
-    from the recorded spec as `plan` made it: it is pure, but needs the training extra.
-    """
-    kind, spec, plan = manifest.get("kind"), manifest.get("spec") or {}, manifest.get("plan") or {}
+    """The planner's memory per worker (bytes) for each section's name; or why there is none."""
+    plan = manifest.get("plan") or {}
     profile = "local-cpu" if plan.get("target") == "local" else None
     try:
-        if kind == "compare":
-            from launcher.dsconfig import prepare
-            from launcher.planner import estimate
-            from launcher.spec import expand_variants
-
-            variants = expand_variants(spec)
-            for v in variants.values():
-                prepare(v)  # a deepspeed variant's engine defaults, as the job fills them
-            return {n: estimate(v, profile)["memory"]["total"] for n, v in variants.items()}, None
-        est = plan.get("estimate")
-        if est is None:
-            from launcher.preflight import check_fit
-
-            est, _ = check_fit(json.loads(json.dumps(spec)), profile, strict=False)
-        if est is None:
-            return {}, "the planner made no estimate for this spec"
-        if kind == "pipeline":
-            return {e["stage"]: e["memory"]["total"] for e in est["stages"]}, None
-        if kind == "multitask":
-            mt = est["multitask"]
-            return {n: mt["packed_total_bytes"] if mt["packing"] else t["memory_total"]
-                    for n, t in mt["tasks"].items()}, None
-        return {"train": est["memory"]["total"]}, None
+        planned = get_kind(manifest.get("kind", "finetune")).planned_memory(manifest, profile)
     except Exception as exc:  # a report of any run is still written; say why this part is missing
         return {}, f"no planner estimate ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    return planned, None if planned else "the planner made no estimate for this spec"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,24 +165,7 @@ def spec_lines(spec: dict, resources: Optional[dict] = None) -> list[str]:
     if res:  # the plan's: it counts a multitask run's workers
         lines.append(f"resources: {res.get('workers', '-')} workers x {res.get('cpus_per_worker')} CPU, "
                      f"{res.get('gpus_per_worker', 0)} GPU")
-    for st in spec.get("stages") or []:
-        lines.append(f"stage {st['name']}: trains {', '.join(st.get('train', []))}, {st.get('steps')} steps")
-    for t in spec.get("tasks") or []:
-        own = ", ".join(f"{k} {v}" for k, v in _set_fields({k: v for k, v in t.items() if k not in ("name", "data")}))
-        lines.append(f"task {t['name']}: {(t.get('data') or {}).get('task')} on {(t.get('data') or {}).get('train')}"
-                     + (f"; {own}" if own else ""))
-    for name, v in (spec.get("variants") or {}).items():
-        lines.append(f"variant {name}: {json.dumps(v) if v else 'the base spec'}")
-    return lines
-
-
-def _set_fields(d: dict, prefix: str = ""):
-    """(dotted key, value) of every field a task sets itself (the rest is inherited: None)."""
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _set_fields(v, f"{prefix}{k}.")
-        elif v is not None:
-            yield f"{prefix}{k}", v
+    return lines + get_kind(spec.get("kind", "finetune")).spec_lines(spec)
 
 
 def artifact_lines(run_dir: Path) -> list[str]:
@@ -352,7 +243,7 @@ def read_jsonl(path: Path) -> list[dict]:
         return []
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (FileNotFoundError, ValueError):

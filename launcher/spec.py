@@ -1,12 +1,14 @@
-"""The job spec: pydantic models discriminated on `kind:`, YAML loading, dotted overrides.
+"""The job spec: the pieces every kind shares, YAML loading, dotted overrides, validation.
 
-Every problem in a spec is reported at once, each with its field path, the bad value and, for a
-misspelled key, the closest valid key.
+Each kind's own model lives in launcher/kinds/<kind>.py; `validate` discriminates on `kind:` over
+the kind registry. Every problem in a spec is reported at once, each with its field path, the bad
+value and, for a misspelled key, the closest valid key; then what the kind does not run is refused.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 import typing
 from pathlib import Path
@@ -112,19 +114,6 @@ class ResourcesSpec(Strict):
     gpus_per_worker: float = Field(0, ge=0, le=MAX_GPUS)
 
 
-class DeepSpeedSpec(Strict):
-    """The `deepspeed:` block of `engine: deepspeed` (field names shared with launcher/planner/)."""
-
-    zero_stage: Literal[0, 1, 2, 3] = 0
-    offload_optimizer: bool = Field(False, description="optimizer states in CPU memory (ZeRO 1-3)")
-    offload_params: bool = Field(False, description="parameters in CPU memory (ZeRO-3 only)")
-    precision: Optional[Literal["bf16", "fp32", "fp16"]] = Field(
-        None, description="default: bf16 on GPUs, fp32 on CPU (fp16 is refused on CPU)"
-    )
-    grad_accumulation: int = Field(1, gt=0, le=MAX_BATCH, description="micro-batches per optimizer step")
-    activation_checkpointing: bool = False
-
-
 # Environment names that hold credentials: their values must be references, never literals.
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|CREDENTIAL", re.I)
 
@@ -152,144 +141,29 @@ class JobBase(Strict):
         return env
 
 
-class LrGroup(Strict):
-    """Parameters whose names match `params` (regex search; first matching group wins) get `lr`."""
-
-    name: str
-    params: Patterns
-    lr: float = Field(gt=0, lt=1)
-
-
-class EwcSpec(Strict):
-    """Elastic weight consolidation: lambda/2 * sum F_i (theta_i - theta*_i)^2, F from the retain set."""
-
-    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False,
-                              populate_by_name=True, serialize_by_alias=True)
-    lam: float = Field(100.0, gt=0, alias="lambda", description="penalty weight")
-    samples: int = Field(64, gt=0, le=100000, description="retain examples for the Fisher diagonal")
-
-
-class MitigationSpec(Strict):
-    """Catastrophic-forgetting mitigation beyond replay (which is `data.replay`)."""
-
-    ewc: Optional[EwcSpec] = None
-    lr_cap: Optional[float] = Field(None, gt=0, lt=1, description="no parameter group trains above it")
-
-
-class FinetuneSpec(JobBase):
-    kind: Literal["finetune"]
-    model: ModelSpec = Field(default_factory=ModelSpec)
-    strategy: spec_union()
-    engine: Literal["torch", "deepspeed"] = "torch"
-    deepspeed: Optional[DeepSpeedSpec] = None
-    data: DataSpec
-    train: TrainSpec = Field(default_factory=TrainSpec)
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    lr_groups: Optional[Union[Literal["default"], list[LrGroup]]] = Field(
-        None, description="per-group learning rates; 'default': new 1e-3, pretrained 2e-5, early 1e-5"
-    )
-    mitigation: MitigationSpec = Field(default_factory=MitigationSpec)
-
-    @model_validator(mode="after")
-    def _consistent(self):
-        problems = []
-        if self.data.task == "classification" and not self.model.num_labels:
-            problems.append("data.task classification needs model.num_labels (e.g. 4)")
-        if self.mitigation.ewc and not self.data.retain:
-            problems.append("mitigation.ewc needs data.retain: the Fisher information comes from it")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
-
-
-KINDS: dict[str, type[Strict]] = {}
-JOB_MODULES: dict[str, str] = {}  # kind -> the cluster-side module that runs it (by name only)
-
-
-def register_kind(name: str, model: type[Strict], job_module: str) -> None:
-    """One registration per job kind: its spec model and its job module. Duplicates fail."""
-    if name in KINDS:
-        raise RuntimeError(f"job kind {name!r} is registered twice")
-    KINDS[name] = model
-    JOB_MODULES[name] = job_module
-
-
-register_kind("finetune", FinetuneSpec, "jobs.finetune")
-
-
-class CompareSpec(FinetuneSpec):
-    """`kind: compare`: a base finetune (every field of one) and variants that override it.
-
-    Every variant runs on the same data, steps and evaluation; a variant's `strategy` replaces the
-    base's, every other key merges into it (e.g. `{engine: deepspeed, deepspeed: {zero_stage: 2}}`).
-    """
-
-    kind: Literal["compare"]
-    variants: dict[str, dict[str, Any]] = Field(min_length=1, description="name -> overrides of the base")
-
-    @field_validator("variants")
-    @classmethod
-    def _variant_names(cls, value: dict) -> dict:
-        bad = [n for n in value if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,30}", n)]
-        if bad:
-            raise ValueError(f"variant name {bad[0]!r}: use lower-case letters, digits, '-' and '_'")
-        return value
-
-    @model_validator(mode="after")
-    def _variants_run(self) -> "CompareSpec":
-        self.variant_specs()  # every variant must be a valid finetune: all problems at once
-        return self
-
-    def variant_specs(self) -> dict[str, dict]:
-        return expand_variants(self.model_dump(mode="json"))
-
-
-def expand_variants(spec: dict) -> dict[str, dict]:
-    """Each variant of a compare spec dict as a validated finetune spec dict (ConfigError if not)."""
-    from launcher.dsconfig import problems
-
-    base = {k: v for k, v in spec.items() if k not in ("kind", "variants")}
-    out, errors = {}, []
-    for name, overrides in spec["variants"].items():
-        merged = _merge(_deep_copy(base), {k: v for k, v in overrides.items() if k != "strategy"})
-        if "strategy" in overrides:
-            merged["strategy"] = _deep_copy(overrides["strategy"])
-        merged.update(kind="finetune", name=f"{spec['name']}-{name}".replace("_", "-")[:40].strip("-"))
-        try:
-            variant = _ADAPTER.validate_python(merged).model_dump(mode="json")
-        except ValidationError as exc:
-            errors += [f"variants.{name}: {_describe(e)}" for e in exc.errors()]
-            continue
-        errors += [f"variants.{name}: {p}" for p in problems(variant)]
-        out[name] = variant
-    if errors:
-        raise ConfigError(errors)
-    return out
-
-
-def _merge(into: dict, overrides: dict) -> dict:
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = _deep_copy(value)
-    return into
-
-
-register_kind("compare", CompareSpec, "jobs.compare")
-
-
 # ---------------------------------------------------------------------------------------------
 # Loading
 
 
-def load_spec(source: Union[str, Path, dict], overrides: tuple[str, ...] = ()) -> BaseModel:
-    """Read a spec from a YAML file (or a dict), apply `a.b=value` overrides, validate it."""
+def load_spec(source: Union[str, Path, dict], overrides: tuple[str, ...] = (),
+              target: Optional[str] = None) -> BaseModel:
+    """Read a spec from a YAML file (or a dict), apply `a.b=value` overrides, validate it.
+
+    With a `target`, what the kind runs only elsewhere (a plan-only model source) is refused too.
+    """
     label = str(source) if not isinstance(source, dict) else None
     data = read_yaml(source) if not isinstance(source, dict) else _deep_copy(source)
     for item in overrides:
         apply_override(data, item, label)
-    return validate(data, label)
+    spec = validate(data, label)
+    if target is not None:
+        from launcher.kinds import get_kind
+
+        try:
+            get_kind(spec.kind).check_target(spec.model_dump(mode="json"), target)
+        except ConfigError as exc:
+            raise ConfigError(exc.problems, label) from None
+    return spec
 
 
 def read_yaml(path: Union[str, Path]) -> dict:
@@ -361,16 +235,38 @@ def apply_override(data: dict, item: str, source: Optional[str] = None) -> None:
 
 
 def validate(data: dict, source: Optional[str] = None) -> BaseModel:
+    """The spec's kind model, or every problem at once; then every field the kind does not run."""
+    kinds = _kinds()
     kind = data.get("kind")
-    if not isinstance(kind, str) or kind not in KINDS:
-        hint = difflib.get_close_matches(str(kind), KINDS, n=1)
-        fix = f"did you mean '{hint[0]}'?" if hint else f"use one of: {', '.join(KINDS)}"
+    if not isinstance(kind, str) or kind not in kinds:
+        hint = difflib.get_close_matches(str(kind), kinds, n=1)
+        fix = f"did you mean '{hint[0]}'?" if hint else f"use one of: {', '.join(kinds)}"
         got = "missing" if kind is None else repr(kind)
         raise ConfigError(f"kind: {got} is not a job kind; {fix}", source)
     try:
-        return _ADAPTER.validate_python(data)
+        spec = _adapter().validate_python(data)
     except ValidationError as exc:
         raise ConfigError([_describe(err) for err in exc.errors()], source) from None
+    except ConfigError as exc:  # raised by a kind's own check inside its model (compare's variants)
+        raise ConfigError(exc.problems, source) from None
+    refused = kinds[kind].refusals(spec)
+    if refused:
+        raise ConfigError(refused, source)
+    return spec
+
+
+def _kinds() -> dict:
+    # Imported here: the kind modules import this one for the shared models.
+    from launcher.kinds import KINDS
+
+    return KINDS
+
+
+@functools.cache
+def _adapter() -> TypeAdapter:
+    """The discriminated union of every registered kind's model."""
+    models = tuple(k.model for k in _kinds().values())
+    return TypeAdapter(Annotated[Union[models], Field(discriminator="kind")])
 
 
 def _describe(err: dict) -> str:
@@ -391,7 +287,7 @@ def _describe(err: dict) -> str:
         return f"{path}: invalid key: {err['msg']} (got {_short(err.get('input'))})"
     msg = err["msg"].removeprefix("Value error, ")
     if kind == "union_tag_invalid":
-        tag, choices = err["ctx"]["tag"], STRATEGIES if path == "strategy" else KINDS
+        tag, choices = err["ctx"]["tag"], STRATEGIES if path == "strategy" else _kinds()
         hint = difflib.get_close_matches(str(tag), choices, n=1)
         fix = f"did you mean '{hint[0]}'?" if hint else f"use one of: {', '.join(choices)}"
         return f"{path}.{err['ctx']['discriminator'].strip(chr(39))}: {tag!r} is unknown; {fix}"
@@ -415,7 +311,7 @@ def _field_path(loc: tuple) -> list:
     """Drop the discriminator tags pydantic puts into locations of tagged-union members."""
     path = []
     for i, part in enumerate(loc):
-        if i == 0 and part in KINDS or i > 0 and loc[i - 1] == "strategy" and part in STRATEGIES:
+        if i == 0 and part in _kinds() or i > 0 and loc[i - 1] == "strategy" and part in STRATEGIES:
             continue
         path.append(part)
     return path
@@ -423,9 +319,9 @@ def _field_path(loc: tuple) -> list:
 
 def _fields_at(loc: tuple) -> list[str]:
     """Valid keys of the model at a pydantic error location, for did-you-mean hints."""
-    if not loc or loc[0] not in KINDS:
+    if not loc or loc[0] not in _kinds():
         return []
-    model: Any = KINDS[loc[0]]
+    model: Any = _kinds()[loc[0]].model
     for part in loc[1:]:
         if isinstance(model, type) and issubclass(model, BaseModel) and part in model.model_fields:
             model = _model_of(model.model_fields[part].annotation)
@@ -453,187 +349,3 @@ def _deep_copy(data: Any) -> Any:
     if isinstance(data, list):
         return [_deep_copy(v) for v in data]
     return data
-
-
-# ---------------------------------------------------------------------------------------------
-# kind: multitask -- one base model, one LoRA adapter per task (jobs/multitask.py)
-
-MULTITASK_DATA = ("causal_lm", "instruction")  # tasks an adapter of a causal LM learns
-
-
-class LoraOverride(Strict):
-    r: Optional[int] = Field(None, gt=0, le=1024)
-    alpha: Optional[float] = Field(None, gt=0)
-    dropout: Optional[float] = Field(None, ge=0, lt=1)
-    target_modules: Optional[Union[Literal["all-linear"], list[str]]] = None
-
-
-class TrainOverride(Strict):
-    max_steps: Optional[int] = Field(None, gt=0, le=MAX_STEPS)
-    epochs: Optional[float] = Field(None, gt=0, le=MAX_EPOCHS)
-    micro_batch: Optional[int] = Field(None, gt=0, le=MAX_BATCH)
-    lr: Optional[float] = Field(None, gt=0, lt=1)
-    seed: Optional[int] = None
-
-
-class TaskSpec(Strict):
-    name: str = Field(pattern=r"^[a-z0-9]([a-z0-9_-]{0,38}[a-z0-9])?$",
-                      description="the adapter's name: lower-case letters, digits, '-' and '_'")
-    data: DataSpec
-    lora: LoraOverride = Field(default_factory=LoraOverride, description="overrides of strategy:")
-    train: TrainOverride = Field(default_factory=TrainOverride, description="overrides of train:")
-
-    @field_validator("data")
-    @classmethod
-    def _causal_task(cls, value: DataSpec) -> DataSpec:
-        if value.task not in MULTITASK_DATA:
-            raise ValueError(f"data.task {value.task!r} cannot train a causal-LM adapter; "
-                             f"use one of {', '.join(MULTITASK_DATA)}")
-        if value.replay or value.retain:
-            raise ValueError("data.replay and data.retain are not supported per task; remove them")
-        return value
-
-
-class AdapterResources(Strict):
-    cpus_per_worker: float = Field(0.5, gt=0, le=MAX_CPUS, description="per adapter worker (or the packed one)")
-    gpus_per_worker: float = Field(0, ge=0, le=MAX_GPUS, description="1 on a GPU cluster: one GPU per adapter")
-    data_cpus_per_worker: float = Field(
-        0.2, gt=0, le=MAX_CPUS, description="CPUs reserved beside each worker for its Ray Data stream (read, tokenize)")
-
-
-class MultitaskSpec(JobBase):
-    kind: Literal["multitask"]
-    model: ModelSpec = Field(default_factory=ModelSpec)
-    strategy: LoraStrategy = Field(default_factory=lambda: LoraStrategy(type="lora"),
-                                   description="the LoRA settings every task starts from")
-    train: TrainSpec = Field(default_factory=TrainSpec, description="what every task starts from")
-    tasks: list[TaskSpec] = Field(min_length=1)
-    packing: Union[bool, Literal["auto"]] = Field(
-        False, description="true: all adapters on one shared base in one worker; auto: the planner "
-        "packs when one base per worker does not fit")
-    resources: AdapterResources = Field(default_factory=AdapterResources)
-
-    @field_validator("tasks")
-    @classmethod
-    def _unique_names(cls, tasks: list[TaskSpec]) -> list[TaskSpec]:
-        names = [t.name for t in tasks]
-        twice = sorted({n for n in names if names.count(n) > 1})
-        if twice:
-            raise ValueError(f"task names must be unique; rename {', '.join(twice)}")
-        return tasks
-
-    @model_validator(mode="after")
-    def _packed_without_dropout(self) -> "MultitaskSpec":
-        if self.packing is True:
-            for task in self.tasks:
-                dropout = task.lora.dropout if task.lora.dropout is not None else self.strategy.dropout
-                if dropout:
-                    raise ValueError(
-                        f"tasks.{task.name}: packed training needs lora dropout 0 (got {dropout}); "
-                        "set strategy.dropout: 0 or packing: false")
-        return self
-
-
-register_kind("multitask", MultitaskSpec, "jobs.multitask")
-# kind: pipeline (ARR-COC: stages that hand their checkpoints on; see jobs/pipeline.py)
-
-# The parameter groups of an ARR-COC model: the vision encoder, the texture adapter (scorers,
-# balancer, texture projection), the LLM's own weights, and the LoRA adapters on the LLM.
-PARAM_GROUPS = ("vision", "texture", "llm", "lora")
-ARRCOC_SOURCES = ("arrcoc-mini", "arrcoc-7b")
-
-
-def _one_stage_resources() -> "ResourcesSpec":
-    return ResourcesSpec(workers=1, cpus_per_worker=1)
-
-
-class StageSpec(Strict):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,30}$", description="lower-case, '-', '_'")
-    train: list[Literal[PARAM_GROUPS]] = Field(min_length=1, description="groups that train")
-    freeze: Optional[list[Literal[PARAM_GROUPS]]] = Field(
-        None, description="groups that stay frozen; default: every group not in train"
-    )
-    strategy: Optional[LoraStrategy] = Field(None, description="adds LoRA to the LLM from this stage on")
-    lr_groups: dict[str, float] = Field(description="learning rate per trained group")
-    steps: int = Field(gt=0, le=MAX_STEPS)
-    micro_batch: int = Field(16, gt=0, le=MAX_BATCH)
-    report_every: int = Field(10, gt=0, le=MAX_STEPS, description="steps between reports and checkpoints")
-    data: Optional[DataSpec] = Field(None, description="default: the pipeline's data")
-    resources: ResourcesSpec = Field(default_factory=_one_stage_resources)
-
-    @field_validator("train", "freeze")
-    @classmethod
-    def _no_repeats(cls, value):
-        if value is not None and len(set(value)) != len(value):
-            raise ValueError("a group is listed twice")
-        return value
-
-    @model_validator(mode="after")
-    def _groups_agree(self):
-        trained = set(self.train)
-        if self.freeze is not None:
-            both = trained & set(self.freeze)
-            if both:
-                raise ValueError(f"groups {sorted(both)} are both trained and frozen; list each once")
-            missing = set(PARAM_GROUPS) - trained - set(self.freeze)
-            if missing:
-                raise ValueError(f"groups {sorted(missing)} are neither trained nor frozen; add them to freeze")
-        bad = {k: v for k, v in self.lr_groups.items() if k not in trained or not 0 < v < 1}
-        if bad:
-            raise ValueError(f"lr_groups {bad}: each key must be a trained group with 0 < lr < 1")
-        if set(self.lr_groups) != trained:
-            raise ValueError(f"lr_groups needs a learning rate for each trained group: {sorted(trained)}")
-        return self
-
-
-class PipelineTrainSpec(Strict):
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: Optional[float] = Field(1.0, gt=0)
-    eval_rows: int = Field(128, ge=0, le=MAX_STEPS, description="rows of the eval split scored after each stage")
-    seed: int = 0
-    max_failures: MaxFailures = 1
-
-
-class PipelineSpec(JobBase):
-    kind: Literal["pipeline"]
-    model: ModelSpec = Field(default_factory=lambda: ModelSpec(source="arrcoc-mini", seq_len=32))
-    data: Optional[DataSpec] = Field(None, description="the stages' data unless a stage has its own")
-    train: PipelineTrainSpec = Field(default_factory=PipelineTrainSpec)
-    stages: list[StageSpec] = Field(min_length=1)
-
-    @field_validator("model")
-    @classmethod
-    def _arrcoc_model(cls, value: ModelSpec) -> ModelSpec:
-        if value.source not in ARRCOC_SOURCES:
-            raise ValueError(f"a pipeline runs an ARR-COC model; use source {' or '.join(ARRCOC_SOURCES)}")
-        return value
-
-    @model_validator(mode="after")
-    def _stages_chain(self):
-        problems, lora = [], None
-        names = [s.name for s in self.stages]
-        for i, stage in enumerate(self.stages):
-            where = f"stages.{i} ({stage.name})"
-            if names.count(stage.name) > 1:
-                problems.append(f"{where}: stage name is used twice; names must be unique")
-            data = stage.data or self.data
-            if data is None:
-                problems.append(f"{where}: no data; set data: at the pipeline or in the stage")
-            elif data.task != "vqa":
-                problems.append(f"{where}: data.task {data.task!r} is not vqa; ARR-COC stages read vqa data")
-            if stage.strategy is not None:
-                if lora is not None and stage.strategy != lora:
-                    problems.append(f"{where}: a second, different LoRA; later stages reuse the first one")
-                lora = lora or stage.strategy
-            if "lora" in stage.train and lora is None:
-                problems.append(f"{where}: trains lora but no stage up to here has strategy: {{type: lora}}")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
-
-
-register_kind("pipeline", PipelineSpec, "jobs.pipeline")
-
-# Every kind is registered: the discriminated union of them all validates a spec.
-JobSpec = Annotated[Union[tuple(KINDS.values())], Field(discriminator="kind")]
-_ADAPTER = TypeAdapter(JobSpec)

@@ -2,6 +2,7 @@
 
 from launcher.cli.common import add_spec_args, add_target_args, print_json, target_of
 from launcher.jobplan import plan
+from launcher.kinds import get_kind
 from launcher.spec import load_spec
 
 
@@ -26,11 +27,12 @@ def run(args) -> int:
 
 
 def describe(job) -> str:
+    kind = get_kind(job.kind)
     r = job.resources
     gpus = f", {r['gpus_per_worker']} GPU" if r["gpus_per_worker"] else ""
     lines = [
         f"run id        {job.run_id}",
-        f"kind          {job.kind} ({job.spec.get('strategy', {}).get('type', '-') if 'stages' not in job.spec else job.spec['model']['source']})",
+        f"kind          {job.kind} ({kind.label(job.spec)})",
         f"target        {job.target}",
         f"workers       {r['workers']} x ({r['cpus_per_worker']} CPU{gpus})",
         f"entrypoint    {job.entrypoint}",
@@ -38,22 +40,10 @@ def describe(job) -> str:
     ]
     for role, found in job.data.items():
         lines.append(f"data.{role:<8} {found['rows']:,} rows in {found['files']} file(s)")
-    if "tasks" in job.spec:
-        from launcher.multitask import describe as describe_tasks
-
-        lines += describe_tasks(job.spec, job.estimate)
-    if job.spec.get("stages"):
-        lines += [f"stage         {s['name']}: trains {'+'.join(s['train'])}, {s['steps']} steps, "
-                  f"{s['resources']['workers']} x ({s['resources']['cpus_per_worker']} CPU, "
-                  f"{s['resources']['gpus_per_worker']} GPU)" for s in job.spec["stages"]]
-    else:
-        lines.append(f"steps         {job.spec.get('train', {}).get('max_steps')}")
+    lines += kind.describe(job.spec, job.estimate)
     lines += [f"warning       {w}" for w in job.warnings]
     if job.estimate:
-        from launcher.planner import format_estimate, format_pipeline_estimate
-
-        fmt = format_pipeline_estimate if job.estimate.get("kind") == "pipeline" else format_estimate
-        lines += ["", fmt(job.estimate)]
+        lines += ["", kind.format_estimate(job.estimate)]
     if getattr(job, "engine_config", None):
         import json
 

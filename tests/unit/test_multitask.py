@@ -10,7 +10,7 @@ import torch
 
 from launcher import registry as R
 from launcher.errors import ConfigError, PlanError
-from launcher.multitask import task_settings
+from launcher.kinds.multitask import task_settings
 from launcher.jobplan import plan
 from launcher.spec import load_spec
 

@@ -22,7 +22,8 @@ from pydantic import BaseModel
 
 from launcher import spec as spec_module
 from launcher.cli.main import main
-from launcher.spec import KINDS, STRATEGIES
+from launcher.kinds import KINDS
+from launcher.spec import STRATEGIES
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))

@@ -1,0 +1,265 @@
+"""What a job kind is: one registered `Kind` per kind, carrying everything the client knows of it.
+
+launcher/kinds/<kind>.py holds the kind's spec model and registers one object: its job module (and
+engine variants), what it runs (data tasks, model sources, strategies, fields), path resolution,
+data checks, the estimate, the worker layout, and how plan, the summary and the report show it.
+The rest of the client asks the registry (`get_kind`) and never tests a kind's name or keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from pydantic import BaseModel
+
+from launcher.errors import ConfigError, PlanError
+
+HF = "hf:"  # in a list of sources: any hf:<local model folder>
+
+
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    """One way a kind's job runs: its module, and what that module runs. Whatever is not listed
+    here is refused at validate, so that no field is silently ignored on the cluster."""
+
+    name: str
+    job_module: str
+    tasks: tuple[str, ...]
+    sources: tuple[str, ...]
+    strategies: Optional[tuple[str, ...]] = None  # None: every registered strategy
+    ignores: tuple[str, ...] = ()  # dotted spec fields this engine does not run: refused when set
+
+
+class Kind:
+    """The base of every kind: the capability checks and the defaults most kinds share.
+
+    A subclass sets the class attributes and writes the planner and reporting hooks below.
+    """
+
+    name: str
+    model: type[BaseModel]
+    engines: dict[str, Engine]  # by the spec's `engine:` value; the first is the default
+    plan_only: dict[str, str] = {}  # model source -> what the job does with it on a cluster
+    trains: str = ""  # completes "kind X trains <task> ...", for the hints of other kinds' refusals
+    throughput_unit = "tokens/s"
+
+    # -- the job ----------------------------------------------------------------------------------
+
+    def engine(self, spec: Any) -> Engine:
+        name = spec.get("engine") if isinstance(spec, dict) else getattr(spec, "engine", None)
+        return self.engines[name or next(iter(self.engines))]
+
+    def job_module(self, spec: dict) -> str:
+        """The cluster-side module that runs this spec (jobs/run.py imports it by this name)."""
+        return self.engine(spec).job_module
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(t for e in self.engines.values() for t in e.tasks))
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(s for e in self.engines.values() for s in e.sources))
+
+    # -- declared capabilities ----------------------------------------------------------------------
+
+    def datasets(self, spec: BaseModel) -> list[tuple[str, Any]]:
+        """(field path, DataSpec) of every dataset block the spec holds."""
+        data = getattr(spec, "data", None)
+        return [("data", data)] if data is not None else []
+
+    def refusals(self, spec: BaseModel) -> list[str]:
+        """Everything this valid spec asks that its kind or engine does not run, one line each."""
+        engine, found = self.engine(spec), []
+        for where, data in self.datasets(spec):
+            found += self._task_refusal(f"{where}.task", data.task, engine)
+        found += self._source_refusal(spec.model.source, engine)
+        strategy = getattr(getattr(spec, "strategy", None), "type", None)
+        if engine.strategies is not None and strategy not in engine.strategies:
+            other = self._other_engines(lambda e: e.strategies is None or strategy in e.strategies)
+            found.append(f"engine: {engine.name} does not run strategy {strategy}; use strategy "
+                         f"{' or '.join(engine.strategies)}{other}")
+        for field in engine.ignores:
+            if _value(spec, field) not in (None, [], {}):
+                fix = self._other_engines(lambda e: field not in e.ignores).replace(", or ", "use ")
+                found.append(f"engine: {engine.name} does not run {field}; {fix or 'remove it'}")
+        return found + self.own_refusals(spec)
+
+    def own_refusals(self, spec: BaseModel) -> list[str]:
+        """The kind's own refusals beyond tasks, sources, strategies and engine fields."""
+        return []
+
+    def models(self, spec: dict) -> dict[str, dict]:
+        """Every model block of a spec dict by its field path (a compare adds its variants')."""
+        return {"model": spec.get("model") or {}}
+
+    def check_target(self, spec: dict, target: str) -> list[str]:
+        """Refuse a plan-only model source on the local target; elsewhere, warn what it needs."""
+        warnings = []
+        for where, model in self.models(spec).items():
+            source = model.get("source")
+            if source not in self.plan_only:
+                continue
+            if target == "local":
+                raise ConfigError(
+                    f"{where}.source: {source} has no weights here and is planned for a cluster only; "
+                    f"plan it with --target ray (or k8s), or use {_names(self.sources)} to run it here")
+            warnings.append(f"{where}.source: {source}: {self.plan_only[source]}")
+        return warnings
+
+    def _task_refusal(self, field: str, task: str, engine: Engine) -> list[str]:
+        if task in engine.tasks:
+            return []
+        if task in self.tasks:
+            return [f"{field}: {task} is not run by engine {engine.name}; use {' or '.join(engine.tasks)}"
+                    f"{self._other_engines(lambda e: task in e.tasks)}"]
+        others = [k for k in KINDS.values() if k is not self and task in k.tasks and k.trains]
+        hint = f" (kind {others[0].name} trains {task} {others[0].trains})" if others else ""
+        return [f"{field}: {task} is not run by kind {self.name} yet; use {' or '.join(self.tasks)}{hint}"]
+
+    def _source_refusal(self, source: str, engine: Engine) -> list[str]:
+        if _runs(engine.sources, source) or source in self.plan_only:
+            return []
+        if _runs(self.sources, source):
+            return [f"model.source: {source} is not run by engine {engine.name}; use {_names(engine.sources)}"
+                    f"{self._other_engines(lambda e: _runs(e.sources, source))}"]
+        others = [k.name for k in KINDS.values() if k is not self and _runs(k.sources, source)]
+        hint = f" (kind {others[0]} runs {source})" if others else ""
+        return [f"model.source: {source} is not run by kind {self.name}; use {_names(self.sources)}{hint}"]
+
+    def _other_engines(self, runs: Callable[[Engine], bool]) -> str:
+        names = [e.name for e in self.engines.values() if runs(e)]
+        return f", or engine: {names[0]}" if names else ""
+
+    # -- planning (spec dicts, as plan() resolves them) -------------------------------------------
+
+    def resolve_paths(self, spec: dict, resolve: Callable[[str], str]) -> None:
+        raise NotImplementedError
+
+    def prepare(self, spec: dict) -> tuple[Optional[dict], list[str]]:
+        """The engine's config (None: no engine config) and lint warnings; fills defaults in place."""
+        return None, []
+
+    def check_data(self, spec: dict, target: str) -> tuple[dict, list[str]]:
+        raise NotImplementedError
+
+    def estimate(self, spec: dict, profile: Optional[str], strict: bool) -> tuple[Optional[dict], list[str]]:
+        raise NotImplementedError
+
+    def without_preflight(self, spec: dict) -> list[str]:
+        """What plan needs when the datasets are not read (preflight off); warnings."""
+        return []
+
+    def resources(self, spec: dict, estimate: Optional[dict]) -> dict:
+        raise NotImplementedError
+
+    # -- showing it --------------------------------------------------------------------------------
+
+    def label(self, spec: dict) -> str:
+        """What `ftlaunch plan` shows beside the kind: `kind  finetune (lora)`."""
+        return (spec.get("strategy") or {}).get("type", "-")
+
+    def describe(self, spec: dict, estimate: Optional[dict]) -> list[str]:
+        """The kind's lines of `ftlaunch plan`, after the datasets."""
+        return [f"steps         {(spec.get('train') or {}).get('max_steps')}"]
+
+    def format_estimate(self, estimate: dict) -> str:
+        raise NotImplementedError
+
+    def summary(self, manifest: dict, summary: dict) -> str:
+        raise NotImplementedError
+
+    def sections(self, run_dir: Path, manifest: dict) -> list:
+        """The report's sections (launcher.report.Section): one per curve of the run."""
+        raise NotImplementedError
+
+    def spec_lines(self, spec: dict) -> list[str]:
+        """The report's spec lines beyond model, strategy, data, train and resources."""
+        return []
+
+    def planned_memory(self, manifest: dict, profile: Optional[str]) -> dict:
+        """The planner's memory per worker (bytes) by section name, for the report."""
+        raise NotImplementedError
+
+    def recorded_estimate(self, manifest: dict, profile: Optional[str]) -> Optional[dict]:
+        """The plan's estimate of a run. A submitted plan travels without it (it is large), so it is
+        recomputed from the recorded spec as `plan` made it: pure, but it needs the training extra."""
+        est = (manifest.get("plan") or {}).get("estimate")
+        if est is None:
+            est, _ = self.estimate(json.loads(json.dumps(manifest.get("spec") or {})), profile, strict=False)
+        return est
+
+
+KINDS: dict[str, Kind] = {}
+
+
+def register_kind(kind: Kind) -> Kind:
+    """One registration per job kind; a second one of the same name fails at import."""
+    if kind.name in KINDS:
+        raise RuntimeError(f"job kind {kind.name!r} is registered twice")
+    KINDS[kind.name] = kind
+    return kind
+
+
+def get_kind(name: Optional[str]) -> Kind:
+    if name not in KINDS:
+        raise PlanError(f"kind {name!r} is not a job kind; use one of: {', '.join(KINDS)}")
+    return KINDS[name]
+
+
+def path_resolver(base: Path) -> Callable[[str], str]:
+    """Relative paths against `base`; absolute paths and URIs stay as they are."""
+    return lambda value: value if "://" in value or os.path.isabs(value) else str((base / value).resolve())
+
+
+def resolve_data(data: Optional[dict], resolve: Callable[[str], str]) -> None:
+    """A data block's dataset paths, in place."""
+    if not data:
+        return
+    for role in ("train", "eval", "retain"):
+        if data.get(role) is not None:
+            data[role] = resolve(data[role])
+    if (data.get("replay") or {}).get("path") is not None:
+        data["replay"]["path"] = resolve(data["replay"]["path"])
+
+
+def resolve_model(model: Optional[dict], resolve: Callable[[str], str]) -> None:
+    """An hf: model folder, in place: the job loads it from its own working directory."""
+    if model and str(model.get("source", "")).startswith(HF):
+        model["source"] = HF + resolve(os.path.expanduser(model["source"][len(HF):]))
+
+
+def layout(workers: int, res: dict) -> dict:
+    """The plan's `resources`: what the job holds at most."""
+    cpus, gpus = res.get("cpus_per_worker", 1), res.get("gpus_per_worker", 0)
+    return {"workers": workers, "cpus_per_worker": cpus, "gpus_per_worker": gpus,
+            "total_cpus": workers * cpus, "total_gpus": workers * gpus}
+
+
+def visible(path: str, target: str) -> bool:
+    """Whether a dataset can be checked from here: for a remote target a local path this machine
+    cannot see may live on the cluster (a shared volume)."""
+    return target == "local" or "://" in path or os.path.exists(path)
+
+
+def _runs(sources: tuple[str, ...], source: str) -> bool:
+    return source in sources or (HF in sources and source.startswith(HF))
+
+
+def _names(sources: tuple[str, ...]) -> str:
+    shown = [f"{s}<folder>" if s == HF else s for s in sources]
+    return ", ".join(shown[:-1]) + f" or {shown[-1]}" if len(shown) > 1 else shown[0]
+
+
+def _value(model: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        model = getattr(model, part, None)
+    return model
+
+
+# The kinds register themselves on import: this is the one place that lists them.
+from launcher.kinds import finetune, compare, multitask, pipeline  # noqa: E402,F401,I001

@@ -1,0 +1,438 @@
+"""`kind: multitask`: one base model, one LoRA adapter per task, one Ray worker per adapter (or
+all adapters packed on one base in one worker), run by jobs/multitask.py.
+
+Its spec model; each task's effective settings (`task_settings`, which the job reads too, so both
+see the same merge); its data checks and steps; the planner's choice between one base per worker
+and packed adapters; and how plan, the summary and the report show it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from launcher.errors import MissingExtraError, PlanError
+from launcher.kinds import Engine, Kind, layout, register_kind, resolve_data, resolve_model, visible
+from launcher.spec import (
+    MAX_BATCH,
+    MAX_CPUS,
+    MAX_EPOCHS,
+    MAX_GPUS,
+    MAX_STEPS,
+    DataSpec,
+    JobBase,
+    LoraStrategy,
+    ModelSpec,
+    Strict,
+    TrainSpec,
+)
+
+MULTITASK_DATA = ("causal_lm", "instruction")  # tasks an adapter of a causal LM learns
+
+
+class LoraOverride(Strict):
+    r: Optional[int] = Field(None, gt=0, le=1024)
+    alpha: Optional[float] = Field(None, gt=0)
+    dropout: Optional[float] = Field(None, ge=0, lt=1)
+    target_modules: Optional[Union[Literal["all-linear"], list[str]]] = None
+
+
+class TrainOverride(Strict):
+    max_steps: Optional[int] = Field(None, gt=0, le=MAX_STEPS)
+    epochs: Optional[float] = Field(None, gt=0, le=MAX_EPOCHS)
+    micro_batch: Optional[int] = Field(None, gt=0, le=MAX_BATCH)
+    lr: Optional[float] = Field(None, gt=0, lt=1)
+    seed: Optional[int] = None
+
+
+class TaskSpec(Strict):
+    name: str = Field(pattern=r"^[a-z0-9]([a-z0-9_-]{0,38}[a-z0-9])?$",
+                      description="the adapter's name: lower-case letters, digits, '-' and '_'")
+    data: DataSpec
+    lora: LoraOverride = Field(default_factory=LoraOverride, description="overrides of strategy:")
+    train: TrainOverride = Field(default_factory=TrainOverride, description="overrides of train:")
+
+    @field_validator("data")
+    @classmethod
+    def _causal_task(cls, value: DataSpec) -> DataSpec:
+        if value.task not in MULTITASK_DATA:
+            raise ValueError(f"data.task {value.task!r} cannot train a causal-LM adapter; "
+                             f"use one of {', '.join(MULTITASK_DATA)}")
+        if value.replay or value.retain:
+            raise ValueError("data.replay and data.retain are not supported per task; remove them")
+        return value
+
+
+class AdapterResources(Strict):
+    cpus_per_worker: float = Field(0.5, gt=0, le=MAX_CPUS, description="per adapter worker (or the packed one)")
+    gpus_per_worker: float = Field(0, ge=0, le=MAX_GPUS, description="1 on a GPU cluster: one GPU per adapter")
+    data_cpus_per_worker: float = Field(
+        0.2, gt=0, le=MAX_CPUS, description="CPUs reserved beside each worker for its Ray Data stream (read, tokenize)")
+
+
+class MultitaskSpec(JobBase):
+    kind: Literal["multitask"]
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    strategy: LoraStrategy = Field(default_factory=lambda: LoraStrategy(type="lora"),
+                                   description="the LoRA settings every task starts from")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="what every task starts from")
+    tasks: list[TaskSpec] = Field(min_length=1)
+    packing: Union[bool, Literal["auto"]] = Field(
+        False, description="true: all adapters on one shared base in one worker; auto: the planner "
+        "packs when one base per worker does not fit")
+    resources: AdapterResources = Field(default_factory=AdapterResources)
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_names(cls, tasks: list[TaskSpec]) -> list[TaskSpec]:
+        names = [t.name for t in tasks]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"task names must be unique; rename {', '.join(twice)}")
+        return tasks
+
+    @model_validator(mode="after")
+    def _packed_without_dropout(self) -> "MultitaskSpec":
+        if self.packing is True:
+            for task in self.tasks:
+                dropout = task.lora.dropout if task.lora.dropout is not None else self.strategy.dropout
+                if dropout:
+                    raise ValueError(
+                        f"tasks.{task.name}: packed training needs lora dropout 0 (got {dropout}); "
+                        "set strategy.dropout: 0 or packing: false")
+        return self
+
+
+
+
+DATA_ROLES = ("train", "eval")
+
+
+def task_settings(spec: dict, task: dict) -> dict:
+    """A task's effective LoRA and train settings: the spec's, overridden by the task's."""
+    lora = {**spec["strategy"], **{k: v for k, v in task.get("lora", {}).items() if v is not None}}
+    train = {**spec["train"], **{k: v for k, v in task.get("train", {}).items() if v is not None}}
+    return {"name": task["name"], "data": task["data"], "lora": lora, "train": train}
+
+
+def missing_steps(spec: dict) -> list[str]:
+    """Tasks whose step count is neither set nor countable without preflight."""
+    return [t["name"] for t in spec["tasks"] if task_settings(spec, t)["train"].get("max_steps") is None]
+
+
+def check_data(spec: dict, target: str = "local") -> tuple[dict, list[str]]:
+    """Footer checks of every task's datasets; fills each task's `train.max_steps` when unset.
+
+    Returns `{"<task>.<role>": {"rows", "files"}}` and warnings, each naming its task.
+    """
+    from launcher.datacheck import check_dataset, steps_for, sufficiency
+
+    found, warnings = {}, []
+    for task in spec["tasks"]:
+        name, data = task["name"], task["data"]
+        settings = task_settings(spec, task)
+        for role in DATA_ROLES:
+            path = data.get(role)
+            if not path:
+                continue
+            if not visible(path, target):
+                warnings.append(f"tasks.{name}.data.{role}: {path} is not visible here; not checked")
+                continue
+            try:
+                info = check_dataset(path, data["task"], role=role, columns=data.get("columns"))
+            except Exception as exc:  # name the task: several tasks may share a role name
+                raise type(exc)(f"tasks.{name}: {exc}") from None
+            found[f"{name}.{role}"] = {"rows": info.rows, "files": info.files}
+        rows = found.get(f"{name}.train", {}).get("rows")
+        if rows is None:
+            if settings["train"].get("max_steps") is None:
+                raise PlanError(f"tasks.{name}.train.max_steps is needed: its train rows cannot be "
+                                "counted from here")
+            continue
+        warnings += [f"tasks.{name}: {w}" for w in
+                     sufficiency(data["task"], rows, peft=True, force=data.get("force", False))]
+        if settings["train"].get("max_steps") is None:
+            train = settings["train"]
+            task.setdefault("train", {})["max_steps"] = steps_for(
+                rows, train["epochs"], train["micro_batch"], 1)
+    return found, warnings
+
+
+def _task_spec(spec: dict, task: dict, workers: int = 1) -> dict:
+    """The finetune-shaped spec of one adapter worker, for the estimator."""
+    s = task_settings(spec, task)
+    return {"kind": "finetune", "model": spec["model"], "strategy": s["lora"], "train": s["train"],
+            "resources": {**spec["resources"], "workers": workers}}
+
+
+def check_fit(spec: dict, profile: Optional[str], strict: bool) -> tuple[Optional[dict], list[str]]:
+    """Estimate one adapter worker per task and the packed alternative; resolve `packing: auto`.
+
+    The estimate returned is the largest adapter worker's (the shape `format_estimate` prints),
+    with a `multitask` section: each task's memory, both layouts' totals, and the choice made.
+    """
+    try:
+        from launcher.planner import estimate, fit, memory_per_gpu
+    except MissingExtraError as exc:
+        return None, _unestimated(spec, exc)
+    k = len(spec["tasks"])
+    at_once, warnings = schedule(spec, profile, strict)
+    try:
+        per_task = {t["name"]: estimate(_task_spec(spec, t, workers=at_once), profile) for t in spec["tasks"]}
+    except MissingExtraError as exc:
+        return None, _unestimated(spec, exc)
+    largest = max(per_task.values(), key=lambda e: e["memory"]["total"])
+    # Packed: the base's weights once; every adapter's gradients and optimizer states; the
+    # activations of all tasks' micro-batches together (one forward over the packed batch).
+    counts = {**largest["parameters"], "trainable": sum(e["parameters"]["trainable"] for e in per_task.values())}
+    settings = largest["memory_settings"]
+    micro = sum(task_settings(spec, t)["train"]["micro_batch"] for t in spec["tasks"])
+    packed_mem = memory_per_gpu(counts, None, "lora", workers=1, micro_batch=micro,
+                                seq_len=settings["seq_len"], precision=settings["precision"])
+    packed_mem = {k_: v for k_, v in packed_mem.items() if k_ != "inputs"}
+    one_worker = {**spec["resources"], "workers": 1}
+    packed_fit = fit(packed_mem, largest["profile"], one_worker)
+    separate_fit = largest["fit"]
+    separate_total = sum(e["memory"]["total"] for e in per_task.values())
+
+    choice = spec["packing"]
+    if choice == "auto":
+        too_few = at_once < k  # the workers would run in waves
+        choice = (separate_fit["verdict"] != "fits" or too_few) and packed_fit["verdict"] == "fits"
+        spec["packing"] = choice
+        if separate_fit["verdict"] != "fits":
+            why = f"one base per worker does not fit ({separate_fit['reason']})"
+        elif too_few:
+            why = f"only {at_once} of the {k} adapter workers run at once"
+        else:
+            why = "one base per worker fits, all at once"
+        why += "; packed fits" if choice else ""
+        if choice:
+            warnings = [w for w in warnings if "waves" not in w]
+        warnings.append(f"packing: auto -> {str(choice).lower()}: {why}")
+    chosen = packed_fit if choice else separate_fit
+    if chosen["verdict"] != "fits":
+        layout = f"{k} adapters packed on one base" if choice else f"{k} adapter workers"
+        fixes = [] if choice or packed_fit["verdict"] != "fits" else ["packing: true"]
+        fixes += [s.get("change", str(s)) for s in chosen.get("suggestions", [])]
+        fix = f"; would fit: {'; '.join(fixes)}" if fixes else ""
+        message = f"{layout}: {chosen['verdict']} on profile {chosen['profile']}: {chosen['reason']}{fix}"
+        if strict:
+            raise PlanError(message)
+        warnings.append(message)
+    largest = {**largest, "multitask": {
+        "tasks": {n: {"trainable": e["parameters"]["trainable"], "memory_total": e["memory"]["total"],
+                      "time_s": (e.get("time") or {}).get("seconds")} for n, e in per_task.items()},
+        "separate_total_bytes": separate_total,
+        "packed_total_bytes": packed_mem["total"],
+        "packed_vs_separate": packed_mem["total"] / max(separate_total, 1),
+        "packing": choice,
+        "at_once": 1 if choice else at_once,
+        "packed_fit": packed_fit["verdict"],
+        "separate_fit": separate_fit["verdict"],
+    }}
+    return largest, warnings
+
+
+def schedule(spec: dict, profile: Optional[str], strict: bool) -> tuple[int, list[str]]:
+    """How many adapter workers the profile runs at once, each with its data stream's CPUs.
+
+    A worker that fits nowhere would wait forever: refused (strict) or warned. More workers than
+    the profile holds run in waves, each starting as an earlier one ends.
+    """
+    from cluster import profiles as cluster_profiles
+    from launcher.planner import capacity, schedule_problem
+
+    res = spec["resources"]
+    cpus, gpus = res["cpus_per_worker"], res["gpus_per_worker"]
+    data_cpus = res.get("data_cpus_per_worker", 0.2)
+    prof = cluster_profiles.get_profile(profile or ("a100-80g-1" if gpus > 0 else "local-cpu"))
+    slot = {"workers": 1, "cpus_per_worker": cpus + data_cpus, "gpus_per_worker": gpus}
+    problem = schedule_problem(prof, slot)
+    if problem:
+        message = (f"an adapter worker ({cpus:g} CPU + {data_cpus:g} CPU for its data stream, {gpus:g} GPU) "
+                   f"cannot be placed: {problem}; lower resources.cpus_per_worker or "
+                   "resources.data_cpus_per_worker")
+        if strict:
+            raise PlanError(message)
+        return 1, [message]
+    k = workers(spec)
+    at_once = min(k, capacity(prof, slot))
+    if at_once >= k:
+        return k, []
+    waves = -(-k // at_once)
+    return at_once, [f"{k} adapter workers x ({cpus + data_cpus:g} CPU, {gpus:g} GPU): {prof['name']} holds "
+                     f"{at_once} at a time, so they run in {waves} waves"]
+
+
+def _unestimated(spec: dict, exc: Exception) -> list[str]:
+    warnings = [f"no parameter or memory estimate: {exc}"]
+    if spec["packing"] == "auto":
+        spec["packing"] = False
+        warnings.append("packing: auto -> false (no estimate to decide on)")
+    return warnings
+
+
+def workers(spec: dict) -> int:
+    """Ray workers the job holds at most: one per task, or one when packed."""
+    return 1 if spec.get("packing") is True else len(spec["tasks"])
+
+
+def describe(spec: dict, estimate: Optional[dict]) -> list[str]:
+    """Plan lines for `ftlaunch plan`: one per task, then the layout."""
+    lines = []
+    for task in spec["tasks"]:
+        s = task_settings(spec, task)
+        lines.append(f"task          {s['name']}: {s['data']['task']}, lora r={s['lora']['r']}, "
+                     f"{s['train'].get('max_steps')} steps x {s['train']['micro_batch']}")
+    mt = (estimate or {}).get("multitask")
+    res = spec["resources"]
+    per_worker = f"{res['cpus_per_worker']:g} CPU + {res.get('data_cpus_per_worker', 0.2):g} CPU for its data stream"
+    if spec.get("packing") is True:
+        layout = f"packed on one base, one worker ({per_worker})"
+    else:
+        k, at_once = len(spec["tasks"]), ((estimate or {}).get("multitask") or {}).get("at_once")
+        together = f", {at_once} at a time" if at_once and at_once < k else ", all at once"
+        layout = f"one worker per adapter ({per_worker}){together if at_once else ''}"
+    lines.append(f"layout        {layout}")
+    if mt:
+        lines.append(f"memory        one base per worker {_gib(mt['separate_total_bytes'])} in all, "
+                     f"packed {_gib(mt['packed_total_bytes'])} ({mt['packed_vs_separate']:.2f}x)")
+    return lines
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
+
+
+class Multitask(Kind):
+    name = "multitask"
+    model = MultitaskSpec
+    # jobs/multitask.py streams each task through the byte tokenizer into a causal LM.
+    engines = {"multitask": Engine("multitask", "jobs.multitask", tasks=MULTITASK_DATA, sources=("tiny-llama", "hf:"))}
+    trains = "adapters"
+
+    def datasets(self, spec) -> list:
+        return [(f"tasks.{t.name}.data", t.data) for t in spec.tasks]
+
+    def own_refusals(self, spec) -> list[str]:
+        found = []
+        if spec.model.num_labels:
+            found.append(f"model.num_labels: {spec.model.num_labels} is not run by kind multitask "
+                         "(its adapters train a causal LM, no classifier head); remove it")
+        if spec.train.warmup_steps:
+            found.append(f"train.warmup_steps: {spec.train.warmup_steps} is not run by kind multitask "
+                         "(its adapters train at a constant learning rate); remove it")
+        if "max_failures" in spec.train.model_fields_set:
+            found.append(f"train.max_failures: {spec.train.max_failures} is not run by kind multitask (a failed "
+                         "adapter worker is not retried; ftlaunch resume RUN retrains only the failed tasks); "
+                         "remove it")
+        return found
+
+    def resolve_paths(self, spec: dict, resolve) -> None:
+        for task in spec["tasks"]:
+            resolve_data(task["data"], resolve)
+        resolve_model(spec["model"], resolve)
+
+    def check_data(self, spec: dict, target: str) -> tuple[dict, list[str]]:
+        return check_data(spec, target)
+
+    def estimate(self, spec: dict, profile: Optional[str], strict: bool):
+        return check_fit(spec, profile, strict)
+
+    def without_preflight(self, spec: dict) -> list[str]:
+        if missing_steps(spec):
+            raise PlanError(f"train.max_steps is not set for tasks {', '.join(missing_steps(spec))} "
+                            "and preflight is off: set it, or allow preflight")
+        if spec["packing"] == "auto":
+            spec["packing"] = False
+            return ["packing: auto -> false (preflight is off: nothing to decide on)"]
+        return []
+
+    def resources(self, spec: dict, estimate: Optional[dict]) -> dict:
+        k = workers(spec)
+        # How many adapter workers run together (the rest wait their turn).
+        at_once = min(k, ((estimate or {}).get("multitask") or {}).get("at_once", k))
+        return {**layout(k, spec["resources"]), "at_once": at_once}
+
+    def describe(self, spec: dict, estimate: Optional[dict]) -> list[str]:
+        return describe(spec, estimate) + super().describe(spec, estimate)
+
+    def format_estimate(self, estimate: dict) -> str:
+        from launcher.planner import format_estimate
+
+        return format_estimate(estimate)
+
+    def summary(self, manifest: dict, s: dict) -> str:
+        """One line per adapter, and how to use them."""
+        from launcher.summary import _f, _size
+
+        run = manifest.get("run_id")
+        shape = "packed on one base" if s.get("packing") else "one worker per adapter"
+        lines = [f"run            {run}", f"layout         {shape}"]
+        for name, t in s.get("tasks", {}).items():
+            ev = t.get("eval") or {}
+            kept = " (kept from an earlier attempt)" if name in s.get("kept", []) else ""
+            lines.append(f"  task {name:<14} {t.get('steps')} steps, eval loss {_f(ev.get('eval_loss_before'))} -> "
+                         f"{_f(ev.get('eval_loss'))}, {t.get('trainable_params') or 0:,} trainable, "
+                         f"{_size(t.get('bytes'))}{kept}")
+        lines += [f"adapters       {_size(s.get('export_bytes'))} in all; ftlaunch adapters list {run}",
+                  f"wall time      {s.get('wall_time_s')} s",
+                  f"artifacts      {manifest.get('plan', {}).get('run_dir', '?')} (registry.json, adapters/)"]
+        return "\n".join(lines)
+
+    def sections(self, run_dir: Path, manifest: dict) -> list:
+        from launcher.report import Section, loss_facts, read_jsonl
+        from launcher.summary import _f, _size
+
+        recorded = manifest.get("tasks") or {}
+        registry = (manifest.get("summary") or {}).get("tasks") or {}
+        out = []
+        for task in (manifest.get("spec") or {}).get("tasks", []):
+            name = task["name"]
+            t = recorded.get(name, {})
+            ev = t.get("eval") or {}
+            s = Section(f"task {name}", name, read_jsonl(run_dir / f"metrics-{name}.jsonl"),
+                        t.get("status", "not finished"), t.get("error"))
+            points = [(step, ev[k]) for step, k in ((0, "eval_loss_before"), (t.get("steps"), "eval_loss"))
+                      if ev.get(k) is not None and step is not None]
+            if points:
+                s.evals["eval loss"] = points
+            s.facts = loss_facts(s.metrics) + [
+                f"eval loss {_f(ev.get('eval_loss_before'))} -> {_f(ev.get('eval_loss'))} (before training -> last)"]
+            if name in registry:
+                r = registry[name]
+                s.facts.append(f"adapter {r.get('trainable_params') or 0:,} trainable parameters, "
+                               f"{_size(r.get('bytes'))}")
+            out.append(s)
+        return out
+
+    def spec_lines(self, spec: dict) -> list[str]:
+        lines = []
+        for t in spec.get("tasks") or []:
+            own = ", ".join(f"{k} {v}" for k, v in _set_fields({k: v for k, v in t.items()
+                                                                 if k not in ("name", "data")}))
+            data = t.get("data") or {}
+            lines.append(f"task {t['name']}: {data.get('task')} on {data.get('train')}" + (f"; {own}" if own else ""))
+        return lines
+
+    def planned_memory(self, manifest: dict, profile: Optional[str]) -> dict:
+        est = self.recorded_estimate(manifest, profile)
+        if not est:
+            return {}
+        mt = est["multitask"]
+        return {n: mt["packed_total_bytes"] if mt["packing"] else t["memory_total"] for n, t in mt["tasks"].items()}
+
+
+def _set_fields(d: dict, prefix: str = ""):
+    """(dotted key, value) of every field a task sets itself (the rest is inherited: None)."""
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _set_fields(v, f"{prefix}{k}.")
+        elif v is not None:
+            yield f"{prefix}{k}", v
+
+
+register_kind(Multitask())
