@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.vqa import VQA_COLOURS, VQA_PLACES, VQA_SHAPES
 from jobs.components import tokenizer
 from jobs.data.texture import _as_images, texture_array
 from launcher.estimate import TEXTURE_CHANNELS, arrcoc_config, arrcoc_llm_config
-from launcher.synthetic import VQA_COLOURS, VQA_PLACES, VQA_SHAPES
 
 # The closed answer vocabulary of the synthetic VQA set; accuracy is the argmax over it.
 ANSWERS = (*VQA_COLOURS, *VQA_SHAPES, *VQA_PLACES, "yes", "no")
