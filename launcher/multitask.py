@@ -1,7 +1,7 @@
 """Client side of `kind: multitask`: each task's effective settings, its data checks and steps,
 and the planner's choice between one base per worker and packed adapters on one base.
 
-Shared with the job (jobs/multitask.py reads `task_settings`), so both see the same merge.
+Shared with the job (jobs/multitask.py reads `typed_task_settings`), so both see the same merge.
 """
 
 from __future__ import annotations
@@ -9,7 +9,10 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from pydantic import BaseModel
+
 from launcher.errors import MissingExtraError, PlanError
+from launcher.spec import DataSpec, LoraStrategy, MultitaskSpec, TaskSpec, TrainSpec
 
 DATA_ROLES = ("train", "eval")
 
@@ -19,6 +22,24 @@ def task_settings(spec: dict, task: dict) -> dict:
     lora = {**spec["strategy"], **{k: v for k, v in task.get("lora", {}).items() if v is not None}}
     train = {**spec["train"], **{k: v for k, v in task.get("train", {}).items() if v is not None}}
     return {"name": task["name"], "data": task["data"], "lora": lora, "train": train}
+
+
+class TaskSettings(BaseModel):
+    """One task's effective settings as typed spec parts: what an adapter worker trains by."""
+
+    name: str
+    data: DataSpec
+    lora: LoraStrategy
+    train: TrainSpec
+
+
+def typed_task_settings(spec: MultitaskSpec, task: TaskSpec) -> TaskSettings:
+    """`task_settings` on the typed spec: the spec's LoRA and train, overridden by the task's
+    (the overrides were validated with the task)."""
+    return TaskSettings(
+        name=task.name, data=task.data,
+        lora=spec.strategy.model_copy(update=task.lora.model_dump(exclude_none=True)),
+        train=spec.train.model_copy(update=task.train.model_dump(exclude_none=True)))
 
 
 def resolve_paths(spec: dict, resolve) -> None:

@@ -34,3 +34,42 @@ def test_launcher_never_imports_jobs_or_heavy_modules_at_module_level():
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "jobs":
                 raise AssertionError(f"{path} imports jobs")
+
+
+# The cluster side reads the spec models, the error tree, the adapter registry and common/; never
+# the planner, the CLI or the synthetic-data generator (launcher.dsconfig only for the pure ds_config).
+FORBIDDEN_FOR_JOBS = ("launcher.estimate", "launcher.planner", "launcher.jobplan", "launcher.cli",
+                      "launcher.synthetic")
+ALLOWED_NAMES = {"launcher.dsconfig": {"ds_config"}}
+# Known exceptions, each for a reason: a raw `ray job submit -- python -m jobs.run --spec FILE`
+# plans on the cluster (inside that one function); the model catalogue still lives in
+# launcher/estimate.py until it moves to common/catalog.py (then this entry goes).
+EXCEPTIONS = {
+    ("jobs/run.py", "launcher.jobplan"): {"plan"},
+    ("*", "launcher.estimate"): {"TINY_LLAMA", "minilm_config_path", "arrcoc_config", "arrcoc_llm_config",
+                                 "TEXTURE_CHANNELS"},
+}
+
+
+def _imported(tree):
+    """Every import at any depth as (module, name); `import a.b` gives (a.b, None)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from ((alias.name, None) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield from ((node.module, alias.name) for alias in node.names)
+
+
+def test_jobs_import_no_planner_cli_or_generator():
+    problems = []
+    for path in sorted((ROOT / "jobs").rglob("*.py")):
+        rel = str(path.relative_to(ROOT))
+        for module, name in _imported(ast.parse(path.read_text())):
+            full = f"{module}.{name}" if name else module  # `from launcher import cli` is launcher.cli
+            under = next((f for f in FORBIDDEN_FOR_JOBS if full == f or full.startswith(f + ".")), None)
+            allowed = EXCEPTIONS.get((rel, under), set()) | EXCEPTIONS.get(("*", under), set())
+            if under and name not in allowed:
+                problems.append(f"{rel} imports {full}")
+            if module in ALLOWED_NAMES and name not in ALLOWED_NAMES[module]:
+                problems.append(f"{rel} imports {full}: only {sorted(ALLOWED_NAMES[module])} from there")
+    assert not problems, problems
