@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.catalog import TEXTURE_CHANNELS, arrcoc_config, arrcoc_llm_config
+from common.vqa import VQA_COLOURS, VQA_PLACES, VQA_SHAPES
 from jobs.components import tokenizer
 from jobs.data.texture import _as_images, texture_array
-from common.catalog import TEXTURE_CHANNELS, arrcoc_config, arrcoc_llm_config
-from launcher.synthetic import VQA_COLOURS, VQA_PLACES, VQA_SHAPES
+from launcher.kinds.pipeline import StageSpec
 
 # The closed answer vocabulary of the synthetic VQA set; accuracy is the argmax over it.
 ANSWERS = (*VQA_COLOURS, *VQA_SHAPES, *VQA_PLACES, "yes", "no")
@@ -182,9 +183,11 @@ def build(model_spec: dict, lora: dict | None = None, seed: int = 0) -> ArrCoc:
     return ArrCoc(arrcoc_config(model_spec), lora)
 
 
-def pipeline_lora(stages: list[dict]) -> dict | None:
-    """The LoRA of a pipeline (the first stage that declares one); every stage's model carries it."""
-    return next((s["strategy"] for s in stages if s.get("strategy")), None)
+def pipeline_lora(stages: list) -> dict | None:
+    """The LoRA of a pipeline (the first stage that declares one), as `ArrCoc` takes it; every
+    stage's model carries it. `stages`: the spec's (typed, or their dicts)."""
+    stages = [StageSpec.model_validate(s) for s in stages]
+    return next((s.strategy.model_dump() for s in stages if s.strategy), None)
 
 
 def set_trainable(model: ArrCoc, groups) -> None:

@@ -12,8 +12,7 @@ import time
 
 from jobs import finetune
 from jobs.artifacts import RunDir
-from launcher.dsconfig import prepare
-from launcher.kinds.compare import expand_variants
+from launcher.spec import validate
 
 COLUMNS = [  # (summary key, header, format)
     ("strategy", "strategy", "{}"),
@@ -33,20 +32,20 @@ COLUMNS = [  # (summary key, header, format)
 ]
 
 
-def run(plan: dict, run_dir: RunDir) -> dict:
-    variants = expand_variants(plan["spec"])
+def run(spec, plan: dict, run_dir: RunDir) -> dict:
     results = {}
-    for name, spec in variants.items():
-        prepare(spec)  # fills the engine defaults of a deepspeed variant, as plan does
+    for name, variant in spec.variant_specs().items():
+        variant = validate(variant)  # a finetune spec; jobs/deepspeed_finetune.py fills its engine defaults
         sub = RunDir(str(run_dir.path / "variants" / name))
         started = time.time()
         # Ray Train's run folder is <storage>/<name>: the variant's own folder.
-        summary = finetune.run({"spec": spec, "run_id": name}, sub)
+        summary = finetune.run(variant, {"run_id": name}, sub)
         metrics = sub.read_jsonl("metrics.jsonl")
+        zero = f" ZeRO-{summary['deepspeed']['zero_stage']}" if variant.engine == "deepspeed" else ""
         results[name] = {
             **summary,
-            "strategy": _label(spec["strategy"]),
-            "engine": spec["engine"] + (f" ZeRO-{spec['deepspeed']['zero_stage']}" if spec["deepspeed"] else ""),
+            "strategy": _label(variant.strategy),
+            "engine": variant.engine + zero,
             "wall_time_s": round(time.time() - started, 2),
             "tokens_per_s": metrics[-1]["tokens"] / max(metrics[-1]["elapsed_s"], 1e-9) if metrics else None,
             "forgetting": _diff(summary.get("retain_loss_after"), summary.get("retain_loss_before")),
@@ -55,7 +54,7 @@ def run(plan: dict, run_dir: RunDir) -> dict:
         run_dir.append("variants.jsonl", {"variant": name, **{k: v for k, v in results[name].items()
                                                               if k != "curve"}})
     quality_vs_full(results)
-    report = write_report(results, run_dir.path, plan["spec"]["name"])
+    report = write_report(results, run_dir.path, spec.name)
     return {
         "variants": {n: {k: r.get(k) for k, _, _ in COLUMNS} for n, r in results.items()},
         "report": report,
@@ -131,8 +130,8 @@ def write_report(results: dict, out, title: str) -> str:
     return "report.md"
 
 
-def _label(strategy: dict) -> str:
-    return strategy["type"] + (f" r={strategy['r']}" if "r" in strategy else "")
+def _label(strategy) -> str:
+    return strategy.type + (f" r={strategy.r}" if hasattr(strategy, "r") else "")
 
 
 def _diff(after, before):

@@ -1,53 +1,34 @@
 """Pieces every training method shares: tokenizer, model, strategy, data stream, checkpoints.
 
-Each training method (jobs/finetune.py, ...) reads as one story and calls into these.
+Each training method (jobs/finetune.py, ...) reads as one story and calls into these; the loop's
+bookkeeping is jobs/loop.py. They take the typed spec (launcher/spec.py); the ones a test or a
+notebook calls in-process also take the plain dict of a spec part and validate it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import tempfile
-import traceback
-from pathlib import Path
-from typing import Iterator, Optional
+from typing import Annotated, Iterator, Optional, Union
 
 import numpy as np
 import torch
+from pydantic import BaseModel, Field, TypeAdapter
 
 # The catalogue's configs are the planner's too, so what is planned is what runs. The loops read
 # RANDOM_INIT_SOURCES from here: a random-init base is saved beside its adapter.
 from common.catalog import RANDOM_INIT_SOURCES, config_for, minilm_dir  # noqa: F401
+from launcher.spec import DataSpec, ModelSpec, ResourcesSpec
+
+def task_and_model(spec) -> tuple[str, ModelSpec]:
+    """A spec's data task and model block; a spec dict (as a test holds one, perhaps only those
+    two parts) has its model block validated."""
+    if isinstance(spec, BaseModel):
+        return spec.data.task, spec.model
+    return spec["data"]["task"], ModelSpec.model_validate(spec["model"])
 
 
-def quiet_ray_train() -> None:
-    """Drop Ray Train's per-report INFO lines (one per rank per report) from the job's log;
-    ftlaunch prints its own progress line per report."""
-    import logging
-
-    from ray.train.v2._internal.execution import context, storage
-
-    for name in (context.__file__, storage.__name__):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
-@contextlib.contextmanager
-def plain_errors():
-    """Re-raise worker errors as RuntimeError carrying type and message.
-
-    Some library exceptions cannot be unpickled on the driver (transformers' config validation
-    errors need extra constructor arguments), which would replace the real cause with a
-    TypeError. The full traceback stays in the worker's log.
-    """
-    try:
-        yield
-    except Exception as exc:
-        traceback.print_exc()
-        raise RuntimeError(f"{type(exc).__name__}: {exc}") from None
-
-
-def ray_train_configs(res: dict, name: str, storage_path: str, max_failures: int) -> dict:
+def ray_train_configs(res: ResourcesSpec, name: str, storage_path: str, max_failures: int) -> dict:
     """The ScalingConfig and RunConfig of every ftlaunch Ray Train run: one rank per worker with
     the spec's CPUs and GPUs; a run named so that a rerun of the name resumes from its last
     checkpoint (two kept); `max_failures` dead workers recovered from it."""
@@ -55,33 +36,13 @@ def ray_train_configs(res: dict, name: str, storage_path: str, max_failures: int
 
     return {
         "scaling_config": ScalingConfig(
-            num_workers=res["workers"], use_gpu=res["gpus_per_worker"] > 0,
-            resources_per_worker={"CPU": res["cpus_per_worker"], "GPU": res["gpus_per_worker"]},
+            num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
+            resources_per_worker={"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker},
         ),
         "run_config": RunConfig(name=name, storage_path=storage_path,
                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                                 failure_config=FailureConfig(max_failures=max_failures)),
     }
-
-
-@contextlib.contextmanager
-def worker_scope(spec: dict, run_dir, name: str | None = None):
-    """How every training process starts: its output teed into `<run_dir>/logs/<name>.log`
-    (secrets redacted), the spec's `env:` references resolved from the cluster's environment,
-    and worker errors made plain. `name` defaults to `worker-<rank>` of the Ray Train run.
-    """
-    from jobs.logs import Tee, resolve_env_refs, secret_values
-
-    if name is None:
-        import ray.train
-
-        name = f"worker-{ray.train.get_context().get_world_rank()}"
-    env = spec.get("env") or {}
-    with plain_errors():
-        resolve_env_refs(env)
-    with Tee(Path(str(run_dir)) / "logs" / f"{name}.log", secret_values(env), header=f"{name} pid {os.getpid()}"):
-        with plain_errors():
-            yield
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,10 +86,10 @@ TENSOR_COLUMNS = ("input_ids", "attention_mask", "labels")
 _TOKENIZERS: dict = {}
 
 
-def tokenizer_for(model_spec: dict):
+def tokenizer_for(model_spec: ModelSpec | dict):
     """The tokenizer of a spec's model: MiniLM's own for minilm, an hf: folder's own if it has
     one, else the local byte-level tokenizer (the tiny models' vocabulary)."""
-    source = model_spec["source"]
+    source = ModelSpec.model_validate(model_spec).source
     folder = minilm_dir() if source == "minilm" else source[3:] if source.startswith("hf:") else None
     if folder is None or not any(
         os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "vocab.txt", "tokenizer.model")
@@ -142,9 +103,9 @@ def tokenizer_for(model_spec: dict):
 
 
 def tokenize_classification(batch: dict, column: str = "text", label: str = "label",
-                            seq_len: int = 64, model_spec: Optional[dict] = None) -> dict:
+                            seq_len: int = 64, model_spec: ModelSpec | dict | None = None) -> dict:
     """Ray Data `map_batches` function: text, label -> input_ids, attention_mask, labels."""
-    tok = tokenizer_for(model_spec or {"source": "tiny-llama"})
+    tok = tokenizer_for(model_spec or ModelSpec())
     enc = tok([str(t) for t in batch[column]], padding="max_length", truncation=True,
               max_length=seq_len, return_tensors="np")
     return {
@@ -163,46 +124,62 @@ def flag_rows(batch: dict, value: int) -> dict:
     return {**batch, REPLAY_FLAG: np.full(rows, value, dtype=np.int64)}
 
 
-def tokenize_fn(spec: dict):
+def tokenize_fn(spec):
     """The map_batches function and its kwargs for a spec's task."""
-    data, model = spec["data"], spec["model"]
-    cols = data.get("columns", {})
-    if data["task"] == "classification":
+    data, model, cols = spec.data, spec.model, spec.data.columns
+    if data.task == "classification":
         return tokenize_classification, {
             "column": cols.get("text", "text"), "label": cols.get("label", "label"),
-            "seq_len": model["seq_len"], "model_spec": model,
+            "seq_len": model.seq_len, "model_spec": model,
         }
-    if data["task"] != "causal_lm":
-        raise ValueError(f"data.task {data['task']!r} is not runnable by kind finetune yet; "
+    if data.task != "causal_lm":
+        raise ValueError(f"data.task {data.task!r} is not runnable by kind finetune yet; "
                          "use causal_lm or classification")
-    return tokenize_causal, {"column": cols.get("text", "text"), "seq_len": model["seq_len"]}
+    return tokenize_causal, {"column": cols.get("text", "text"), "seq_len": model.seq_len}
 
 
 # ---------------------------------------------------------------------------------------------
 # Model and strategy
 
 
-def build_model(model_spec: dict, seed: int = 0):
+def build_model(model_spec: ModelSpec | dict, seed: int = 0):
     """The base model of a spec. Random-init sources are deterministic by seed."""
-    source, labels = model_spec["source"], model_spec.get("num_labels")
+    model_spec = ModelSpec.model_validate(model_spec)
+    source, labels = model_spec.source, model_spec.num_labels
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForSequenceClassification if labels else AutoModelForCausalLM
     extra = {"num_labels": labels} if labels else {}
     torch.manual_seed(seed)  # a new head (classifier, score) is random: same seed, same head
     if source == "tiny-llama":
-        return auto.from_config(config_for(model_spec))
+        return auto.from_config(config_for(model_spec.model_dump()))
     if source == "minilm" or source.startswith("hf:"):
         folder = minilm_dir() if source == "minilm" else source[3:]
-        return auto.from_pretrained(folder, local_files_only=True, **extra, **model_spec.get("config", {}))
+        return auto.from_pretrained(folder, local_files_only=True, **extra, **model_spec.config)
     raise ValueError(f"model source {source!r} is not runnable by this job yet")
 
 
-def apply_strategy(model, strategy: dict):
-    """Make exactly the strategy's parameters trainable; returns the (possibly wrapped) model."""
+def apply_strategy(model, strategy):
+    """Make exactly the strategy's parameters trainable; returns the (possibly wrapped) model.
+    `strategy`: its spec model (or the dict of one)."""
     from jobs import strategies
 
     return strategies.apply(model, strategy)
+
+
+def strategy_args(value):
+    """Typed spec parts (a strategy, learning-rate groups) as the plain dicts jobs/strategies.py
+    reads today: the one place to change when it takes the typed objects."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(by_alias=True)
+    if isinstance(value, list):
+        return [strategy_args(v) for v in value]
+    return value
+
+
+def warmup(step: int, warmup_steps: int) -> float:
+    """The learning-rate factor of the update after `step` updates: linear over `warmup_steps`."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
 
 
 def parameter_counts(model) -> tuple[int, int]:
@@ -264,36 +241,36 @@ def causal_lm_loss(model, texts: list[str], seq_len: int, batch_size: int = 16) 
     return total / max(count, 1)
 
 
-def load_split(path: Optional[str], data: dict, limit: int) -> Optional[dict]:
+def load_split(path: Optional[str], data: DataSpec, limit: int) -> Optional[dict]:
     """The first `limit` rows of an eval/retain split: texts (and labels for classification)."""
     if not path:
         return None
     import pyarrow.parquet as pq
 
-    cols = data.get("columns", {})
-    text, label = cols.get("text", "text"), cols.get("label", "label")
-    names = [text, label] if data["task"] == "classification" else [text]
+    text, label = data.columns.get("text", "text"), data.columns.get("label", "label")
+    names = [text, label] if data.task == "classification" else [text]
     table = pq.read_table(path, columns=names).slice(0, limit)
     rows = {"text": table.column(text).to_pylist()}
-    if data["task"] == "classification":
+    if data.task == "classification":
         rows["label"] = table.column(label).to_pylist()
     return rows
 
 
 @torch.no_grad()
-def evaluate(model, rows: Optional[dict], spec: dict, batch_size: int = 16) -> dict:
+def evaluate(model, rows: Optional[dict], spec, batch_size: int = 16) -> dict:
     """Loss (and accuracy for classification) of a model on a split; {} without a split."""
     if not rows or not rows["text"]:
         return {}
-    if spec["data"]["task"] != "classification":
-        return {"loss": causal_lm_loss(model, rows["text"], spec["model"]["seq_len"], batch_size)}
+    task, model_spec = task_and_model(spec)
+    if task != "classification":
+        return {"loss": causal_lm_loss(model, rows["text"], model_spec.seq_len, batch_size)}
     was_training = model.training
     model.eval()
     total, correct, n = 0.0, 0, len(rows["text"])
     for i in range(0, n, batch_size):
         enc = tokenize_classification(
             {"text": rows["text"][i : i + batch_size], "label": rows["label"][i : i + batch_size]},
-            seq_len=spec["model"]["seq_len"], model_spec=spec["model"],
+            seq_len=model_spec.seq_len, model_spec=model_spec,
         )
         batch = {k: torch.from_numpy(v) for k, v in enc.items()}
         out = model(**batch)
@@ -303,15 +280,16 @@ def evaluate(model, rows: Optional[dict], spec: dict, batch_size: int = 16) -> d
     return {"loss": total / n, "accuracy": correct / n}
 
 
-def example_batches(rows: Optional[dict], spec: dict, limit: int) -> list[dict]:
+def example_batches(rows: Optional[dict], spec, limit: int) -> list[dict]:
     """Single-example tensor batches of a split (EWC's per-example Fisher)."""
     if not rows:
         return []
-    seq_len, out = spec["model"]["seq_len"], []
+    task, model_spec = task_and_model(spec)
+    seq_len, out = model_spec.seq_len, []
     for i in range(min(limit, len(rows["text"]))):
         one = {k: v[i : i + 1] for k, v in rows.items()}
-        if spec["data"]["task"] == "classification":
-            enc = tokenize_classification(one, seq_len=seq_len, model_spec=spec["model"])
+        if task == "classification":
+            enc = tokenize_classification(one, seq_len=seq_len, model_spec=model_spec)
         else:
             enc = tokenize_causal(one, "text", seq_len)
         out.append({k: torch.from_numpy(v) for k, v in enc.items()})
@@ -323,11 +301,11 @@ PROBE_CLS = ["the team scored a goal", "rain and storm today"]
 
 
 @torch.no_grad()
-def probe(model, model_spec: Optional[dict] = None) -> dict:
+def probe(model, model_spec: ModelSpec | dict | None = None) -> dict:
     """Logits of the trained model on fixed inputs: a reloaded export must reproduce them."""
     was_training = model.training
     model.eval()
-    if model_spec and model_spec.get("num_labels"):
+    if model_spec and ModelSpec.model_validate(model_spec).num_labels:
         enc = tokenize_classification({"text": PROBE_CLS, "label": [0, 1]}, seq_len=24, model_spec=model_spec)
     else:
         enc = tokenize_causal({"text": PROBE_TEXT}, "text", 24)
@@ -341,22 +319,19 @@ def probe(model, model_spec: Optional[dict] = None) -> dict:
 # Checkpoints
 
 
-def save_checkpoint(model, optimizer, step: int, export: bool) -> str:
-    """Write a checkpoint folder: trainable weights + optimizer + step (+ the exported model)."""
-    path = tempfile.mkdtemp(prefix="ftl-ckpt-")
+def save_checkpoint(path: str, model, optimizer, step: int, export: bool) -> None:
+    """Write a checkpoint into folder `path`: trainable weights + optimizer + step (+ the exported model)."""
     inner = unwrap(model)
     trainable = {n: p.detach().cpu() for n, p in inner.named_parameters() if p.requires_grad}
     torch.save({"trainable": trainable, "optimizer": optimizer.state_dict(), "step": step},
                os.path.join(path, "state.pt"))
     if export:
         inner.save_pretrained(os.path.join(path, "export"))
-    return path
 
 
-def load_checkpoint(model, optimizer, checkpoint) -> int:
-    """Restore trainable weights and optimizer from a Ray checkpoint; returns the step reached."""
-    with checkpoint.as_directory() as path:
-        state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+def load_checkpoint(path: str, model, optimizer) -> int:
+    """Restore trainable weights and optimizer from a checkpoint folder; returns the step reached."""
+    state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
     inner = unwrap(model)
     missing = set(state["trainable"]) - {n for n, _ in inner.named_parameters()}
     if missing:

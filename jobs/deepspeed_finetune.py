@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
-import shutil
 import socket
-import tempfile
 import time
 
 import torch
@@ -21,54 +19,54 @@ import torch
 from common.runfolder import dir_size
 from jobs import components as C
 from jobs.artifacts import RunDir
+from jobs.loop import Loop, run_worker
 from launcher.dsconfig import ds_config
+from launcher.kinds.finetune import DeepSpeedSpec
 
 CKPT_TAG = "ds"  # one DeepSpeed tag per Ray checkpoint folder: each folder is self-contained
 
 
-def run(plan: dict, run_dir: RunDir) -> dict:
+def run(spec, plan: dict, run_dir: RunDir) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs.data.read import read_dataset
 
-    spec = plan["spec"]
-    data, train, res = spec["data"], spec["train"], spec["resources"]
-    seq_len = spec["model"]["seq_len"]
-    text = data["columns"].get("text", "text")
-    on_gpu = res["gpus_per_worker"] > 0
+    spec = with_engine_defaults(spec)
+    data, train, res = spec.data, spec.train, spec.resources
+    text = data.columns.get("text", "text")
 
     # 1. Data: Parquet -> tokenized tensor columns, streamed and split across the workers.
-    train_ds = read_dataset(data["train"], columns=[text]).map_batches(
-        C.tokenize_causal, fn_kwargs={"column": text, "seq_len": seq_len}, batch_format="numpy",
+    train_ds = read_dataset(data.train, columns=[text]).map_batches(
+        C.tokenize_causal, fn_kwargs={"column": text, "seq_len": spec.model.seq_len}, batch_format="numpy",
     )
 
     # 2. The Ray Train run: DeepSpeed joins the process group Ray Train already set up.
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"spec": spec, "run_dir": str(run_dir.path)},
-        torch_config=TorchConfig(backend="nccl" if on_gpu else "gloo"),
+        train_loop_config={"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir.path)},
+        torch_config=TorchConfig(backend="nccl" if res.gpus_per_worker > 0 else "gloo"),
         datasets={"train": train_ds},
-        **C.ray_train_configs(res, plan["run_id"], str(run_dir.path.parent), train.get("max_failures", 0)),
+        **C.ray_train_configs(res, plan["run_id"], str(run_dir.path.parent), train.max_failures),
     )
     started = time.time()
-    with run_dir.progress(train["max_steps"]):
+    with run_dir.progress(train.max_steps):
         result = trainer.fit()
 
     # 3. Export: the final DeepSpeed checkpoint becomes a plain transformers model (or adapter).
-    export_name = "adapter" if spec["strategy"]["type"] != "full" else "model"
+    export_name = "adapter" if spec.strategy.type != "full" else "model"
     target = run_dir.path / export_name
     with result.checkpoint.as_directory() as ckpt:
         model = export(ckpt, spec, str(target))
-    if spec["strategy"]["type"] != "full" and spec["model"]["source"] in C.RANDOM_INIT_SOURCES:
+    if spec.strategy.type != "full" and spec.model.source in C.RANDOM_INIT_SOURCES:
         # A random-init base exists nowhere else: keep it beside the adapter (same seed, same weights).
-        C.build_model(spec["model"], seed=train["seed"]).save_pretrained(run_dir.path / "base")
+        C.build_model(spec.model, seed=train.seed).save_pretrained(run_dir.path / "base")
     C.tokenizer().save_pretrained(run_dir.path / "tokenizer")
 
     metrics = run_dir.read_jsonl("metrics.jsonl")
     final = result.metrics or {}
     return {
         "engine": "deepspeed",
-        "deepspeed": spec["deepspeed"],
+        "deepspeed": spec.deepspeed.model_dump(mode="json"),
         "wall_time_s": round(time.time() - started, 2),
         "steps": final.get("step"),
         "loss_first": metrics[0]["loss"] if metrics else None,
@@ -86,95 +84,73 @@ def run(plan: dict, run_dir: RunDir) -> dict:
     }
 
 
+def with_engine_defaults(spec):
+    """The spec with its `deepspeed:` block complete: the defaults that depend on the hardware
+    filled in (bf16 on GPUs, fp32 on CPU), as `plan` fills them (a compare variant is not planned)."""
+    ds = spec.deepspeed or DeepSpeedSpec()
+    if ds.precision is None:
+        ds = ds.model_copy(update={"precision": "bf16" if spec.resources.gpus_per_worker > 0 else "fp32"})
+    return spec.model_copy(update={"deepspeed": ds})
+
+
 def train_loop(config: dict) -> None:
-    C.quiet_ray_train()
-    with C.worker_scope(config["spec"], config["run_dir"]):
-        _train_loop(config)
+    run_worker(_train_loop, config)
 
 
-def _train_loop(config: dict) -> None:
+def _train_loop(spec, config: dict) -> None:
     import ray.train
 
-    spec, run_dir = config["spec"], RunDir(config["run_dir"])
-    train, data, seq_len = spec["train"], spec["data"], spec["model"]["seq_len"]
+    run_dir, train, data, seq_len = RunDir(config["run_dir"]), spec.train, spec.data, spec.model.seq_len
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(spec["resources"]["cpus_per_worker"])))
+    # Every rank writes its own ZeRO shard; Ray Train gathers them into one checkpoint.
+    loop = Loop(run_dir, train.max_steps, train.report_every, rank=ctx.get_world_rank(),
+                world=ctx.get_world_size(), every_rank_saves=True)
+    torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
 
-    text = data["columns"].get("text", "text")
-    eval_texts = C.eval_texts(data.get("eval"), text, train["eval_batches"] * 16)
-    retain_texts = C.eval_texts(data.get("retain"), text, train["eval_batches"] * 16)
+    text = data.columns.get("text", "text")
+    eval_texts = C.eval_texts(data.eval, text, train.eval_batches * 16)
+    retain_texts = C.eval_texts(data.retain, text, train.eval_batches * 16)
 
     # Model, strategy, engine. The "before" figures come from the plain model, before any update.
     model = build_model(spec)
     trainable, total = C.parameter_counts(model)
-    checkpoint = ray.train.get_checkpoint()
-    before = {}
-    if not checkpoint and rank == 0:
+    resuming, before = loop.has_state(), {}
+    if not resuming and loop.rank == 0:
         before = {
             "eval_loss_before": C.causal_lm_loss(model, eval_texts, seq_len),
             "retain_loss_before": C.causal_lm_loss(model, retain_texts, seq_len),
             "digests_before": C.frozen_and_trainable_digests(model),
         }
         run_dir.update_manifest(before=before)
-    engine = build_engine(model, spec, world)
-
-    step = 0
-    if checkpoint:
-        with checkpoint.as_directory() as path:
-            step = load(engine, path)
+    engine = build_engine(model, spec, loop.world)
+    step = loop.resume(lambda path: load(engine, path))
+    if resuming:
         before = run_dir.read_manifest().get("before", {})
-        if rank == 0:  # records past the checkpoint will be written again: keep none twice
-            run_dir.truncate_jsonl("metrics.jsonl", lambda r: r["step"] <= step)
 
     shard = ray.train.get_dataset_shard("train")
-    micro_tokens = 0
-    tokens, window_tokens, window_start, run_start = 0, 0, time.time(), time.time()
-    losses = []
     engine.train()
-    while step < train["max_steps"]:
-        for batch in shard.iter_torch_batches(
-            batch_size=train["micro_batch"], drop_last=True, dtypes=torch.long
-        ):
-            loss = micro_step(engine, batch)
-            losses.append(loss)
-            micro_tokens += int(batch["attention_mask"].sum()) * world  # equal shares per rank
+    loop.begin()
+    while step < train.max_steps:
+        for batch in shard.iter_torch_batches(batch_size=train.micro_batch, drop_last=True,
+                                              dtypes=torch.long):
+            loop.add(micro_step(engine, batch), int(batch["attention_mask"].sum()) * loop.world)
             if engine.global_steps == step:  # inside an accumulation window: no update yet
                 continue
             step = engine.global_steps
-            tokens += micro_tokens
-            window_tokens += micro_tokens
-            micro_tokens = 0
-            if step == 1 and rank == 0:
-                run_dir.append("events.jsonl", {"event": "first_step", "time": time.time()})
-            if step % train["report_every"] == 0 or step == train["max_steps"]:
-                now = time.time()
-                final = step == train["max_steps"]
-                record = {
-                    "step": step,
-                    "loss": sum(losses) / len(losses),
-                    "lr": engine.get_lr()[0],
-                    "tokens": tokens,
-                    "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                    "elapsed_s": now - run_start,
-                    "time": now,
-                }
+            loop.stepped(step)
+            if loop.due(step):
+                final, extra = loop.final(step), None
+                record = loop.record(step, lr=engine.get_lr()[0], **loop.throughput())
                 # Every rank evaluates: under ZeRO-3 a forward pass gathers shards collectively.
                 record["eval_loss"] = C.causal_lm_loss(engine.module, eval_texts, seq_len)
                 if final:
                     record["retain_loss"] = C.causal_lm_loss(engine.module, retain_texts, seq_len)
                     probe = C.probe(engine.module)
-                ckpt_dir = save(engine, step)  # collective: every rank writes its own shard
-                if rank == 0:
-                    run_dir.append("metrics.jsonl", record)
-                    if final:
+                    if loop.rank == 0:
                         torch.save(probe, os.path.join(run_dir.path, "probe.pt"))
-                if final:
-                    record = {**record, **before, "trainable_params": trainable, "total_params": total}
-                ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir))
-                shutil.rmtree(ckpt_dir, ignore_errors=True)
-                losses, window_tokens, window_start = [], 0, time.time()
-            if step >= train["max_steps"]:
+                    extra = {**before, "trainable_params": trainable, "total_params": total}
+                loop.report(record, save=lambda path: save(engine, step, path), extra=extra)
+            if step >= train.max_steps:
                 break
 
 
@@ -203,10 +179,10 @@ def init_distributed(on_gpu: bool) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
 
 
-def build_model(spec: dict):
+def build_model(spec):
     """The spec's base model with its strategy applied (same seed on every rank, same weights)."""
-    model = C.apply_strategy(C.build_model(spec["model"], seed=spec["train"]["seed"]), spec["strategy"])
-    if spec["deepspeed"].get("activation_checkpointing"):
+    model = C.apply_strategy(C.build_model(spec.model, seed=spec.train.seed), spec.strategy)
+    if spec.deepspeed.activation_checkpointing:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
@@ -214,15 +190,15 @@ def build_model(spec: dict):
     return model
 
 
-def build_engine(model, spec: dict, world: int):
+def build_engine(model, spec, world: int):
     """Wrap a model in a DeepSpeed engine built from the spec's generated config."""
-    init_distributed(spec["resources"]["gpus_per_worker"] > 0)
+    init_distributed(spec.resources.gpus_per_worker > 0)
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_config(spec, world),
+        config=ds_config(spec.model_dump(mode="json"), world),  # the pure function plan showed
     )
     return engine
 
@@ -236,11 +212,9 @@ def micro_step(engine, batch: dict) -> float:
     return float(loss.detach().float())
 
 
-def save(engine, step: int) -> str:
-    """A DeepSpeed checkpoint in a fresh folder (this rank's files; Ray Train merges all ranks')."""
-    path = tempfile.mkdtemp(prefix="ftl-ds-ckpt-")
+def save(engine, step: int, path: str) -> None:
+    """A DeepSpeed checkpoint into folder `path` (this rank's files; Ray Train merges all ranks')."""
     engine.save_checkpoint(path, tag=CKPT_TAG, client_state={"step": step})
-    return path
 
 
 def load(engine, path: str) -> int:
@@ -251,7 +225,7 @@ def load(engine, path: str) -> int:
     return int(client["step"])
 
 
-def export(ckpt_dir: str, spec: dict, target: str):
+def export(ckpt_dir: str, spec, target: str):
     """Consolidate a DeepSpeed checkpoint into a plain transformers model (fp32) saved at target.
 
     ZeRO 1-3 go through DeepSpeed's zero_to_fp32 (the fp32 master weights, gathered from every
@@ -259,14 +233,14 @@ def export(ckpt_dir: str, spec: dict, target: str):
     """
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if spec["deepspeed"]["zero_stage"] > 0:
+    if spec.deepspeed.zero_stage > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=CKPT_TAG)
     else:
         files = os.path.join(ckpt_dir, CKPT_TAG, "mp_rank_00_model_states.pt")
         state = torch.load(files, map_location="cpu", weights_only=False)["module"]
-    model = C.apply_strategy(C.build_model(spec["model"], seed=spec["train"]["seed"]), spec["strategy"])
+    model = C.apply_strategy(C.build_model(spec.model, seed=spec.train.seed), spec.strategy)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     _check_complete(model, state)
     model.save_pretrained(target)

@@ -5,7 +5,8 @@ adapters already there) -> train the rest, either one Ray worker per adapter (a 
 its own CPU/GPU, streaming its own task's data through Ray Data) or all of them packed on one
 frozen base in one worker -> register each finished adapter -> report every task's status.
 A task that fails does not stop the others; the run then fails naming it, and `ftlaunch resume`
-retrains only what is missing.
+retrains only what is missing. A worker that dies is retried (train.max_failures times) and
+continues from its progress file.
 """
 
 from __future__ import annotations
@@ -20,38 +21,43 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from common.runfolder import metrics_file
 from jobs import components as C
 from jobs.artifacts import RunDir
+from jobs.loop import Loop, progress_file, worker_scope
 from launcher import registry as R
-from launcher.kinds.multitask import task_settings
+from launcher.kinds.multitask import TaskSettings, typed_task_settings
+from launcher.spec import DataSpec, LoraStrategy
 
 BASE_DIR, TOKENIZER_DIR, ADAPTERS_DIR = "base", "tokenizer", "adapters"
 
 
-def run(plan: dict, run_dir: RunDir) -> dict:
+def run(spec, plan: dict, run_dir: RunDir) -> dict:
     import ray
 
-    spec = plan["spec"]
-    tasks = [task_settings(spec, t) for t in spec["tasks"]]
+    tasks = [typed_task_settings(spec, t) for t in spec.tasks]
     base = prepare_base(spec, run_dir)
     registry = R.load_registry(run_dir.path)
-    kept = [t["name"] for t in tasks
-            if t["name"] in registry["adapters"] and R.intact(run_dir.path, registry["adapters"][t["name"]])]
-    todo = [t for t in tasks if t["name"] not in kept]
+    kept = [t.name for t in tasks
+            if t.name in registry["adapters"] and R.intact(run_dir.path, registry["adapters"][t.name])]
+    todo = [t for t in tasks if t.name not in kept]
     if kept:
         print(f"[ftlaunch] kept from an earlier attempt: {', '.join(kept)}; training: "
-              f"{', '.join(t['name'] for t in todo) or 'nothing'}", flush=True)
-    packed = spec.get("packing") is True
-    res = spec["resources"]
-    context = {"model": spec["model"], "base": base, "run_dir": str(run_dir.path),
-               "cpus": res["cpus_per_worker"], "gpus": res["gpus_per_worker"],
-               "data_cpus": res.get("data_cpus_per_worker", 0.2), "env": spec.get("env") or {}}
+              f"{', '.join(t.name for t in todo) or 'nothing'}", flush=True)
+    packed = spec.packing is True
+    res = spec.resources
+    context = {"model": spec.model, "base": base, "run_dir": str(run_dir.path),
+               "cpus": res.cpus_per_worker, "gpus": res.gpus_per_worker,
+               "data_cpus": res.data_cpus_per_worker, "env": spec.env}
 
     started = time.time()
     # One worker per adapter (or one for the pack); results are collected as each one ends, so
     # a finished adapter is registered even when another task is still running or has failed.
     groups = [todo] if packed and todo else [[t] for t in todo]
-    remote = ray.remote(num_cpus=context["cpus"], num_gpus=context["gpus"], max_retries=0)(_worker)
+    # A worker process that dies is started again (train.max_failures times; -1: no limit) and
+    # continues from its progress file; an error in the training code fails its tasks at once.
+    remote = ray.remote(num_cpus=context["cpus"], num_gpus=context["gpus"],
+                        max_retries=spec.train.max_failures)(_worker)
     # At most `at_once` workers run together: the planner counted each worker's CPUs and its
     # data stream's, and fitted that many on the cluster; the rest start as earlier ones end.
     at_once = max(1, int(plan["resources"].get("at_once") or len(groups)))
@@ -65,7 +71,7 @@ def run(plan: dict, run_dir: RunDir) -> dict:
         try:
             results = ray.get(ready[0])
         except Exception as exc:  # the worker died or raised: every task it held failed
-            results = {t["name"]: {"status": "FAILED", "error": _error_line(exc)} for t in group}
+            results = {t.name: {"status": "FAILED", "error": _error_line(exc)} for t in group}
         for name, result in results.items():
             outcomes[name] = result
             if result["status"] == "SUCCEEDED":
@@ -116,16 +122,16 @@ def _error_line(exc: BaseException) -> str:
     return lines[-1] if lines else type(cause).__name__
 
 
-def prepare_base(spec: dict, run_dir: RunDir) -> str:
+def prepare_base(spec, run_dir: RunDir) -> str:
     """The base every adapter trains on: a path. A random-init base is saved once, here."""
-    source = spec["model"]["source"]
+    source = spec.model.source
     if source.startswith("hf:"):
         path = source[3:]
     else:
         path = str(run_dir.path / BASE_DIR)
         if not os.path.isdir(path):
             tmp = tempfile.mkdtemp(dir=run_dir.path, prefix=".base-")
-            C.build_model(spec["model"], seed=spec["train"]["seed"]).save_pretrained(tmp)
+            C.build_model(spec.model, seed=spec.train.seed).save_pretrained(tmp)
             os.replace(tmp, path)
     tok = run_dir.path / TOKENIZER_DIR
     if not tok.is_dir():
@@ -133,40 +139,40 @@ def prepare_base(spec: dict, run_dir: RunDir) -> str:
     return path
 
 
-def base_record(spec: dict, base_path: str) -> dict:
-    source = spec["model"]["source"]
+def base_record(spec, base_path: str) -> dict:
+    source = spec.model.source
     path = BASE_DIR if not source.startswith("hf:") else base_path
-    return {"id": source, "path": path, "config": spec["model"].get("config", {})}
+    return {"id": source, "path": path, "config": spec.model.config}
 
 
 # ---------------------------------------------------------------------------------------------
 # The worker: one adapter, or several packed on one base
 
 
-def _worker(tasks: list[dict], context: dict) -> dict:
+def _worker(tasks: list[TaskSettings], context: dict) -> dict:
     """Runs in its own Ray worker process; returns {task: {"status", "entry" | "error"}}."""
     began = time.time()
     torch.set_num_threads(max(1, int(context["cpus"])))
     device = "cuda" if context["gpus"] > 0 and torch.cuda.is_available() else "cpu"
-    seq_len = context["model"]["seq_len"]
-    streams = {t["name"]: ray_data_stream(t, seq_len, context["data_cpus"]) for t in tasks}
-    log = f"task-{tasks[0]['name']}" if len(tasks) == 1 else "packed"
+    seq_len = context["model"].seq_len
+    streams = {t.name: ray_data_stream(t, seq_len, context["data_cpus"]) for t in tasks}
+    log = f"task-{tasks[0].name}" if len(tasks) == 1 else "packed"
     try:
-        with C.worker_scope({"env": context["env"]}, context["run_dir"], log):
+        with worker_scope(context["env"], context["run_dir"], log):
             if len(tasks) == 1:
-                entries = {tasks[0]["name"]: train_adapter(
-                    tasks[0], context["base"], streams[tasks[0]["name"]], context["run_dir"], seq_len, device)}
+                entries = {tasks[0].name: train_adapter(
+                    tasks[0], context["base"], streams[tasks[0].name], context["run_dir"], seq_len, device)}
             else:
                 entries = train_packed(tasks, context["base"], streams, context["run_dir"], seq_len, device)
     except Exception as exc:
         if len(tasks) > 1:
             raise
-        return {tasks[0]["name"]: {"status": "FAILED", "error": _error_line(exc)}}
+        return {tasks[0].name: {"status": "FAILED", "error": _error_line(exc)}}
     span = {"worker_started": began, "worker_finished": time.time(), "worker_pid": os.getpid()}
     return {name: {"status": "SUCCEEDED", "entry": {**entry, **span}} for name, entry in entries.items()}
 
 
-def ray_data_stream(task: dict, seq_len: int, cpus: float) -> Callable[[], Iterator[dict]]:
+def ray_data_stream(task: TaskSettings, seq_len: int, cpus: float) -> Callable[[], Iterator[dict]]:
     """One pass over a task's train split, streamed through Ray Data, as tensor batches.
 
     Its read and tokenize tasks ask `cpus` each (resources.data_cpus_per_worker): the planner
@@ -174,7 +180,7 @@ def ray_data_stream(task: dict, seq_len: int, cpus: float) -> Callable[[], Itera
     """
     import ray.data
 
-    data, micro = task["data"], task["train"]["micro_batch"]
+    data, micro = task.data, task.train.micro_batch
 
     def one_pass():
         ctx = ray.data.DataContext.get_current()
@@ -183,7 +189,7 @@ def ray_data_stream(task: dict, seq_len: int, cpus: float) -> Callable[[], Itera
         # be told otherwise; K such streams on a small cluster starve. The V1 reader runs only
         # read tasks of the `cpus` asked here.
         ctx.use_datasource_v2 = False
-        ds = ray.data.read_parquet(data["train"], columns=columns_of(data), num_cpus=cpus)
+        ds = ray.data.read_parquet(data.train, columns=columns_of(data), num_cpus=cpus)
         ds = ds.map_batches(tokenize_task, fn_kwargs={"data": data, "seq_len": seq_len},
                             batch_format="numpy", num_cpus=cpus)
         for batch in ds.iter_torch_batches(batch_size=micro, drop_last=True, dtypes=torch.long):
@@ -192,14 +198,14 @@ def ray_data_stream(task: dict, seq_len: int, cpus: float) -> Callable[[], Itera
     return one_pass
 
 
-def arrow_stream(task: dict, seq_len: int) -> Callable[[], Iterator[dict]]:
+def arrow_stream(task: TaskSettings, seq_len: int) -> Callable[[], Iterator[dict]]:
     """The same batches read with pyarrow alone, for in-process use without a cluster."""
     import pyarrow.parquet as pq
 
-    data, micro = task["data"], task["train"]["micro_batch"]
+    data, micro = task.data, task.train.micro_batch
 
     def one_pass():
-        table = pq.read_table(data["train"], columns=columns_of(data))
+        table = pq.read_table(data.train, columns=columns_of(data))
         enc = tokenize_task({c: np.array(table.column(c).to_pylist(), dtype=object)
                              for c in table.column_names}, data, seq_len)
         for i in range(0, len(enc["input_ids"]) - micro + 1, micro):
@@ -208,16 +214,15 @@ def arrow_stream(task: dict, seq_len: int) -> Callable[[], Iterator[dict]]:
     return one_pass
 
 
-def columns_of(data: dict) -> list[str]:
-    cols = data.get("columns") or {}
-    roles = ("text",) if data["task"] == "causal_lm" else ("instruction", "response")
-    return [cols.get(r, r) for r in roles]
+def columns_of(data: DataSpec) -> list[str]:
+    roles = ("text",) if data.task == "causal_lm" else ("instruction", "response")
+    return [data.columns.get(r, r) for r in roles]
 
 
-def tokenize_task(batch: dict, data: dict, seq_len: int) -> dict:
+def tokenize_task(batch: dict, data: DataSpec, seq_len: int) -> dict:
     """causal_lm: every token is a target; instruction: only the response's tokens are."""
-    cols = data.get("columns") or {}
-    if data["task"] == "causal_lm":
+    cols = data.columns
+    if data.task == "causal_lm":
         return C.tokenize_causal(batch, cols.get("text", "text"), seq_len)
     prompts = [f"{p}\n" for p in batch[cols.get("instruction", "instruction")]]
     responses = list(batch[cols.get("response", "response")])
@@ -228,15 +233,15 @@ def tokenize_task(batch: dict, data: dict, seq_len: int) -> dict:
     return enc
 
 
-def eval_batch(task: dict, seq_len: int, limit: int) -> dict | None:
-    path = task["data"].get("eval")
+def eval_batch(task: TaskSettings, seq_len: int, limit: int) -> dict | None:
+    path = task.data.eval
     if not path or limit <= 0:
         return None
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path, columns=columns_of(task["data"])).slice(0, limit)
+    table = pq.read_table(path, columns=columns_of(task.data)).slice(0, limit)
     enc = tokenize_task({c: np.array(table.column(c).to_pylist(), dtype=object)
-                         for c in table.column_names}, task["data"], seq_len)
+                         for c in table.column_names}, task.data, seq_len)
     return {k: torch.from_numpy(v) for k, v in enc.items()}
 
 
@@ -264,11 +269,11 @@ def eval_loss(model, batch: dict | None, device: str, adapter: str | None = None
     return total / max(count, 1)
 
 
-def lora_config(lora: dict):
+def lora_config(lora: LoraStrategy):
     from peft import LoraConfig
 
-    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                      target_modules=lora["target_modules"], task_type="CAUSAL_LM")
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, task_type="CAUSAL_LM")
 
 
 def load_base(base_path: str, device: str):
@@ -297,50 +302,55 @@ def _batches(stream: Callable[[], Iterator[dict]]) -> Iterator[dict]:
             raise ValueError("the train split yields no full micro-batch; lower train.micro_batch")
 
 
-def train_adapter(task: dict, base_path: str, stream, run_dir: str, seq_len: int, device: str = "cpu") -> dict:
+def train_adapter(task: TaskSettings, base_path: str, stream, run_dir: str, seq_len: int,
+                  device: str = "cpu") -> dict:
     """One task, one adapter, on its own copy of the base: the fan-out worker's story."""
     from peft import get_peft_model
 
-    name, train = task["name"], task["train"]
-    torch.manual_seed(train["seed"])
+    name, train = task.name, task.train
+    torch.manual_seed(train.seed)
     base, base_sha = load_base(base_path, device)
-    model = get_peft_model(base, lora_config(task["lora"]), adapter_name=name)
+    model = get_peft_model(base, lora_config(task.lora), adapter_name=name)
     params = adapter_params(model, name)
-    optimizer = torch.optim.AdamW(params, lr=train["lr"], weight_decay=train["weight_decay"])
-    evals = eval_batch(task, seq_len, 16 * train["eval_batches"])
-    out = RunDir(run_dir)
-    log = f"metrics-{name}.jsonl"
-    started, losses, step = time.time(), [], 0
-    saved = load_progress(run_dir, f"task-{name}", model, optimizer, [name])
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    evals = eval_batch(task, seq_len, 16 * train.eval_batches)
+    loop = Loop(run_dir, train.max_steps, train.report_every, metrics=metrics_file(name),
+                fields={"task": name}, progress=progress_file(run_dir, f"task-{name}"))
+    saved = loop.restore(lambda path: load_progress(path, model, optimizer, [name]))
+    step, losses = 0, []
     if saved:  # an earlier attempt got this far: continue from its last report
         step, losses, before = saved["steps"][name], saved["losses"][name], saved["before"][name]
     else:
         before = eval_loss(model, evals, device)
-    out.truncate_jsonl(log, lambda r: r["step"] <= step)  # records past the progress point go
+    loop.truncate(step)
+
+    def save(path):
+        save_progress(path, model, optimizer, [name], {name: step}, {name: losses}, {name: before})
+
     model.train()
     batches = _batches(stream)
-    while step < train["max_steps"]:
+    while step < train.max_steps:
         batch = {k: v.to(device) for k, v in next(batches).items()}
+        for group in optimizer.param_groups:  # by the adapter's own step: a resumed run goes on warming up
+            group["lr"] = train.lr * C.warmup(step, train.warmup_steps)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss_tok, mask = token_losses(logits, batch["labels"])
         loss = (loss_tok * mask).sum() / mask.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if train["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(params, train["grad_clip"])
+        if train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
         optimizer.step()
         step += 1
         losses.append(float(loss.detach()))
-        if step % train["report_every"] == 0 or step == train["max_steps"]:
-            out.append(log, {"task": name, "step": step, "loss": float(np.mean(losses[-train["report_every"]:])),
-                             "elapsed_s": time.time() - started, "time": time.time()})
-            save_progress(run_dir, f"task-{name}", model, optimizer, [name], {name: step}, {name: losses},
-                          {name: before})
+        if loop.due(step):
+            loop.report(loop.record(step, loss=float(np.mean(losses[-train.report_every:]))), save=save)
     after = eval_loss(model, evals, device)
-    return _export(model, name, run_dir, base_sha, step, losses, before, after, started, packed=False, task=task)
+    return _export(model, name, run_dir, base_sha, step, losses, before, after, loop.started,
+                   packed=False, task=task)
 
 
-def train_packed(tasks: list[dict], base_path: str, streams: dict, run_dir: str, seq_len: int,
+def train_packed(tasks: list[TaskSettings], base_path: str, streams: dict, run_dir: str, seq_len: int,
                  device: str = "cpu") -> dict:
     """K adapters on one shared frozen base, one forward per step over all tasks' rows.
 
@@ -351,55 +361,59 @@ def train_packed(tasks: list[dict], base_path: str, streams: dict, run_dir: str,
     """
     from peft import get_peft_model
 
-    torch.manual_seed(tasks[0]["train"]["seed"])
+    torch.manual_seed(tasks[0].train.seed)
     base, base_sha = load_base(base_path, device)
     first, *rest = tasks
-    model = get_peft_model(base, lora_config(first["lora"]), adapter_name=first["name"])
+    model = get_peft_model(base, lora_config(first.lora), adapter_name=first.name)
     for t in rest:
-        torch.manual_seed(t["train"]["seed"])  # each adapter starts where it would alone
-        model.add_adapter(t["name"], lora_config(t["lora"]))
-    params = {t["name"]: adapter_params(model, t["name"]) for t in tasks}
+        torch.manual_seed(t.train.seed)  # each adapter starts where it would alone
+        model.add_adapter(t.name, lora_config(t.lora))
+    params = {t.name: adapter_params(model, t.name) for t in tasks}
     for group in params.values():
         for p in group:
             p.requires_grad_(True)
     optimizer = torch.optim.AdamW(
-        [{"params": params[t["name"]], "lr": t["train"]["lr"], "weight_decay": t["train"]["weight_decay"]}
-         for t in tasks])
+        [{"params": params[t.name], "lr": t.train.lr, "weight_decay": t.train.weight_decay} for t in tasks])
     # peft routes rows by adapter name only outside train mode; dropout is 0 (validated), so
     # eval mode changes nothing else, and autograd records the forward as usual.
     model.eval()
-    evals = {t["name"]: eval_batch(t, seq_len, 16 * t["train"]["eval_batches"]) for t in tasks}
-    out = RunDir(run_dir)
-    names = [t["name"] for t in tasks]
+    evals = {t.name: eval_batch(t, seq_len, 16 * t.train.eval_batches) for t in tasks}
+    names, by_name = [t.name for t in tasks], {t.name: t for t in tasks}
+    # One loop per task (its records, its reports); one progress file for the whole pack.
+    loops = {t.name: Loop(run_dir, t.train.max_steps, t.train.report_every, metrics=metrics_file(t.name),
+                          fields={"task": t.name}, progress=progress_file(run_dir, PACKED)) for t in tasks}
     steps, losses = {n: 0 for n in names}, {n: [] for n in names}
-    saved = load_progress(run_dir, PACKED, model, optimizer, names)
+    saved = loops[names[0]].restore(lambda path: load_progress(path, model, optimizer, names))
     if saved:  # an earlier attempt got this far: continue from its last report
         steps, losses, before = saved["steps"], saved["losses"], saved["before"]
     else:
         before = {n: eval_loss(model, b, device, adapter=n) for n, b in evals.items()}
     for n in names:
-        out.truncate_jsonl(f"metrics-{n}.jsonl", lambda r, n=n: r["step"] <= steps[n])
+        loops[n].truncate(steps[n])
+        loops[n].begin()
+
+    def save(path):
+        save_progress(path, model, optimizer, names, steps, losses, before)
+
     iters = {n: _batches(streams[n]) for n in names}
-    started = time.time()
-    by_name = {t["name"]: t for t in tasks}
-    done_at = {n: started for n in names if steps[n] >= by_name[n]["train"]["max_steps"]}
+    done_at = {n: loops[n].started for n in names if loops[n].final(steps[n])}
     while len(done_at) < len(tasks):
-        active = [n for n in steps if steps[n] < by_name[n]["train"]["max_steps"]]
+        active = [n for n in steps if not loops[n].final(steps[n])]
+        for group, t in zip(optimizer.param_groups, tasks):  # each adapter's warmup by its own step
+            group["lr"] = t.train.lr * C.warmup(steps[t.name], t.train.warmup_steps)
         losses_now = packed_step(model, optimizer, {n: next(iters[n]) for n in active}, params,
-                                 {n: by_name[n]["train"]["grad_clip"] for n in active}, device)
+                                 {n: by_name[n].train.grad_clip for n in active}, device)
         for n, value in losses_now.items():
             steps[n] += 1
             losses[n].append(value)
-            every = by_name[n]["train"]["report_every"]
-            if steps[n] % every == 0 or steps[n] == by_name[n]["train"]["max_steps"]:
-                out.append(f"metrics-{n}.jsonl", {"task": n, "step": steps[n], "loss": float(np.mean(losses[n][-every:])),
-                                                  "elapsed_s": time.time() - started, "time": time.time()})
-                save_progress(run_dir, PACKED, model, optimizer, names, steps, losses, before)
-            if steps[n] == by_name[n]["train"]["max_steps"]:
+            if loops[n].due(steps[n]):
+                every = by_name[n].train.report_every
+                loops[n].report(loops[n].record(steps[n], loss=float(np.mean(losses[n][-every:]))), save=save)
+            if loops[n].final(steps[n]):
                 done_at[n] = time.time()
     return {n: _export(model, n, run_dir, base_sha, steps[n], losses[n], before[n],
-                       eval_loss(model, evals[n], device, adapter=n), started, packed=True, task=by_name[n],
-                       finished=done_at[n])
+                       eval_loss(model, evals[n], device, adapter=n), loops[n].started, packed=True,
+                       task=by_name[n], finished=done_at[n])
             for n in steps}
 
 
@@ -407,28 +421,21 @@ def train_packed(tasks: list[dict], base_path: str, streams: dict, run_dir: str,
 # Progress checkpoints: a worker that dies (or a stopped run) continues from its last report
 
 
-PROGRESS_DIR, PACKED = ".progress", "pack"  # keys: task-<name> (one adapter) or pack
+PACKED = "pack"  # progress keys: task-<name> (one adapter) or pack
 
 
-def save_progress(run_dir: str, key: str, model, optimizer, names: list[str], steps: dict,
-                  losses: dict, before: dict) -> None:
-    """The adapters' weights, the optimizer, steps and losses so far (atomic)."""
-    path = Path(run_dir) / PROGRESS_DIR / f"{key}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_progress(path: str, model, optimizer, names: list[str], steps: dict, losses: dict,
+                  before: dict) -> None:
+    """The adapters' weights, the optimizer, steps and losses so far (jobs/loop.py makes it atomic)."""
     weights = {n: p.detach().cpu().clone() for n, p in model.named_parameters()
                if any(n.endswith(f".{name}.weight") and ".lora_" in n for name in names)}
-    tmp = path.with_suffix(".tmp")
     torch.save({"names": names, "weights": weights, "optimizer": optimizer.state_dict(),
                 "steps": dict(steps), "losses": {n: list(v) for n, v in losses.items()},
-                "before": dict(before)}, tmp)
-    os.replace(tmp, path)
+                "before": dict(before)}, path)
 
 
-def load_progress(run_dir: str, key: str, model, optimizer, names: list[str]) -> dict | None:
+def load_progress(path: str, model, optimizer, names: list[str]) -> dict | None:
     """Restore what `save_progress` kept for the same adapters, or None (start afresh)."""
-    path = Path(run_dir) / PROGRESS_DIR / f"{key}.pt"
-    if not path.exists():
-        return None
     state = torch.load(path, weights_only=False)
     if state["names"] != names:  # another set of tasks shares the key: not this one's progress
         return None
@@ -437,12 +444,12 @@ def load_progress(run_dir: str, key: str, model, optimizer, names: list[str]) ->
         for n, value in state["weights"].items():
             params[n].copy_(value.to(params[n].device))
     optimizer.load_state_dict(state["optimizer"])
-    print(f"[ftlaunch] {key}: continuing from step(s) {state['steps']}", flush=True)
+    print(f"[ftlaunch] {Path(path).stem}: continuing from step(s) {state['steps']}", flush=True)
     return state
 
 
 def discard_progress(run_dir, key: str) -> None:
-    (Path(run_dir) / PROGRESS_DIR / f"{key}.pt").unlink(missing_ok=True)
+    Path(progress_file(run_dir, key)).unlink(missing_ok=True)
 
 
 def packed_step(model, optimizer, batches: dict, params: dict, clips: dict, device: str = "cpu") -> dict:
@@ -486,8 +493,8 @@ def _export(model, name, run_dir, base_sha, steps, losses, before, after, starte
         "base_sha256": base_sha,
         "steps": steps,
         "packed": packed,
-        "data_task": task["data"]["task"],
-        "lora": {k: task["lora"][k] for k in ("r", "alpha", "target_modules")},
+        "data_task": task.data.task,
+        "lora": task.lora.model_dump(include={"r", "alpha", "target_modules"}),
         "eval": {"eval_loss_before": before, "eval_loss": after,
                  "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None},
         "wall_time_s": round((finished or time.time()) - started, 2),

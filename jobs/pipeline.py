@@ -11,10 +11,7 @@ the same run id: finished stages are skipped, the interrupted one continues from
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 import time
 
 import ray
@@ -26,9 +23,9 @@ from ray.train.torch import TorchTrainer
 from common.runfolder import PIPELINE as MANIFEST, read_json, write_json
 from jobs import arrcoc as A
 from jobs.artifacts import RunDir
-from jobs.components import ray_train_configs, worker_scope
 from common.catalog import arrcoc_config
-
+from jobs.components import ray_train_configs
+from jobs.loop import Loop, run_worker
 
 
 def read_manifest(run_dir: RunDir) -> dict:
@@ -39,32 +36,31 @@ def write_manifest(run_dir: RunDir, manifest: dict) -> None:
     write_json(run_dir.path / MANIFEST, manifest)  # atomic: a stop mid-write loses nothing
 
 
-def run(plan: dict, run_dir: RunDir) -> dict:
-    spec = plan["spec"]
-    stages = spec["stages"]
+def run(spec, plan: dict, run_dir: RunDir) -> dict:
+    stages = spec.stages
     manifest = read_manifest(run_dir) or {
         "run_id": plan["run_id"],
-        "stages": [{"name": s["name"], "status": "PENDING", "checkpoint": None} for s in stages],
+        "stages": [{"name": s.name, "status": "PENDING", "checkpoint": None} for s in stages],
     }
     started, previous = time.time(), None
     for i, stage in enumerate(stages):
         entry = manifest["stages"][i]
         if entry["status"] == "SUCCEEDED":
-            print(f"[ftlaunch] stage {stage['name']}: already SUCCEEDED, skipped", flush=True)
+            print(f"[ftlaunch] stage {stage.name}: already SUCCEEDED, skipped", flush=True)
             previous = entry["checkpoint"]
             continue
         entry.update(status="RUNNING", attempts=entry.get("attempts", 0) + 1, started=entry.get("started", time.time()))
         write_manifest(run_dir, manifest)
-        print(f"[ftlaunch] stage {i + 1}/{len(stages)} {stage['name']}: trains {', '.join(stage['train'])}", flush=True)
+        print(f"[ftlaunch] stage {i + 1}/{len(stages)} {stage.name}: trains {', '.join(stage.train)}", flush=True)
         try:
-            result = run_stage(plan, run_dir, i, previous)
+            result = run_stage(spec, plan, run_dir, i, previous)
         except BaseException as exc:
             stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))
             entry.update(status="STOPPED" if stopped else "FAILED", error=f"{type(exc).__name__}: {exc}")
             write_manifest(run_dir, manifest)
             raise
         # The stage's hand-on: its carried weights, out of Ray Train's folder into a stable place.
-        target = run_dir.path / "stages" / stage["name"]
+        target = run_dir.path / "stages" / stage.name
         target.mkdir(parents=True, exist_ok=True)
         with result.checkpoint.as_directory() as ckpt:
             weights = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)["weights"]
@@ -97,97 +93,86 @@ def run(plan: dict, run_dir: RunDir) -> dict:
     }
 
 
-def run_stage(plan: dict, run_dir: RunDir, index: int, previous: str | None):
-    spec = plan["spec"]
-    stage = spec["stages"][index]
-    data, res = stage.get("data") or spec["data"], stage["resources"]
-    cfg = arrcoc_config(spec["model"])
+def run_stage(spec, plan: dict, run_dir: RunDir, index: int, previous: str | None):
+    stage = spec.stages[index]
+    data, res = stage.data or spec.data, stage.resources
+    cfg = arrcoc_config(spec.model.model_dump())
     # The texture array is computed as the rows stream to the worker, never stored.
-    train_ds = ray.data.read_parquet(data["train"], columns=["image", "question", "answer"]).map_batches(
-        A.vqa_batch, fn_kwargs={"grid": cfg["grid"], "q_len": spec["model"]["seq_len"], "answer_len": cfg["answer_len"]},
+    train_ds = ray.data.read_parquet(data.train, columns=["image", "question", "answer"]).map_batches(
+        A.vqa_batch, fn_kwargs={"grid": cfg["grid"], "q_len": spec.model.seq_len, "answer_len": cfg["answer_len"]},
         batch_format="numpy",
     )
     trainer = TorchTrainer(
         stage_loop,
-        train_loop_config={"spec": spec, "index": index, "previous": previous, "run_dir": str(run_dir.path)},
+        train_loop_config={"spec": spec.model_dump(mode="json"), "index": index, "previous": previous,
+                           "run_dir": str(run_dir.path)},
         datasets={"train": train_ds},
         # Same name and storage on a rerun: Ray Train resumes the stage from its last checkpoint.
-        **ray_train_configs(res, f"{plan['run_id']}-{stage['name']}", str(run_dir.path),
-                            spec["train"].get("max_failures", 0)),
+        **ray_train_configs(res, f"{plan['run_id']}-{stage.name}", str(run_dir.path),
+                            spec.train.max_failures),
     )
-    with run_dir.progress(stage["steps"]):
+    with run_dir.progress(stage.steps):
         return trainer.fit()
 
 
 def stage_loop(config: dict) -> None:
-    spec = config["spec"]
-    with worker_scope(spec, config["run_dir"], None):
-        _stage_loop(config)
+    run_worker(_stage_loop, config)
 
 
-def _stage_loop(config: dict) -> None:
-    spec, index, run_dir = config["spec"], config["index"], RunDir(config["run_dir"])
-    stage, train = spec["stages"][index], spec["train"]
+def _stage_loop(spec, config: dict) -> None:
+    index, run_dir = config["index"], RunDir(config["run_dir"])
+    stage, train = spec.stages[index], spec.train
     ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    torch.set_num_threads(max(1, int(stage["resources"]["cpus_per_worker"])))
-    data = stage.get("data") or spec["data"]
+    loop = Loop(run_dir, stage.steps, stage.report_every, fields={"stage": stage.name},
+                rank=ctx.get_world_rank(), world=ctx.get_world_size())
+    torch.set_num_threads(max(1, int(stage.resources.cpus_per_worker)))
+    data = stage.data or spec.data
 
     # Model: the same seed everywhere gives the same frozen vision tower and LLM in every stage.
-    model = A.build(spec["model"], A.pipeline_lora(spec["stages"]), seed=train["seed"])
-    carried = {g for s in spec["stages"] for g in s["train"]}  # what any stage changes is handed on
+    model = A.build(spec.model.model_dump(), A.pipeline_lora(spec.stages), seed=train.seed)
+    carried = {g for s in spec.stages for g in s.train}  # what any stage changes is handed on
     if config["previous"]:
         A.load_state(model, torch.load(config["previous"], weights_only=True))
-    A.set_trainable(model, stage["train"])
-    optimizer = A.optimizer_for(model, stage["lr_groups"], train["weight_decay"])
+    A.set_trainable(model, stage.train)
+    optimizer = A.optimizer_for(model, stage.lr_groups, train.weight_decay)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    evals = A.load_eval(data.get("eval"), model.cfg, spec["model"]["seq_len"], train["eval_rows"])
+    evals = A.load_eval(data.eval, model.cfg, spec.model.seq_len, train.eval_rows)
 
-    step, before = 0, {}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # resumed mid-stage: weights, optimizer and step from the stage's own checkpoint
-        with checkpoint.as_directory() as path:
-            state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    before = {}
+
+    def load(path):  # resumed mid-stage: weights, optimizer and step from the stage's own checkpoint
+        state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
         A.load_state(model, state["weights"])
         optimizer.load_state_dict(state["optimizer"])
-        step, before = state["step"], state["before"]
-        if rank == 0:  # records past the checkpoint will be written again: keep none twice
-            run_dir.truncate_jsonl("metrics.jsonl", lambda r: r.get("stage") != stage["name"] or r["step"] <= step)
-    else:
-        before = {"accuracy": A.accuracy(model, evals), "digests": A.group_digests(model)}
+        before.update(state["before"])
+        return state["step"]
 
-    model = ray.train.torch.prepare_model(model) if ctx.get_world_size() > 1 else model
+    step = loop.resume(load)
+    if not step:
+        before.update(accuracy=A.accuracy(model, evals), digests=A.group_digests(model))
+
+    model = ray.train.torch.prepare_model(model) if loop.world > 1 else model
     inner = model.module if hasattr(model, "module") else model
+
+    def save(path):
+        torch.save({"weights": A.carried_state(inner, carried), "optimizer": optimizer.state_dict(),
+                    "step": step, "before": before}, os.path.join(path, "state.pt"))
+
     shard = ray.train.get_dataset_shard("train")
-    losses, window_start, run_start = [], time.time(), time.time()
     model.train()
-    while step < stage["steps"]:
-        for batch in shard.iter_torch_batches(batch_size=stage["micro_batch"], drop_last=True, dtypes=None):
-            batch = {k: batch[k] for k in A.TENSOR_COLUMNS}
-            losses.append(A.train_step(model, optimizer, batch, train["grad_clip"]))
+    loop.begin()
+    while step < stage.steps:
+        for batch in shard.iter_torch_batches(batch_size=stage.micro_batch, drop_last=True, dtypes=None):
+            loss = A.train_step(model, optimizer, {k: batch[k] for k in A.TENSOR_COLUMNS}, train.grad_clip)
+            loop.add(loss, stage.micro_batch)  # its throughput is in rows
             step += 1
-            if "loss_first" not in before:
-                before["loss_first"] = losses[0]
-            if step % stage["report_every"] == 0 or step == stage["steps"]:
-                now = time.time()
-                rows = len(losses) * stage["micro_batch"]
-                record = {"stage": stage["name"], "step": step, "loss": sum(losses) / len(losses),
-                          "tokens_per_s": rows / max(now - window_start, 1e-9), "elapsed_s": now - run_start,
-                          "time": now}
-                final = step == stage["steps"]
-                if final:
-                    record.update(accuracy=A.accuracy(inner, evals), digests=A.group_digests(inner), before=before,
+            before.setdefault("loss_first", loss)
+            if loop.due(step):
+                record = loop.record(step, tokens_per_s=loop.rate())
+                if loop.final(step):
+                    record.update(accuracy=A.accuracy(inner, evals), digests=A.group_digests(inner),
                                   trainable_params=trainable, total_params=total)
-                if rank == 0:
-                    run_dir.append("metrics.jsonl", {k: v for k, v in record.items() if k != "before"})
-                    path = tempfile.mkdtemp(prefix="ftl-stage-")
-                    torch.save({"weights": A.carried_state(inner, carried), "optimizer": optimizer.state_dict(),
-                                "step": step, "before": before}, os.path.join(path, "state.pt"))
-                    ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(path))
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    ray.train.report(record)
-                losses, window_start = [], time.time()
-            if step >= stage["steps"]:
+                loop.report(record, save=save, extra={"before": before} if loop.final(step) else None)
+            if step >= stage.steps:
                 break

@@ -1,7 +1,8 @@
 """Cluster-side entrypoint: `python -m jobs.run --spec FILE [key=value ...]` or `--plan-env VAR`.
 
 Both ftlaunch's submit and a raw `ray job submit -- python -m jobs.run --spec FILE` land here.
-It records the run in `storage_path/<run_id>/manifest.json` and dispatches on the spec's kind.
+It records the run in `storage_path/<run_id>/manifest.json`, validates the plan's spec back into
+its model and dispatches on the spec's kind; the job modules read the typed spec.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ import time
 import traceback
 
 from launcher.errors import LauncherError
-from launcher.jobplan import plan as make_plan
 from launcher.kinds import get_kind
-from launcher.spec import load_spec
+from launcher.spec import load_spec, validate
 
 
 class Stopped(BaseException):
@@ -41,6 +41,10 @@ def _submission_id() -> str | None:
 def load_plan(args) -> dict:
     if args.plan_env:
         return json.loads(os.environ[args.plan_env])
+    # A raw `ray job submit -- python -m jobs.run --spec FILE` plans here: the one place the
+    # cluster side imports the planner.
+    from launcher.jobplan import plan as make_plan
+
     spec = load_spec(args.spec, tuple(args.overrides))
     return make_plan(spec, "ray", submission_id=_submission_id()).to_dict()
 
@@ -54,6 +58,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         plan = load_plan(args)
+        spec = validate(plan["spec"])  # the resolved spec plan() produced is a valid spec
     except LauncherError as exc:
         print(f"ftlaunch: error: {exc}", file=sys.stderr)
         return 2
@@ -62,15 +67,14 @@ def main(argv=None) -> int:
     from jobs.logs import Tee, secret_values
 
     run_dir = RunDir(plan["run_dir"])
-    env = plan["spec"].get("env") or {}
     attempt = len(run_dir.read_manifest().get("attempts", [])) + 1
     # The driver's log goes into the run folder as it is written: it outlives the cluster.
-    with Tee(run_dir.path / "logs" / "driver.log", secret_values(env),
+    with Tee(run_dir.path / "logs" / "driver.log", secret_values(spec.env),
              header=f"attempt {attempt} submission {plan['submission_id']} pid {os.getpid()}"):
-        return run(plan, run_dir)
+        return run(plan, spec, run_dir)
 
 
-def run(plan: dict, run_dir) -> int:
+def run(plan: dict, spec, run_dir) -> int:
     from jobs.artifacts import versions
     from jobs.logs import resolve_env_refs
     from jobs.watch import watch_pending
@@ -89,12 +93,12 @@ def run(plan: dict, run_dir) -> int:
     )
     print(f"[ftlaunch] run {plan['run_id']} ({plan['kind']}) -> {run_dir.path}", flush=True)
     try:
-        run_dir.update_manifest(env_from_cluster=resolve_env_refs(plan["spec"].get("env")))
+        run_dir.update_manifest(env_from_cluster=resolve_env_refs(spec.env))
         ray.init(address="auto", log_to_driver=True)
         signal.signal(signal.SIGTERM, _on_sigterm)  # after ray.init, which installs its own
         module = importlib.import_module(get_kind(plan["kind"]).job_module(plan["spec"]))
-        with watch_pending(plan["spec"].get("pending_timeout"), run_dir):
-            summary = module.run(plan, run_dir)
+        with watch_pending(spec.pending_timeout, run_dir):
+            summary = module.run(spec, plan, run_dir)
     except BaseException as exc:  # the manifest records every way a run ends
         stopped = isinstance(exc, (Stopped, KeyboardInterrupt))
         run_dir.update_manifest(

@@ -11,6 +11,8 @@ from typing import Callable
 
 import numpy as np
 
+from common.vqa import VQA_COLOURS, VQA_PLACES, VQA_SHAPES
+
 GENERATORS: dict[str, Callable] = {}
 
 
@@ -142,11 +144,6 @@ def ner(rows: int, seed: int = 0):
         metadata={"tag_names": ",".join(NER_TAGS)},
     )
     return pa.table({"tokens": tokens, "tags": tags}, schema=schema)
-
-
-VQA_COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 70, 230), "yellow": (235, 220, 40)}
-VQA_SHAPES = ("square", "circle", "triangle")
-VQA_PLACES = ("top left", "top right", "bottom left", "bottom right")
 
 
 def _shape_mask(shape: str, size: int, cy: int, cx: int, r: int) -> np.ndarray:

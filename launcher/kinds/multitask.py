@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from launcher.errors import MissingExtraError, PlanError
 from launcher.kinds import Engine, Kind, layout, register_kind, resolve_data, resolve_model, visible
@@ -115,6 +115,24 @@ def task_settings(spec: dict, task: dict) -> dict:
     lora = {**spec["strategy"], **{k: v for k, v in task.get("lora", {}).items() if v is not None}}
     train = {**spec["train"], **{k: v for k, v in task.get("train", {}).items() if v is not None}}
     return {"name": task["name"], "data": task["data"], "lora": lora, "train": train}
+
+
+class TaskSettings(BaseModel):
+    """One task's effective settings as typed spec parts: what an adapter worker trains by."""
+
+    name: str
+    data: DataSpec
+    lora: LoraStrategy
+    train: TrainSpec
+
+
+def typed_task_settings(spec: "MultitaskSpec", task: "TaskSpec") -> TaskSettings:
+    """`task_settings` on the typed spec: the spec's LoRA and train, overridden by the task's
+    (the overrides were validated with the task)."""
+    return TaskSettings(
+        name=task.name, data=task.data,
+        lora=spec.strategy.model_copy(update=task.lora.model_dump(exclude_none=True)),
+        train=spec.train.model_copy(update=task.train.model_dump(exclude_none=True)))
 
 
 def missing_steps(spec: dict) -> list[str]:
@@ -322,13 +340,6 @@ class Multitask(Kind):
         if spec.model.num_labels:
             found.append(f"model.num_labels: {spec.model.num_labels} is not run by kind multitask "
                          "(its adapters train a causal LM, no classifier head); remove it")
-        if spec.train.warmup_steps:
-            found.append(f"train.warmup_steps: {spec.train.warmup_steps} is not run by kind multitask "
-                         "(its adapters train at a constant learning rate); remove it")
-        if "max_failures" in spec.train.model_fields_set:
-            found.append(f"train.max_failures: {spec.train.max_failures} is not run by kind multitask (a failed "
-                         "adapter worker is not retried; ftlaunch resume RUN retrains only the failed tasks); "
-                         "remove it")
         return found
 
     def resolve_paths(self, spec: dict, resolve) -> None:

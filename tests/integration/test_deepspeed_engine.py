@@ -33,11 +33,13 @@ def distributed():
     os.environ.update(saved)
 
 
-def spec_for(stage: int, strategy: str, accumulation: int = 1) -> dict:
-    from launcher.dsconfig import prepare
+def spec_for(stage: int, strategy: str, accumulation: int = 1):
+    from jobs.deepspeed_finetune import with_engine_defaults
+    from launcher.spec import load_spec
 
     lora = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
     spec = {
+        "kind": "finetune", "name": "ds", "data": {"train": "unused.parquet"},
         "engine": "deepspeed",
         "deepspeed": {"zero_stage": stage, "grad_accumulation": accumulation},
         "strategy": {"type": strategy, **(lora if strategy == "lora" else {})},
@@ -46,8 +48,7 @@ def spec_for(stage: int, strategy: str, accumulation: int = 1) -> dict:
                   "grad_clip": 1.0, "warmup_steps": 0, "weight_decay": 0.0},
         "resources": {"workers": 1, "gpus_per_worker": 0},
     }
-    prepare(spec)
-    return spec
+    return with_engine_defaults(load_spec(spec))
 
 
 def batches():
@@ -77,7 +78,8 @@ def test_engine_trains_round_trips_and_exports(distributed, tmp_path, stage, str
 
     # Checkpoint round trip: a fresh engine from the checkpoint has the same loss, and the same
     # next updates as the engine that kept going (optimizer state restored, not only weights).
-    path = D.save(engine, engine.global_steps)
+    path = str(tmp_path / "checkpoint")
+    D.save(engine, engine.global_steps, path)
     probe = C.probe(engine.module)
     continued = [D.micro_step(engine, b) for b in data[:4]]
     restored = D.build_engine(D.build_model(spec), spec, world=1)
@@ -96,9 +98,9 @@ def test_engine_trains_round_trips_and_exports(distributed, tmp_path, stage, str
     else:
         from peft import PeftModel
 
-        reloaded = PeftModel.from_pretrained(C.build_model(spec["model"], seed=0), target)
+        reloaded = PeftModel.from_pretrained(C.build_model(spec.model, seed=0), target)
         assert (target / "adapter_model.safetensors").exists()
     got = C.probe(reloaded)["logits"]
     torch.testing.assert_close(got, probe["logits"], rtol=0, atol=1e-5)
-    untrained = C.probe(C.build_model(spec["model"], seed=0))["logits"]
+    untrained = C.probe(C.build_model(spec.model, seed=0))["logits"]
     assert not torch.allclose(got, untrained, atol=1e-2)

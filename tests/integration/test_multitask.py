@@ -116,3 +116,35 @@ def test_packed_job_trains_every_adapter_on_one_base_in_one_worker(ray_head, mt_
         "counting": (16, True), "alphabet": (8, True)}
     for entry in registry.values():
         assert entry["eval"]["eval_loss"] < entry["eval"]["eval_loss_before"]
+
+
+def test_a_killed_adapter_worker_is_retried_and_continues_from_its_progress(ray_head, mt_data, tmp_path):
+    """train.max_failures (default 1) is honoured: Ray starts the dead worker's task again, and it
+    continues from its progress file; every report is in the metrics once."""
+    import re
+    import signal
+    import time
+
+    spec = spec_for(mt_data, tmp_path)
+    spec["tasks"] = spec["tasks"][:1]
+    spec["train"].update(max_steps=300, report_every=10)
+    handle = launcher.submit(spec, "ray", address=ray_head.address, submission_id="it-mt-kill")
+    run_dir, deadline = Path(handle.run_dir), time.monotonic() + 240
+    progress, log = run_dir / ".progress" / "task-counting.pt", run_dir / "logs" / "task-counting.log"
+    while not progress.exists():  # the first report's progress is written
+        assert time.monotonic() < deadline, "no progress from the adapter worker"
+        time.sleep(0.05)
+    killed = int(re.findall(r"=== task-counting pid (\d+)", log.read_text())[-1])
+    os.kill(killed, signal.SIGKILL)  # the worker of the job this test submitted
+    killed_time = time.time()
+
+    assert handle.wait(timeout=400) == "SUCCEEDED", handle.logs()[-3000:]
+    records = _records(run_dir, "counting")
+    assert [r["step"] for r in records] == list(range(10, 310, 10))  # every report once
+    # The retried worker continued from its progress: what was reported before the kill is kept.
+    before_kill = [r["step"] for r in records if r["time"] < killed_time]
+    assert before_kill and before_kill[-1] < 300, before_kill
+    pids = [int(p) for p in re.findall(r"=== task-counting pid (\d+)", log.read_text())]
+    assert len(pids) == 2 and pids[0] == killed and pids[1] != killed, pids
+    entry = load_registry(run_dir)["adapters"]["counting"]
+    assert entry["steps"] == 300 and entry["eval"]["eval_loss"] < entry["eval"]["eval_loss_before"]

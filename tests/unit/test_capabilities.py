@@ -41,10 +41,6 @@ REFUSED = [  # (spec, overrides, the one error line after "ftlaunch: error: <spe
      "data.task: classification is not run by engine deepspeed; use causal_lm, or engine: torch"),
     (DS, ["model.source=minilm"], "model.source: minilm is not run by engine deepspeed; use tiny-llama or "
      "hf:<folder>, or engine: torch"),
-    (MT, ["train.warmup_steps=5"], "train.warmup_steps: 5 is not run by kind multitask (its adapters train at a "
-     "constant learning rate); remove it"),
-    (MT, ["train.max_failures=2"], "train.max_failures: 2 is not run by kind multitask (a failed adapter worker is "
-     "not retried; ftlaunch resume RUN retrains only the failed tasks); remove it"),
     (MT, ["model.source=minilm"], "model.source: minilm is not run by kind multitask; use tiny-llama or hf:<folder> "
      "(kind finetune runs minilm)"),
     (MT, ["model.num_labels=2"], "model.num_labels: 2 is not run by kind multitask (its adapters train a causal "
@@ -112,7 +108,7 @@ def test_each_kind_names_its_job_module_and_the_engine_picks_finetunes():
     assert get_kind("finetune").job_module({"engine": "deepspeed"}) == "jobs.deepspeed_finetune"
     for module in {*modules.values(), "jobs.deepspeed_finetune"}:  # each names a real module with run()
         source = (ROOT / (module.replace(".", "/") + ".py")).read_text()
-        assert "\ndef run(plan: dict, run_dir" in source, module
+        assert "\ndef run(spec, plan: dict, run_dir" in source, module
 
 
 def test_a_kind_registered_twice_fails():

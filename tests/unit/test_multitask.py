@@ -10,8 +10,9 @@ import torch
 
 from launcher import registry as R
 from launcher.errors import ConfigError, PlanError
-from launcher.kinds.multitask import task_settings
+from common.runfolder import PROGRESS
 from launcher.jobplan import plan
+from launcher.kinds.multitask import task_settings, typed_task_settings
 from launcher.spec import load_spec
 
 SEQ = 32
@@ -121,15 +122,15 @@ def trained(task_data, tmp_path_factory):
     from jobs.artifacts import RunDir
 
     root = tmp_path_factory.mktemp("mt-runs")
-    spec = load_spec(mt_spec(task_data, root)).model_dump(mode="json")
-    tasks = [task_settings(spec, t) for t in spec["tasks"]]
+    spec = load_spec(mt_spec(task_data, root))
+    tasks = [typed_task_settings(spec, t) for t in spec.tasks]
     alone_dir, packed_dir = RunDir(str(root / "alone")), RunDir(str(root / "packed"))
     base = M.prepare_base(spec, alone_dir)
     M.prepare_base(spec, packed_dir)
-    alone = {t["name"]: M.train_adapter(t, base, M.arrow_stream(t, SEQ), str(alone_dir.path), SEQ)
+    alone = {t.name: M.train_adapter(t, base, M.arrow_stream(t, SEQ), str(alone_dir.path), SEQ)
              for t in tasks}
     packed = M.train_packed(tasks, str(packed_dir.path / "base"),
-                            {t["name"]: M.arrow_stream(t, SEQ) for t in tasks}, str(packed_dir.path), SEQ)
+                            {t.name: M.arrow_stream(t, SEQ) for t in tasks}, str(packed_dir.path), SEQ)
     for name, entry in alone.items():
         R.register(alone_dir.path, name, entry, M.base_record(spec, base), M.TOKENIZER_DIR)
     return {"spec": spec, "tasks": tasks, "alone": alone, "packed": packed,
@@ -166,16 +167,16 @@ def test_packed_step_updates_only_the_adapters_whose_rows_are_in_the_batch(train
     tasks = trained["tasks"]
     base, _ = M.load_base(str(trained["packed_dir"] / "base"), "cpu")
     frozen = {n: p.clone() for n, p in base.named_parameters()}
-    model = get_peft_model(base, M.lora_config(tasks[0]["lora"]), adapter_name=tasks[0]["name"])
+    model = get_peft_model(base, M.lora_config(tasks[0].lora), adapter_name=tasks[0].name)
     for t in tasks[1:]:
-        model.add_adapter(t["name"], M.lora_config(t["lora"]))
-    params = {t["name"]: M.adapter_params(model, t["name"]) for t in tasks}
+        model.add_adapter(t.name, M.lora_config(t.lora))
+    params = {t.name: M.adapter_params(model, t.name) for t in tasks}
     for group in params.values():
         for p in group:
             p.requires_grad_(True)
     opt = torch.optim.AdamW([{"params": g, "lr": 0.05} for g in params.values()])
     model.eval()
-    streams = {t["name"]: M._batches(M.arrow_stream(t, SEQ)) for t in tasks}
+    streams = {t.name: M._batches(M.arrow_stream(t, SEQ)) for t in tasks}
     # Step 1 with every task: all three adapters get momentum. Step 2 without 'alphabet'.
     M.packed_step(model, opt, {n: next(s) for n, s in streams.items()}, params, {}, "cpu")
     snap = {n: [p.detach().clone() for p in g] for n, g in params.items()}
@@ -290,20 +291,20 @@ def test_a_task_that_dies_continues_from_its_last_report(trained, tmp_path, pack
     keeps the step-3 record, and ends at the planned steps with each report once."""
     from jobs import multitask as M
 
-    tasks = [t for t in trained["tasks"] if t["name"] != "instruction"]  # 6 steps each, report every 3
+    tasks = [t for t in trained["tasks"] if t.name != "instruction"]  # 6 steps each, report every 3
     base = str(trained["alone_dir"] / "base")
     run = str(tmp_path)
-    streams = {t["name"]: M.arrow_stream(t, SEQ) for t in tasks}
-    key = M.PACKED if packed else f"task-{tasks[0]['name']}"
+    streams = {t.name: M.arrow_stream(t, SEQ) for t in tasks}
+    key = M.PACKED if packed else f"task-{tasks[0].name}"
 
     def train(s):
         if packed:
             return M.train_packed(tasks, base, s, run, SEQ)
-        return {tasks[0]["name"]: M.train_adapter(tasks[0], base, s[tasks[0]["name"]], run, SEQ)}
+        return {tasks[0].name: M.train_adapter(tasks[0], base, s[tasks[0].name], run, SEQ)}
 
     with pytest.raises(RuntimeError, match="worker died"):
         train({n: _dies_after(s, 4) for n, s in streams.items()})
-    saved = torch.load(tmp_path / M.PROGRESS_DIR / f"{key}.pt", weights_only=False)
+    saved = torch.load(tmp_path / PROGRESS / f"{key}.pt", weights_only=False)
     assert set(saved["steps"].values()) == {3}
     first = {n: [json.loads(x) for x in (tmp_path / f"metrics-{n}.jsonl").read_text().splitlines()]
              for n in saved["steps"]}
@@ -315,3 +316,45 @@ def test_a_task_that_dies_continues_from_its_last_report(trained, tmp_path, pack
         assert [r["step"] for r in records] == [3, 6] and records[0] == first[name][0]
         assert entry["steps"] == 6 and entry["eval"]["eval_loss_before"] == saved["before"][name]
         assert entry["eval"]["eval_loss"] < entry["eval"]["eval_loss_before"]
+
+
+def _with_train(task, **train):
+    return task.model_copy(update={"train": task.train.model_copy(update=train)})
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_warmup_raises_each_adapters_lr_linearly_and_continues_after_a_restart(trained, tmp_path, monkeypatch,
+                                                                                packed):
+    """train.warmup_steps is honoured per adapter (finetune's linear warmup), by the adapter's own
+    step: a worker that restarts from its progress file goes on where the warmup was."""
+    from jobs import multitask as M
+
+    counting, alphabet = (t for t in trained["tasks"] if t.name in ("counting", "alphabet"))
+    tasks = [_with_train(counting, warmup_steps=4, max_steps=6, report_every=2)]
+    if packed:  # a second adapter without warmup: its lr is its own from the first step
+        tasks.append(_with_train(alphabet, warmup_steps=0, max_steps=6, report_every=2))
+    lrs = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):  # the real AdamW step; the lrs it ran with are kept
+        lrs.append([g["lr"] for g in self.param_groups])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    base, run = str(trained["alone_dir"] / "base"), str(tmp_path)
+    streams = {t.name: M.arrow_stream(t, SEQ) for t in tasks}
+
+    def train(s):
+        if packed:
+            return M.train_packed(tasks, base, s, run, SEQ)
+        return M.train_adapter(tasks[0], base, s[tasks[0].name], run, SEQ)
+
+    with pytest.raises(RuntimeError, match="worker died"):  # dies in step 4, after the step-2 report
+        train({n: _dies_after(s, 3) for n, s in streams.items()})
+    train(streams)
+    lr = tasks[0].train.lr
+    warm = [lr / 4, lr / 2, 3 * lr / 4] + [lr, lr, lr]
+    # steps 1-3, then (restarted from step 2) steps 3-6
+    assert [round(x[0], 12) for x in lrs] == [round(x, 12) for x in warm[:3] + warm[2:]]
+    if packed:
+        assert all(x[1] == tasks[1].train.lr for x in lrs)

@@ -1,0 +1,218 @@
+"""One training loop's bookkeeping, written once: when to report, the throughput window, the
+metrics record, report + checkpoint, resume, and the wrapper every training process runs in.
+
+The finetune, DeepSpeed and pipeline-stage loops checkpoint through Ray Train's report; the
+multitask workers (plain Ray tasks) keep the same state in a progress file under `.progress/`.
+Each loop's file keeps only its algorithm: what a step does, what its state holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from common.runfolder import EVENTS, METRICS, PROGRESS
+from jobs.artifacts import RunDir
+
+
+class Loop:
+    """The bookkeeping of one loop over `total_steps` steps, reporting every `report_every`.
+
+    `fields` go first into every record (`stage`, `task`) and tell this loop's records from
+    others' in a shared metrics file (`metrics`: its name).
+    `progress`: a file path; the state goes there instead of into Ray Train's checkpoints.
+    `every_rank_saves`: each rank writes its part of the checkpoint (DeepSpeed's ZeRO shards);
+    otherwise rank 0 writes it and the other ranks report the record alone.
+    """
+
+    def __init__(self, run_dir, total_steps: int, report_every: int, *, rank: int = 0, world: int = 1,
+                 metrics: str = METRICS, fields: Optional[dict] = None, progress: Optional[str] = None,
+                 every_rank_saves: bool = False):
+        self.run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(str(run_dir))
+        self.total_steps, self.report_every = total_steps, report_every
+        self.rank, self.world = rank, world
+        self.fields = dict(fields or {})
+        self.metrics = metrics
+        self.progress = Path(progress) if progress else None
+        self.every_rank_saves = every_rank_saves
+        self.started = self._window_start = time.time()
+        self.total, self._window, self._losses = 0, 0, []
+
+    def begin(self) -> None:
+        """The clock starts here: after the setup, as the first batch is asked for."""
+        self.started = self._window_start = time.time()
+
+    # -- when ----------------------------------------------------------------------------------
+
+    def due(self, step: int) -> bool:
+        """A report (and checkpoint) after this step: every `report_every` steps, and the last."""
+        return step % self.report_every == 0 or step >= self.total_steps
+
+    def final(self, step: int) -> bool:
+        return step >= self.total_steps
+
+    # -- what happened since the last report ---------------------------------------------------
+
+    def add(self, loss: float, count: int = 0) -> None:
+        """One step's (or micro-batch's) loss and the tokens or rows it consumed."""
+        self._losses.append(float(loss))
+        self._window += count
+        self.total += count
+
+    def rate(self) -> float:
+        """Tokens (or rows) per second since the last report."""
+        return self._window / max(time.time() - self._window_start, 1e-9)
+
+    def throughput(self) -> dict:
+        return {"tokens": self.total, "tokens_per_s": self.rate()}
+
+    def stepped(self, step: int) -> None:
+        """Marks the first optimizer step in events.jsonl (bench/spine.py times the start-up by it)."""
+        if step == 1 and self.rank == 0:
+            self.run_dir.append(EVENTS, {"event": "first_step", "time": time.time()})
+
+    def record(self, step: int, loss: Optional[float] = None, **extra) -> dict:
+        """The metrics record of a report: the loss is the mean since the last record."""
+        if loss is None:
+            loss = sum(self._losses) / len(self._losses) if self._losses else None
+        now = time.time()
+        return {**self.fields, "step": step, "loss": loss, **extra,
+                "elapsed_s": now - self.started, "time": now}
+
+    # -- report, checkpoint, resume ------------------------------------------------------------
+
+    def report(self, record: dict, save: Optional[Callable[[str], Any]] = None,
+               extra: Optional[dict] = None) -> None:
+        """Rank 0 appends `record` to the metrics file; `save(path)` writes the state at `path`
+        (a fresh folder for Ray Train, a file for a progress file); Ray Train gets the record
+        plus `extra` (what only the driver reads) with the checkpoint. The window then restarts."""
+        if self.rank == 0:
+            self.run_dir.append(self.metrics, record)
+        if self.progress is not None:
+            if save is not None:
+                self.progress.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self.progress.with_suffix(".tmp")
+                save(str(tmp))
+                os.replace(tmp, self.progress)  # atomic: a worker killed mid-save loses nothing
+        else:
+            import ray.train
+
+            reported = {**record, **(extra or {})}
+            if save is not None and (self.rank == 0 or self.every_rank_saves):
+                path = tempfile.mkdtemp(prefix="ftl-ckpt-")
+                try:
+                    save(path)
+                    ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(path))
+                finally:  # Ray Train copied it into the run's storage
+                    shutil.rmtree(path, ignore_errors=True)
+            else:
+                ray.train.report(reported)
+        self._losses, self._window, self._window_start = [], 0, time.time()
+
+    def has_state(self) -> bool:
+        """Whether an earlier attempt left a checkpoint (or progress file) to continue from."""
+        if self.progress is not None:
+            return self.progress.exists()
+        import ray.train
+
+        return ray.train.get_checkpoint() is not None
+
+    def restore(self, load: Callable[[str], Any]) -> Any:
+        """`load(path)` on the last report's state (Ray Train's checkpoint folder or the progress
+        file) and its result; None when there is none."""
+        if self.progress is not None:
+            return load(str(self.progress)) if self.progress.exists() else None
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as path:
+            return load(path)
+
+    def truncate(self, step: int) -> None:
+        """Drop this loop's records past `step`: they will be written again, and none twice."""
+        if self.rank == 0:
+            mine = self.fields.items()
+            self.run_dir.truncate_jsonl(
+                self.metrics, lambda r: any(r.get(k) != v for k, v in mine) or r["step"] <= step)
+
+    def resume(self, load: Callable[[str], Optional[int]]) -> int:
+        """Restore through `load(path)` (it returns the step reached) and truncate the metrics
+        past it; 0 on a fresh start."""
+        step = self.restore(load) or 0
+        self.truncate(step)
+        return step
+
+
+def progress_file(run_dir, key: str) -> str:
+    """Where a multitask worker keeps its progress (key: task-<name>, or pack)."""
+    return str(Path(str(run_dir)) / PROGRESS / f"{key}.pt")
+
+
+# ---------------------------------------------------------------------------------------------
+# The process every loop runs in
+
+
+def quiet_ray_train() -> None:
+    """Drop Ray Train's per-report INFO lines (one per rank per report) from the job's log;
+    ftlaunch prints its own progress line per report."""
+    import logging
+
+    from ray.train.v2._internal.execution import context, storage
+
+    for name in (context.__file__, storage.__name__):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def plain_errors():
+    """Re-raise worker errors as RuntimeError carrying type and message.
+
+    Some library exceptions cannot be unpickled on the driver (transformers' config validation
+    errors need extra constructor arguments), which would replace the real cause with a
+    TypeError. The full traceback stays in the worker's log.
+    """
+    try:
+        yield
+    except Exception as exc:
+        traceback.print_exc()
+        raise RuntimeError(f"{type(exc).__name__}: {exc}") from None
+
+
+@contextlib.contextmanager
+def worker_scope(env: dict, run_dir, name: str | None = None):
+    """How every training process starts: its output teed into `<run_dir>/logs/<name>.log`
+    (secrets redacted), the spec's `env:` references resolved from the cluster's environment,
+    and worker errors made plain. `name` defaults to `worker-<rank>` of the Ray Train run.
+    """
+    from jobs.logs import Tee, resolve_env_refs, secret_values
+
+    if name is None:
+        import ray.train
+
+        name = f"worker-{ray.train.get_context().get_world_rank()}"
+    env = env or {}
+    with plain_errors():
+        resolve_env_refs(env)
+    log = Path(str(run_dir)) / "logs" / f"{name}.log"
+    with Tee(log, secret_values(env), header=f"{name} pid {os.getpid()}"):
+        with plain_errors():
+            yield
+
+
+def run_worker(body: Callable, config: dict) -> None:
+    """A Ray Train worker: `body(spec, config)` with the spec validated back into its model
+    (it travels as JSON in `config["spec"]`), in the worker scope, Ray Train's chatter quieted."""
+    from launcher.spec import validate
+
+    quiet_ray_train()
+    spec = validate(config["spec"])
+    with worker_scope(spec.env, config["run_dir"]):
+        body(spec, config)
