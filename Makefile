@@ -27,7 +27,7 @@ demo: $(STAMP)
 	if [ $$started = 1 ] && [ -z "$(KEEP_CLUSTER)" ]; then $(BIN)/ftlaunch cluster down; fi; \
 	exit $$status
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # ruff (pyproject.toml [tool.ruff]): pyflakes, pycodestyle, import order, line length 120.

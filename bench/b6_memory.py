@@ -95,7 +95,8 @@ def measure(spec: dict, seed: int = 0) -> dict:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     b, s = spec["train"]["micro_batch"], spec["model"]["seq_len"]
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 259 if "vocab_size" not in spec["model"]["config"] else spec["model"]["config"]["vocab_size"],
+    vocab = spec["model"]["config"].get("vocab_size", 259)
+    ids = torch.randint(3, vocab,
                         (b, s), generator=gen)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 

@@ -113,7 +113,8 @@ def run(address: str | None = None, steps: int = 40, rows: int = 2000, out_dir=R
                 print(f"[strategies] {label}: FAILED {exc}", flush=True)
                 continue
             s = manifest["summary"]
-            metrics = [json.loads(x) for x in (Path(manifest["plan"]["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+            lines = (Path(manifest["plan"]["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+            metrics = [json.loads(x) for x in lines]
             rows_out.append({
                 "variant": label, "strategy": spec["strategy"]["type"], "lr": spec["train"]["lr"],
                 "trainable_params": s["trainable_params"], "total_params": s["total_params"],

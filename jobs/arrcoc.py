@@ -210,7 +210,8 @@ def group_digests(model: ArrCoc) -> dict:
     from jobs.components import digest
 
     named = list(model.named_parameters())
-    return {g: digest(p for n, p in named if group_of(n) == g) for g in GROUPS if any(group_of(n) == g for n, _ in named)}
+    present = {group_of(n) for n, _ in named}
+    return {g: digest(p for n, p in named if group_of(n) == g) for g in GROUPS if g in present}
 
 
 def carried_state(model: ArrCoc, groups) -> dict:
@@ -272,9 +273,12 @@ def load_eval(path: str | None, cfg: dict, q_len: int, rows: int) -> dict | None
 
     table = pq.read_table(path).slice(0, rows)
     image = table.column("image").combine_chunks()
-    images = image.to_numpy_ndarray() if hasattr(image, "to_numpy_ndarray") else _as_images(image.to_numpy(zero_copy_only=False))
-    batch = {"image": images, "question": table.column("question").to_pylist(), "answer": table.column("answer").to_pylist()}
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in vqa_batch(batch, cfg["grid"], q_len, cfg["answer_len"]).items()}
+    images = (image.to_numpy_ndarray() if hasattr(image, "to_numpy_ndarray")
+              else _as_images(image.to_numpy(zero_copy_only=False)))
+    batch = {"image": images, "question": table.column("question").to_pylist(),
+             "answer": table.column("answer").to_pylist()}
+    tensors = vqa_batch(batch, cfg["grid"], q_len, cfg["answer_len"])
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}
 
 
 @torch.no_grad()

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Annotated, Iterator, Optional, Union
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field, TypeAdapter
+from pydantic import BaseModel
 
 # The catalogue's configs are the planner's too, so what is planned is what runs. The loops read
 # RANDOM_INIT_SOURCES from here: a random-init base is saved beside its adapter.
 from common.catalog import RANDOM_INIT_SOURCES, config_for, minilm_dir  # noqa: F401
 from launcher.spec import DataSpec, ModelSpec, ResourcesSpec
+
 
 def task_and_model(spec) -> tuple[str, ModelSpec]:
     """A spec's data task and model block; a spec dict (as a test holds one, perhaps only those
@@ -192,7 +193,8 @@ def digest(tensors: Iterator[torch.Tensor]) -> str:
     """A content hash of tensors, to prove frozen weights are bit-identical after training."""
     h = hashlib.sha256()
     for t in tensors:
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        # raw bytes, whatever the dtype (numpy has no bfloat16)
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

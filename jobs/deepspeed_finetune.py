@@ -22,6 +22,7 @@ from jobs.artifacts import RunDir
 from jobs.loop import Loop, run_worker
 from launcher.dsconfig import ds_config
 from launcher.kinds.finetune import DeepSpeedSpec
+from launcher.strategies import get_strategy
 
 CKPT_TAG = "ds"  # one DeepSpeed tag per Ray checkpoint folder: each folder is self-contained
 
@@ -53,11 +54,11 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
         result = trainer.fit()
 
     # 3. Export: the final DeepSpeed checkpoint becomes a plain transformers model (or adapter).
-    export_name = "adapter" if spec.strategy.type != "full" else "model"
+    export_name = get_strategy(spec.strategy).export
     target = run_dir.path / export_name
     with result.checkpoint.as_directory() as ckpt:
         model = export(ckpt, spec, str(target))
-    if spec.strategy.type != "full" and spec.model.source in C.RANDOM_INIT_SOURCES:
+    if get_strategy(spec.strategy).is_adapter and spec.model.source in C.RANDOM_INIT_SOURCES:
         # A random-init base exists nowhere else: keep it beside the adapter (same seed, same weights).
         C.build_model(spec.model, seed=train.seed).save_pretrained(run_dir.path / "base")
     C.tokenizer().save_pretrained(run_dir.path / "tokenizer")

@@ -24,6 +24,7 @@ from jobs import strategies as S
 from jobs.artifacts import RunDir
 from jobs.data.read import read_dataset
 from jobs.loop import Loop, run_worker
+from launcher.strategies import get_strategy
 
 
 def run(spec, plan: dict, run_dir: RunDir) -> dict:
@@ -74,7 +75,7 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
         result = trainer.fit()
 
     # 3. Export: the final checkpoint's adapter (or model) becomes the run's artifact.
-    export_name = "adapter" if spec.strategy.type != "full" else "model"
+    export_name = get_strategy(spec.strategy).export  # adapter/ for adapters, model/ otherwise
     target = run_dir.path / export_name
     with result.checkpoint.as_directory() as ckpt:
         shutil.copytree(os.path.join(ckpt, "export"), target, dirs_exist_ok=True)
@@ -121,7 +122,8 @@ def _train_loop(spec, config: dict) -> None:
     rss_start, resuming = S.rss_mb(), loop.has_state()
     # A random-init base exists nowhere else: rank 0 keeps it, to go beside the adapter.
     pending = os.path.join(run_dir.path, ".base-pending")
-    keep = loop.rank == 0 and not resuming and spec.model.source in C.RANDOM_INIT_SOURCES
+    keep = (loop.rank == 0 and not resuming and spec.model.source in C.RANDOM_INIT_SOURCES
+            and get_strategy(spec.strategy).is_adapter)
     model, optimizer, trained, unfreezer, ewc = _build(spec, config["steps_per_epoch"], keep and pending)
     trainable, total = C.parameter_counts(model)
     eval_rows = C.load_split(data.eval, data, train.eval_batches * 16)
@@ -202,7 +204,7 @@ def _build(spec, steps_per_epoch: int, keep_base: str | None):
     if keep_base:
         base.save_pretrained(keep_base)  # before the strategy wraps it
     model, strategy = C.apply_strategy(base, spec.strategy), C.strategy_args(spec.strategy)
-    unfreezer = S.Unfreezer(strategy, steps_per_epoch) if spec.strategy.type == "gradual_unfreeze" else None
+    unfreezer = S.Unfreezer(strategy, steps_per_epoch) if get_strategy(strategy).eventual else None
     trained = unfreezer.eventual(strategy, model) if unfreezer else {
         n for n, p in model.named_parameters() if p.requires_grad}
     groups = S.param_groups(model, C.strategy_args(spec.lr_groups), spec.train.lr, spec.mitigation.lr_cap,

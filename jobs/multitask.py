@@ -27,7 +27,9 @@ from jobs.artifacts import RunDir
 from jobs.loop import Loop, progress_file, worker_scope
 from launcher import registry as R
 from launcher.kinds.multitask import TaskSettings, typed_task_settings
-from launcher.spec import DataSpec, LoraStrategy
+from launcher.spec import DataSpec
+from launcher.strategies import get_strategy
+from launcher.strategies.lora import LoraStrategy
 
 BASE_DIR, TOKENIZER_DIR, ADAPTERS_DIR = "base", "tokenizer", "adapters"
 
@@ -270,10 +272,7 @@ def eval_loss(model, batch: dict | None, device: str, adapter: str | None = None
 
 
 def lora_config(lora: LoraStrategy):
-    from peft import LoraConfig
-
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    return get_strategy(lora).peft_config(lora, "CAUSAL_LM")  # the strategy's own peft config
 
 
 def load_base(base_path: str, device: str):

@@ -20,10 +20,11 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from common.runfolder import PIPELINE as MANIFEST, read_json, write_json
+from common.catalog import arrcoc_config
+from common.runfolder import PIPELINE as MANIFEST
+from common.runfolder import read_json, write_json
 from jobs import arrcoc as A
 from jobs.artifacts import RunDir
-from common.catalog import arrcoc_config
 from jobs.components import ray_train_configs
 from jobs.loop import Loop, run_worker
 

@@ -75,11 +75,11 @@ def main(argv=None) -> int:
 
 
 def run(plan: dict, spec, run_dir) -> int:
+    import ray
+
     from jobs.artifacts import versions
     from jobs.logs import resolve_env_refs
     from jobs.watch import watch_pending
-
-    import ray
 
     previous = run_dir.read_manifest()
     attempts = previous.get("attempts", []) + [
@@ -88,7 +88,8 @@ def run(plan: dict, spec, run_dir) -> int:
     run_dir.update_manifest(
         attempts=attempts,
         run_id=plan["run_id"], kind=plan["kind"], name=plan["name"], status="RUNNING",
-        started=previous.get("started", time.time()), spec=plan["spec"], plan={k: v for k, v in plan.items() if k != "spec"},
+        started=previous.get("started", time.time()), spec=plan["spec"],
+        plan={k: v for k, v in plan.items() if k != "spec"},
         versions=versions(),
     )
     print(f"[ftlaunch] run {plan['run_id']} ({plan['kind']}) -> {run_dir.path}", flush=True)

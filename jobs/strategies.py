@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from typing import Callable, Iterable, Optional
 
 import torch

@@ -9,7 +9,6 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 from typing import Optional

@@ -16,23 +16,28 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import (
-    AfterValidator,
     BaseModel,
-    ConfigDict,
     Field,
     TypeAdapter,
     ValidationError,
     field_validator,
-    model_validator,
 )
 
 from launcher.errors import ConfigError
 from launcher.fields import (  # noqa: F401  (re-exported: the spec's building blocks)
-    MAX_BATCH, MAX_CPUS, MAX_EPOCHS, MAX_GPUS, MAX_STEPS, NAME_PATTERN, EnvName, EnvValue, PathStr,
-    Patterns, Strict,
+    MAX_BATCH,
+    MAX_CPUS,
+    MAX_EPOCHS,
+    MAX_GPUS,
+    MAX_STEPS,
+    NAME_PATTERN,
+    EnvName,
+    EnvValue,
+    PathStr,
+    Patterns,
+    Strict,
 )
-from launcher.strategies import STRATEGIES as STRATEGY_REGISTRY, spec_union
-from launcher.strategies.lora import LoraStrategy
+from launcher.strategies import STRATEGIES as STRATEGY_REGISTRY
 
 TASKS = ("causal_lm", "instruction", "classification", "ner", "vqa")
 

@@ -2,8 +2,8 @@
 and what the spec's kind does not run (on that target)."""
 
 from launcher.cli.common import add_spec_args
-from launcher.targets import TARGETS
 from launcher.spec import load_spec
+from launcher.targets import TARGETS
 
 
 def add_parser(sub) -> None:

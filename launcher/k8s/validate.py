@@ -154,7 +154,8 @@ def _describe(err) -> list[str]:
         out = []
         for key in sorted(set(value) - set(known)):
             hint = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-            fix = f"did you mean '{hint[0]}'?" if hint else f"remove it (known: {', '.join(known[:12])}{', ...' if len(known) > 12 else ''})"
+            more = ", ..." if len(known) > 12 else ""
+            fix = f"did you mean '{hint[0]}'?" if hint else f"remove it (known: {', '.join(known[:12])}{more})"
             out.append(f"{_join(path, key)}: unknown field; {fix}")
         return out
     if check == "required":
@@ -341,7 +342,8 @@ def _deletion_problems(strategy: Any, shutdown: bool) -> list[str]:
     problems = []
     legacy = "onSuccess" in strategy or "onFailure" in strategy
     if legacy and "deletionRules" in strategy:
-        problems.append("spec.deletionStrategy: onSuccess/onFailure together with deletionRules; keep only deletionRules")
+        problems.append("spec.deletionStrategy: onSuccess/onFailure together with deletionRules; "
+                        "keep only deletionRules")
     elif not ("deletionRules" in strategy or ("onSuccess" in strategy and "onFailure" in strategy)):
         problems.append("spec.deletionStrategy: needs both onSuccess and onFailure, or deletionRules; add them")
     if shutdown:

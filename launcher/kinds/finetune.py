@@ -13,10 +13,8 @@ from pydantic import ConfigDict, Field, model_validator
 
 from launcher.dsconfig import ENGINE_STRATEGIES
 from launcher.kinds import Engine, Kind, layout, register_kind, resolve_data, resolve_model, visible
-from launcher.strategies import get_strategy
 from launcher.spec import (
     MAX_BATCH,
-    STRATEGIES,
     DataSpec,
     JobBase,
     ModelSpec,
@@ -24,8 +22,8 @@ from launcher.spec import (
     ResourcesSpec,
     Strict,
     TrainSpec,
-    spec_union,
 )
+from launcher.strategies import get_strategy, spec_union
 
 DATA_ROLES = ("train", "eval", "retain")
 

@@ -23,11 +23,11 @@ from launcher.spec import (
     MAX_STEPS,
     DataSpec,
     JobBase,
-    LoraStrategy,
     ModelSpec,
     Strict,
     TrainSpec,
 )
+from launcher.strategies.lora import LoraStrategy
 
 MULTITASK_DATA = ("causal_lm", "instruction")  # tasks an adapter of a causal LM learns
 

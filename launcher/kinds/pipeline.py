@@ -18,12 +18,12 @@ from launcher.spec import (
     MAX_STEPS,
     DataSpec,
     JobBase,
-    LoraStrategy,
     MaxFailures,
     ModelSpec,
     ResourcesSpec,
     Strict,
 )
+from launcher.strategies.lora import LoraStrategy
 
 # The parameter groups of an ARR-COC model: the vision encoder, the texture adapter (scorers,
 # balancer, texture projection), the LLM's own weights, and the LoRA adapters on the LLM.

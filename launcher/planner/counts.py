@@ -17,7 +17,6 @@ from launcher.strategies import get_strategy
 from launcher.strategies.lora import LoraStrategy
 
 
-
 def require_torch():
     import logging
     import warnings

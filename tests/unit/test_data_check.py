@@ -74,7 +74,7 @@ def test_corrupt_and_truncated_files_are_named(tmp_path):
     assert len(lines) == 2
     assert "cut.parquet is not a readable Parquet file" in lines[0]
     assert "text.parquet is not a readable Parquet file" in lines[1]
-    assert all("\n" not in l and "rewrite the file" in l for l in lines)
+    assert all("\n" not in line and "rewrite the file" in line for line in lines)
     (tmp_path / "bad.arrow").write_bytes(b"not arrow at all")
     with pytest.raises(ConfigError, match="bad.arrow is not a readable Arrow IPC file"):
         check_dataset(tmp_path / "bad.arrow", "causal_lm")

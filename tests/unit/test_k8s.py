@@ -14,10 +14,10 @@ import pytest
 import yaml
 
 from launcher.errors import PlanError
+from launcher.jobplan import JobPlan
 from launcher.k8s import constants
 from launcher.k8s.render import k8s_name, render_raycluster, render_rayjob, worker_pods
 from launcher.k8s.validate import security_problems, validate_file, validate_manifest
-from launcher.jobplan import JobPlan
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = Path("/work/shared/kuberay/samples")

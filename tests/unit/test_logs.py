@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from jobs.logs import Tee, resolve_env_refs, secret_values
+from jobs.logs import resolve_env_refs, secret_values
 
 SECRET = "s3cr3t-" + "x" * 20
 

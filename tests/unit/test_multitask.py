@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
+from common.runfolder import PROGRESS
 from launcher import registry as R
 from launcher.errors import ConfigError, PlanError
-from common.runfolder import PROGRESS
 from launcher.jobplan import plan
 from launcher.kinds.multitask import task_settings, typed_task_settings
 from launcher.spec import load_spec

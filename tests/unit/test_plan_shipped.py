@@ -99,8 +99,8 @@ def test_demo_counts_are_those_of_the_model_the_job_builds(shipped_data, monkeyp
 
 
 def test_submit_refuses_an_unschedulable_spec_before_contacting_any_cluster(shipped_data, monkeypatch, capsys):
-    import launcher.client
     import launcher.cli.submit
+    import launcher.client
 
     calls = []
     monkeypatch.setattr(launcher.cli.submit, "submit", lambda *a, **k: calls.append(a))

@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 
 import matplotlib.image
-import pytest
 
 from launcher.cli.main import main
 from launcher.jobplan import plan

@@ -7,8 +7,6 @@ QLoRA is really 4-bit and learns; the EWC penalty starts at zero and grows; adap
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
