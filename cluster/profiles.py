@@ -68,15 +68,6 @@ def total_gpus(profile: dict) -> int:
     return int(profile["gpus"]) * int(profile["nodes"])
 
 
-def describe(profile: dict) -> str:
-    if not profile["gpus"]:
-        return f"{profile['name']} ({profile['cpus']} CPUs, {profile['memory_gib']:g} GiB, no GPU)"
-    return (
-        f"{profile['name']} ({profile['nodes']}x{profile['gpus']} {profile['gpu_model']}, "
-        f"{profile['gpu_memory_gib']:g} GiB each)"
-    )
-
-
 def gpu_profiles(names: Optional[list] = None) -> list[dict]:
     """Profiles in order of per-GPU memory, GPU profiles only (for 'a bigger GPU' suggestions)."""
     profiles = load_profiles()

@@ -99,13 +99,9 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
     if len(hashes) != 1:
         raise RuntimeError(f"adapters were trained on different base weights ({sorted(hashes)})")
     return {
-        "wall_time_s": round(time.time() - started, 2),
-        "packing": packed,
-        "trained": sorted(outcomes),
-        "kept": sorted(kept),
+        "wall_time_s": round(time.time() - started, 2), "packing": packed, "trained": sorted(outcomes),
+        "kept": sorted(kept), "base_sha256": hashes.pop(), "export": "adapters",
         "tasks": {n: {k: v for k, v in e.items() if k != "path"} for n, e in registry["adapters"].items()},
-        "base_sha256": hashes.pop(),
-        "export": "adapters",
         "export_bytes": sum(e["bytes"] for e in registry["adapters"].values()),
     }
 

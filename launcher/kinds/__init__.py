@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 from pydantic import BaseModel
 
+from common.registry import add, import_package_modules
 from launcher.errors import ConfigError, PlanError
 
 HF = "hf:"  # in a list of sources: any hf:<local model folder>
@@ -199,10 +200,7 @@ KINDS: dict[str, Kind] = {}
 
 def register_kind(kind: Kind) -> Kind:
     """One registration per job kind; a second one of the same name fails at import."""
-    if kind.name in KINDS:
-        raise RuntimeError(f"job kind {kind.name!r} is registered twice")
-    KINDS[kind.name] = kind
-    return kind
+    return add(KINDS, kind.name, kind, "job kind")
 
 
 def get_kind(name: Optional[str]) -> Kind:
@@ -261,5 +259,5 @@ def _value(model: Any, dotted: str) -> Any:
     return model
 
 
-# The kinds register themselves on import: this is the one place that lists them.
-from launcher.kinds import finetune, compare, multitask, pipeline  # noqa: E402,F401,I001
+# Every file of this package registers one kind on import.
+import_package_modules(__name__, __path__, first=("finetune", "compare", "multitask", "pipeline"))

@@ -3,15 +3,12 @@ texture, llm, lora), and each stage's memory, fit and time (each stage runs alon
 
 from __future__ import annotations
 
-import copy
-import functools
-import json
 import math
 from typing import Optional
 
 from cluster import profiles as cluster_profiles
 from common.catalog import TEXTURE_CHANNELS, arrcoc_config, arrcoc_llm_config
-from launcher.planner.counts import dims_of, linear_layers, lora_closed_form, require_torch
+from launcher.planner.counts import dims_of, json_cached, linear_layers, lora_closed_form, require_torch
 from launcher.planner.fit import STAGE_LEVERS, fit
 from launcher.planner.memory import GIB, memory_per_gpu
 from launcher.planner.timing import time_estimate
@@ -33,16 +30,10 @@ def arrcoc_texture_params(cfg: dict) -> int:
     return (c * d + d) + (d * q + q) + (c * q + q) + (3 * hb + hb) + (hb + 1)
 
 
+@json_cached(maxsize=8)
 def arrcoc_counts(model: dict, lora: Optional[dict]) -> dict:
     """Parameters per group (vision, texture, llm, lora) of an ARR-COC model; the LLM and its
     LoRA are counted on the meta device, the vision tower and adapter by closed form."""
-    key = json.dumps([model, lora], sort_keys=True, default=str)
-    return copy.deepcopy(_arrcoc_counts_cached(key))
-
-
-@functools.lru_cache(maxsize=8)
-def _arrcoc_counts_cached(key: str) -> dict:
-    model, lora = json.loads(key)
     torch, transformers = require_torch()
     cfg = arrcoc_config(model)
     config = arrcoc_llm_config(cfg)

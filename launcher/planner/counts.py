@@ -105,15 +105,23 @@ def lora_closed_form(linears: list, r: int, target_modules: Union[str, list] = "
     return total
 
 
+def json_cached(maxsize: int):
+    """Memoise a function of JSON-able arguments (spec blocks); each caller gets its own copy."""
+    def wrap(fn):
+        @functools.lru_cache(maxsize=maxsize)
+        def by_key(key: str):
+            return fn(*json.loads(key))
+
+        @functools.wraps(fn)
+        def call(*args):
+            return copy.deepcopy(by_key(json.dumps(args, sort_keys=True, default=str)))
+        return call
+    return wrap
+
+
+@json_cached(maxsize=32)
 def count_parameters(model: dict, strategy: dict) -> dict:
     """Exact total and trainable parameters, from the config on the meta device (no weights)."""
-    key = json.dumps([model, strategy], sort_keys=True, default=str)
-    return copy.deepcopy(_count_cached(key))
-
-
-@functools.lru_cache(maxsize=32)
-def _count_cached(key: str) -> dict:
-    model, strategy = json.loads(key)
     torch, _ = require_torch()
     net, config = _build_meta(model)
     base_total = sum(p.numel() for p in net.parameters())  # shared (tied) tensors count once

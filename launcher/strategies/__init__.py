@@ -12,11 +12,12 @@ torch and peft are imported inside the functions, never at module level: the cli
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import typing
 from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, Field
+
+from common.registry import add, import_package_modules
 
 FAMILIES = ("full", "partial", "adapter")
 
@@ -66,7 +67,8 @@ class Strategy:
 
 
 STRATEGIES: dict[str, Strategy] = {}
-_MODULES = ("full", "freeze", "gradual_unfreeze", "lora", "qlora", "prefix", "prompt", "ia3")
+# The order the registry lists strategies in; every file of this package registers one.
+_LISTED_FIRST = ("full", "freeze", "gradual_unfreeze", "lora", "qlora", "prefix", "prompt", "ia3")
 
 
 def register_strategy(strategy: Strategy) -> Strategy:
@@ -80,10 +82,7 @@ def register_strategy(strategy: Strategy) -> Strategy:
             strategy.family != "adapter") != (strategy.trainable is not None):
         raise RuntimeError(f"strategy {strategy.name!r}: adapters build a peft config, the others "
                            "say which parameters train")
-    if strategy.name in STRATEGIES:
-        raise RuntimeError(f"strategy {strategy.name!r} is registered twice")
-    STRATEGIES[strategy.name] = strategy
-    return strategy
+    return add(STRATEGIES, strategy.name, strategy, "strategy")
 
 
 def get_strategy(strategy: Union[str, dict, BaseModel]) -> Strategy:
@@ -104,5 +103,4 @@ def names(family: Optional[str] = None) -> tuple[str, ...]:
     return tuple(n for n, s in STRATEGIES.items() if family is None or s.family == family)
 
 
-for _module in _MODULES:
-    importlib.import_module(f"launcher.strategies.{_module}")
+import_package_modules(__name__, __path__, first=_LISTED_FIRST)

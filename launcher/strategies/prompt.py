@@ -2,15 +2,12 @@
 
 from typing import Literal
 
-from pydantic import Field
-
-from launcher.fields import Strict
 from launcher.strategies import Strategy, register_strategy
+from launcher.strategies.prefix import PrefixStrategy
 
 
-class PromptStrategy(Strict):
+class PromptStrategy(PrefixStrategy):  # the same block: how many virtual tokens
     type: Literal["prompt"]
-    num_virtual_tokens: int = Field(20, gt=0, le=512)
 
 
 def prompt_config(spec, task_type: str):

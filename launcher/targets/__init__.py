@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from common import refs
+from common.registry import add, import_package_modules
 from common.runfolder import MANIFEST, read_json
 from launcher.errors import PlanError
 
@@ -98,10 +99,7 @@ _REGISTRY: dict[str, Target] = {}
 
 
 def register_target(target: Target) -> Target:
-    if target.name in _REGISTRY:
-        raise ValueError(f"target {target.name!r} is registered twice")
-    _REGISTRY[target.name] = target
-    return target
+    return add(_REGISTRY, target.name, target, "target")
 
 
 def get_target(name: str) -> Target:
@@ -124,10 +122,7 @@ def describe_targets() -> str:
     return "; ".join(f"{t.name}: {t.help}" for t in _REGISTRY.values())
 
 
-# The registrations, in the order `--target` lists them (ray registers local, then ray).
-from launcher.targets import ray  # noqa: E402,F401
-
-# isort: split
-from launcher.targets import k8s  # noqa: E402,F401
+# Every file of this package registers its targets on import (ray.py registers local, then ray).
+import_package_modules(__name__, __path__, first=("ray", "k8s"))
 
 TARGETS = tuple(_REGISTRY)

@@ -87,7 +87,7 @@ def rayjob(name="job-a", job="RUNNING", deployment="Running", mode="K8sJobMode",
 def test_registry_names_every_target_once_and_refuses_a_duplicate():
     assert TARGETS == ("local", "ray", "k8s")
     assert all(isinstance(get_target(name), Target) for name in TARGETS)
-    with pytest.raises(ValueError, match="target 'ray' is registered twice"):
+    with pytest.raises(RuntimeError, match="target 'ray' is registered twice"):
         register_target(get_target("ray"))
     with pytest.raises(PlanError, match="target 'locl' is unknown; did you mean 'local'"):
         get_target("locl")
