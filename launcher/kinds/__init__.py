@@ -238,6 +238,32 @@ def layout(workers: int, res: dict) -> dict:
             "total_cpus": workers * cpus, "total_gpus": workers * gpus}
 
 
+def check_datasets(entries, target: str) -> tuple[dict, list[str]]:
+    """Footer checks of `(prefix, role, path, data)` entries (prefix: "" or "tasks.<name>." ...),
+    each path read once. A path this machine cannot see on a remote target is warned about, not
+    refused (it may live on the cluster's shared volume). Returns `{(prefix, role): {"rows",
+    "files"}}` and the warnings; an error names its prefix (several tasks share role names)."""
+    from launcher.datacheck import check_dataset
+
+    found, warnings, seen = {}, [], {}
+    for prefix, role, path, data in entries:
+        if not path:
+            continue
+        if not visible(path, target):
+            warnings.append(f"{prefix}data.{role}: {path} is not visible here; not checked before submit")
+            continue
+        if path not in seen:
+            try:
+                info = check_dataset(path, data["task"], role=role, columns=data.get("columns"))
+            except Exception as exc:
+                if not prefix:
+                    raise
+                raise type(exc)(f"{prefix.rstrip('.')}: {exc}") from None
+            seen[path] = {"rows": info.rows, "files": info.files}
+        found[(prefix, role)] = seen[path]
+    return found, warnings
+
+
 def visible(path: str, target: str) -> bool:
     """Whether a dataset can be checked from here: for a remote target a local path this machine
     cannot see may live on the cluster (a shared volume)."""

@@ -12,7 +12,7 @@ from typing import Literal, Optional, Union
 from pydantic import ConfigDict, Field, model_validator
 
 from launcher.dsconfig import ENGINE_STRATEGIES
-from launcher.kinds import Engine, Kind, layout, register_kind, resolve_data, resolve_model, visible
+from launcher.kinds import Engine, Kind, check_datasets, layout, register_kind, resolve_data, resolve_model
 from launcher.spec import (
     MAX_BATCH,
     DataSpec,
@@ -121,20 +121,13 @@ class Finetune(Kind):
 
     def check_data(self, spec: dict, target: str) -> tuple[dict, list[str]]:
         """Footer checks of every dataset; fills `train.max_steps` from the rows when unset."""
-        from launcher.datacheck import check_dataset, steps_for, sufficiency
+        from launcher.datacheck import steps_for, sufficiency
         from launcher.errors import PlanError
 
         data, train = spec["data"], spec["train"]
-        found, warnings = {}, []
-        roles = [(r, data.get(r)) for r in DATA_ROLES]
-        if data.get("replay"):
-            roles.append(("replay", data["replay"]["path"]))
-        for role, path in roles:
-            if path and not visible(path, target):
-                warnings.append(f"data.{role}: {path} is not visible here; not checked before submit")
-            elif path:
-                info = check_dataset(path, data["task"], role=role, columns=data.get("columns"))
-                found[role] = {"rows": info.rows, "files": info.files}
+        roles = [(r, data.get(r)) for r in DATA_ROLES] + [("replay", (data.get("replay") or {}).get("path"))]
+        checked, warnings = check_datasets([("", role, path, data) for role, path in roles], target)
+        found = {role: info for (_, role), info in checked.items()}
         if "train" not in found:
             if train.get("max_steps") is None:
                 raise PlanError("train.max_steps is needed: the train rows cannot be counted from here")

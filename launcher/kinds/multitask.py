@@ -14,7 +14,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from launcher.errors import MissingExtraError, PlanError
-from launcher.kinds import Engine, Kind, layout, register_kind, resolve_data, resolve_model, visible
+from launcher.kinds import Engine, Kind, check_datasets, layout, register_kind, resolve_data, resolve_model
 from launcher.spec import (
     MAX_BATCH,
     MAX_CPUS,
@@ -145,24 +145,15 @@ def check_data(spec: dict, target: str = "local") -> tuple[dict, list[str]]:
 
     Returns `{"<task>.<role>": {"rows", "files"}}` and warnings, each naming its task.
     """
-    from launcher.datacheck import check_dataset, steps_for, sufficiency
+    from launcher.datacheck import steps_for, sufficiency
 
-    found, warnings = {}, []
+    entries = [(f"tasks.{t['name']}.", role, t["data"].get(role), t["data"])
+               for t in spec["tasks"] for role in DATA_ROLES]
+    checked, warnings = check_datasets(entries, target)
+    found = {f"{prefix[len('tasks.'):-1]}.{role}": info for (prefix, role), info in checked.items()}
     for task in spec["tasks"]:
         name, data = task["name"], task["data"]
         settings = task_settings(spec, task)
-        for role in DATA_ROLES:
-            path = data.get(role)
-            if not path:
-                continue
-            if not visible(path, target):
-                warnings.append(f"tasks.{name}.data.{role}: {path} is not visible here; not checked")
-                continue
-            try:
-                info = check_dataset(path, data["task"], role=role, columns=data.get("columns"))
-            except Exception as exc:  # name the task: several tasks may share a role name
-                raise type(exc)(f"tasks.{name}: {exc}") from None
-            found[f"{name}.{role}"] = {"rows": info.rows, "files": info.files}
         rows = found.get(f"{name}.train", {}).get("rows")
         if rows is None:
             if settings["train"].get("max_steps") is None:

@@ -12,7 +12,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from launcher.kinds import Engine, Kind, layout, register_kind, resolve_data, resolve_model, visible
+from launcher.kinds import Engine, Kind, check_datasets, layout, register_kind, resolve_data, resolve_model
 from launcher.spec import (
     MAX_BATCH,
     MAX_STEPS,
@@ -160,27 +160,21 @@ class Pipeline(Kind):
 
     def check_data(self, spec: dict, target: str) -> tuple[dict, list[str]]:
         """The datasets, stage by stage (a stage without `data:` reads the pipeline's)."""
-        from launcher.datacheck import check_dataset, sufficiency
+        from launcher.datacheck import sufficiency
 
-        found, warnings, seen = {}, [], {}
         # The stages train adapters only (texture adapter, LoRA) unless one trains the LLM or vision.
         peft = not any({"llm", "vision"} & set(s["train"]) for s in spec["stages"])
-        for stage in spec["stages"]:
-            data = stage.get("data") or spec["data"]
-            for role in ("train", "eval"):
-                path = data.get(role)
-                if not path:
-                    continue
-                if not visible(path, target):
-                    warnings.append(f"stages.{stage['name']}.data.{role}: {path} is not visible here; not checked")
-                    continue
-                if path not in seen:
-                    info = check_dataset(path, data["task"], role=role, columns=data.get("columns"))
-                    seen[path] = {"rows": info.rows, "files": info.files}
-                    if role == "train":
-                        warnings += sufficiency(data["task"], info.rows, peft=peft, force=data.get("force", False))
-                found[f"{stage['name']}.{role}"] = seen[path]
-        return found, warnings
+        datas = {s["name"]: s.get("data") or spec["data"] for s in spec["stages"]}
+        entries = [(f"stages.{name}.", role, data.get(role), data) for name, data in datas.items()
+                   for role in ("train", "eval")]
+        checked, warnings = check_datasets(entries, target)
+        sized = {}  # each train set's size warned about once, however many stages read it
+        for (prefix, role), info in checked.items():
+            data = datas[prefix[len("stages."):-1]]
+            if role == "train" and data["train"] not in sized:
+                sized[data["train"]] = True
+                warnings += sufficiency(data["task"], info["rows"], peft=peft, force=data.get("force", False))
+        return {f"{prefix[len('stages.'):-1]}.{role}": info for (prefix, role), info in checked.items()}, warnings
 
     def estimate(self, spec: dict, profile: Optional[str], strict: bool):
         """One estimate per stage; the pipeline fits when every stage fits."""
