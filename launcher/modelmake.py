@@ -14,6 +14,7 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
+from common.chat import CHATML, LLAMA3, MISTRAL
 from launcher.errors import ConfigError
 
 
@@ -28,28 +29,6 @@ class Family:
     extra: dict = dataclasses.field(default_factory=dict)  # config fields of the family
 
 
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-LLAMA3 = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
-)
-MISTRAL = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
-    "{% elif message['role'] == 'system' %}{{ '[INST] ' + message['content'] + '\\n' }}"
-    "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}"
-    "{% endfor %}"
-)
-CHAT_TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3, "mistral": MISTRAL}
 
 FAMILIES = {
     "qwen2": Family("Qwen2Config", bos="<|endoftext|>", eos="<|im_end|>", pad="<|endoftext|>",

@@ -23,6 +23,7 @@ from pydantic import (
     field_validator,
 )
 
+from common.chat import CHAT_TEMPLATE_NAMES
 from launcher.errors import ConfigError
 from launcher.fields import (  # noqa: F401  (re-exported: the spec's building blocks)
     MAX_BATCH,
@@ -39,7 +40,7 @@ from launcher.fields import (  # noqa: F401  (re-exported: the spec's building b
 )
 from launcher.strategies import STRATEGIES as STRATEGY_REGISTRY
 
-TASKS = ("causal_lm", "instruction", "classification", "ner", "vqa")
+TASKS = ("causal_lm", "instruction", "chat", "classification", "ner", "vqa")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,11 +51,14 @@ MODEL_SOURCES = ("tiny-llama", "minilm", "arrcoc-mini", "arrcoc-7b", "llama-2-7b
 
 
 class ModelSpec(Strict):
-    source: str = Field("tiny-llama", description="tiny-llama | minilm | hf:<local path>")
+    source: str = Field("tiny-llama", description="tiny-llama | minilm | hf:<local folder> | "
+                        "hf:<org>/<name>[@<revision>] (from the local Hugging Face cache)")
     config: dict[str, Any] = Field(default_factory=dict, description="overrides of the model config")
     seq_len: int = Field(64, gt=0, le=32768)
     # transformers writes a label name per class into the config: a bound keeps that small.
     num_labels: Optional[int] = Field(None, gt=1, le=100_000, description="classification heads only")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="the attention kernel transformers uses (flash_attention_2 needs flash-attn)")
 
     @field_validator("source")
     @classmethod
@@ -89,7 +93,12 @@ class DataSpec(Strict):
     eval: Optional[PathStr] = None
     retain: Optional[PathStr] = None
     replay: Optional[ReplaySpec] = None
-    columns: dict[str, str] = Field(default_factory=dict, description="task role -> column name")
+    columns: dict[str, str] = Field(default_factory=dict, description="task role -> column name "
+                                    "(text, label, instruction, response, input, system, messages)")
+    chat_template: Optional[Literal[CHAT_TEMPLATE_NAMES]] = Field(
+        None, description="a chat template the project ships, for a tokenizer without one of its own")
+    packing: bool = Field(False, description="concatenate examples into seq_len rows (no attention "
+                          "or loss across an example's boundary)")
     force: bool = Field(False, description="run even when the dataset is far too small")
 
 
@@ -111,6 +120,13 @@ class TrainSpec(Strict):
     eval_batches: int = Field(4, ge=0, le=MAX_STEPS, description="batches of the eval split at each report")
     seed: int = 0
     max_failures: MaxFailures = 1
+    precision: Optional[Literal["bf16", "fp16", "fp32"]] = Field(
+        None, description="default: bf16 on GPUs, fp32 on CPU (bf16 autocast runs on CPU; fp16 needs a GPU)")
+    grad_accumulation: int = Field(1, gt=0, le=MAX_BATCH, description="micro-batches per optimizer step "
+                                   "(max_steps counts optimizer steps)")
+    grad_checkpointing: bool = Field(False, description="recompute activations in backward (non-reentrant)")
+    eval_generate: int = Field(64, ge=0, le=100_000, description="eval rows answered greedily for exact "
+                               "match (instruction and chat tasks)")
 
 
 class ResourcesSpec(Strict):
