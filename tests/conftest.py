@@ -29,15 +29,81 @@ def ftl_home(tmp_path_factory):
     return home
 
 
+class SessionHead:
+    """The session's one embedded Ray head on loopback (stopped by pid at the end).
+
+    `ray start --block` tears the whole head down when any one of its processes exits unexpectedly
+    (a dashboard agent killed for memory on a loaded 2-core runner, say). Then every later test
+    would fail on a dead address; instead the next test finds it dead, prints why (the tail of the
+    head's log and Ray's process-exit log) and starts a new one, so one environmental crash costs
+    the test that was running, not the rest of the session. Attributes are the current head's.
+    """
+
+    def __init__(self, cpus: int):
+        self.cpus, self.restarts = cpus, 0
+        self.head = self._up()
+
+    def _up(self):
+        from cluster import local
+
+        head = local.up(num_cpus=self.cpus)
+        os.environ["RAY_ADDRESS"] = head.address
+        return head
+
+    def __getattr__(self, name):
+        return getattr(self.head, name)
+
+    def ensure_alive(self) -> None:
+        from cluster import local
+
+        if self.head.alive:
+            return
+        sys.stderr.write(f"\n*** the session's Ray head died; restarting it. Why:\n{head_death(self.head)}\n")
+        local.down()
+        self.restarts += 1
+        self.head = self._up()
+
+
+def head_death(head) -> str:
+    """The last lines of the head's log and of Ray's process-exit log (which process died, how)."""
+    out = []
+    for path in [Path(head.log), *Path(head.temp_dir).glob("session_*/logs/ray_process_exit.log")]:
+        try:
+            lines = path.read_text(errors="replace").splitlines()[-25:]
+        except OSError:
+            continue
+        out += [f"--- {path}", *lines]
+    return "\n".join(out) or "(no log found)"
+
+
+_SESSION_HEAD: list = []
+
+
 @pytest.fixture(scope="session")
 def ray_head(ftl_home):
-    """The session's one embedded Ray head on loopback, stopped by pid at the end."""
+    """The session's one embedded Ray head on loopback (see SessionHead)."""
     from cluster import local
 
-    head = local.up(num_cpus=int(os.environ.get("FTLAUNCH_TEST_CPUS", 2)))
-    os.environ["RAY_ADDRESS"] = head.address
+    head = SessionHead(int(os.environ.get("FTLAUNCH_TEST_CPUS", 2)))
+    _SESSION_HEAD.append(head)
     yield head
+    _SESSION_HEAD.clear()
     local.down()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _head_alive_for_module():
+    """Before a module's fixtures connect to it: the session head, if started, is alive."""
+    if _SESSION_HEAD:
+        _SESSION_HEAD[0].ensure_alive()
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _head_alive_for_test():
+    if _SESSION_HEAD:
+        _SESSION_HEAD[0].ensure_alive()
+    yield
 
 
 @pytest.fixture(scope="session")
