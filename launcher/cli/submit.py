@@ -30,7 +30,7 @@ def run(args) -> int:
         print(f"ftlaunch: warning: {warning}", file=sys.stderr)
     handle = submit(job_plan, address=args.address, **target_options(args))
     for line in handle.submitted_lines():
-        print(f"ftlaunch: {line}")
+        print(line if line.startswith("  ") else f"ftlaunch: {line}")  # a command pastes as printed
     if args.no_wait or not handle.follows:
         return 0
     status = handle.wait(on_logs=None if args.quiet else echo)

@@ -130,8 +130,9 @@ class RayJobHandle(Handle):
             return [f"no kubeconfig; wrote the RayJob to {self.file['path']}",
                     f"next: {self.file['command']}"]
         name, ns = self.submission_id, self.namespace
-        follow = f"ftlaunch status {name} --target k8s --namespace {ns} | kubectl get rayjob -n {ns} {name}"
-        return [f"created RayJob {ns}/{name}", f"next: {follow}"]
+        return [f"created RayJob {ns}/{name}", "next:",
+                f"  ftlaunch status {name} --target k8s --namespace {ns}",
+                f"  kubectl get rayjob -n {ns} {name}"]
 
 
 class K8sTarget(Target):

@@ -3,6 +3,7 @@ and `local` (the same code on the embedded head, started if needed), so the two 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -20,17 +21,25 @@ CONNECT_TIMEOUT_S = 5.0
 
 
 def resolve_address(address: Optional[str] = None, *, embedded: bool = False, start: bool = True) -> str:
-    """--address, then RAY_ADDRESS; without either, the embedded head (started if asked) when
-    `embedded`."""
+    """The cluster a verb talks to: --address; else, for the embedded target, the embedded head
+    (started if asked); else RAY_ADDRESS. The address chosen is passed to Ray explicitly (see
+    `client`), so Ray's own RAY_ADDRESS lookup cannot override it; a RAY_ADDRESS it overrides is
+    named in a warning."""
     from cluster import local
 
+    env = os.environ.get("RAY_ADDRESS")
     if embedded and not address:
         local.client_env()
         head = local.up() if start else local.status()
         if head is None:
             raise ClusterError("no embedded Ray head is running; start one with: ftlaunch cluster up")
+        _warn_overridden(env, head.address, "the embedded head (target local)")
         return head.address
-    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        url = _dashboard_url(address)
+        if url is not None:
+            _warn_overridden(env, url, "--address")
+    address = address or env
     if not address:
         raise ClusterError("no cluster address; pass --address http://HOST:8265 or set RAY_ADDRESS")
     url = _dashboard_url(address)
@@ -39,6 +48,14 @@ def resolve_address(address: Optional[str] = None, *, embedded: bool = False, st
             f"address {address!r} is not a Ray dashboard URL; use http://HOST:8265 (--address or RAY_ADDRESS)"
         )
     return url
+
+
+def _warn_overridden(env: Optional[str], chosen: str, why: str) -> None:
+    if env and _dashboard_url(env) not in (chosen, None) and env != chosen:
+        import sys
+
+        sys.stderr.write(f"ftlaunch: warning: RAY_ADDRESS={env} is ignored: using {chosen} ({why}); "
+                         "pass --target ray without --address to use RAY_ADDRESS\n")
 
 
 def _dashboard_url(address: str) -> Optional[str]:
@@ -69,7 +86,10 @@ def client(address: str):
         parts = urllib.parse.urlsplit(address)
         if parts.hostname and parts.port:
             socket.create_connection((parts.hostname, parts.port), timeout=CONNECT_TIMEOUT_S).close()
-        return JobSubmissionClient(address)
+        # Ray's client prefers RAY_ADDRESS (and RAY_API_SERVER_ADDRESS) over the address it is
+        # given: hide them while it is made, so the address we resolved is the one used.
+        with _without_env("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+            return JobSubmissionClient(address)
     except socket.timeout:
         raise ClusterError(
             f"cannot reach a Ray cluster at {address}: no answer within {CONNECT_TIMEOUT_S:.0f} s; "
@@ -80,6 +100,15 @@ def client(address: str):
             f"cannot reach a Ray cluster at {address}: {str(exc).splitlines()[0]}; "
             "check the address and that the head's dashboard (Jobs API) is up"
         ) from None
+
+
+@contextlib.contextmanager
+def _without_env(*names: str):
+    saved = {n: os.environ.pop(n) for n in names if n in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 @dataclass
@@ -163,10 +192,12 @@ class JobHandle(Handle):
 
     def submitted_lines(self) -> list[str]:
         sid, addr = self.submission_id, f" --address {self.cli_address}" if self.cli_address else ""
+        # One command per line: a `|` between them would run as a pipeline (and stop the job).
         return [
             f"{'already submitted' if self.existing else 'submitted'} {sid} to {self.address}",
             f"artifacts in {self.run_dir}",
-            f"next: ftlaunch status {sid}{addr} | ftlaunch logs -f {sid}{addr} | ftlaunch stop {sid}{addr}",
+            "next:",
+            *(f"  ftlaunch {verb} {sid}{addr}" for verb in ("status", "logs -f", "stop")),
         ]
 
 
@@ -198,7 +229,9 @@ class RayTarget(Target):
         url = resolve_address(address, embedded=self.embedded)
         c = client(url)
         handle = JobHandle(plan.submission_id, url, plan.run_dir, cli_address=address or "")
+        digest = spec_digest(plan.spec)
         if _exists(c, plan.submission_id):
+            _same_spec(c, plan.submission_id, digest)
             handle.existing = True
             return handle
         try:
@@ -213,10 +246,12 @@ class RayTarget(Target):
                     "ftlaunch_kind": plan.kind,
                     "ftlaunch_name": plan.name,
                     "ftlaunch_run_dir": plan.run_dir,
+                    "ftlaunch_spec_sha256": digest,
                 },
             )
         except RuntimeError as exc:
             if _exists(c, plan.submission_id):  # lost a race with an identical submit
+                _same_spec(c, plan.submission_id, digest)
                 handle.existing = True
                 return handle
             raise SubmissionError(f"Ray refused job {plan.submission_id}: {exc}") from None
@@ -284,6 +319,23 @@ def _submit_with_retry(c, timeout: float = 60.0, **kwargs) -> None:
             if "No available agent" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(1.0)
+
+
+def spec_digest(spec: dict) -> str:
+    """The resolved spec's hash: a resubmitted id must carry the same spec."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _same_spec(c, submission_id: str, digest: str) -> None:
+    """A reused submission id returns the existing job only for the same spec."""
+    old = (c.get_job_info(submission_id).metadata or {}).get("ftlaunch_spec_sha256")
+    if old is not None and old != digest:
+        raise SubmissionError(
+            f"submission id {submission_id} is already job {submission_id} with another spec (spec hash "
+            f"{old}, this one {digest}); pick a new --submission-id, or resubmit the same spec to attach")
 
 
 def _exists(c, submission_id: str) -> bool:

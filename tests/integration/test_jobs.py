@@ -14,6 +14,7 @@ import yaml
 
 import launcher
 from launcher.client import attach
+from launcher.errors import SubmissionError
 from tests.conftest import ROOT, ftlaunch_cli
 
 pytestmark = pytest.mark.integration
@@ -108,11 +109,39 @@ def test_python_api_submit_wait_and_idempotent_resubmit(ray_head, tiny_spec):
     assert not handle.existing
     again = launcher.submit(tiny_spec, "ray", address=ray_head.address, submission_id="it-api")
     assert again.existing and again.submission_id == "it-api"
+    # The same id with another spec is not that job: refused, naming both spec hashes.
+    with pytest.raises(SubmissionError, match=r"submission id it-api is already job it-api with another spec"):
+        launcher.submit(tiny_spec, "ray", address=ray_head.address, submission_id="it-api",
+                        overrides=("train.lr=0.02",))
     assert handle.wait(timeout=400) == "SUCCEEDED"
     assert handle.manifest()["summary"]["steps"] == 10
     assert "[ftlaunch] step 10/10" in handle.logs()
     listed = {j["submission_id"]: j for j in launcher.list_jobs("ray", ray_head.address)}
     assert listed["it-api"]["status"] == "SUCCEEDED" and listed["it-api"]["kind"] == "finetune"
+
+
+def test_address_beats_ray_address_and_hints_are_one_command_per_line(ray_head, tiny_spec, tmp_path):
+    """Ray's JobSubmissionClient prefers RAY_ADDRESS to the address it is given: ftlaunch must not."""
+    dead = "http://127.0.0.1:9"
+    out = cli("list", "--target", "ray", "--address", ray_head.address, env={"RAY_ADDRESS": dead})
+    assert out.returncode == 0, out.stderr
+    assert f"RAY_ADDRESS={dead} is ignored: using {ray_head.address} (--address)" in out.stderr
+    # The default target is the embedded head (this session's), whatever RAY_ADDRESS says.
+    out = cli("list", env={"RAY_ADDRESS": dead})
+    assert out.returncode == 0 and "(the embedded head (target local))" in out.stderr, out.stderr
+    # Without --address, target ray takes RAY_ADDRESS, and a dead one is named.
+    out = cli("list", "--target", "ray", env={"RAY_ADDRESS": dead})
+    assert out.returncode == 1 and f"cannot reach a Ray cluster at {dead}" in out.stderr
+
+    tiny_spec["train"]["max_steps"] = 4
+    out = cli("submit", str(write_spec(tiny_spec, tmp_path)), "--no-wait", "--submission-id", "it-hints",
+              "--address", ray_head.address)
+    assert out.returncode == 0, out.stderr
+    nxt = out.stdout.splitlines()
+    hints = nxt[nxt.index("ftlaunch: next:") + 1:][:3]  # unprefixed: each line pastes as a command
+    assert hints == [f"  ftlaunch {v} it-hints --address {ray_head.address}" for v in ("status", "logs -f", "stop")]
+    assert not any("|" in line for line in nxt)  # pasted, a pipeline would run `stop`
+    assert attach("it-hints", "ray", address=ray_head.address).wait(timeout=300) == "SUCCEEDED"
 
 
 def test_failing_job_reports_failed_with_its_message(ray_head, tiny_spec, tmp_path):

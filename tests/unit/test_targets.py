@@ -171,9 +171,9 @@ def test_python_submit_to_k8s_creates_the_rayjob_and_tracks_it():
     assert body["kind"] == "RayJob" and body["metadata"]["name"] == "tgt-k8s-1"
     assert body["spec"]["jobId"] == "tgt-k8s-1"
     assert handle.submitted_lines() == [
-        "created RayJob team/tgt-k8s-1",
-        "next: ftlaunch status tgt-k8s-1 --target k8s --namespace team | "
-        "kubectl get rayjob -n team tgt-k8s-1"]
+        "created RayJob team/tgt-k8s-1", "next:",
+        "  ftlaunch status tgt-k8s-1 --target k8s --namespace team",
+        "  kubectl get rayjob -n team tgt-k8s-1"]
     assert handle.status() == "RUNNING" and handle.follows is False
 
 
