@@ -7,6 +7,7 @@ import pytest
 import launcher.targets.ray as submit_mod
 from launcher.cli.main import main
 from launcher.jobplan import PLAN_ENV
+from launcher.targets.ray import spec_digest
 
 
 class Recorder:
@@ -56,6 +57,7 @@ def test_submit_passes_exact_arguments(recorder, tmp_path, capsys):
     assert kwargs["metadata"] == {
         "ftlaunch_run_id": "cli-1", "ftlaunch_kind": "finetune", "ftlaunch_name": "cli",
         "ftlaunch_run_dir": f"{tmp_path}/runs/cli-1",
+        "ftlaunch_spec_sha256": spec_digest(json.loads(kwargs["runtime_env"]["env_vars"][PLAN_ENV])["spec"]),
     }
     carried = json.loads(kwargs["runtime_env"]["env_vars"][PLAN_ENV])
     assert carried["spec"]["train"]["max_steps"] == 9 and carried["target"] == "ray"
