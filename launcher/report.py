@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from common.units import metric as _f
+from common.units import pct as _pct
+from common.units import size as _size
 from launcher.client import find_run
 from launcher.kinds import get_kind
-from launcher.summary import _f, _pct, _size
 
 
 @dataclass

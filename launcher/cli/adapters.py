@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from common.units import size
 from launcher.cli.common import print_json
 from launcher.registry import FILE, load_registry, resolve_run
 
@@ -32,5 +33,5 @@ def run(args) -> int:
         before, after = ev.get("eval_loss_before"), ev.get("eval_loss")
         loss = f"{before:.3f} -> {after:.3f}" if before is not None and after is not None else "-"
         print(f"{row['run'][:34]:<34} {row['task']:<14} {loss:>19} {row.get('steps', '-'):>5} "
-              f"{row['bytes'] / 1024:>7.1f}KB  {row['sha256'][:12]:<12} {row['created']}")
+              f"{size(row['bytes']):>10}  {row['sha256'][:12]:<12} {row['created']}")
     return 0

@@ -118,7 +118,7 @@ class Compare(Finetune):
 
     def summary(self, manifest: dict, s: dict) -> str:
         """One line per variant, and where its report is."""
-        from launcher.summary import _f
+        from common.units import metric as _f
 
         lines = [f"run            {manifest.get('run_id')}"]
         for name, v in (s.get("variants") or {}).items():

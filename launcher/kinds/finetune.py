@@ -165,7 +165,9 @@ class Finetune(Kind):
         return format_estimate(estimate)
 
     def summary(self, manifest: dict, s: dict) -> str:
-        from launcher.summary import _f, _pct, _size
+        from common.units import metric as _f
+        from common.units import pct as _pct
+        from common.units import size as _size
 
         trainable, total = s.get("trainable_params") or 0, s.get("total_params") or 0
         pct = f" ({100 * trainable / total:.2f}%)" if total else ""

@@ -13,6 +13,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from common.units import size
 from launcher.errors import MissingExtraError, PlanError
 from launcher.kinds import Engine, Kind, check_datasets, layout, register_kind, resolve_data, resolve_model
 from launcher.spec import (
@@ -307,13 +308,9 @@ def describe(spec: dict, estimate: Optional[dict]) -> list[str]:
         layout = f"one worker per adapter ({per_worker}){together if at_once else ''}"
     lines.append(f"layout        {layout}")
     if mt:
-        lines.append(f"memory        one base per worker {_gib(mt['separate_total_bytes'])} in all, "
-                     f"packed {_gib(mt['packed_total_bytes'])} ({mt['packed_vs_separate']:.2f}x)")
+        lines.append(f"memory        one base per worker {size(mt['separate_total_bytes'], 2)} in all, "
+                     f"packed {size(mt['packed_total_bytes'], 2)} ({mt['packed_vs_separate']:.2f}x)")
     return lines
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
 
 
 class Multitask(Kind):
@@ -369,7 +366,8 @@ class Multitask(Kind):
 
     def summary(self, manifest: dict, s: dict) -> str:
         """One line per adapter, and how to use them."""
-        from launcher.summary import _f, _size
+        from common.units import metric as _f
+        from common.units import size as _size
 
         run = manifest.get("run_id")
         shape = "packed on one base" if s.get("packing") else "one worker per adapter"
@@ -386,8 +384,9 @@ class Multitask(Kind):
         return "\n".join(lines)
 
     def sections(self, run_dir: Path, manifest: dict) -> list:
+        from common.units import metric as _f
+        from common.units import size as _size
         from launcher.report import Section, loss_facts, read_jsonl
-        from launcher.summary import _f, _size
 
         recorded = manifest.get("tasks") or {}
         registry = (manifest.get("summary") or {}).get("tasks") or {}

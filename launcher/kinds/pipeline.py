@@ -207,7 +207,7 @@ class Pipeline(Kind):
         return format_pipeline_estimate(estimate)
 
     def summary(self, manifest: dict, s: dict) -> str:
-        from launcher.summary import _f
+        from common.units import metric as _f
 
         stages = s.get("stages") or {}
         lines = [f"run            {manifest.get('run_id')}",
@@ -222,8 +222,8 @@ class Pipeline(Kind):
         return "\n".join(lines)
 
     def sections(self, run_dir: Path, manifest: dict) -> list:
+        from common.units import pct as _pct
         from launcher.report import Section, loss_facts, read_json, read_jsonl
-        from launcher.summary import _pct
 
         entries = {e["name"]: e for e in read_json(run_dir / "pipeline.json").get("stages", [])}
         metrics = read_jsonl(run_dir / "metrics.jsonl")

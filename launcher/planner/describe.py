@@ -3,19 +3,13 @@ parameter, memory, fit and time lines, and a pipeline's stages."""
 
 from __future__ import annotations
 
-from launcher.planner.memory import GB, GIB
-
-
-def gib(n: float) -> str:
-    return f"{n / GIB:.2f} GiB"
+from common import units
+from common.units import gib  # noqa: F401  (the planner's fit lines use it)
+from launcher.planner.memory import GB
 
 
 def size(n: float) -> str:
-    """Bytes in the unit that shows them: GiB, MiB or KiB (a tiny model is not '0.00 GiB')."""
-    for unit, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B" if n else "0 B"
+    return units.size(n, 2)
 
 
 def duration(seconds: float) -> str:

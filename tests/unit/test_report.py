@@ -67,8 +67,8 @@ def check_report(run: Path, headings: list[str]) -> str:
 
 
 def test_finetune_report_has_curves_memory_and_the_recorded_numbers(tmp_path):
+    from common.units import size as _size
     from launcher.planner import estimate
-    from launcher.summary import _size
 
     summary = {"wall_time_s": 41.8, "steps": 120, "strategy": "lora", "loss_first": 5.184, "loss_last": 4.66,
                "eval_loss_before": 5.5697, "eval_loss_after": 4.6072, "retain_loss_before": 5.5161,
