@@ -1,10 +1,13 @@
-"""B6: the planner's memory prediction against the measured peak of one training step (CPU, fp32).
+"""B6: the planner's memory prediction against the measured peak of one training step (CPU: fp32,
+bf16 autocast, gradient checkpointing, gradient accumulation).
 
 What is measured: the peak of live tensor bytes during one steady-state training step, the same
 quantity the planner predicts (model states + activations + logits; no Python/torch runtime, no
 allocator slack). The step is the one jobs/finetune.py runs, built from the same code:
-`jobs.components.build_model` + `apply_strategy`, AdamW over the trainable parameters, then
-forward -> zero_grad(set_to_none=True) -> backward -> optimizer.step().
+`jobs.components.build_model` + `apply_strategy` (+ `jobs.precision.enable_checkpointing`), AdamW
+over the trainable parameters, and `jobs.precision.Stepper` for the optimizer step: per micro-batch
+forward (under autocast for bf16) -> zero_grad(set_to_none=True) after the first -> backward, then
+optimizer.step() after the last.
 
 Method: two warm-up steps create the optimizer state. At the start of the measured step the live
 bytes are counted exactly (unique storages of parameters, gradients and optimizer state; nothing
@@ -48,15 +51,27 @@ CASES = [
      {"hidden_size": 256, "intermediate_size": 688, "num_attention_heads": 8, "num_key_value_heads": 8,
       "vocab_size": 4000}),
 ]
+# Issue 15's training settings (train.*): (name, strategy, micro_batch, seq_len, model.config, train)
+TRAIN_CASES = [
+    ("full b4 s128 grad checkpointing", {"type": "full"}, 4, 128, {}, {"grad_checkpointing": True}),
+    ("lora-r8 b8 s96 grad checkpointing", LORA, 8, 96, {}, {"grad_checkpointing": True}),
+    ("full b4 s128 bf16 autocast", {"type": "full"}, 4, 128, {}, {"precision": "bf16"}),
+    ("lora-r8 b8 s96 bf16 autocast", LORA, 8, 96, {}, {"precision": "bf16"}),
+    ("lora-r8 b8 s96 bf16 + checkpointing", LORA, 8, 96, {}, {"precision": "bf16", "grad_checkpointing": True}),
+    ("full b4 s128 accumulation 3", {"type": "full"}, 4, 128, {}, {"grad_accumulation": 3}),
+]
 
 
-def _spec(strategy: dict, micro_batch: int, seq_len: int, config: dict) -> dict:
+def _spec(strategy: dict, micro_batch: int, seq_len: int, config: dict, train: dict | None = None) -> dict:
+    config = dict(config)
+    attn = config.pop("attn_implementation", "sdpa")  # the spec field the job reads
     return {
         "kind": "finetune",
         "name": "b6",
-        "model": {"source": "tiny-llama", "config": dict(config), "seq_len": seq_len, "num_labels": None},
+        "model": {"source": "tiny-llama", "config": config, "seq_len": seq_len, "num_labels": None,
+                  "attn_implementation": attn},
         "strategy": dict(strategy),
-        "train": {"max_steps": 1, "micro_batch": micro_batch},
+        "train": {"max_steps": 1, "micro_batch": micro_batch, **(train or {})},
         "resources": {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0},
     }
 
@@ -88,11 +103,18 @@ def measure(spec: dict, seed: int = 0) -> dict:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from jobs import components as C
+    from jobs import precision as P
 
     torch.set_num_threads(1)
+    train = spec["train"]
     model = C.apply_strategy(C.build_model(spec["model"], seed=seed), spec["strategy"])
+    if train.get("grad_checkpointing"):
+        P.enable_checkpointing(model)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    accumulation = train.get("grad_accumulation", 1)
+    stepper = P.Stepper(model, optimizer, precision=P.resolve(train.get("precision"), 0),
+                        accumulation=accumulation, grad_clip=None)
     b, s = spec["train"]["micro_batch"], spec["model"]["seq_len"]
     gen = torch.Generator().manual_seed(seed)
     vocab = spec["model"]["config"].get("vocab_size", 259)
@@ -100,12 +122,10 @@ def measure(spec: dict, seed: int = 0) -> dict:
                         (b, s), generator=gen)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
-    def step():
-        loss = model(**batch).loss  # as jobs/finetune.py: forward, zero_grad, backward, step
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return float(loss.detach())
+    def step():  # as jobs/finetune.py: one optimizer step of `accumulation` micro-batches
+        for _ in range(accumulation):
+            update = stepper.micro_step(lambda: model(**batch).loss)
+        return update.loss
 
     step()
     start = _state_bytes(model, optimizer)
@@ -137,8 +157,8 @@ def run() -> dict:
     from launcher.planner import estimate
 
     rows = []
-    for name, strategy, b, s, config in CASES:
-        spec = _spec(strategy, b, s, config)
+    for name, strategy, b, s, config, train in [(*c, {}) for c in CASES] + TRAIN_CASES:
+        spec = _spec(strategy, b, s, config, train)
         started = time.time()
         measured = measure(spec)
         mem = estimate(spec, "local-cpu")["memory"]
@@ -154,6 +174,7 @@ def run() -> dict:
             "micro_batch": b,
             "seq_len": s,
             "attention": measured["attn_implementation"],
+            "train": train,
             "predicted_bytes": mem["total"],
             "measured_bytes": measured["peak_bytes"],
             "ratio": round(mem["total"] / measured["peak_bytes"], 4),
@@ -178,7 +199,8 @@ def run() -> dict:
         "method": (
             "peak of live tensor bytes in one steady-state training step (forward, "
             "zero_grad(set_to_none=True), backward, AdamW step; jobs.components build_model + "
-            "apply_strategy), CPU fp32: exact bytes of parameters, gradients and AdamW state at the step's "
+            "apply_strategy, jobs.precision.Stepper), CPU (fp32, bf16 autocast, checkpointing, "
+            "accumulation): exact bytes of parameters, gradients and AdamW state at the step's "
             "start plus the running sum of torch.profiler(profile_memory=True) allocator events during "
             "the step; excludes the Python/torch runtime and allocator slack"
         ),

@@ -31,11 +31,12 @@ def spec_for(stage: int, act_ckpt: bool, micro_batch: int, seq_len: int, steps: 
     return {
         "kind": "finetune",
         "engine": "deepspeed",
-        "deepspeed": {"zero_stage": stage, "precision": "bf16", "activation_checkpointing": act_ckpt},
+        "deepspeed": {"zero_stage": stage},
         "strategy": {"type": "full"},
         "model": {"source": "tiny-llama", "config": MODEL, "seq_len": seq_len},
         "train": {"micro_batch": micro_batch, "lr": 3e-4, "seed": 0, "grad_clip": 1.0,
-                  "warmup_steps": 0, "weight_decay": 0.0, "max_steps": steps},
+                  "warmup_steps": 0, "weight_decay": 0.0, "max_steps": steps, "precision": "bf16",
+                  "grad_checkpointing": act_ckpt},
         "resources": {"workers": 1, "cpus_per_worker": 8, "gpus_per_worker": 1},
     }
 

@@ -143,20 +143,30 @@ def tokenize_fn(spec):
 # Model and strategy
 
 
-def build_model(model_spec: ModelSpec | dict, seed: int = 0):
-    """The base model of a spec. Random-init sources are deterministic by seed."""
+def build_model(model_spec: ModelSpec | dict, seed: int = 0, dtype: Optional[torch.dtype] = None):
+    """The base model of a spec, with its attention kernel (`model.attn_implementation`) and in
+    `dtype` (None: fp32; jobs/precision.base_dtype). Random-init sources are deterministic by seed."""
     model_spec = ModelSpec.model_validate(model_spec)
     source, labels = model_spec.source, model_spec.num_labels
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForSequenceClassification if labels else AutoModelForCausalLM
     extra = {"num_labels": labels} if labels else {}
+    attn = model_spec.config.get("attn_implementation") or model_spec.attn_implementation
+    if attn == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("model.attn_implementation: flash_attention_2 needs the flash-attn package on the "
+                             "cluster's workers (pip install flash-attn); use sdpa")
+    kwargs = {"attn_implementation": attn, **({"dtype": dtype} if dtype is not None else {})}
     torch.manual_seed(seed)  # a new head (classifier, score) is random: same seed, same head
     if source == "tiny-llama":
-        return auto.from_config(config_for(model_spec.model_dump()))
+        return auto.from_config(config_for(model_spec.model_dump()), **kwargs)
     if source == "minilm" or source.startswith("hf:"):
         folder = minilm_dir() if source == "minilm" else source[3:]
-        return auto.from_pretrained(folder, local_files_only=True, **extra, **model_spec.config)
+        config = {k: v for k, v in model_spec.config.items() if k != "attn_implementation"}
+        return auto.from_pretrained(folder, local_files_only=True, **extra, **config, **kwargs)
     raise ValueError(f"model source {source!r} is not runnable by this job yet")
 
 

@@ -20,6 +20,7 @@ from common.runfolder import dir_size
 from jobs import components as C
 from jobs.artifacts import RunDir
 from jobs.loop import Loop, run_worker
+from jobs.precision import enable_checkpointing
 from launcher.dsconfig import ds_config
 from launcher.kinds.finetune import DeepSpeedSpec
 from launcher.strategies import get_strategy
@@ -68,6 +69,7 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
     return {
         "engine": "deepspeed",
         "deepspeed": spec.deepspeed.model_dump(mode="json"),
+        "precision": spec.train.precision,
         "wall_time_s": round(time.time() - started, 2),
         "steps": final.get("step"),
         "loss_first": metrics[0]["loss"] if metrics else None,
@@ -86,12 +88,12 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
 
 
 def with_engine_defaults(spec):
-    """The spec with its `deepspeed:` block complete: the defaults that depend on the hardware
-    filled in (bf16 on GPUs, fp32 on CPU), as `plan` fills them (a compare variant is not planned)."""
-    ds = spec.deepspeed or DeepSpeedSpec()
-    if ds.precision is None:
-        ds = ds.model_copy(update={"precision": "bf16" if spec.resources.gpus_per_worker > 0 else "fp32"})
-    return spec.model_copy(update={"deepspeed": ds})
+    """The spec with its `deepspeed:` block complete and `train.precision` filled in from the
+    hardware (bf16 on GPUs, fp32 on CPU), as `plan` fills them (a compare variant is not planned)."""
+    train = spec.train
+    if train.precision is None:
+        train = train.model_copy(update={"precision": "bf16" if spec.resources.gpus_per_worker > 0 else "fp32"})
+    return spec.model_copy(update={"deepspeed": spec.deepspeed or DeepSpeedSpec(), "train": train})
 
 
 def train_loop(config: dict) -> None:
@@ -183,11 +185,8 @@ def init_distributed(on_gpu: bool) -> None:
 def build_model(spec):
     """The spec's base model with its strategy applied (same seed on every rank, same weights)."""
     model = C.apply_strategy(C.build_model(spec.model, seed=spec.train.seed), spec.strategy)
-    if spec.deepspeed.activation_checkpointing:
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
+    if spec.train.grad_checkpointing:
+        enable_checkpointing(model)
     return model
 
 

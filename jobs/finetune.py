@@ -20,6 +20,7 @@ from ray.train.torch import TorchTrainer
 
 from common.runfolder import EVENTS, dir_size
 from jobs import components as C
+from jobs import precision as P
 from jobs import strategies as S
 from jobs.artifacts import RunDir
 from jobs.data.read import read_dataset
@@ -58,8 +59,9 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
         train_ds = mix_datasets(train_ds, read(data.replay.path, 1), fraction,
                                 seed=train.seed, new_rows=rows.get("train"), old_rows=rows.get("replay"))
         stream_rows = stream_rows and stream_rows / (1 - fraction)
-    # Epochs of the unfreezing schedule in steps: each step takes micro_batch rows per worker.
-    steps_per_epoch = (max(1, int(stream_rows // (train.micro_batch * res.workers)))
+    # Epochs of the unfreezing schedule in optimizer steps: each takes micro_batch x
+    # grad_accumulation rows per worker.
+    steps_per_epoch = (max(1, int(stream_rows // (train.micro_batch * train.grad_accumulation * res.workers)))
                        if stream_rows else train.max_steps)
 
     # 2. The Ray Train run. Its name is the run id: a rerun of the same id resumes on purpose.
@@ -142,6 +144,9 @@ def _train_loop(spec, config: dict) -> None:
     model = _prepare(model, trained if unfreezer else None)
     inner = C.unwrap(model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: C.warmup(s, train.warmup_steps))
+    # Precision, accumulation and clipping: max_steps and every report count optimizer steps.
+    stepper = P.Stepper(model, optimizer, precision=P.resolve(train.precision, spec.resources.gpus_per_worker),
+                        accumulation=train.grad_accumulation, grad_clip=train.grad_clip)
 
     def save(path, final):
         C.save_checkpoint(path, model, optimizer, step, export=final)
@@ -165,17 +170,14 @@ def _train_loop(spec, config: dict) -> None:
                 seen["replay"] += int(batch[C.REPLAY_FLAG].sum())
                 seen["rows"] += len(batch[C.REPLAY_FLAG])
             batch = {k: batch[k] for k in C.TENSOR_COLUMNS}
-            loss = model(**batch).loss
-            penalty = ewc.penalty() if ewc else None
-            optimizer.zero_grad(set_to_none=True)
-            (loss + penalty if ewc else loss).backward()
-            if train.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                               train.grad_clip)
-            optimizer.step()
+            update = stepper.micro_step(lambda: model(**batch).loss, int(batch["attention_mask"].sum()),
+                                        penalty=ewc.penalty if ewc else None)
+            if update is None:  # inside an accumulation window: no optimizer step yet
+                continue
+            penalty = update.penalty
             scheduler.step()
             step += 1
-            loop.add(loss.detach(), int(batch["attention_mask"].sum()) * loop.world)  # equal shares per rank
+            loop.add(update.loss, update.count * loop.world)  # equal shares per rank
             loop.stepped(step)
             if loop.due(step):
                 final, extra = loop.final(step), None
@@ -200,10 +202,13 @@ def _build(spec, steps_per_epoch: int, keep_base: str | None):
     """The base with its strategy, the unfreezing schedule, the set the optimizer may ever update
     (today's trainable set, or the schedule's final one), the optimizer and the EWC penalty.
     The same seed on every rank gives the same base weights; `keep_base`: save the base there."""
-    base = C.build_model(spec.model, seed=spec.train.seed)
+    base = C.build_model(spec.model, seed=spec.train.seed, dtype=P.base_dtype(spec))
     if keep_base:
         base.save_pretrained(keep_base)  # before the strategy wraps it
     model, strategy = C.apply_strategy(base, spec.strategy), C.strategy_args(spec.strategy)
+    P.trainable_in_fp32(model)
+    if spec.train.grad_checkpointing:
+        P.enable_checkpointing(model)
     unfreezer = S.Unfreezer(strategy, steps_per_epoch) if get_strategy(strategy).eventual else None
     trained = unfreezer.eventual(strategy, model) if unfreezer else {
         n for n, p in model.named_parameters() if p.requires_grad}

@@ -85,10 +85,10 @@ class Kind:
             found.append(f"engine: {engine.name} does not run strategy {strategy}; use strategy "
                          f"{' or '.join(engine.strategies)}{other}")
         for field in engine.ignores:
-            if _value(spec, field) not in (None, [], {}):
+            if _is_set(spec, field):
                 fix = self._other_engines(lambda e: field not in e.ignores).replace(", or ", "use ")
                 found.append(f"engine: {engine.name} does not run {field}; {fix or 'remove it'}")
-        return found + self.own_refusals(spec)
+        return found + training_refusals(spec) + self.own_refusals(spec)
 
     def own_refusals(self, spec: BaseModel) -> list[str]:
         """The kind's own refusals beyond tasks, sources, strategies and engine fields."""
@@ -99,9 +99,17 @@ class Kind:
         return {"model": spec.get("model") or {}}
 
     def check_target(self, spec: dict, target: str) -> list[str]:
-        """Refuse a plan-only model source on the local target; elsewhere, warn what it needs."""
+        """Refuse a plan-only model source on the local target, and flash attention where its package
+        is missing; elsewhere, warn what it needs."""
         warnings = []
         for where, model in self.models(spec).items():
+            if model.get("attn_implementation") == "flash_attention_2":
+                if target == "local" and not _flash_attn_installed():
+                    raise ConfigError(f"{where}.attn_implementation: flash_attention_2 needs the flash-attn "
+                                      "package, which is not installed here (pip install flash-attn); use sdpa")
+                if target != "local":
+                    warnings.append(f"{where}.attn_implementation: flash_attention_2 needs flash-attn on the "
+                                    "cluster's workers; the job stops at start without it")
             source = model.get("source")
             if source not in self.plan_only:
                 continue
@@ -283,6 +291,41 @@ def _value(model: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         model = getattr(model, part, None)
     return model
+
+
+def _is_set(spec: BaseModel, dotted: str) -> bool:
+    """Whether a spec sets a field to something other than its default (False, 1, None, [])."""
+    *parents, name = dotted.split(".")
+    parent = _value(spec, ".".join(parents)) if parents else spec
+    value = getattr(parent, name, None)
+    if value in (None, [], {}):
+        return False
+    field = type(parent).model_fields.get(name) if isinstance(parent, BaseModel) else None
+    return field is None or value != field.get_default(call_default_factory=True)
+
+
+def training_refusals(spec: BaseModel) -> list[str]:
+    """What the training settings ask that the hardware or the strategy cannot run, one line each."""
+    from launcher.strategies import STRATEGIES
+
+    train, res, found = getattr(spec, "train", None), getattr(spec, "resources", None), []
+    gpus = getattr(res, "gpus_per_worker", 0) or 0
+    if getattr(train, "precision", None) == "fp16" and not gpus:
+        found.append("train.precision: fp16 needs a GPU (gpus_per_worker > 0); use bf16 or fp32")
+    model = getattr(spec, "model", None)
+    if getattr(model, "attn_implementation", None) == "flash_attention_2" and not gpus:
+        found.append("model.attn_implementation: flash_attention_2 needs a GPU (gpus_per_worker > 0); use sdpa")
+    strategy = STRATEGIES.get(getattr(getattr(spec, "strategy", None), "type", None))
+    if getattr(train, "grad_checkpointing", False) and strategy is not None and strategy.no_checkpointing:
+        found.append(f"train.grad_checkpointing: strategy {strategy.name} cannot train with it "
+                     f"({strategy.no_checkpointing}); set train.grad_checkpointing: false or use lora or prompt")
+    return found
+
+
+def _flash_attn_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
 
 
 # Every file of this package registers one kind on import.

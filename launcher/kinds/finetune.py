@@ -14,7 +14,6 @@ from pydantic import ConfigDict, Field, model_validator
 from launcher.dsconfig import ENGINE_STRATEGIES
 from launcher.kinds import Engine, Kind, check_datasets, layout, register_kind, resolve_data, resolve_model
 from launcher.spec import (
-    MAX_BATCH,
     DataSpec,
     JobBase,
     ModelSpec,
@@ -40,17 +39,27 @@ PLAN_ONLY = {"llama-2-7b": "planned from its config only; the job loads no weigh
                            "to run it, point model.source at hf:<folder with the weights> on the cluster"}
 
 
+# Settings every engine shares, once in `train:`; the `deepspeed:` block had its own before.
+MOVED_TO_TRAIN = {"precision": "train.precision", "grad_accumulation": "train.grad_accumulation",
+                  "activation_checkpointing": "train.grad_checkpointing"}
+
+
 class DeepSpeedSpec(Strict):
-    """The `deepspeed:` block of `engine: deepspeed` (field names shared with the planner)."""
+    """The `deepspeed:` block of `engine: deepspeed` (field names shared with the planner); its
+    precision, accumulation and checkpointing are the `train:` block's, as for the torch engine."""
 
     zero_stage: Literal[0, 1, 2, 3] = 0
     offload_optimizer: bool = Field(False, description="optimizer states in CPU memory (ZeRO 1-3)")
     offload_params: bool = Field(False, description="parameters in CPU memory (ZeRO-3 only)")
-    precision: Optional[Literal["bf16", "fp32", "fp16"]] = Field(
-        None, description="default: bf16 on GPUs, fp32 on CPU (fp16 is refused on CPU)"
-    )
-    grad_accumulation: int = Field(1, gt=0, le=MAX_BATCH, description="micro-batches per optimizer step")
-    activation_checkpointing: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, value):
+        if isinstance(value, dict):
+            moved = [f"deepspeed.{k} is now {new}: move it there" for k, new in MOVED_TO_TRAIN.items() if k in value]
+            if moved:
+                raise ValueError("; ".join(moved))
+        return value
 
 
 class LrGroup(Strict):

@@ -19,6 +19,7 @@ from launcher.planner.describe import format_estimate, format_pipeline_estimate
 from launcher.planner.fit import USABLE_FRACTION, Levers, capacity, fit, schedule_problem, suggestions
 from launcher.planner.memory import GB, GIB, QLORA_BITS, activation_terms, memory_per_gpu
 from launcher.planner.timing import DEFAULT_MFU, time_estimate
+from launcher.strategies import get_strategy
 
 __all__ = [
     "DEFAULT_MFU", "GB", "GIB", "QLORA_BITS", "USABLE_FRACTION", "Levers",
@@ -48,8 +49,13 @@ def estimate(spec: dict, profile_name: Optional[str] = None) -> dict:
         counts["lora_targets"] = strategy.get("target_modules", "all-linear")
     seq_len = model.get("seq_len", 64)
     micro_batch, workers = train.get("micro_batch", 8), resources["workers"]
-    # Only the DeepSpeed engine has a field that turns checkpointing on.
-    grad_ckpt = engine == "deepspeed" and bool(ds.get("activation_checkpointing"))
+    accumulation = train.get("grad_accumulation", 1)
+    # What the job runs (jobs/precision.py): train.precision (bf16 on GPUs, fp32 on CPU by default),
+    # train.grad_checkpointing, on either engine; the attention kernel of model.attn_implementation.
+    grad_ckpt = bool(train.get("grad_checkpointing"))
+    precision = train.get("precision") or ("bf16" if on_gpu else "fp32")
+    if (model.get("config") or {}).get("attn_implementation") is None and model.get("attn_implementation"):
+        counts["dims"] = {**counts["dims"], "attn_implementation": model["attn_implementation"]}
     memory = memory_per_gpu(
         counts,
         None,
@@ -60,12 +66,17 @@ def estimate(spec: dict, profile_name: Optional[str] = None) -> dict:
         zero_stage=ds.get("zero_stage", 0),
         offload_optimizer=ds.get("offload_optimizer", False),
         offload_params=ds.get("offload_params", False),
-        precision=ds.get("precision") or ("bf16" if on_gpu else "fp32"),
+        precision=precision,
         grad_checkpointing=grad_ckpt,
         virtual_tokens=strategy.get("num_virtual_tokens", 0) if strategy["type"] == "prompt" else 0,
         on_gpu=on_gpu,
+        autocast=engine != "deepspeed",
+        base_16bit=on_gpu and precision != "fp32" and get_strategy(strategy).is_adapter and engine != "deepspeed",
+        accumulation=accumulation,
     )
-    tokens = train.get("max_steps", 100) * micro_batch * workers * seq_len * ds.get("grad_accumulation", 1)
+    # max_steps counts optimizer steps: each takes micro_batch x accumulation rows on every worker.
+    effective_batch = micro_batch * accumulation * workers
+    tokens = train.get("max_steps", 100) * effective_batch * seq_len
     devices = max(1, math.ceil(workers * resources["gpus_per_worker"])) if on_gpu else max(
         1, math.ceil(workers * resources["cpus_per_worker"]))
     if not on_gpu and profile["gpus"]:
@@ -77,7 +88,7 @@ def estimate(spec: dict, profile_name: Optional[str] = None) -> dict:
         timing = None  # cannot run there; the fit says why
     else:
         timing = time_estimate(counts, tokens, profile_for_time, strategy["type"], devices=devices,
-                               grad_checkpointing=grad_ckpt)
+                               grad_checkpointing=grad_ckpt, steps=train.get("max_steps", 100))
     public_counts = {k: v for k, v in counts.items() if k not in ("linear_shapes",)}
     return {
         "model": model.get("source", "tiny-llama"),
@@ -86,7 +97,8 @@ def estimate(spec: dict, profile_name: Optional[str] = None) -> dict:
         "resources": resources,
         "parameters": public_counts,
         "memory": {k: v for k, v in memory.items() if k != "inputs"},
-        "memory_settings": {k: v for k, v in memory["inputs"].items() if k != "counts"},
+        "memory_settings": {**{k: v for k, v in memory["inputs"].items() if k != "counts"},
+                            "grad_accumulation": accumulation, "effective_batch": effective_batch},
         "fit": fit(memory, profile, resources, Levers(engine=engine, strategy=strategy)),
         "time": timing,
     }

@@ -32,9 +32,13 @@ def format_estimate(est: dict) -> str:
     s = est["memory_settings"]
     lines.append(
         f"  memory {unit} (workers {s['workers']}, micro_batch {s['micro_batch']}, seq_len {s['seq_len']}, "
-        f"{s['precision']}, ZeRO-{s['zero_stage']}"
+        f"{s['precision']}{' autocast' if s.get('autocast') and s['precision'] != 'fp32' else ''}"
+        f"{', 16-bit frozen base' if s.get('base_16bit') else ''}, ZeRO-{s['zero_stage']}"
         f"{', grad checkpointing' if s['grad_checkpointing'] else ''})"
     )
+    if s.get("grad_accumulation", 1) > 1 or s.get("effective_batch"):
+        lines.append(f"  batch       {s['micro_batch']} x {s.get('grad_accumulation', 1)} accumulated x "
+                     f"{s['workers']} worker(s) = {s.get('effective_batch')} rows per optimizer step")
     for key in ("weights", "gradients", "optimizer", "activations", "total"):
         lines.append(f"    {key:<12}{size(m[key]):>14}")
         if key == "activations" and m.get("activation_terms"):
@@ -55,7 +59,8 @@ def format_estimate(est: dict) -> str:
     if t:
         hours = (f", {t['gpu_hours']:.3g} GPU-hours" if t["gpu_hours"] else
                  f", {t['device_hours']:.3g} CPU-core-hours")
-        lines.append(f"  time        {duration(t['seconds'])} for {t['tokens']:,} tokens{hours} "
+        per_step = f", {t['seconds_per_step']:.3g} s per optimizer step" if t.get("seconds_per_step") else ""
+        lines.append(f"  time        {duration(t['seconds'])} for {t['tokens']:,} tokens{hours}{per_step} "
                      f"(MFU {t['mfu']:.0%} assumed)")
     return "\n".join(lines)
 

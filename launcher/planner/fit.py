@@ -135,7 +135,7 @@ def _value(value) -> str:
 
 def spec_overrides(settings: dict, levers: Levers) -> Optional[list[str]]:
     """The `key=value` overrides that make these planner settings, or None when no field of the
-    spec can (gradient checkpointing on the torch engine, a pipeline stage's micro-batch)."""
+    spec can (a pipeline stage's checkpointing or micro-batch)."""
     out, engine = [], levers.engine
     new_type = settings.get("strategy_type")
     if new_type is not None:
@@ -161,10 +161,10 @@ def spec_overrides(settings: dict, levers: Levers) -> Optional[list[str]]:
             out.append("engine=deepspeed")
             engine = "deepspeed"
         out += [f"deepspeed.{k}={_value(settings[k])}" for k in DEEPSPEED_SETTINGS if k in settings]
-    if settings.get("grad_checkpointing"):  # only DeepSpeed's activation_checkpointing turns it on
-        if engine != "deepspeed":
+    if settings.get("grad_checkpointing"):  # train.grad_checkpointing, on either engine
+        if engine is None:
             return None
-        out.append("deepspeed.activation_checkpointing=true")
+        out.append("train.grad_checkpointing=true")
     if "micro_batch" in settings:
         if not levers.micro_batch:
             return None
@@ -197,10 +197,12 @@ def suggestions(memory: dict, profile: dict, resources: dict, levers: Optional[L
 
     def new_strategy(strategy_type: str, rank: int) -> dict:
         settings = {"strategy_type": strategy_type, "r": rank}
+        torch_engine = levers.engine != "deepspeed" or strategy_type not in ENGINE_STRATEGIES
         if levers.engine == "deepspeed" and strategy_type not in ENGINE_STRATEGIES:
-            # Runs on the torch engine instead, with its defaults.
-            settings.update(zero_stage=0, offload_optimizer=False, offload_params=False,
-                            grad_checkpointing=False, precision="bf16" if on_gpu else "fp32")
+            # Runs on the torch engine instead, with its defaults (precision and checkpointing are train.*).
+            settings.update(zero_stage=0, offload_optimizer=False, offload_params=False, autocast=True)
+        if torch_engine:  # the torch engine loads an adapter's frozen base in 16 bits on GPUs
+            settings["base_16bit"] = on_gpu and inputs["precision"] != "fp32"
         return settings
 
     def lora_like(strategy_type: str, rank: int) -> dict:
@@ -230,13 +232,14 @@ def suggestions(memory: dict, profile: dict, resources: dict, levers: Optional[L
                 mem=mem, res=res)
     else:
         full_like = kind in ("full", "freeze")
+        ds = {"autocast": False, "base_16bit": False}  # DeepSpeed keeps 16-bit states, fp32 master
         if full_like and workers > 1 and inputs["zero_stage"] != 3:
-            add(f"DeepSpeed ZeRO-3 over the {workers} workers", {"zero_stage": 3})
+            add(f"DeepSpeed ZeRO-3 over the {workers} workers", {"zero_stage": 3, **ds})
         if full_like and on_gpu:
             add("DeepSpeed ZeRO-2 with optimizer offload to CPU",
-                {"zero_stage": 2, "offload_optimizer": True})
+                {"zero_stage": 2, "offload_optimizer": True, **ds})
             add("DeepSpeed ZeRO-3 with optimizer and parameter offload to CPU",
-                {"zero_stage": 3, "offload_optimizer": True, "offload_params": True})
+                {"zero_stage": 3, "offload_optimizer": True, "offload_params": True, **ds})
         if kind in ("full", "freeze"):
             add(f"LoRA r={r} on all linear layers", new_strategy("lora", r), counts_=lora_like("lora", r))
         if kind in ("full", "freeze", "lora") and on_gpu:
@@ -250,9 +253,9 @@ def suggestions(memory: dict, profile: dict, resources: dict, levers: Optional[L
         cap = capacity(profile, resources)
         if full_like and cap > workers:
             for more in range(workers + 1, cap + 1):
-                mem = remeasure(memory, workers=more, zero_stage=3)
+                mem = remeasure(memory, workers=more, zero_stage=3, autocast=False, base_16bit=False)
                 if _verdict(mem, profile, {**resources, "workers": more})[0] == "fits":
-                    add(f"workers={more} with ZeRO-3", {"workers": more, "zero_stage": 3}, mem=mem,
+                    add(f"workers={more} with ZeRO-3", {"workers": more, "zero_stage": 3, **ds}, mem=mem,
                         res={**resources, "workers": more})
                     break
     if on_gpu:

@@ -42,6 +42,7 @@ def activation_terms(
     grad_checkpointing: bool = False,
     on_gpu: bool = True,
     grads_freed: float = 0.0,
+    autocast_fp32_base: bool = False,
 ) -> tuple[dict, list[str]]:
     """Bytes of the activations live at the peak of one training step, one entry per term.
 
@@ -57,14 +58,16 @@ def activation_terms(
     reading of the code but are not measured yet: an earlier H200 check (0.94B Llama, fp32 weights
     + bf16 autocast) found peak minus model states 1.9x Korthikanti's formula for full fine-tuning
     with eager attention and 2.8x for LoRA; the eager fp32 softmax + cast, the fp32 norm inputs,
-    the fp32 logits and peft's fp32 input casts counted here are those gaps, but autocast's own
-    weight copies are not modelled.
+    the fp32 logits and peft's fp32 input casts counted here are those gaps.
+    `autocast_fp32_base`: 16-bit autocast over fp32 weights (the torch engine): the residual stream
+    and the norms' outputs stay fp32, and an adapter's input is kept as autocast's 16-bit copy.
     """
     b, s = micro_batch, seq_len
     h, heads, layers = dims["hidden_size"], dims["num_heads"], dims["num_layers"]
     inter = dims.get("intermediate_size") or 4 * h
     vocab = dims["vocab_size"]
     a, f = (2, 4) if mixed else (4, 4)
+    n_ = f if autocast_fp32_base else a  # a norm's output: fp32 when the weights are
     m1 = 1 if on_gpu else 4  # dropout mask bytes per element
     bsh, bsi = b * s * h, b * s * inter
     full_like = strategy_type in ("full", "freeze")
@@ -100,7 +103,7 @@ def activation_terms(
     else:
         per_layer_bsh = (
             2 * f                                   # RMSNorm inputs (upcast to fp32), attention and MLP
-            + (2 * a if full_like else 0)           # normalised x, kept for the trainable norm weight
+            + (2 * n_ if full_like else 0)          # normalised x, kept for the trainable norm weight
             + (a if needs_input("q_proj", "k_proj", "v_proj") else 0)
             + 3 * a                                 # q, k (after rotary), v
             + (a if (needs_input("o_proj") or not eager) else 0)  # context (SDPA keeps its output)
@@ -137,7 +140,7 @@ def activation_terms(
             masked = n - (1 if reads_embeddings else 0)
             lora_extra += masked * b * s * d_in * m1
         elif mixed:
-            per_token += d_in * f
+            per_token += d_in * (a if autocast_fp32_base else f)
         lora_extra += n * b * s * per_token
     if adapted:
         notes.append("LoRA: r-wide lora_A output per adapted layer"
@@ -151,11 +154,13 @@ def activation_terms(
     first_input = f * bsh if adapters_on_decoder else 0
     terms = {}
     if grad_checkpointing:
-        # HF checkpointing keeps each layer's input; backward recomputes one layer at a time
-        terms["layer_inputs"] = layers * a * bsh
-        terms["recomputed_layer"] = layer + lora_extra / max(1, layers)
+        # HF checkpointing keeps each layer's input; backward recomputes one layer at a time, after
+        # the loss's and the final norm's buffers are freed: the larger of the two sets the peak
+        # (measured by B6 on CPU). The recomputed layer comes with the incoming gradient (s*b*h).
+        terms["layer_inputs"] = layers * n_ * bsh  # the residual stream: fp32 under autocast over fp32 weights
+        recomputed = layer + lora_extra / max(1, layers) + n_ * bsh
         notes.append("activation checkpointing: each layer's input (s*b*h) kept, one layer recomputed "
-                     "at a time")
+                     "at a time (after the loss's buffers are freed)")
     else:
         terms["layers"] = layers * layer - first_input
         terms["lora"] = lora_extra
@@ -163,7 +168,8 @@ def activation_terms(
         terms["embeddings"] = embed
     else:
         # final RMSNorm: input (fp32), normalised x and output kept when the norm and head train
-        terms["final_norm"] = (f + (2 * a if full_like else 0)) * bsh
+        terms["final_norm"] = (f + (2 * n_ if full_like else 0)) * bsh
+    head_terms = terms.get("embeddings", 0) + terms.get("final_norm", 0)
     terms["batch"] = 4 * b * s * 8  # input_ids, attention_mask, labels and the shifted labels, int64
     if dims.get("causal_lm", True):
         # The loss upcasts logits to fp32 and keeps log_softmax (f); at backward's start the logits'
@@ -184,6 +190,8 @@ def activation_terms(
         terms["logits_saved"] = f * b * labels
         terms["loss_transient"] = 2 * f * b * labels
         notes.append("classifier logits")
+    if grad_checkpointing:  # the recomputed layer beyond what the loss and final norm held at their peak
+        terms["recomputed_layer"] = max(0.0, recomputed - head_terms - terms["logits_saved"] - terms["loss_transient"])
     return terms, notes
 
 
@@ -202,8 +210,17 @@ def memory_per_gpu(
     grad_checkpointing: bool = False,
     virtual_tokens: int = 0,
     on_gpu: bool = True,
+    autocast: bool = False,
+    base_16bit: bool = False,
+    accumulation: int = 1,
 ) -> dict:
-    """Bytes per GPU (per worker on a CPU run): weights, gradients, optimizer, activations, total."""
+    """Bytes per GPU (per worker on a CPU run): weights, gradients, optimizer, activations, total.
+
+    `autocast`: the torch engine's mixed precision (jobs/precision.py): weights, gradients and
+    AdamW states stay fp32 and autocast computes in 16 bits (keeping 16-bit copies of the weights
+    it casts); otherwise a 16-bit `precision` is DeepSpeed's (16-bit weights and gradients, fp32
+    master copy). `base_16bit`: the frozen base is loaded in 16 bits (adapters on GPUs).
+    `accumulation` > 1: the gradients stay live through every micro-batch's backward."""
     if zero_stage not in (0, 1, 2, 3):
         raise PlanError(f"zero_stage {zero_stage} is invalid; use 0, 1, 2 or 3")
     if offload_optimizer and zero_stage == 0:
@@ -219,25 +236,30 @@ def memory_per_gpu(
     mixed = precision != "fp32"
     n = max(1, int(workers)) if zero_stage else 1
     T, F, L = counts["trainable"], counts["frozen"], counts["largest_layer"]
-    wb, gb = (2, 2) if mixed else (4, 4)
-    ob = 12 if mixed else 8  # fp32 master + Adam m, v; in fp32 the weights are the master copy
-    g32 = 4 if (mixed and zero_stage) else 0  # DeepSpeed keeps an fp32 gradient partition
+    states16 = mixed and not autocast  # DeepSpeed's 16-bit weights and gradients
+    wb, gb = (2, 2) if states16 else (4, 4)
+    ob = 12 if states16 else 8  # fp32 master + Adam m, v; in fp32 the weights are the master copy
+    g32 = 4 if (states16 and zero_stage) else 0  # DeepSpeed keeps an fp32 gradient partition
+    fb = 2 if (states16 or base_16bit) else 4  # bytes per frozen weight
     assumptions = [
         "AdamW, " + (f"mixed precision {precision}: 2 B weights + 2 B grads + 12 B fp32 master, m, v "
-                     "per trainable param" if mixed else
+                     "per trainable param" if states16 else
+                     (f"{precision} autocast over " if mixed else "") +
                      "fp32: 4 B weights + 4 B grads + 8 B Adam m, v per trainable param"),
     ]
+    if base_16bit:
+        assumptions.append(f"frozen base loaded in {precision} (2 B/param); trainable weights fp32")
 
     # Frozen weights: kept, never updated; 4-bit for QLoRA's quantized linear layers.
     if strategy_type == "qlora":
         q = min(counts["quantizable"], F)
-        frozen_bytes = q * QLORA_BITS / 8 + (F - q) * wb
+        frozen_bytes = q * QLORA_BITS / 8 + (F - q) * fb
         assumptions.append(
             f"QLoRA: linear layers at {QLORA_BITS} bits/param (NF4 + double quantization); "
             "embeddings, norms and the output head stay 16-bit"
         )
     else:
-        frozen_bytes = F * wb
+        frozen_bytes = F * fb
     cpu = 0.0
     if zero_stage == 3:
         frozen_bytes /= n
@@ -275,8 +297,29 @@ def memory_per_gpu(
     terms, act_notes = activation_terms(
         dims, counts, strategy_type, micro_batch=micro_batch, seq_len=seq_len + virtual_tokens,
         mixed=mixed, grad_checkpointing=grad_checkpointing, on_gpu=on_gpu,
-        grads_freed=g if zero_stage == 0 else 0.0,
+        grads_freed=g if zero_stage == 0 and accumulation <= 1 else 0.0,
+        autocast_fp32_base=autocast and mixed and not base_16bit,
     )
+    if autocast and mixed:
+        # autocast casts each fp32 weight a matmul reads to a 16-bit copy: backward keeps it (for the
+        # gradient of the matmul's input), and autocast caches the copies of trainable weights until
+        # the forward ends. Checkpointing drops the saved copies; the cached ones stay.
+        dims_ = counts["dims"]
+        head = dims_["vocab_size"] if dims_.get("causal_lm", True) else (dims_.get("num_labels") or 2)
+        matmul_weights = counts.get("quantizable", 0) + head * dims_["hidden_size"]
+        trainable_cast = min(T, matmul_weights) if strategy_type in ("full", "freeze") else T
+        if base_16bit:
+            cast = T  # only the fp32 adapters are cast
+        elif grad_checkpointing:
+            cast = trainable_cast
+        else:
+            cast = matmul_weights + (0 if strategy_type in ("full", "freeze") else T)
+        terms["autocast_weight_copies"] = 2 * cast
+        act_notes.append("autocast: 16-bit copies of the fp32 weights matmuls read (saved for backward; "
+                         "trainable ones cached until the forward ends)")
+    if accumulation > 1:
+        act_notes.append(f"gradient accumulation over {accumulation} micro-batches: the gradients stay "
+                         "live through each backward")
     assumptions += act_notes
     logits = terms["logits_saved"] + terms["loss_transient"]
     act = sum(terms.values()) - logits
@@ -313,7 +356,7 @@ def memory_per_gpu(
         "optimizer_step_temp": int(opt_temp),
         "total": int(total),
         "model_states": int(model_states),
-        "model_states_zero_paper": int(paper) if mixed else None,
+        "model_states_zero_paper": int(paper) if states16 else None,  # the paper's 16-bit states
         "cpu_offload": int(cpu),
         "assumptions": assumptions,
         "inputs": {
@@ -329,6 +372,9 @@ def memory_per_gpu(
             "grad_checkpointing": grad_checkpointing,
             "virtual_tokens": virtual_tokens,
             "on_gpu": on_gpu,
+            "autocast": autocast,
+            "base_16bit": base_16bit,
+            "accumulation": accumulation,
         },
     }
 

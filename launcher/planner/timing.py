@@ -18,6 +18,7 @@ def time_estimate(
     *,
     devices: Optional[int] = None,
     grad_checkpointing: bool = False,
+    steps: Optional[int] = None,
 ) -> dict:
     """Seconds and GPU-hours: FLOPs (6Ψ per token, ~4Ψ with frozen base weights) / (peak x MFU x GPUs)."""
     profile = cluster_profiles.get_profile(profile) if isinstance(profile, str) else profile
@@ -36,6 +37,7 @@ def time_estimate(
     label = (f"{devices} GPU(s) at {peak / 1e12:g} TFLOP/s bf16 peak" if on_gpu else
              f"{devices} CPU core(s) at {peak / 1e12:g} TFLOP/s each (a rough peak)")
     return {
+        "seconds_per_step": seconds / steps if steps else None,  # one optimizer step, every micro-batch
         "flops": float(flops),
         "tokens": int(tokens),
         "seconds": seconds,

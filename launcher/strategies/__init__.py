@@ -40,6 +40,8 @@ class Strategy:
     memory_kind: Optional[str] = None
     # virtual tokens that lengthen every sequence (prompt tuning)
     virtual_tokens: Callable[[Any], int] = lambda spec: 0
+    # why it cannot train with gradient checkpointing (None: it can)
+    no_checkpointing: Optional[str] = None
 
     @property
     def export(self) -> str:

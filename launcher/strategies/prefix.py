@@ -23,4 +23,7 @@ register_strategy(Strategy(
     name="prefix", spec=PrefixStrategy, family="adapter",
     summary="prefix tuning: trained key/value prefixes per attention layer",
     peft_config=prefix_config,
+    # transformers' checkpointed decoder layers drop the cache that carries the prefixes (measured:
+    # the attention mask and keys disagree in length)
+    no_checkpointing="its key/value prefixes travel in the cache, which checkpointed decoder layers drop",
 ))

@@ -41,11 +41,11 @@ def spec_for(stage: int, strategy: str, accumulation: int = 1):
     spec = {
         "kind": "finetune", "name": "ds", "data": {"train": "unused.parquet"},
         "engine": "deepspeed",
-        "deepspeed": {"zero_stage": stage, "grad_accumulation": accumulation},
+        "deepspeed": {"zero_stage": stage},
         "strategy": {"type": strategy, **(lora if strategy == "lora" else {})},
         "model": {"source": "tiny-llama", "config": {}, "seq_len": 32},
         "train": {"micro_batch": 8, "lr": 3e-3 if strategy == "full" else 1e-2, "seed": 0,
-                  "grad_clip": 1.0, "warmup_steps": 0, "weight_decay": 0.0},
+                  "grad_clip": 1.0, "warmup_steps": 0, "weight_decay": 0.0, "grad_accumulation": accumulation},
         "resources": {"workers": 1, "gpus_per_worker": 0},
     }
     return with_engine_defaults(load_spec(spec))

@@ -29,12 +29,12 @@ def test_every_bad_variant_is_reported_at_once():
     with pytest.raises(ConfigError) as err:
         load_spec({**BASE, "variants": {
             "neg": {"strategy": {"type": "lora", "r": -1}},
-            "half": {"engine": "deepspeed", "deepspeed": {"precision": "fp16"}},
+            "half": {"engine": "deepspeed", "train": {"precision": "fp16"}},
             "typo": {"strategy": {"type": "lorra"}},
         }})
     text = str(err.value)
     assert "variants.neg: strategy.r" in text
-    assert "variants.half: deepspeed.precision: fp16 is refused on CPU" in text
+    assert "variants.half: train.precision: fp16 needs a GPU (gpus_per_worker > 0)" in text
     assert "variants.typo: strategy.type: 'lorra' is unknown; did you mean 'lora'?" in text
 
 
