@@ -322,7 +322,7 @@ def train_adapter(task: TaskSettings, base_path: str, stream, run_dir: str, seq_
         inputs.pop("labels")  # the loss is token_losses' (the same mean as transformers')
         logits = model(**inputs).logits
         loss_tok, mask = token_losses(logits, batch["labels"])
-        loss = (loss_tok * mask).sum() / mask.sum()
+        loss = (loss_tok * mask).sum() / mask.sum().clamp(min=1)  # rows cut before any answer: no loss, not NaN
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if train.grad_clip:
@@ -455,7 +455,7 @@ def packed_step(model, optimizer, batches: dict, params: dict, clips: dict, devi
     total, per_task, start = 0.0, {}, 0
     for n, r in zip(names, rows):
         lt, m = loss_tok[start:start + r], mask[start:start + r]
-        per_task[n] = (lt * m).sum() / m.sum()
+        per_task[n] = (lt * m).sum() / m.sum().clamp(min=1)
         total = total + per_task[n]
         start += r
     optimizer.zero_grad(set_to_none=True)  # absent tasks keep grad None: AdamW skips them
