@@ -48,7 +48,7 @@ def main(argv=None) -> int:
 
 
 def benches(head, data) -> dict:
-    from bench import b6_memory, b8_precision, spine
+    from bench import b6_memory, b7_packing, b8_precision, spine
 
     def b2():
         from bench import b2_ingest
@@ -60,6 +60,7 @@ def benches(head, data) -> dict:
         "b2_ingest": b2,
         "b3_training_loop": lambda: spine.b3(head.address, WORK, data),
         "b6_memory": lambda: b6_memory.run(),
+        "b7_packing": lambda: b7_packing.run(WORK),
         "b8_precision": lambda: b8_precision.run(data["train"]),
     }
 

@@ -22,6 +22,7 @@ from common.runfolder import EVENTS, dir_size
 from jobs import components as C
 from jobs import precision as P
 from jobs import strategies as S
+from jobs import text as T
 from jobs.artifacts import RunDir
 from jobs.data.read import read_dataset
 from jobs.loop import Loop, run_worker
@@ -34,13 +35,12 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
         return deepspeed_finetune.run(spec, plan, run_dir)
     data, train, res = spec.data, spec.train, spec.resources
 
-    # 1. Data: Parquet -> tokenized tensor columns, streamed and split across the workers.
-    tokenize, kwargs = C.tokenize_fn(spec)
-    columns = [kwargs["column"]] + ([kwargs["label"]] if "label" in kwargs else [])
+    # 1. Data: rows -> tokenized tensor columns (the model's own tokenizer; packed rows with
+    # data.packing), streamed and split across the workers.
+    columns = C.read_columns(data)
 
     def read(path, replayed=0):
-        ds = read_dataset(path, columns=columns).map_batches(
-            tokenize, fn_kwargs=kwargs, batch_format="numpy")
+        ds = C.tokenized(read_dataset(path, columns=columns), spec)
         if not data.replay:
             return ds
         # Mixing is per block: blocks of one micro-batch keep the replay share even over a few
@@ -84,7 +84,7 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
         base = os.path.join(ckpt, "base")
         if os.path.isdir(base):
             shutil.copytree(base, run_dir.path / "base", dirs_exist_ok=True)
-    C.tokenizer_for(spec.model).save_pretrained(run_dir.path / "tokenizer")
+    T.tokenizer_for(spec.model, spec.data).save_pretrained(run_dir.path / "tokenizer")  # with its chat template
 
     metrics = run_dir.read_jsonl("metrics.jsonl")
     final = result.metrics or {}
@@ -106,7 +106,7 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
                 summary[f"{split}_{metric}_delta"] = after - before
     summary.update({k: final.get(k) for k in (
         "trainable_params", "total_params", "digests_before", "digests_after", "lr_groups",
-        "unfrozen_at", "ewc_penalty_last", "replay_share", "rss_start_mb", "peak_rss_mb")})
+        "unfrozen_at", "ewc_penalty_last", "replay_share", "padding_fraction", "rss_start_mb", "peak_rss_mb")})
     summary.update(export=export_name, export_bytes=dir_size(target))
     return summary
 
@@ -143,7 +143,9 @@ def _train_loop(spec, config: dict) -> None:
     unfrozen_at = {step: unfreezer.at(model, step)} if unfreezer else {}
     model = _prepare(model, trained if unfreezer else None)
     inner = C.unwrap(model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: C.warmup(s, train.warmup_steps))
+    # A resumed run continues its warmup where it stopped (the scheduler counts from the resume).
+    start = step
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: C.warmup(start + s, train.warmup_steps))
     # Precision, accumulation and clipping: max_steps and every report count optimizer steps.
     stepper = P.Stepper(model, optimizer, precision=P.resolve(train.precision, spec.resources.gpus_per_worker),
                         accumulation=train.grad_accumulation, grad_clip=train.grad_clip)
@@ -154,7 +156,8 @@ def _train_loop(spec, config: dict) -> None:
             shutil.move(pending, os.path.join(path, "base"))
 
     shard = ray.train.get_dataset_shard("train")
-    penalty, seen = None, {"replay": 0, "rows": 0}
+    penalty, seen = None, {"replay": 0, "rows": 0, "tokens": 0, "slots": 0}
+    attention = T.attention_of(model)
     model.train()
     loop.begin()
     while step < train.max_steps:
@@ -169,9 +172,10 @@ def _train_loop(spec, config: dict) -> None:
             if C.REPLAY_FLAG in batch:
                 seen["replay"] += int(batch[C.REPLAY_FLAG].sum())
                 seen["rows"] += len(batch[C.REPLAY_FLAG])
-            batch = {k: batch[k] for k in C.TENSOR_COLUMNS}
-            update = stepper.micro_step(lambda: model(**batch).loss, int(batch["attention_mask"].sum()),
-                                        penalty=ewc.penalty if ewc else None)
+            real, slots = T.token_counts(batch)  # padding_fraction: this rank's share stands for all
+            seen["tokens"], seen["slots"] = seen["tokens"] + real, seen["slots"] + slots
+            inputs = T.model_inputs(batch, attention)
+            update = stepper.micro_step(lambda: model(**inputs).loss, real, penalty=ewc.penalty if ewc else None)
             if update is None:  # inside an accumulation window: no optimizer step yet
                 continue
             penalty = update.penalty
@@ -192,6 +196,7 @@ def _train_loop(spec, config: dict) -> None:
                     extra = {**before, "trainable_params": trainable, "total_params": total,
                              "rss_start_mb": round(rss_start, 1), "peak_rss_mb": round(S.peak_rss_mb(), 1),
                              "replay_share": seen["replay"] / seen["rows"] if seen["rows"] else None,
+                             "padding_fraction": 1 - seen["tokens"] / seen["slots"] if seen["slots"] else None,
                              **_final_fields(inner, trained, optimizer, unfrozen_at, record)}
                 loop.report(record, save=lambda path: save(path, final), extra=extra)
             if step >= train.max_steps:

@@ -34,7 +34,7 @@ def mt_data(tmp_path_factory):
 def spec_for(mt_data, tmp_path, **extra):
     spec = {
         "kind": "multitask", "name": "it-mt", "storage": str(tmp_path / "runs"),
-        "model": {"source": "tiny-llama", "seq_len": 40},
+        "model": {"source": "tiny-llama", "seq_len": 80},  # the plain instruction template: ~55 tokens
         "strategy": {"type": "lora", "r": 8, "alpha": 16},
         "train": {"max_steps": 16, "micro_batch": 16, "lr": 0.01, "report_every": 4, "eval_batches": 1},
         "tasks": [
