@@ -18,6 +18,7 @@ from pydantic import BaseModel
 # The catalogue's configs are the planner's too, so what is planned is what runs. The loops read
 # RANDOM_INIT_SOURCES from here: a random-init base is saved beside its adapter.
 from common.catalog import RANDOM_INIT_SOURCES, config_for, minilm_dir  # noqa: F401
+from jobs import text
 from launcher.spec import DataSpec, ModelSpec, ResourcesSpec
 
 
@@ -27,6 +28,13 @@ def task_and_model(spec) -> tuple[str, ModelSpec]:
     if isinstance(spec, BaseModel):
         return spec.data.task, spec.model
     return spec["data"]["task"], ModelSpec.model_validate(spec["model"])
+
+
+def data_of(spec) -> DataSpec:
+    """A spec's data block; a spec dict's may lack the paths (a test's in-process rows)."""
+    if isinstance(spec, BaseModel):
+        return spec.data
+    return DataSpec.model_validate({"train": "in-process", **spec["data"]})
 
 
 def ray_train_configs(res: ResourcesSpec, name: str, storage_path: str, max_failures: int) -> dict:
@@ -71,36 +79,18 @@ def tokenizer():
     return _TOKENIZER
 
 
-def tokenize_causal(batch: dict, column: str = "text", seq_len: int = 64) -> dict:
-    """Ray Data `map_batches` function: text -> input_ids, attention_mask, labels (pad = -100)."""
-    tok = tokenizer()
-    texts = [f"{t}{tok.eos_token}" for t in batch[column]]
-    enc = tok(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
-    ids = enc["input_ids"].astype(np.int64)
-    mask = enc["attention_mask"].astype(np.int64)
-    return {"input_ids": ids, "attention_mask": mask, "labels": np.where(mask == 1, ids, -100)}
+def tokenize_causal(batch: dict, column: str = "text", seq_len: int = 64,
+                    model_spec: ModelSpec | dict | None = None) -> dict:
+    """Ray Data `map_batches` function: text -> input_ids, attention_mask, labels (pad = -100),
+    with the model's own tokenizer (jobs/text.py; the byte-level one for the random-init models)."""
+    data = {"task": "causal_lm", "train": "in-process", "columns": {"text": column}}
+    return text.encode(batch, model_spec or ModelSpec(), data, seq_len)
 
 
 TENSOR_COLUMNS = ("input_ids", "attention_mask", "labels")
 
-
-_TOKENIZERS: dict = {}
-
-
-def tokenizer_for(model_spec: ModelSpec | dict):
-    """The tokenizer of a spec's model: MiniLM's own for minilm, an hf: folder's own if it has
-    one, else the local byte-level tokenizer (the tiny models' vocabulary)."""
-    source = ModelSpec.model_validate(model_spec).source
-    folder = minilm_dir() if source == "minilm" else source[3:] if source.startswith("hf:") else None
-    if folder is None or not any(
-        os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "vocab.txt", "tokenizer.model")
-    ):
-        return tokenizer()
-    if folder not in _TOKENIZERS:
-        from transformers import AutoTokenizer
-
-        _TOKENIZERS[folder] = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return _TOKENIZERS[folder]
+# The model's own tokenizer, for every task (jobs/text.py owns it).
+tokenizer_for = text.tokenizer_for
 
 
 def tokenize_classification(batch: dict, column: str = "text", label: str = "label",
@@ -125,18 +115,25 @@ def flag_rows(batch: dict, value: int) -> dict:
     return {**batch, REPLAY_FLAG: np.full(rows, value, dtype=np.int64)}
 
 
-def tokenize_fn(spec):
-    """The map_batches function and its kwargs for a spec's task."""
+def read_columns(data: DataSpec) -> Optional[list[str]]:
+    """The columns a task reads from its files (None: all)."""
+    if data.task == "classification":
+        return [data.columns.get("text", "text"), data.columns.get("label", "label")]
+    return text.read_columns(data)
+
+
+def tokenized(ds, spec):
+    """A Ray Dataset of a spec's rows as model rows: classification's tokenize, or jobs/text.py's
+    one stream for every causal-LM text task (encoded, packed with data.packing)."""
     data, model, cols = spec.data, spec.model, spec.data.columns
     if data.task == "classification":
-        return tokenize_classification, {
+        if data.packing:
+            raise ValueError("data.packing packs causal-LM text tasks (causal_lm, instruction, chat); "
+                             "remove it for classification")
+        return ds.map_batches(tokenize_classification, batch_format="numpy", fn_kwargs={
             "column": cols.get("text", "text"), "label": cols.get("label", "label"),
-            "seq_len": model.seq_len, "model_spec": model,
-        }
-    if data.task != "causal_lm":
-        raise ValueError(f"data.task {data.task!r} is not runnable by kind finetune yet; "
-                         "use causal_lm or classification")
-    return tokenize_causal, {"column": cols.get("text", "text"), "seq_len": model.seq_len}
+            "seq_len": model.seq_len, "model_spec": model})
+    return text.stream(ds, model, data, model.seq_len)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,55 +214,67 @@ def unwrap(model):
 # Evaluation
 
 
-def eval_texts(path: Optional[str], column: str, limit: int) -> list[str]:
-    if not path:
-        return []
-    import pyarrow.parquet as pq
+def _count(rows: Optional[dict]) -> int:
+    return len(next(iter(rows.values()))) if rows else 0
 
-    return pq.read_table(path, columns=[column]).column(column).to_pylist()[:limit]
+
+def _slice(rows: dict, i: int, j: int) -> dict:
+    return {k: v[i:j] for k, v in rows.items()}
+
+
+def encode_split(rows: dict, spec) -> dict:
+    """A split's rows (a causal-LM text task's) as padded tensor rows: eval is never packed."""
+    _, model_spec = task_and_model(spec)
+    data = data_of(spec).model_copy(update={"packing": False})
+    return {k: torch.from_numpy(v) for k, v in text.encode(rows, model_spec, data, model_spec.seq_len).items()}
 
 
 @torch.no_grad()
-def causal_lm_loss(model, texts: list[str], seq_len: int, batch_size: int = 16) -> Optional[float]:
-    """Mean token loss of a model over texts (no gradient, eval mode restored afterwards)."""
-    if not texts:
+def causal_lm_loss(model, rows, spec=None, batch_size: int = 16) -> Optional[float]:
+    """Mean token loss of a model over a split's rows (no gradient, eval mode restored after).
+    `rows`: a split (load_split) and its spec, or a list of texts and the seq_len (a causal_lm
+    set on the catalogue's byte-level tokenizer)."""
+    if isinstance(rows, list):
+        rows, spec = {"text": rows}, {"data": {"task": "causal_lm"}, "model": {"seq_len": spec}}
+    if not _count(rows):
         return None
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
-    for i in range(0, len(texts), batch_size):
-        enc = tokenize_causal({"text": texts[i : i + batch_size]}, "text", seq_len)
-        batch = {k: torch.from_numpy(v) for k, v in enc.items()}
+    for i in range(0, _count(rows), batch_size):
+        batch = {k: v.to(device) for k, v in encode_split(_slice(rows, i, i + batch_size), spec).items()}
         n = int((batch["labels"][:, 1:] != -100).sum())
-        total += float(model(**batch).loss) * n
-        count += n
+        if n:
+            total += float(model(**batch).loss) * n
+            count += n
     model.train(was_training)
-    return total / max(count, 1)
+    return total / count if count else None
 
 
 def load_split(path: Optional[str], data: DataSpec, limit: int) -> Optional[dict]:
-    """The first `limit` rows of an eval/retain split: texts (and labels for classification)."""
+    """The first `limit` rows of an eval/retain split, from any format the data checks accept
+    (Parquet, Arrow IPC, JSON lines, a save_to_disk folder): {column: values}; classification's
+    keyed by role (text, label)."""
     if not path:
         return None
-    import pyarrow.parquet as pq
+    from jobs.data.read import read_head
 
-    text, label = data.columns.get("text", "text"), data.columns.get("label", "label")
-    names = [text, label] if data.task == "classification" else [text]
-    table = pq.read_table(path, columns=names).slice(0, limit)
-    rows = {"text": table.column(text).to_pylist()}
-    if data.task == "classification":
-        rows["label"] = table.column(label).to_pylist()
-    return rows
+    table = read_head(path, read_columns(data), limit)
+    if data.task != "classification":
+        return {c: table.column(c).to_pylist() for c in table.column_names}
+    text_col, label = data.columns.get("text", "text"), data.columns.get("label", "label")
+    return {"text": table.column(text_col).to_pylist(), "label": table.column(label).to_pylist()}
 
 
 @torch.no_grad()
 def evaluate(model, rows: Optional[dict], spec, batch_size: int = 16) -> dict:
     """Loss (and accuracy for classification) of a model on a split; {} without a split."""
-    if not rows or not rows["text"]:
+    if not _count(rows):
         return {}
     task, model_spec = task_and_model(spec)
     if task != "classification":
-        return {"loss": causal_lm_loss(model, rows["text"], model_spec.seq_len, batch_size)}
+        return {"loss": causal_lm_loss(model, rows, spec, batch_size)}
     was_training = model.training
     model.eval()
     total, correct, n = 0.0, 0, len(rows["text"])
@@ -288,13 +297,13 @@ def example_batches(rows: Optional[dict], spec, limit: int) -> list[dict]:
         return []
     task, model_spec = task_and_model(spec)
     seq_len, out = model_spec.seq_len, []
-    for i in range(min(limit, len(rows["text"]))):
-        one = {k: v[i : i + 1] for k, v in rows.items()}
+    for i in range(min(limit, _count(rows))):
+        one = _slice(rows, i, i + 1)
         if task == "classification":
             enc = tokenize_classification(one, seq_len=seq_len, model_spec=model_spec)
+            out.append({k: torch.from_numpy(v) for k, v in enc.items()})
         else:
-            enc = tokenize_causal(one, "text", seq_len)
-        out.append({k: torch.from_numpy(v) for k, v in enc.items()})
+            out.append(encode_split(one, spec))
     return out
 
 
@@ -310,7 +319,7 @@ def probe(model, model_spec: ModelSpec | dict | None = None) -> dict:
     if model_spec and ModelSpec.model_validate(model_spec).num_labels:
         enc = tokenize_classification({"text": PROBE_CLS, "label": [0, 1]}, seq_len=24, model_spec=model_spec)
     else:
-        enc = tokenize_causal({"text": PROBE_TEXT}, "text", 24)
+        enc = tokenize_causal({"text": PROBE_TEXT}, "text", 24, model_spec)
     inputs = {k: torch.from_numpy(enc[k]) for k in ("input_ids", "attention_mask")}
     logits = model(**inputs).logits.detach().cpu()
     model.train(was_training)

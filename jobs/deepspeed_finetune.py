@@ -18,6 +18,7 @@ import torch
 
 from common.runfolder import dir_size
 from jobs import components as C
+from jobs import text as T
 from jobs.artifacts import RunDir
 from jobs.loop import Loop, run_worker
 from launcher.dsconfig import ds_config
@@ -34,12 +35,10 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
 
     spec = with_engine_defaults(spec)
     data, train, res = spec.data, spec.train, spec.resources
-    text = data.columns.get("text", "text")
 
-    # 1. Data: Parquet -> tokenized tensor columns, streamed and split across the workers.
-    train_ds = read_dataset(data.train, columns=[text]).map_batches(
-        C.tokenize_causal, fn_kwargs={"column": text, "seq_len": spec.model.seq_len}, batch_format="numpy",
-    )
+    # 1. Data: rows -> tokenized tensor columns (the model's own tokenizer, packed rows with
+    # data.packing), streamed and split across the workers.
+    train_ds = C.tokenized(read_dataset(data.train, columns=C.read_columns(data)), spec)
 
     # 2. The Ray Train run: DeepSpeed joins the process group Ray Train already set up.
     trainer = TorchTrainer(
@@ -61,7 +60,7 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
     if get_strategy(spec.strategy).is_adapter and spec.model.source in C.RANDOM_INIT_SOURCES:
         # A random-init base exists nowhere else: keep it beside the adapter (same seed, same weights).
         C.build_model(spec.model, seed=train.seed).save_pretrained(run_dir.path / "base")
-    C.tokenizer().save_pretrained(run_dir.path / "tokenizer")
+    T.tokenizer_for(spec.model, spec.data).save_pretrained(run_dir.path / "tokenizer")  # with its chat template
 
     metrics = run_dir.read_jsonl("metrics.jsonl")
     final = result.metrics or {}
@@ -76,6 +75,7 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
         "eval_loss_after": final.get("eval_loss"),
         "retain_loss_before": final.get("retain_loss_before"),
         "retain_loss_after": final.get("retain_loss"),
+        "padding_fraction": final.get("padding_fraction"),
         "trainable_params": final.get("trainable_params"),
         "total_params": final.get("total_params"),
         "digests_before": final.get("digests_before"),
@@ -101,16 +101,15 @@ def train_loop(config: dict) -> None:
 def _train_loop(spec, config: dict) -> None:
     import ray.train
 
-    run_dir, train, data, seq_len = RunDir(config["run_dir"]), spec.train, spec.data, spec.model.seq_len
+    run_dir, train, data = RunDir(config["run_dir"]), spec.train, spec.data
     ctx = ray.train.get_context()
     # Every rank writes its own ZeRO shard; Ray Train gathers them into one checkpoint.
     loop = Loop(run_dir, train.max_steps, train.report_every, rank=ctx.get_world_rank(),
                 world=ctx.get_world_size(), every_rank_saves=True)
     torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
 
-    text = data.columns.get("text", "text")
-    eval_texts = C.eval_texts(data.eval, text, train.eval_batches * 16)
-    retain_texts = C.eval_texts(data.retain, text, train.eval_batches * 16)
+    eval_rows = C.load_split(data.eval, data, train.eval_batches * 16)
+    retain_rows = C.load_split(data.retain, data, train.eval_batches * 16)
 
     # Model, strategy, engine. The "before" figures come from the plain model, before any update.
     model = build_model(spec)
@@ -118,8 +117,8 @@ def _train_loop(spec, config: dict) -> None:
     resuming, before = loop.has_state(), {}
     if not resuming and loop.rank == 0:
         before = {
-            "eval_loss_before": C.causal_lm_loss(model, eval_texts, seq_len),
-            "retain_loss_before": C.causal_lm_loss(model, retain_texts, seq_len),
+            "eval_loss_before": C.causal_lm_loss(model, eval_rows, spec),
+            "retain_loss_before": C.causal_lm_loss(model, retain_rows, spec),
             "digests_before": C.frozen_and_trainable_digests(model),
         }
         run_dir.update_manifest(before=before)
@@ -129,12 +128,15 @@ def _train_loop(spec, config: dict) -> None:
         before = run_dir.read_manifest().get("before", {})
 
     shard = ray.train.get_dataset_shard("train")
+    seen = {"tokens": 0, "slots": 0}
     engine.train()
     loop.begin()
     while step < train.max_steps:
         for batch in shard.iter_torch_batches(batch_size=train.micro_batch, drop_last=True,
                                               dtypes=torch.long):
-            loop.add(micro_step(engine, batch), int(batch["attention_mask"].sum()) * loop.world)
+            real, slots = T.token_counts(batch)  # padding_fraction: this rank's share stands for all
+            seen["tokens"], seen["slots"] = seen["tokens"] + real, seen["slots"] + slots
+            loop.add(micro_step(engine, batch), real * loop.world)
             if engine.global_steps == step:  # inside an accumulation window: no update yet
                 continue
             step = engine.global_steps
@@ -143,13 +145,14 @@ def _train_loop(spec, config: dict) -> None:
                 final, extra = loop.final(step), None
                 record = loop.record(step, lr=engine.get_lr()[0], **loop.throughput())
                 # Every rank evaluates: under ZeRO-3 a forward pass gathers shards collectively.
-                record["eval_loss"] = C.causal_lm_loss(engine.module, eval_texts, seq_len)
+                record["eval_loss"] = C.causal_lm_loss(engine.module, eval_rows, spec)
                 if final:
-                    record["retain_loss"] = C.causal_lm_loss(engine.module, retain_texts, seq_len)
-                    probe = C.probe(engine.module)
+                    record["retain_loss"] = C.causal_lm_loss(engine.module, retain_rows, spec)
+                    probe = C.probe(engine.module, spec.model)
                     if loop.rank == 0:
                         torch.save(probe, os.path.join(run_dir.path, "probe.pt"))
-                    extra = {**before, "trainable_params": trainable, "total_params": total}
+                    extra = {**before, "trainable_params": trainable, "total_params": total,
+                             "padding_fraction": 1 - seen["tokens"] / seen["slots"] if seen["slots"] else None}
                 loop.report(record, save=lambda path: save(engine, step, path), extra=extra)
             if step >= train.max_steps:
                 break
@@ -206,8 +209,8 @@ def build_engine(model, spec, world: int):
 
 def micro_step(engine, batch: dict) -> float:
     """One micro-batch: forward, backward; DeepSpeed steps the optimizer at accumulation boundaries."""
-    batch = {k: batch[k].to(engine.device) for k in C.TENSOR_COLUMNS}
-    loss = engine(**batch).loss
+    inputs = T.model_inputs({k: v.to(engine.device) for k, v in batch.items()}, T.attention_of(engine.module))
+    loss = engine(**inputs).loss
     engine.backward(loss)
     engine.step()
     return float(loss.detach().float())

@@ -23,10 +23,10 @@ from jobs import components as C
 from jobs import generate as G
 from jobs import strategies as S
 from jobs import tensorboard
+from jobs import text as T
 from jobs.artifacts import RunDir
 from jobs.data.read import read_dataset
 from jobs.loop import Loop, run_worker
-from jobs.text import tokenizer_for
 from launcher.strategies import get_strategy
 
 
@@ -36,13 +36,12 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
         return deepspeed_finetune.run(spec, plan, run_dir)
     data, train, res = spec.data, spec.train, spec.resources
 
-    # 1. Data: Parquet -> tokenized tensor columns, streamed and split across the workers.
-    tokenize, kwargs = C.tokenize_fn(spec)
-    columns = [kwargs["column"]] + ([kwargs["label"]] if "label" in kwargs else [])
+    # 1. Data: rows -> tokenized tensor columns (the model's own tokenizer; packed rows with
+    # data.packing), streamed and split across the workers.
+    columns = C.read_columns(data)
 
     def read(path, replayed=0):
-        ds = read_dataset(path, columns=columns).map_batches(
-            tokenize, fn_kwargs=kwargs, batch_format="numpy")
+        ds = C.tokenized(read_dataset(path, columns=columns), spec)
         if not data.replay:
             return ds
         # Mixing is per block: blocks of one micro-batch keep the replay share even over a few
@@ -85,7 +84,7 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
         base = os.path.join(ckpt, "base")
         if os.path.isdir(base):
             shutil.copytree(base, run_dir.path / "base", dirs_exist_ok=True)
-    tokenizer_for(spec.model, spec.data).save_pretrained(run_dir.path / "tokenizer")  # with its chat template
+    T.tokenizer_for(spec.model, spec.data).save_pretrained(run_dir.path / "tokenizer")  # with its chat template
 
     metrics = run_dir.read_jsonl("metrics.jsonl")
     final = result.metrics or {}
@@ -108,7 +107,7 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
                 summary[f"{split}_{metric}_delta"] = after - before
     summary.update({k: final.get(k) for k in (
         "trainable_params", "total_params", "digests_before", "digests_after", "lr_groups",
-        "unfrozen_at", "ewc_penalty_last", "replay_share", "rss_start_mb", "peak_rss_mb")})
+        "unfrozen_at", "ewc_penalty_last", "replay_share", "padding_fraction", "rss_start_mb", "peak_rss_mb")})
     summary.update(export=export_name, export_bytes=dir_size(target))
     return summary
 
@@ -156,7 +155,8 @@ def _train_loop(spec, config: dict) -> None:
             shutil.move(pending, os.path.join(path, "base"))
 
     shard = ray.train.get_dataset_shard("train")
-    penalty, seen = None, {"replay": 0, "rows": 0}
+    penalty, seen = None, {"replay": 0, "rows": 0, "tokens": 0, "slots": 0}
+    attention = T.attention_of(model)
     model.train()
     loop.begin()
     while step < train.max_steps:
@@ -171,8 +171,9 @@ def _train_loop(spec, config: dict) -> None:
             if C.REPLAY_FLAG in batch:
                 seen["replay"] += int(batch[C.REPLAY_FLAG].sum())
                 seen["rows"] += len(batch[C.REPLAY_FLAG])
-            batch = {k: batch[k] for k in C.TENSOR_COLUMNS}
-            loss = model(**batch).loss
+            real, slots = T.token_counts(batch)  # padding_fraction: this rank's share stands for all
+            seen["tokens"], seen["slots"] = seen["tokens"] + real, seen["slots"] + slots
+            loss = model(**T.model_inputs(batch, attention)).loss
             penalty = ewc.penalty() if ewc else None
             optimizer.zero_grad(set_to_none=True)
             (loss + penalty if ewc else loss).backward()
@@ -198,6 +199,7 @@ def _train_loop(spec, config: dict) -> None:
                     extra = {**before, "trainable_params": trainable, "total_params": total,
                              "rss_start_mb": round(rss_start, 1), "peak_rss_mb": round(S.peak_rss_mb(), 1),
                              "replay_share": seen["replay"] / seen["rows"] if seen["rows"] else None,
+                             "padding_fraction": 1 - seen["tokens"] / seen["slots"] if seen["slots"] else None,
                              **_final_fields(inner, trained, optimizer, unfrozen_at, record)}
                 loop.report(record, save=lambda path: save(path, final), extra=extra)
             if step >= train.max_steps:

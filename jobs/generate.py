@@ -10,10 +10,10 @@ whitespace-normalised reference (common/chat.py `normalise_answer`), averaged ov
 
 from __future__ import annotations
 
-import json
 from typing import Optional
 
 from common.chat import normalise_answer, prompt_and_reference, to_messages
+from jobs.data.read import read_head
 from jobs.text import render, tokenizer_for
 from launcher.inference import greedy
 
@@ -26,41 +26,12 @@ def enabled(data, train) -> bool:
     return data.task in GENERATED_TASKS and bool(data.eval) and train.eval_generate > 0
 
 
-def read_rows(path: str, limit: int, role: str = "eval") -> list[dict]:
-    """The first `limit` rows of a split (Parquet, Arrow IPC, JSONL or a save_to_disk folder), as dicts."""
-    import pyarrow.parquet as pq
-
-    from jobs.data.read import read_ipc
-    from launcher.datacheck import ARROW_IPC, is_jsonl, list_files
-
-    fs, files = list_files(path, role)
-    rows: list[dict] = []
-    for f in files:
-        if len(rows) >= limit:
-            break
-        if is_jsonl(f):
-            with fs.open_input_stream(f, compression="detect") as src:
-                for line in src.read().decode("utf-8").splitlines():
-                    if line.strip():
-                        rows.append(json.loads(line))
-                        if len(rows) >= limit:
-                            break
-        elif f.lower().endswith(ARROW_IPC):
-            rows += read_ipc(fs, f).slice(0, limit - len(rows)).to_pylist()
-        else:
-            with fs.open_input_file(f) as src:
-                for batch in pq.ParquetFile(src).iter_batches(batch_size=limit - len(rows)):
-                    rows += batch.to_pylist()
-                    break
-    return rows[:limit]
-
-
 def eval_pairs(path: Optional[str], data, limit: int) -> list[tuple[list[dict], str]]:
     """(prompt messages, reference) of the first `limit` eval rows that have an assistant turn."""
     if not path or limit <= 0:
         return []
     pairs = []
-    for row in read_rows(path, limit):
+    for row in read_head(path, limit=limit).to_pylist():
         prompt, reference = prompt_and_reference(to_messages(row, data.task, data.columns))
         if reference is not None and prompt:
             pairs.append((prompt, reference))

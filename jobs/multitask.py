@@ -23,6 +23,7 @@ import torch
 
 from common.runfolder import metrics_file
 from jobs import components as C
+from jobs import text as T
 from jobs.artifacts import RunDir
 from jobs.loop import Loop, progress_file, worker_scope
 from launcher import registry as R
@@ -132,9 +133,19 @@ def prepare_base(spec, run_dir: RunDir) -> str:
             C.build_model(spec.model, seed=spec.train.seed).save_pretrained(tmp)
             os.replace(tmp, path)
     tok = run_dir.path / TOKENIZER_DIR
-    if not tok.is_dir():
-        C.tokenizer().save_pretrained(tok)
+    if not tok.is_dir():  # the base's own tokenizer, with the chat template the tasks render with
+        T.tokenizer_for(spec.model, tokenizer_data([t.data for t in spec.tasks])).save_pretrained(tok)
     return path
+
+
+def tokenizer_data(datas: list[DataSpec]) -> DataSpec | None:
+    """The task whose data decides the saved tokenizer's chat template: one naming a template,
+    else a chat or instruction one (the plain instruction template without a template of its own)."""
+    for want in (lambda d: d.chat_template, lambda d: d.task in ("chat", "instruction")):
+        for d in datas:
+            if want(d):
+                return d
+    return None
 
 
 def base_record(spec, base_path: str) -> dict:
@@ -153,7 +164,7 @@ def _worker(tasks: list[TaskSettings], context: dict) -> dict:
     torch.set_num_threads(max(1, int(context["cpus"])))
     device = "cuda" if context["gpus"] > 0 and torch.cuda.is_available() else "cpu"
     seq_len = context["model"].seq_len
-    streams = {t.name: ray_data_stream(t, seq_len, context["data_cpus"]) for t in tasks}
+    streams = {t.name: ray_data_stream(t, seq_len, context["data_cpus"]) for t in tasks}  # t.model: the base's
     log = f"task-{tasks[0].name}" if len(tasks) == 1 else "packed"
     try:
         with worker_scope(context["env"], context["run_dir"], log):
@@ -187,11 +198,10 @@ def ray_data_stream(task: TaskSettings, seq_len: int, cpus: float) -> Callable[[
         # be told otherwise; K such streams on a small cluster starve. The V1 reader runs only
         # read tasks of the `cpus` asked here.
         ctx.use_datasource_v2 = False
-        ds = ray.data.read_parquet(data.train, columns=columns_of(data), num_cpus=cpus)
-        ds = ds.map_batches(tokenize_task, fn_kwargs={"data": data, "seq_len": seq_len},
-                            batch_format="numpy", num_cpus=cpus)
+        ds = ray.data.read_parquet(data.train, columns=T.read_columns(data), num_cpus=cpus)
+        ds = T.stream(ds, task.model, data, seq_len, num_cpus=cpus)
         for batch in ds.iter_torch_batches(batch_size=micro, drop_last=True, dtypes=torch.long):
-            yield {k: batch[k] for k in C.TENSOR_COLUMNS}
+            yield dict(batch)
 
     return one_pass
 
@@ -203,44 +213,23 @@ def arrow_stream(task: TaskSettings, seq_len: int) -> Callable[[], Iterator[dict
     data, micro = task.data, task.train.micro_batch
 
     def one_pass():
-        table = pq.read_table(data.train, columns=columns_of(data))
-        enc = tokenize_task({c: np.array(table.column(c).to_pylist(), dtype=object)
-                             for c in table.column_names}, data, seq_len)
+        table = pq.read_table(data.train, columns=T.read_columns(data))
+        enc = T.encode_rows({c: table.column(c).to_pylist() for c in table.column_names},
+                            task.model, data, seq_len)
         for i in range(0, len(enc["input_ids"]) - micro + 1, micro):
             yield {k: torch.from_numpy(v[i:i + micro]) for k, v in enc.items()}
 
     return one_pass
 
 
-def columns_of(data: DataSpec) -> list[str]:
-    roles = ("text",) if data.task == "causal_lm" else ("instruction", "response")
-    return [data.columns.get(r, r) for r in roles]
-
-
-def tokenize_task(batch: dict, data: DataSpec, seq_len: int) -> dict:
-    """causal_lm: every token is a target; instruction: only the response's tokens are."""
-    cols = data.columns
-    if data.task == "causal_lm":
-        return C.tokenize_causal(batch, cols.get("text", "text"), seq_len)
-    prompts = [f"{p}\n" for p in batch[cols.get("instruction", "instruction")]]
-    responses = list(batch[cols.get("response", "response")])
-    enc = C.tokenize_causal({"text": [p + r for p, r in zip(prompts, responses)]}, "text", seq_len)
-    labels = enc["labels"]
-    for i, p in enumerate(prompts):  # byte-level tokens: the prompt is len(bytes) tokens long
-        labels[i, : len(p.encode())] = -100
-    return enc
-
-
 def eval_batch(task: TaskSettings, seq_len: int, limit: int) -> dict | None:
+    """The first `limit` eval rows, encoded as the train rows are (jobs/text.py), unpacked."""
     path = task.data.eval
     if not path or limit <= 0:
         return None
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path, columns=columns_of(task.data)).slice(0, limit)
-    enc = tokenize_task({c: np.array(table.column(c).to_pylist(), dtype=object)
-                         for c in table.column_names}, task.data, seq_len)
-    return {k: torch.from_numpy(v) for k, v in enc.items()}
+    rows = C.load_split(path, task.data, limit)
+    data = task.data.model_copy(update={"packing": False})
+    return {k: torch.from_numpy(v) for k, v in T.encode(rows, task.model, data, seq_len).items()}
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,7 +249,8 @@ def eval_loss(model, batch: dict | None, device: str, adapter: str | None = None
     for i in range(0, len(batch["input_ids"]), bs):
         part = {k: v[i:i + bs].to(device) for k, v in batch.items()}
         kwargs = {"adapter_names": [adapter] * len(part["input_ids"])} if adapter else {}
-        logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], **kwargs).logits
+        inputs = T.model_inputs(part, T.attention_of(model))
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **kwargs).logits
         loss, mask = token_losses(logits, part["labels"])
         total += float((loss * mask).sum())
         count += int(mask.sum())
@@ -328,7 +318,9 @@ def train_adapter(task: TaskSettings, base_path: str, stream, run_dir: str, seq_
         batch = {k: v.to(device) for k, v in next(batches).items()}
         for group in optimizer.param_groups:  # by the adapter's own step: a resumed run goes on warming up
             group["lr"] = train.lr * C.warmup(step, train.warmup_steps)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        inputs = T.model_inputs(batch, T.attention_of(model))
+        inputs.pop("labels")  # the loss is token_losses' (the same mean as transformers')
+        logits = model(**inputs).logits
         loss_tok, mask = token_losses(logits, batch["labels"])
         loss = (loss_tok * mask).sum() / mask.sum()
         optimizer.zero_grad(set_to_none=True)
@@ -450,11 +442,15 @@ def discard_progress(run_dir, key: str) -> None:
 def packed_step(model, optimizer, batches: dict, params: dict, clips: dict, device: str = "cpu") -> dict:
     """One packed update: the given tasks' rows in one forward; returns each task's loss."""
     names = list(batches)
-    cat = {k: torch.cat([batches[n][k] for n in names]).to(device) for k in C.TENSOR_COLUMNS}
+    # Packed and padded rows in one forward: each padded row is one example (segment 1).
+    keys = T.PACKED_COLUMNS if any("segment_ids" in b for b in batches.values()) else C.TENSOR_COLUMNS
+    cat = {k: torch.cat([T.as_packed(batches[n])[k] if keys is T.PACKED_COLUMNS else batches[n][k]
+                         for n in names]).to(device) for k in keys}
     rows = [len(batches[n]["input_ids"]) for n in names]
     adapter_names = [n for n, r in zip(names, rows) for _ in range(r)]
-    logits = model(input_ids=cat["input_ids"], attention_mask=cat["attention_mask"],
-                   adapter_names=adapter_names).logits
+    inputs = T.model_inputs(cat, T.attention_of(model))
+    inputs.pop("labels")
+    logits = model(**inputs, adapter_names=adapter_names).logits
     loss_tok, mask = token_losses(logits, cat["labels"])
     total, per_task, start = 0.0, {}, 0
     for n, r in zip(names, rows):

@@ -7,11 +7,14 @@ vocabulary of the random-init catalogue models only; any other model brings its 
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Optional
 
+import numpy as np
+
 from common.catalog import minilm_dir
-from common.chat import CHAT_TEMPLATES, PLAIN_TEMPLATE
+from common.chat import CHAT_TEMPLATES, PLAIN_TEMPLATE, to_messages
 from launcher.spec import DataSpec, ModelSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json", "tokenizer_config.json")
@@ -42,7 +45,7 @@ def tokenizer_for(model_spec: ModelSpec | dict, data_spec: DataSpec | dict | Non
     if key in _CACHE:
         return _CACHE[key]
     if folder is None:
-        tok = byte_tokenizer()
+        tok = copy.deepcopy(byte_tokenizer())  # a copy: a chat template set below stays this key's
     else:
         if not any(os.path.exists(os.path.join(folder, f)) for f in TOKENIZER_FILES):
             raise ValueError(f"model folder {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}); "
@@ -67,3 +70,270 @@ def render(tok, messages: list[dict], *, add_generation_prompt: bool = False) ->
         raise ValueError("the tokenizer has no chat template; set data.chat_template "
                          f"({' | '.join(CHAT_TEMPLATES)}) or use a model folder that ships one")
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding: rows -> token ids and labels (-100 where no loss falls)
+
+IGNORE = -100
+TEXT_TASKS = ("causal_lm", "instruction", "chat")  # the causal-LM tasks encode() runs
+
+
+def read_columns(data_spec: DataSpec | dict) -> Optional[list[str]]:
+    """The columns a causal-LM task reads (None: all of them; a chat set's messages column is
+    `messages` or ShareGPT's `conversations`, known only from the file)."""
+    data = DataSpec.model_validate(data_spec)
+    cols = data.columns
+    if data.task == "causal_lm":
+        return [cols.get("text", "text")]
+    if data.task == "instruction":
+        return None  # instruction, response, and the optional input and system
+    if data.task == "chat":
+        return [cols["messages"]] if "messages" in cols else None
+    raise ValueError(f"data.task {data.task!r} is not a causal-LM text task; use one of {', '.join(TEXT_TASKS)}")
+
+
+def _plain(value):
+    """A Ray Data / Arrow value as plain Python (numpy arrays of dicts -> lists of dicts)."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()] if value.dtype == object else value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def rows_of(batch: dict) -> list[dict]:
+    """A columnar batch (numpy, lists) as a list of plain row dicts."""
+    names = list(batch)
+    n = len(batch[names[0]]) if names else 0
+    return [{c: _plain(batch[c][i]) for c in names} for i in range(n)]
+
+
+def assistant_spans(tok, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans the model learns: each assistant turn's
+    text as the template writes it after the generation prompt, through its end-of-turn token
+    (trailing whitespace, the next turn's framing, left out).
+
+    A turn's span is found by rendering the conversation up to it: the template must render a
+    conversation's first turns as a prefix of the whole (the shipped templates and the
+    published families' do)."""
+    full = render(tok, messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = _prefix(tok, messages[:i], full)
+        end = len(render(tok, messages[: i + 1]).rstrip())
+        if not full.startswith(render(tok, messages[: i + 1])) or end < start:
+            raise ValueError("the chat template does not render a conversation's first turns as a prefix of "
+                             f"the whole (turn {i}); set data.chat_template ({' | '.join(CHAT_TEMPLATES)})")
+        spans.append((start, end))
+    return full, spans
+
+
+def _prefix(tok, before: list[dict], full: str) -> int:
+    """Where the assistant's text starts: after the turns before it and the generation prompt."""
+    if not before:
+        return 0
+    for gen in (True, False):
+        text = render(tok, before, add_generation_prompt=gen)
+        if full.startswith(text):
+            return len(text)
+    raise ValueError("the chat template does not render a conversation's first turns as a prefix of the "
+                     f"whole; set data.chat_template ({' | '.join(CHAT_TEMPLATES)})")
+
+
+def encode_conversations(tok, conversations: list[list[dict]], seq_len: int) -> list[tuple[list, list]]:
+    """Each conversation's ids and labels: labels = ids on the assistant spans, -100 elsewhere;
+    cut at seq_len (ids and labels together, so they stay aligned)."""
+    rendered = [assistant_spans(tok, msgs) for msgs in conversations]
+    enc = tok([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for (_, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
+        labels = [t if any(s <= a < e for s, e in spans) else IGNORE for t, (a, _b) in zip(ids, offsets)]
+        out.append((list(ids[:seq_len]), labels[:seq_len]))
+    return out
+
+
+def encode_texts(tok, texts: list[str], seq_len: int) -> list[tuple[list, list]]:
+    """causal_lm: each text and the end token, loss on every token; cut at seq_len."""
+    enc = tok([str(t) for t in texts])
+    out = []
+    for ids in enc["input_ids"]:
+        ids = list(ids) + [tok.eos_token_id]
+        out.append((ids[:seq_len], ids[:seq_len]))
+    return out
+
+
+def encode_examples(batch: dict, model: ModelSpec | dict, data: DataSpec | dict, seq_len: int):
+    """A batch of rows of a causal-LM task as (ids, labels) examples, and the tokenizer used."""
+    data = DataSpec.model_validate(data)
+    tok = tokenizer_for(model, data)
+    if data.task == "causal_lm":
+        column = data.columns.get("text", "text")
+        return encode_texts(tok, list(batch[column]), seq_len), tok
+    if data.task not in TEXT_TASKS:
+        raise ValueError(f"data.task {data.task!r} is not a causal-LM text task; use one of {', '.join(TEXT_TASKS)}")
+    conversations = [to_messages(row, data.task, data.columns) for row in rows_of(batch)]
+    return encode_conversations(tok, conversations, seq_len), tok
+
+
+def encode(batch: dict, model: ModelSpec | dict, data: DataSpec | dict, seq_len: int) -> dict:
+    """Ray Data `map_batches` function for every causal-LM text task: rows -> input_ids,
+    attention_mask, labels padded to seq_len; unpadded (ragged) examples with `data.packing`,
+    for pack() to fill rows with."""
+    examples, tok = encode_examples(batch, model, data, seq_len)
+    if DataSpec.model_validate(data).packing:
+        return {"input_ids": _ragged([ids for ids, _ in examples]),
+                "labels": _ragged([labels for _, labels in examples])}
+    return padded(examples, seq_len, tok.pad_token_id)
+
+
+def _ragged(lists: list[list[int]]) -> np.ndarray:
+    out = np.empty(len(lists), dtype=object)
+    for i, values in enumerate(lists):
+        out[i] = np.asarray(values, dtype=np.int64)
+    return out
+
+
+def padded(examples: list[tuple[list, list]], seq_len: int, pad_id: int) -> dict:
+    """Examples as seq_len rows: pad ids on the right, attention_mask 0 and labels -100 there."""
+    n = len(examples)
+    ids = np.full((n, seq_len), pad_id, dtype=np.int64)
+    labels = np.full((n, seq_len), IGNORE, dtype=np.int64)
+    mask = np.zeros((n, seq_len), dtype=np.int64)
+    for i, (x, y) in enumerate(examples):
+        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = x, y, 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing: examples concatenated into seq_len rows, nothing crossing an example's boundary
+
+PACKED_COLUMNS = ("input_ids", "attention_mask", "labels", "position_ids", "segment_ids")
+
+
+def pack(batch: dict, seq_len: int, pad_id: int) -> dict:
+    """Ray Data `map_batches` function after encode(): the batch's examples, first fit in order,
+    into rows of seq_len. Per token: position_ids restart at 0 for each example, segment_ids
+    number the examples of a row from 1 (0: padding), and each example's first label is -100 (its
+    first token would otherwise be predicted from the example before it), so a packed row's loss
+    is the sum of its examples' own."""
+    rows: list[list[int]] = []  # example indices per row
+    free: list[int] = []
+    lengths = [len(x) for x in batch["input_ids"]]
+    for i, length in enumerate(lengths):
+        if length == 0:
+            continue
+        for r, room in enumerate(free):
+            if length <= room:
+                rows[r].append(i)
+                free[r] -= length
+                break
+        else:
+            rows.append([i])
+            free.append(seq_len - length)
+    n = len(rows)
+    out = {"input_ids": np.full((n, seq_len), pad_id, dtype=np.int64),
+           "labels": np.full((n, seq_len), IGNORE, dtype=np.int64),
+           "attention_mask": np.zeros((n, seq_len), dtype=np.int64),
+           "segment_ids": np.zeros((n, seq_len), dtype=np.int64),
+           "position_ids": np.tile(np.arange(seq_len, dtype=np.int64), (n, 1))}
+    for r, members in enumerate(rows):
+        at = 0
+        for seg, i in enumerate(members, start=1):
+            ids, labels, k = np.asarray(batch["input_ids"][i]), np.asarray(batch["labels"][i]), lengths[i]
+            out["input_ids"][r, at:at + k] = ids
+            out["labels"][r, at:at + k] = labels
+            out["labels"][r, at] = IGNORE
+            out["attention_mask"][r, at:at + k] = 1
+            out["segment_ids"][r, at:at + k] = seg
+            out["position_ids"][r, at:at + k] = np.arange(k)
+            at += k
+        out["position_ids"][r, at:] = np.arange(seq_len - at)  # padding: a segment of its own
+    return out
+
+
+def stream(ds, model: ModelSpec | dict, data: DataSpec | dict, seq_len: int, **map_kwargs):
+    """A Ray Dataset of a causal-LM task's rows as model rows: encoded, then packed with
+    `data.packing` (PACK_ROWS examples per packing batch)."""
+    model, data = ModelSpec.model_validate(model), DataSpec.model_validate(data)
+    kw = {"model": model.model_dump(mode="json"), "data": data.model_dump(mode="json"), "seq_len": seq_len}
+    ds = ds.map_batches(encode, fn_kwargs=kw, batch_format="numpy", **map_kwargs)
+    if data.packing:
+        pad_id = tokenizer_for(model, data).pad_token_id
+        ds = ds.map_batches(pack, fn_kwargs={"seq_len": seq_len, "pad_id": pad_id}, batch_size=PACK_ROWS,
+                            batch_format="numpy", **map_kwargs)
+    return ds
+
+
+PACK_ROWS = 512  # examples one packing batch fills rows from (a partial last row per batch)
+
+
+def encode_rows(rows: dict, model: ModelSpec | dict, data: DataSpec | dict, seq_len: int) -> dict:
+    """In-process (eval, retain, EWC samples, tests): encode() and, with packing, pack()."""
+    enc = encode(rows, model, data, seq_len)
+    if DataSpec.model_validate(data).packing:
+        enc = pack(enc, seq_len, tokenizer_for(model, data).pad_token_id)
+    return enc
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side: a batch of model rows -> the model's keyword arguments
+
+
+def model_inputs(batch: dict, attn_implementation: str = "sdpa") -> dict:
+    """The keyword arguments of a causal LM's forward for a batch of rows (torch tensors).
+
+    Padded rows: input_ids, attention_mask, labels. Packed rows (segment_ids present): position_ids
+    restarting per example, and a block-diagonal causal mask so no token attends across an
+    example's boundary: a 4D boolean mask (True = attend) for sdpa, an additive float one for
+    eager (transformers uses a 4D mask as given); flash_attention_2 takes the boundaries from
+    position_ids alone (its varlen path)."""
+    out = {"input_ids": batch["input_ids"], "labels": batch["labels"]}
+    if "segment_ids" not in batch:
+        out["attention_mask"] = batch["attention_mask"]
+        return out
+    import torch
+
+    out["position_ids"] = batch["position_ids"]
+    if attn_implementation == "flash_attention_2":
+        return out
+    seg = batch["segment_ids"]
+    n = seg.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=seg.device).tril()
+    allowed = (seg[:, :, None] == seg[:, None, :]) & causal
+    if attn_implementation == "eager":
+        mask = torch.zeros(allowed.shape, dtype=torch.float32, device=seg.device)
+        out["attention_mask"] = mask.masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+    else:
+        out["attention_mask"] = allowed[:, None]
+    return out
+
+
+def token_counts(batch: dict) -> tuple[int, int]:
+    """(tokens that are not padding, all tokens) of a batch of model rows: padding_fraction's terms."""
+    mask = batch["attention_mask"]
+    return int(mask.sum()), int(mask.numel() if hasattr(mask, "numel") else mask.size)
+
+
+def attention_of(model) -> str:
+    """The attention implementation a (wrapped: DDP, DeepSpeed, peft) model runs."""
+    inner = getattr(model, "module", model)
+    config = getattr(inner, "config", None)
+    return getattr(config, "_attn_implementation", None) or "sdpa"
+
+
+def as_packed(batch: dict) -> dict:
+    """Padded rows (torch) in the packed rows' columns: one example per row, segment 1."""
+    import torch
+
+    if "segment_ids" in batch:
+        return batch
+    mask = batch["attention_mask"]
+    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    return {**batch, "segment_ids": mask.long(), "position_ids": positions.contiguous()}

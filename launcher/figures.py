@@ -58,7 +58,8 @@ def evals(section, out: Path) -> Optional[Path]:
 
     None when the eval loss alone was recorded: the loss figure already shows it.
     """
-    panels = [(kind, {k: v for k, v in section.evals.items() if k.endswith(kind)}) for kind in ("loss", "accuracy", "exact match")]
+    panels = [(kind, {k: v for k, v in section.evals.items() if k.endswith(kind)})
+              for kind in ("loss", "accuracy", "exact match")]
     panels = [(kind, series) for kind, series in panels if series]
     if not panels or list(section.evals) == ["eval loss"]:
         return None

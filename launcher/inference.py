@@ -183,6 +183,87 @@ class RunModel:
     def prompt(self, text: str, system: Optional[str] = None) -> str:
         return prompt_text(self.tokenizer, text, self.task, system)
 
+    def generate(self, texts: Sequence[str], max_new_tokens: int = 64, system: Optional[str] = None) -> list[str]:
+        """Greedy answers (the completion only) to inputs, rendered as the run's task renders them."""
+        return greedy(self.model, self.tokenizer, [self.prompt(t, system) for t in texts], max_new_tokens,
+                      add_special_tokens=self.task not in TEMPLATED_TASKS)
+
+
+def _base_folder(model_spec: dict) -> str:
+    source = str(model_spec.get("source", ""))
+    if source == "minilm" or not source.startswith("hf:"):
+        raise LauncherError(f"the run's base {source!r} was not saved beside its adapter; rerun it")
+    return str(Path(source[3:]).expanduser())
+
+
+# ---------------------------------------------------------------------------------------------
+# A multitask run's adapters on one base
+
+
+class AdapterSet:
+    """A run's base model with its adapters; `set_adapter` switches, `tasks=` mixes per row."""
+
+    def __init__(self, run_dir: Union[str, Path], tasks: Optional[Sequence[str]] = None,
+                 device: str = "cpu"):
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        self.run_dir = Path(run_dir)
+        self.registry = load_registry(self.run_dir)
+        known = self.registry["adapters"]
+        names = list(tasks) if tasks else sorted(known)
+        missing = [n for n in names if n not in known]
+        if not known or missing:
+            raise LauncherError(f"no adapter {', '.join(missing) or '(none registered)'} in "
+                                f"{self.run_dir}; registered: {', '.join(sorted(known)) or 'none'}")
+        base_path = self._path(self.registry["base"]["path"])
+        self.tokenizer = AutoTokenizer.from_pretrained(self._path(self.registry["tokenizer"]))
+        # Each task's data block (its task and chat template), from the run's spec.
+        try:
+            spec = json.loads((self.run_dir / MANIFEST).read_text()).get("spec") or {}
+        except FileNotFoundError:
+            spec = {}
+        self.data = {t["name"]: t.get("data") or {} for t in spec.get("tasks") or []}
+        base = AutoModelForCausalLM.from_pretrained(base_path).to(device)
+        first, *rest = names
+        self.model = PeftModel.from_pretrained(base, self._path(known[first]["path"]), adapter_name=first)
+        for name in rest:
+            self.model.load_adapter(self._path(known[name]["path"]), adapter_name=name)
+        self.model.eval()
+        self.device, self.names, self.active = device, names, first
+
+    def _path(self, path: str) -> str:
+        return str(path if Path(path).is_absolute() else self.run_dir / path)
+
+    def set_adapter(self, task: str) -> None:
+        if task not in self.names:
+            raise LauncherError(f"no adapter {task!r} loaded; loaded: {', '.join(self.names)}")
+        self.model.set_adapter(task)
+        self.active = task
+
+    def encode(self, texts: Sequence[str], seq_len: Optional[int] = None) -> dict:
+        enc = self.tokenizer(list(texts), padding="longest" if seq_len is None else "max_length",
+                             truncation=seq_len is not None, max_length=seq_len, return_tensors="pt")
+        return {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask")}
+
+    def logits(self, texts: Sequence[str], task: Optional[str] = None,
+               tasks: Optional[Sequence[str]] = None, seq_len: Optional[int] = None):
+        """Logits of `texts` under one adapter (`task`, else the active one) or, with `tasks`,
+        one adapter per row in a single mixed batch (peft's `adapter_names=`)."""
+        import torch
+
+        enc = self.encode(texts, seq_len)
+        with torch.no_grad():
+            if tasks is not None:
+                if len(tasks) != len(texts):
+                    raise LauncherError(f"tasks has {len(tasks)} names for {len(texts)} texts; give one per text")
+                return self.model(**enc, adapter_names=list(tasks)).logits
+            if task is not None:
+                self.set_adapter(task)
+            return self.model(**enc).logits
+
     def prompt(self, text: str, task: str, system: Optional[str] = None) -> str:
         """An input as the task's adapter was trained to see it (chat template for instruction/chat)."""
         data = self.data.get(task) or {}

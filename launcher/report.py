@@ -90,7 +90,8 @@ def finetune_section(title: str, name: str, folder: Path, summary: dict, status:
                 s.evals[f"{split} {metric.replace('_', ' ')}"] = points
             if first is not None or after is not None:
                 show = _f if metric == "loss" else _pct
-                s.facts.append(f"{split} {metric.replace('_', ' ')} {show(first)} -> {show(after)} (before training -> last)")
+                name = metric.replace("_", " ")
+                s.facts.append(f"{split} {name} {show(first)} -> {show(after)} (before training -> last)")
     s.facts[:0] = loss_facts(metrics)
     if summary.get("trainable_params"):
         s.facts.append(f"trainable parameters {summary['trainable_params']:,} of {summary.get('total_params') or 0:,}")

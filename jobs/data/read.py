@@ -42,3 +42,30 @@ def read_ipc(fs, path: str, columns: Optional[list[str]] = None):
             src.seek(0)
             table = pa.ipc.open_stream(src).read_all()
     return table.select(columns) if columns else table
+
+
+def read_head(path: str, columns: Optional[list[str]] = None, limit: Optional[int] = None, role: str = "eval"):
+    """The first `limit` rows of a dataset spec as one pyarrow Table, read in-process (eval and
+    retain splits, EWC samples): the same files and formats read_dataset streams."""
+    import pyarrow as pa
+    import pyarrow.json as pj
+    import pyarrow.parquet as pq
+
+    fs, files = list_files(path, role)
+    tables, rows = [], 0
+    for f in files:
+        if limit is not None and rows >= limit:
+            break
+        if f.lower().endswith(ARROW_IPC):
+            table = read_ipc(fs, f, columns)
+        elif is_jsonl(f):
+            with fs.open_input_stream(f) as src:  # .gz decompressed by the file's ending
+                table = pj.read_json(src)
+            table = table.select(columns) if columns else table
+        else:
+            with fs.open_input_file(f) as src:
+                table = pq.read_table(src, columns=columns)
+        tables.append(table)
+        rows += table.num_rows
+    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    return table.slice(0, limit) if limit is not None else table

@@ -29,7 +29,7 @@ from launcher.spec import (
 )
 from launcher.strategies.lora import LoraStrategy
 
-MULTITASK_DATA = ("causal_lm", "instruction")  # tasks an adapter of a causal LM learns
+MULTITASK_DATA = ("causal_lm", "instruction", "chat")  # tasks an adapter of a causal LM learns
 
 
 class LoraOverride(Strict):
@@ -124,13 +124,14 @@ class TaskSettings(BaseModel):
     data: DataSpec
     lora: LoraStrategy
     train: TrainSpec
+    model: ModelSpec = ModelSpec()  # the shared base's: its tokenizer encodes the task's rows
 
 
 def typed_task_settings(spec: "MultitaskSpec", task: "TaskSpec") -> TaskSettings:
     """`task_settings` on the typed spec: the spec's LoRA and train, overridden by the task's
     (the overrides were validated with the task)."""
     return TaskSettings(
-        name=task.name, data=task.data,
+        name=task.name, data=task.data, model=spec.model,
         lora=spec.strategy.model_copy(update=task.lora.model_dump(exclude_none=True)),
         train=spec.train.model_copy(update=task.train.model_dump(exclude_none=True)))
 

@@ -81,16 +81,20 @@ def test_eval_pairs_and_exact_match_of_a_split(qwen, tmp_path):
     rows = [{"messages": [*QUESTION, {"role": "assistant", "content": ANSWER}]},
             {"messages": [{"role": "system", "content": "be brief"}, *QUESTION,
                           {"role": "assistant", "content": "The zorp is blue."}]},
-            {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"},
-                               {"from": "human", "value": QUESTION[0]["content"]}, {"from": "gpt", "value": ANSWER}]},
             {"messages": [*QUESTION]}]  # no assistant turn: not scored
     path = tmp_path / "eval.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     data = DataSpec(task="chat", train=str(path), eval=str(path))
     pairs = G.eval_pairs(str(path), data, 10)
-    assert [r for _, r in pairs] == [ANSWER, "The zorp is blue.", ANSWER]
-    assert pairs[2][0][-1] == {"role": "user", "content": QUESTION[0]["content"]} and len(pairs[2][0]) == 3
-    assert len(G.eval_pairs(str(path), data, 2)) == 2
+    assert [r for _, r in pairs] == [ANSWER, "The zorp is blue."]
+    assert len(G.eval_pairs(str(path), data, 1)) == 1
+    sharegpt = tmp_path / "sharegpt.jsonl"  # the last assistant turn is the reference, the turns before it the prompt
+    sharegpt.write_text(json.dumps({"conversations": [
+        {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"},
+        {"from": "human", "value": QUESTION[0]["content"]}, {"from": "gpt", "value": ANSWER}]}) + "\n")
+    (prompt, reference), = G.eval_pairs(str(sharegpt), data, 10)
+    assert reference == ANSWER and prompt[-1] == QUESTION[0] and [m["role"] for m in prompt] == [
+        "user", "assistant", "user"]
     model_spec = ModelSpec(source=f"hf:{qwen['folder']}", seq_len=64)
     result = G.evaluate(qwen["model"], model_spec, data, pairs[:2])
     assert result == {"exact_match": 0.5}  # the model answers the first, not the second
