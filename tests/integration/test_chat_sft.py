@@ -28,7 +28,7 @@ def test_lora_chat_sft_learns_the_lookup_and_infer_answers_it(ray_head, tmp_path
         "model": {"source": f"hf:{folder}", "seq_len": 96},
         "strategy": {"type": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"},
         "data": data,
-        "train": {"max_steps": 250, "micro_batch": 16, "lr": 1e-2, "report_every": 125, "eval_batches": 1,
+        "train": {"max_steps": 300, "micro_batch": 16, "lr": 1e-2, "report_every": 150, "eval_batches": 1,
                   "eval_generate": 64},
         "resources": {"workers": 1, "cpus_per_worker": 1},
         "storage": str(tmp_path / "runs"),
