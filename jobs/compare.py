@@ -23,6 +23,8 @@ COLUMNS = [  # (summary key, header, format)
     ("eval_loss_before", "eval before", "{:.3f}"),
     ("eval_loss_after", "eval after", "{:.3f}"),
     ("eval_accuracy_after", "eval accuracy", "{:.3f}"),
+    ("eval_exact_match_before", "exact match before", "{:.2f}"),
+    ("eval_exact_match_after", "exact match after", "{:.2f}"),
     ("quality_vs_full", "quality % of full", "{:.1f}"),
     ("forgetting", "retain loss change", "{:+.3f}"),
     ("peak_rss_mb", "peak RSS MiB", "{:,.0f}"),
@@ -64,15 +66,17 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
 def quality_vs_full(results: dict) -> None:
     """Each variant's quality as a percentage of the full fine-tuning variant's (if there is one).
 
-    Classification: eval accuracy after training. Language modelling: the eval-loss gain
-    (before - after), since a loss has no natural 100%.
+    Classification: eval accuracy after training; instruction and chat: exact match after
+    training. Language modelling: the eval-loss gain (before - after), since a loss has no natural 100%.
     """
     full = next((r for r in results.values() if r["strategy"].startswith("full")), None)
     if full is None:
         return
     for r in results.values():
-        if full.get("eval_accuracy_after") and r.get("eval_accuracy_after") is not None:
-            r["quality_vs_full"] = 100 * r["eval_accuracy_after"] / full["eval_accuracy_after"]
+        score = next((k for k in ("eval_accuracy_after", "eval_exact_match_after")
+                      if full.get(k) and r.get(k) is not None), None)
+        if score:
+            r["quality_vs_full"] = 100 * r[score] / full[score]
         elif None not in (full.get("eval_loss_before"), full.get("eval_loss_after"),
                           r.get("eval_loss_before"), r.get("eval_loss_after")):
             gain = full["eval_loss_before"] - full["eval_loss_after"]
@@ -102,6 +106,7 @@ def write_report(results: dict, out, title: str) -> str:
 
     names = list(results)
     panels = [("eval_loss_after", "eval loss after"), ("eval_accuracy_after", "eval accuracy"),
+              ("eval_exact_match_after", "exact match after"),
               ("forgetting", "retain loss change"), ("tokens_per_s", "tokens/s"),
               ("trainable_params", "trainable parameters")]
     # A panel with no value in any variant (no retain set, no accuracy) is left out.
@@ -115,14 +120,18 @@ def write_report(results: dict, out, title: str) -> str:
     fig.savefig(out / "summary.png", dpi=100)
     plt.close(fig)
 
+    # Exact match exists for instruction and chat tasks only: its columns are left out elsewhere.
+    columns = [c for c in COLUMNS if not c[0].startswith("eval_exact_match")
+               or any(r.get(c[0]) is not None for r in results.values())]
     lines = [f"# {title}: strategies compared", "",
              "Same data, steps, evaluation and seed for every variant. Quality % of full: eval "
-             "accuracy (classification) or eval-loss gain (language modelling) relative to the "
+             "accuracy (classification), exact match (instruction, chat: greedy answers to the eval "
+             "prompts equal to the reference) or eval-loss gain (language modelling) relative to the "
              "full fine-tuning variant. Peak RSS: the rank-0 worker process.", "",
-             "| variant | " + " | ".join(h for _, h, _ in COLUMNS) + " |",
-             "|---" * (len(COLUMNS) + 1) + "|"]
+             "| variant | " + " | ".join(h for _, h, _ in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
     for name, r in results.items():
-        cells = [fmt.format(r[k]) if r.get(k) is not None else "-" for k, _, fmt in COLUMNS]
+        cells = [fmt.format(r[k]) if r.get(k) is not None else "-" for k, _, fmt in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "![loss curves](loss.png)", "", "![summary](summary.png)", ""]
     (out / "report.md").write_text("\n".join(lines))

@@ -20,8 +20,10 @@ from ray.train.torch import TorchTrainer
 
 from common.runfolder import EVENTS, dir_size
 from jobs import components as C
+from jobs import generate as G
 from jobs import precision as P
 from jobs import strategies as S
+from jobs import tensorboard
 from jobs import text as T
 from jobs.artifacts import RunDir
 from jobs.data.read import read_dataset
@@ -95,10 +97,11 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
         "loss_first": metrics[0]["loss"] if metrics else None,
         "loss_last": metrics[-1]["loss"] if metrics else None,
     }
-    # Before/after on the eval split and on the retain split (forgetting): loss, and accuracy
-    # for classification; the deltas are after - before (a positive retain loss delta = forgetting).
+    # Before/after on the eval split and on the retain split (forgetting): loss, accuracy for
+    # classification, exact match of greedy answers for instruction and chat; the deltas are
+    # after - before (a positive retain loss delta = forgetting).
     for split in ("eval", "retain"):
-        for metric in ("loss", "accuracy"):
+        for metric in ("loss", "accuracy", "exact_match"):
             before, after = final.get(f"{split}_{metric}_before"), final.get(f"{split}_{metric}")
             if metric == "loss" or before is not None:
                 summary[f"{split}_{metric}_before"], summary[f"{split}_{metric}_after"] = before, after
@@ -130,6 +133,7 @@ def _train_loop(spec, config: dict) -> None:
     trainable, total = C.parameter_counts(model)
     eval_rows = C.load_split(data.eval, data, train.eval_batches * 16)
     retain_rows = C.load_split(data.retain, data, train.eval_batches * 16)
+    generated = G.eval_pairs(data.eval, data, train.eval_generate) if loop.rank == 0 and G.enabled(data, train) else []
 
     step, before = loop.resume(lambda path: C.load_checkpoint(path, model, optimizer)), {}
     if resuming:
@@ -137,8 +141,10 @@ def _train_loop(spec, config: dict) -> None:
     elif loop.rank == 0:  # measured once, before any update: the baseline for eval gain and forgetting
         before = {f"{split}_{k}_before": v for split, rows in (("eval", eval_rows), ("retain", retain_rows))
                   for k, v in C.evaluate(model, rows, spec).items()}
+        before.update({f"eval_{k}_before": v for k, v in G.evaluate(model, spec.model, data, generated).items()})
         before["digests_before"] = C.frozen_and_trainable_digests(model, trained)
         run_dir.update_manifest(before=before)
+        tensorboard.before(run_dir.path, before)
     # On resume: the groups already open by then.
     unfrozen_at = {step: unfreezer.at(model, step)} if unfreezer else {}
     model = _prepare(model, trained if unfreezer else None)
@@ -192,6 +198,7 @@ def _train_loop(spec, config: dict) -> None:
                     record.update({f"eval_{k}": v for k, v in C.evaluate(inner, eval_rows, spec).items()})
                 if loop.rank == 0 and final:
                     record.update({f"retain_{k}": v for k, v in C.evaluate(inner, retain_rows, spec).items()})
+                    record.update({f"eval_{k}": v for k, v in G.evaluate(inner, spec.model, data, generated).items()})
                     torch.save(C.probe(inner, spec.model), os.path.join(run_dir.path, "probe.pt"))
                     extra = {**before, "trainable_params": trainable, "total_params": total,
                              "rss_start_mb": round(rss_start, 1), "peak_rss_mb": round(S.peak_rss_mb(), 1),

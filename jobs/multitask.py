@@ -23,6 +23,7 @@ import torch
 
 from common.runfolder import metrics_file
 from jobs import components as C
+from jobs import generate as G
 from jobs import text as T
 from jobs.artifacts import RunDir
 from jobs.loop import Loop, progress_file, worker_scope
@@ -302,11 +303,14 @@ def train_adapter(task: TaskSettings, base_path: str, stream, run_dir: str, seq_
     loop = Loop(run_dir, train.max_steps, train.report_every, metrics=metrics_file(name),
                 fields={"task": name}, progress=progress_file(run_dir, f"task-{name}"))
     saved = loop.restore(lambda path: load_progress(path, model, optimizer, [name]))
-    step, losses = 0, []
+    step, losses, exact = 0, [], {}
+    # Instruction and chat tasks: greedy answers to the eval prompts (not re-measured on resume).
+    pairs = G.eval_pairs(task.data.eval, task.data, train.eval_generate) if G.enabled(task.data, train) else []
     if saved:  # an earlier attempt got this far: continue from its last report
         step, losses, before = saved["steps"][name], saved["losses"][name], saved["before"][name]
     else:
         before = eval_loss(model, evals, device)
+        exact = {f"eval_{k}_before": v for k, v in G.evaluate(model, task.model, task.data, pairs).items()}
     loop.truncate(step)
 
     def save(path):
@@ -333,8 +337,9 @@ def train_adapter(task: TaskSettings, base_path: str, stream, run_dir: str, seq_
         if loop.due(step):
             loop.report(loop.record(step, loss=float(np.mean(losses[-train.report_every:]))), save=save)
     after = eval_loss(model, evals, device)
+    exact.update({f"eval_{k}_after": v for k, v in G.evaluate(model, task.model, task.data, pairs).items()})
     return _export(model, name, run_dir, base_sha, step, losses, before, after, loop.started,
-                   packed=False, task=task)
+                   packed=False, task=task, exact=exact)
 
 
 def train_packed(tasks: list[TaskSettings], base_path: str, streams: dict, run_dir: str, seq_len: int,
@@ -468,7 +473,7 @@ def packed_step(model, optimizer, batches: dict, params: dict, clips: dict, devi
 
 
 def _export(model, name, run_dir, base_sha, steps, losses, before, after, started, *, packed, task,
-            finished=None) -> dict:
+            finished=None, exact=None) -> dict:
     """Save one adapter under adapters/<task>/ and return its registry entry."""
     target = Path(run_dir) / ADAPTERS_DIR / name
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".adapter-{name}-"))
@@ -487,7 +492,8 @@ def _export(model, name, run_dir, base_sha, steps, losses, before, after, starte
         "data_task": task.data.task,
         "lora": task.lora.model_dump(include={"r", "alpha", "target_modules"}),
         "eval": {"eval_loss_before": before, "eval_loss": after,
-                 "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None},
+                 "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+                 **(exact or {})},
         "wall_time_s": round((finished or time.time()) - started, 2),
         "trainable_params": sum(p.numel() for p in adapter_params(model, name)),
     }

@@ -13,8 +13,10 @@ import warnings
 from pathlib import Path
 
 # The record fields drawn as scalars (x = the record's step); bookkeeping fields are not.
-SCALARS = ("loss", "eval_loss", "eval_accuracy", "accuracy", "retain_loss", "retain_accuracy",
-           "lr", "tokens_per_s", "ewc_penalty")
+SCALARS = ("loss", "eval_loss", "eval_accuracy", "eval_exact_match", "accuracy", "retain_loss",
+           "retain_accuracy", "lr", "tokens_per_s", "ewc_penalty")
+# Values measured before training (`before`), drawn at step 0 of their curve.
+BEFORE = {"eval_exact_match_before": "eval_exact_match"}
 
 _writers: dict = {}  # logdir -> SummaryWriter, one per process and curve
 _purge: dict = {}  # logdir -> the first step a resume rewrites (its earlier events are hidden)
@@ -44,6 +46,16 @@ def write(run_path: Path, name: str, record: dict) -> None:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             writer.add_scalar(key, value, global_step=int(record["step"]), walltime=record.get("time"))
     writer.flush()
+
+
+def before(run_path: Path, values: dict, name: str = "metrics.jsonl") -> None:
+    """The values measured before any update, at step 0: written first, as a viewer drops the
+    events past a step that goes back (its restart rule)."""
+    import time
+
+    shown = {tag: values[key] for key, tag in BEFORE.items() if isinstance(values.get(key), (int, float))}
+    if shown:
+        write(run_path, name, {"step": 0, "time": time.time(), **shown})
 
 
 def truncated(run_path: Path, name: str, removed: list[dict]) -> None:

@@ -53,11 +53,13 @@ def loss(section, out: Path) -> Optional[Path]:
 
 
 def evals(section, out: Path) -> Optional[Path]:
-    """Eval and retain curves: one panel for losses, one for accuracies (a panel without data is left out).
+    """Eval and retain curves: one panel each for losses, accuracies and exact match (a panel
+    without data is left out).
 
     None when the eval loss alone was recorded: the loss figure already shows it.
     """
-    panels = [(kind, {k: v for k, v in section.evals.items() if k.endswith(kind)}) for kind in ("loss", "accuracy")]
+    panels = [(kind, {k: v for k, v in section.evals.items() if k.endswith(kind)})
+              for kind in ("loss", "accuracy", "exact match")]
     panels = [(kind, series) for kind, series in panels if series]
     if not panels or list(section.evals) == ["eval loss"]:
         return None
@@ -70,10 +72,10 @@ def evals(section, out: Path) -> Optional[Path]:
         sets = " and ".join(dict.fromkeys(label.split()[0] for label in series))
         ax.set(xlabel="step (0 = before training)", ylabel=kind, title=f"{sets} {kind}")
         ax.set_xlim(-0.05 * last - 0.5, 1.05 * last + 0.5)
-        if kind == "accuracy":
+        if kind != "loss":
             ax.set_ylim(-0.02, 1.12)  # room above 1.0 for the legend: accuracy often ends there
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right" if kind == "accuracy" else "best")
+        ax.legend(loc="best" if kind == "loss" else "lower right")
     fig.suptitle(f"{section.title}: evaluation")
     return _save(fig, _file(out, "eval", section), plt)
 

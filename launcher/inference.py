@@ -1,4 +1,7 @@
-"""Swap adapters at inference: the base loaded once, every registered adapter attached to it.
+"""Inference on a run's artifacts: greedy generation (the one implementation: `ftlaunch infer`,
+the Python API and the jobs' generation eval all call `greedy`), a finetune run's (or compare
+variant's) trained model (`RunModel`), and a multitask run's adapters swapped on one base
+(`AdapterSet`: the base loaded once, every registered adapter attached to it).
 
 torch, transformers and peft are imported inside the functions: `import launcher` stays light.
 
@@ -9,11 +12,192 @@ torch, transformers and peft are imported inside the functions: `import launcher
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from common.chat import CHAT_TEMPLATES, PLAIN_TEMPLATE, instruction_messages
+from common.runfolder import MANIFEST, REGISTRY, run_path
 from launcher.errors import LauncherError
 from launcher.registry import load_registry
+
+TEMPLATED_TASKS = ("instruction", "chat")  # tasks whose prompts go through the chat template
+_MARK = "\x00FTL-END-OF-ANSWER\x00"
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy generation: one implementation for infer, the Python API and the jobs' generation eval
+
+
+def end_of_turn(tok) -> Optional[str]:
+    """The text the chat template puts right after an assistant turn (`<|im_end|>`, `<|eot_id|>`,
+    the eos token): rendered from a probe conversation, whitespace stripped; None without one."""
+    if not getattr(tok, "chat_template", None):
+        return None
+    text = tok.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": _MARK}],
+                                   tokenize=False)
+    suffix = text[text.rindex(_MARK) + len(_MARK):].strip() if _MARK in text else ""
+    return suffix.split()[0] if suffix else None
+
+
+def stop_token_ids(tok) -> list[int]:
+    """Generation stops at the eos token and at the template's end-of-turn token, when that is one
+    token of the vocabulary's specials (a Qwen2 tokenizer's eos is `<|endoftext|>`, its chats end
+    in `<|im_end|>`)."""
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    marker = end_of_turn(tok)
+    if marker:
+        specials = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}) or {})
+        first = tok(marker, add_special_tokens=False)["input_ids"][:1]
+        if first and first[0] in specials:
+            ids.add(first[0])
+    return sorted(ids)
+
+
+def greedy(model, tok, prompts: Sequence[str], max_new_tokens: int, *, add_special_tokens: bool = False,
+           batch_size: int = 16) -> list[str]:
+    """Greedy completions of `prompts` (text as the model sees it), batched with left padding;
+    each stops at a stop token (`stop_token_ids`) and is cut at the end-of-turn text. Works on a
+    plain or peft-wrapped causal LM (unwrap DDP first). Eval mode while it runs."""
+    import torch
+    from transformers import GenerationConfig
+
+    stop, marker = stop_token_ids(tok), end_of_turn(tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (stop[0] if stop else 0)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              eos_token_id=stop or None, pad_token_id=pad)
+    device = next(model.parameters()).device
+    was_training, out = model.training, []
+    model.eval()
+    try:
+        for i in range(0, len(prompts), batch_size):
+            encoded = [tok(p, add_special_tokens=add_special_tokens)["input_ids"] or [pad]
+                       for p in prompts[i:i + batch_size]]
+            width = max(len(e) for e in encoded)
+            ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, e in enumerate(encoded):  # left padding: every prompt ends where generation starts
+                ids[row, width - len(e):] = torch.tensor(e, dtype=torch.long)
+                mask[row, width - len(e):] = 1
+            with torch.no_grad():
+                generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                           generation_config=config)
+            for row in generated[:, width:].tolist():
+                cut = next((j for j, t in enumerate(row) if t in stop), len(row))
+                text = tok.decode(row[:cut], skip_special_tokens=True)
+                out.append(text.split(marker)[0] if marker else text)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def with_template(tok, data: dict):
+    """The tokenizer ready for a task's prompts: its own chat template, else the one the spec's
+    `data.chat_template` names, else the plain template for an instruction task (the rule the
+    jobs apply when they render: jobs/text.py)."""
+    if not getattr(tok, "chat_template", None):
+        if data.get("chat_template"):
+            tok.chat_template = CHAT_TEMPLATES[data["chat_template"]]
+        elif data.get("task") == "instruction":
+            tok.chat_template = PLAIN_TEMPLATE
+    return tok
+
+
+def prompt_text(tok, text: str, task: str, system: Optional[str] = None) -> str:
+    """What the model is given for an input: for instruction and chat runs the input as the user
+    turn (an instruction run's instruction) rendered with the chat template and the assistant's
+    generation prompt; for other text tasks the input itself."""
+    if task not in TEMPLATED_TASKS:
+        return text
+    messages = instruction_messages({"instruction": text, "system": system})
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# A finetune run's (or a compare variant's) trained model
+
+
+def open_run(run: Union[str, Path], storage: Union[str, Path] = "./runs", variant: Optional[str] = None,
+             task: Optional[str] = None, device: str = "cpu"):
+    """The inference object of any run folder: an AdapterSet for a multitask run (its registry),
+    a RunModel for a finetune run or one variant of a compare run."""
+    folder = run_path(run, storage)
+    if (folder / REGISTRY).is_file():
+        return AdapterSet(folder, tasks=[task] if task else None, device=device)
+    return RunModel(folder, variant=variant, device=device)
+
+
+class RunModel:
+    """A finetune run's trained model: its export (`adapter/` on the run's base, or `model/`),
+    the tokenizer the run saved (with its chat template), and its task's prompt rendering.
+
+        model = RunModel("runs/<run_id>")                 # or RunModel(run, variant="lora")
+        model.generate(["what colour is the zorp?"])      # answers only, greedy
+    """
+
+    def __init__(self, run_dir: Union[str, Path], variant: Optional[str] = None, device: str = "cpu"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        from launcher.spec import validate
+
+        hf_logging.disable_progress_bar()
+        self.run_dir = Path(run_dir)
+        try:
+            manifest = json.loads((self.run_dir / MANIFEST).read_text())
+        except FileNotFoundError:
+            raise LauncherError(f"no run at {self.run_dir} (no {MANIFEST}); pass a run folder or its run id "
+                                "with --storage") from None
+        spec = manifest.get("spec") or {}
+        folder, variants = self.run_dir, getattr(validate(spec), "variant_specs", None)
+        if variants is not None:  # a compare run: one variant's finetune, in variants/<name>
+            specs = variants()
+            if variant is None and len(specs) == 1:
+                variant = next(iter(specs))
+            if variant not in specs:
+                raise LauncherError(f"run {self.run_dir.name} compares variants {', '.join(specs)}; "
+                                    "name one with --variant")
+            spec, folder = specs[variant], self.run_dir / "variants" / variant
+        elif variant is not None:
+            raise LauncherError(f"--variant {variant}: run {self.run_dir.name} is a {manifest.get('kind')} run, "
+                                "not a compare; drop --variant")
+        data, model_spec = spec.get("data") or {}, spec.get("model") or {}
+        if model_spec.get("num_labels"):
+            raise LauncherError(f"run {self.run_dir.name} trains a classifier (model.num_labels); infer "
+                                "answers text-generation runs only")
+        self.task, self.device = data.get("task", "causal_lm"), device
+        export = next((folder / e for e in ("adapter", "model") if (folder / e).is_dir()), None)
+        if export is None or not (folder / "tokenizer").is_dir():
+            raise LauncherError(f"run folder {folder} has no trained model yet (no adapter/ or model/ and "
+                                "tokenizer/); wait for the run to succeed (ftlaunch status)")
+        self.tokenizer = with_template(AutoTokenizer.from_pretrained(folder / "tokenizer"), data)
+        if export.name == "adapter":
+            from peft import PeftModel
+
+            base = folder / "base" if (folder / "base").is_dir() else _base_folder(model_spec)
+            self.model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), export)
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(export)
+        self.model.to(device).eval()
+
+    def prompt(self, text: str, system: Optional[str] = None) -> str:
+        return prompt_text(self.tokenizer, text, self.task, system)
+
+    def generate(self, texts: Sequence[str], max_new_tokens: int = 64, system: Optional[str] = None) -> list[str]:
+        """Greedy answers (the completion only) to inputs, rendered as the run's task renders them."""
+        return greedy(self.model, self.tokenizer, [self.prompt(t, system) for t in texts], max_new_tokens,
+                      add_special_tokens=self.task not in TEMPLATED_TASKS)
+
+
+def _base_folder(model_spec: dict) -> str:
+    source = str(model_spec.get("source", ""))
+    if source == "minilm" or not source.startswith("hf:"):
+        raise LauncherError(f"the run's base {source!r} was not saved beside its adapter; rerun it")
+    return str(Path(source[3:]).expanduser())
+
+
+# ---------------------------------------------------------------------------------------------
+# A multitask run's adapters on one base
 
 
 class AdapterSet:
@@ -22,7 +206,7 @@ class AdapterSet:
     def __init__(self, run_dir: Union[str, Path], tasks: Optional[Sequence[str]] = None,
                  device: str = "cpu"):
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+        from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -35,7 +219,13 @@ class AdapterSet:
             raise LauncherError(f"no adapter {', '.join(missing) or '(none registered)'} in "
                                 f"{self.run_dir}; registered: {', '.join(sorted(known)) or 'none'}")
         base_path = self._path(self.registry["base"]["path"])
-        self.tokenizer = PreTrainedTokenizerFast.from_pretrained(self._path(self.registry["tokenizer"]))
+        self.tokenizer = AutoTokenizer.from_pretrained(self._path(self.registry["tokenizer"]))
+        # Each task's data block (its task and chat template), from the run's spec.
+        try:
+            spec = json.loads((self.run_dir / MANIFEST).read_text()).get("spec") or {}
+        except FileNotFoundError:
+            spec = {}
+        self.data = {t["name"]: t.get("data") or {} for t in spec.get("tasks") or []}
         base = AutoModelForCausalLM.from_pretrained(base_path).to(device)
         first, *rest = names
         self.model = PeftModel.from_pretrained(base, self._path(known[first]["path"]), adapter_name=first)
@@ -74,23 +264,25 @@ class AdapterSet:
                 self.set_adapter(task)
             return self.model(**enc).logits
 
-    def generate(self, texts: Sequence[str], task: Optional[str] = None,
-                 tasks: Optional[Sequence[str]] = None, max_new_tokens: int = 24) -> list[str]:
-        """Greedy completions, one text at a time (no padding to get wrong), per-row adapters allowed."""
-        import torch
+    def prompt(self, text: str, task: str, system: Optional[str] = None) -> str:
+        """An input as the task's adapter was trained to see it (chat template for instruction/chat)."""
+        data = self.data.get(task) or {}
+        return prompt_text(with_template(self.tokenizer, data), text, data.get("task", "causal_lm"), system)
 
+    def generate(self, texts: Sequence[str], task: Optional[str] = None,
+                 tasks: Optional[Sequence[str]] = None, max_new_tokens: int = 24,
+                 system: Optional[str] = None) -> list[str]:
+        """Greedy completions (batched per adapter, `greedy`); `tasks`: one adapter per text."""
         names = list(tasks) if tasks is not None else [task or self.active] * len(texts)
-        eos = self.tokenizer.eos_token_id
-        out = []
-        for text, name in zip(texts, names):
-            ids = self.encode([text])["input_ids"]
-            new = []
-            with torch.no_grad():
-                for _ in range(max_new_tokens):
-                    nxt = int(self.model(input_ids=ids, adapter_names=[name]).logits[0, -1].argmax())
-                    if nxt == eos:
-                        break
-                    new.append(nxt)
-                    ids = torch.cat([ids, torch.tensor([[nxt]], device=ids.device)], dim=1)
-            out.append(self.tokenizer.decode(new))
+        if len(names) != len(texts):
+            raise LauncherError(f"tasks has {len(names)} names for {len(texts)} texts; give one per text")
+        out: list = [None] * len(texts)
+        for name in dict.fromkeys(names):
+            rows = [i for i, n in enumerate(names) if n == name]
+            self.set_adapter(name)
+            templated = (self.data.get(name) or {}).get("task") in TEMPLATED_TASKS
+            answers = greedy(self.model, self.tokenizer, [self.prompt(texts[i], name, system) for i in rows],
+                             max_new_tokens, add_special_tokens=not templated)
+            for i, answer in zip(rows, answers):
+                out[i] = answer
         return out

@@ -81,7 +81,7 @@ def finetune_section(title: str, name: str, folder: Path, summary: dict, status:
     before = {**read_json(folder / "manifest.json").get("before", {}), **summary}
     last = metrics[-1] if metrics else {}
     for split in ("eval", "retain"):
-        for metric in ("loss", "accuracy"):
+        for metric in ("loss", "accuracy", "exact_match"):
             key, first = f"{split}_{metric}", before.get(f"{split}_{metric}_before")
             points = [(0, first)] if first is not None else []
             points += [(m["step"], m[key]) for m in metrics if m.get(key) is not None]
@@ -89,10 +89,11 @@ def finetune_section(title: str, name: str, folder: Path, summary: dict, status:
             if after is not None and last and (not points or points[-1][0] < last["step"]):
                 points.append((last["step"], after))  # measured at the end, not in the records
             if points:
-                s.evals[f"{split} {metric}"] = points
+                s.evals[f"{split} {metric.replace('_', ' ')}"] = points
             if first is not None or after is not None:
-                show = _pct if metric == "accuracy" else _f
-                s.facts.append(f"{split} {metric} {show(first)} -> {show(after)} (before training -> last)")
+                show = _f if metric == "loss" else _pct
+                name = metric.replace("_", " ")
+                s.facts.append(f"{split} {name} {show(first)} -> {show(after)} (before training -> last)")
     s.facts[:0] = loss_facts(metrics)
     if summary.get("trainable_params"):
         s.facts.append(f"trainable parameters {summary['trainable_params']:,} of {summary.get('total_params') or 0:,}")

@@ -124,6 +124,9 @@ class Compare(Finetune):
         for name, v in (s.get("variants") or {}).items():
             quality = f", {v['quality_vs_full']:.1f}% of full" if v.get("quality_vs_full") is not None else ""
             acc = f", accuracy {v['eval_accuracy_after']:.3f}" if v.get("eval_accuracy_after") is not None else ""
+            if v.get("eval_exact_match_after") is not None:
+                acc += (f", exact match {_f(v.get('eval_exact_match_before'))} -> "
+                        f"{v['eval_exact_match_after']:.3f}")
             lines.append(f"{name:<14} {v.get('strategy')}: {v.get('trainable_params') or 0:,} trainable, "
                          f"eval loss {_f(v.get('eval_loss_before'))} -> {_f(v.get('eval_loss_after'))}"
                          f"{acc}{quality}")

@@ -187,6 +187,9 @@ class Finetune(Kind):
         ]
         if s.get("eval_accuracy_before") is not None:
             lines.append(f"eval accuracy  {_pct(s['eval_accuracy_before'])} -> {_pct(s.get('eval_accuracy_after'))}")
+        if s.get("eval_exact_match_before") is not None:
+            lines.append(f"exact match    {_pct(s['eval_exact_match_before'])} -> "
+                         f"{_pct(s.get('eval_exact_match_after'))} (greedy answers to the eval prompts)")
         if s.get("retain_loss_before") is not None:
             delta = s["retain_loss_after"] - s["retain_loss_before"]
             lines.append(f"retain loss    {_f(s['retain_loss_before'])} -> {_f(s['retain_loss_after'])}"

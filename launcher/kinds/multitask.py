@@ -380,8 +380,10 @@ class Multitask(Kind):
         for name, t in s.get("tasks", {}).items():
             ev = t.get("eval") or {}
             kept = " (kept from an earlier attempt)" if name in s.get("kept", []) else ""
+            exact = (f", exact match {_f(ev.get('eval_exact_match_before'))} -> {_f(ev['eval_exact_match_after'])}"
+                     if ev.get("eval_exact_match_after") is not None else "")
             lines.append(f"  task {name:<14} {t.get('steps')} steps, eval loss {_f(ev.get('eval_loss_before'))} -> "
-                         f"{_f(ev.get('eval_loss'))}, {t.get('trainable_params') or 0:,} trainable, "
+                         f"{_f(ev.get('eval_loss'))}{exact}, {t.get('trainable_params') or 0:,} trainable, "
                          f"{_size(t.get('bytes'))}{kept}")
         lines += [f"adapters       {_size(s.get('export_bytes'))} in all; ftlaunch adapters list {run}",
                   f"wall time      {s.get('wall_time_s')} s",

@@ -262,6 +262,7 @@ def test_swap_and_mixed_batch_equal_each_adapter_loaded_alone(trained):
 
 def test_cli_adapters_list_and_infer(trained, capsys):
     from launcher.cli.main import main
+    from launcher.inference import AdapterSet
 
     assert main(["adapters", "list", str(trained["alone_dir"]), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -270,7 +271,10 @@ def test_cli_adapters_list_and_infer(trained, capsys):
     assert capsys.readouterr().out.count("alone") == 3
     assert main(["infer", str(trained["alone_dir"]), "--task", "counting", "--input", "count from 1:",
                  "--max-new-tokens", "4"]) == 0
-    assert capsys.readouterr().out.startswith("[counting] count from 1:")
+    answer = AdapterSet(trained["alone_dir"]).generate(["count from 1:"], task="counting", max_new_tokens=4)[0]
+    assert capsys.readouterr().out == answer + "\n"  # the answer only, as the Python API gives it
+    assert main(["infer", str(trained["alone_dir"]), "--input", "count from 1:"]) == 1
+    assert "name one with --task" in capsys.readouterr().err
     assert main(["infer", str(trained["alone_dir"]), "--task", "nope", "--input", "x"]) == 1
     assert "no adapter nope" in capsys.readouterr().err
 

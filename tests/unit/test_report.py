@@ -157,7 +157,8 @@ def test_stopped_compare_report_has_a_section_per_variant(tmp_path):
         write_jsonl(folder / "metrics.jsonl", finetune_metrics(ls, [x + 0.25 for x in ls]))
         (folder / "manifest.json").write_text(json.dumps({"before": {"eval_loss_before": 5.75}}))
     summary = {"loss_first": 5.0, "loss_last": 3.5, "eval_loss_before": 5.75, "eval_loss_after": 3.75,
-               "eval_accuracy_before": 0.125, "eval_accuracy_after": 0.875, "peak_rss_mb": 700.0, "rss_start_mb": 400.0}
+               "eval_accuracy_before": 0.125, "eval_accuracy_after": 0.875, "peak_rss_mb": 700.0, "rss_start_mb": 400.0,
+               "eval_exact_match_before": 0.0, "eval_exact_match_after": 0.8125}
     write_jsonl(run / "variants.jsonl", [{"variant": "deepspeed_full", **summary, "strategy": "full",
                                          "engine": "deepspeed ZeRO-2", "tokens_per_s": 3000.0}])
 
@@ -167,6 +168,8 @@ def test_stopped_compare_report_has_a_section_per_variant(tmp_path):
     full, r8, r32, _ = text.split("## variant ")[1:]
     assert "- status: SUCCEEDED\n- full, engine deepspeed ZeRO-2" in full
     assert "- eval accuracy 12.5% -> 87.5%" in full
+    assert "- eval exact match 0.0% -> 81.2% (before training -> last)" in full
+    assert "exact match" not in r8  # measured for instruction and chat runs only
     assert "- status: STOPPED" in r8 and "- train loss 5.2500 -> 4.7500" in r8
     assert "- eval loss 5.7500 -> 5.0000" in r8  # the last recorded eval of a stopped variant
     assert "- status: not started" in r32 and "No metrics recorded." in r32

@@ -50,6 +50,16 @@ def test_finetune_records_become_scalars_at_their_steps(tmp_path):
     assert acc.Scalars("loss")[0].wall_time == pytest.approx(1010.0)  # the record's own time
 
 
+def test_exact_match_before_training_is_drawn_at_step_0(tmp_path):
+    from jobs import tensorboard
+
+    run = RunDir(str(tmp_path / "run"))
+    tensorboard.before(run.path, {"eval_loss_before": 5.75, "eval_exact_match_before": 0.0625})
+    run.append("metrics.jsonl", record(10, 5.25, eval_loss=5.5))
+    run.append("metrics.jsonl", record(20, 4.75, eval_exact_match=0.875))
+    assert scalars(tmp_path / "run" / "tensorboard" / "train", "eval_exact_match") == [(0, 0.0625), (20, 0.875)]
+
+
 def test_stages_tasks_and_variants_are_separate_tensorboard_runs(tmp_path):
     run = RunDir(str(tmp_path / "run"))
     run.append("metrics.jsonl", {"stage": "texture", "step": 5, "loss": 2.5, "tokens_per_s": 40.0, "time": 1.0})
