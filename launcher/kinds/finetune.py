@@ -28,11 +28,11 @@ from launcher.strategies import get_strategy, spec_union
 DATA_ROLES = ("train", "eval", "retain")
 
 ENGINES = {
-    "torch": Engine("torch", "jobs.finetune", tasks=("causal_lm", "classification"),
+    "torch": Engine("torch", "jobs.finetune", tasks=("causal_lm", "instruction", "chat", "classification"),
                     sources=("tiny-llama", "minilm", "hf:")),
     # The DeepSpeed job streams one text column into a causal LM: no classifier head, no replay
     # mix, no parameter groups, no forgetting penalty.
-    "deepspeed": Engine("deepspeed", "jobs.deepspeed_finetune", tasks=("causal_lm",),
+    "deepspeed": Engine("deepspeed", "jobs.deepspeed_finetune", tasks=("causal_lm", "instruction", "chat"),
                         sources=("tiny-llama", "hf:"), strategies=ENGINE_STRATEGIES,
                         ignores=("data.replay", "lr_groups", "mitigation.ewc", "mitigation.lr_cap")),
 }

@@ -21,11 +21,10 @@ DEMO, DS = "configs/demo.yaml", "configs/deepspeed-full.yaml"
 MT, MINI, CMP = "configs/multitask/three-tasks.yaml", "configs/arrcoc/mini.yaml", "configs/compare.yaml"
 
 REFUSED = [  # (spec, overrides, the one error line after "ftlaunch: error: <spec>: ")
-    (DEMO, ["data.task=instruction"], "data.task: instruction is not run by kind finetune yet; use causal_lm or "
-     "classification (kind multitask trains instruction adapters)"),
-    (DEMO, ["data.task=ner"], "data.task: ner is not run by kind finetune yet; use causal_lm or classification"),
-    (DEMO, ["data.task=vqa"], "data.task: vqa is not run by kind finetune yet; use causal_lm or classification "
-     "(kind pipeline trains vqa on an ARR-COC model)"),
+    (DEMO, ["data.task=ner"], "data.task: ner is not run by kind finetune yet; use causal_lm or instruction or "
+     "chat or classification"),
+    (DEMO, ["data.task=vqa"], "data.task: vqa is not run by kind finetune yet; use causal_lm or instruction or "
+     "chat or classification (kind pipeline trains vqa on an ARR-COC model)"),
     (DEMO, ["model.source=llama-2-7b"], "model.source: llama-2-7b has no weights here and is planned for a cluster "
      "only; plan it with --target ray (or k8s), or use tiny-llama, minilm or hf:<folder> to run it here"),
     (DEMO, ["model.source=arrcoc-mini"], "model.source: arrcoc-mini is not run by kind finetune; use tiny-llama, "
@@ -38,7 +37,8 @@ REFUSED = [  # (spec, overrides, the one error line after "ftlaunch: error: <spe
     (DS, ["strategy={type: gradual_unfreeze, train: [lm_head], schedule: [{step: 5, unfreeze: [layers]}]}"],
      "engine: deepspeed does not run strategy gradual_unfreeze; use strategy full or lora, or engine: torch"),
     (DS, ["data.task=classification", "model.num_labels=4"],
-     "data.task: classification is not run by engine deepspeed; use causal_lm, or engine: torch"),
+     "data.task: classification is not run by engine deepspeed; use causal_lm or instruction or chat, or "
+     "engine: torch"),
     (DS, ["model.source=minilm"], "model.source: minilm is not run by engine deepspeed; use tiny-llama or "
      "hf:<folder>, or engine: torch"),
     (MT, ["model.source=minilm"], "model.source: minilm is not run by kind multitask; use tiny-llama or hf:<folder> "
