@@ -121,7 +121,7 @@ def tokenizer_facts(folder: str) -> TokenizerFacts:
         chat_template=_chat_template(folder, config))
 
 
-def _get(data: Any, key: str) -> Any:
+def get_field(data: Any, key: str) -> Any:
     return data.get(key) if isinstance(data, dict) else getattr(data, key, None)
 
 
@@ -148,7 +148,7 @@ def check_folder(folder: str, model: dict, datasets: list = ()) -> list[str]:
         problems.append(f"model.seq_len: {seq_len} is above the {config[key]} positions of {source} "
                         f"(config.json {key}); set model.seq_len to at most {config[key]}")
     for data in datasets:
-        task, named = _get(data, "task"), _get(data, "chat_template")
+        task, named = get_field(data, "task"), get_field(data, "chat_template")
         if facts.files and task in CHAT_TASKS and not facts.chat_template and not named:
             problems.append(f"data.task: {task} needs a chat template and the tokenizer of {folder} has none "
                             "(tokenizer_config.json chat_template, chat_template.jinja); set data.chat_template: "

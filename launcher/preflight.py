@@ -30,6 +30,8 @@ def check_model(models: list, target: str = "local", datasets: list = (), writte
     warnings = []
     for i, model in enumerate(models):
         source = model.get("source", "") if isinstance(model, dict) else ""
+        if source in RANDOM_INIT_SOURCES:
+            check_byte_tokenizer(source, datasets)
         if not source.startswith(hfsource.HF):
             continue
         folder = source[len(hfsource.HF):]
@@ -53,6 +55,18 @@ def check_model(models: list, target: str = "local", datasets: list = (), writte
             "and point hf: at its folder, or at <org>/<name> in the local Hugging Face cache"
         )
     return warnings
+
+
+def check_byte_tokenizer(source: str, datasets: list) -> None:
+    """The random-init catalogue models tokenize bytes and ship no chat template."""
+    from common.chat import CHAT_TEMPLATES
+    from launcher.modelcheck import CHAT_TASKS, get_field
+
+    for data in datasets:
+        task = get_field(data, "task")
+        if task in CHAT_TASKS and not get_field(data, "chat_template"):
+            raise ConfigError(f"data.task: {task} on {source} needs a chat template and its byte-level tokenizer "
+                              f"has none; set data.chat_template: {' | '.join(CHAT_TEMPLATES)}")
 
 
 def check_fit(spec: dict, profile: Optional[str], strict: bool) -> tuple[Optional[dict], list[str]]:
