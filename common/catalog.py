@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from common import hfsource
 from common.errors import MissingExtraError, PlanError
 
 # The tiny Llama every CPU test and the demo uses (random init, never downloaded).
@@ -148,7 +149,10 @@ def config_for(model_spec: dict):
                 if not k.startswith("_") and k not in ("architectures", "transformers_version")}
         return transformers.BertConfig(**{**base, **overrides})
     if source.startswith("hf:"):
-        folder = Path(source[3:]).expanduser()
+        try:
+            folder = Path(hfsource.resolve(source[3:]))
+        except hfsource.NotInCache as exc:
+            raise PlanError(str(exc)) from None
         if not (folder / "config.json").is_file():
             raise PlanError(
                 f"model source {source!r}: no config.json in {folder}; point hf: at a model folder")

@@ -13,6 +13,7 @@ from typing import Optional
 
 import numpy as np
 
+from common import hfsource
 from common.catalog import minilm_dir
 from common.chat import CHAT_TEMPLATES, PLAIN_TEMPLATE, to_messages
 from launcher.spec import DataSpec, ModelSpec
@@ -28,7 +29,7 @@ def model_folder(model_spec: ModelSpec | dict) -> Optional[str]:
     if source == "minilm":
         return str(minilm_dir())
     if source.startswith("hf:"):
-        return os.path.expanduser(source[3:])
+        return hfsource.resolve(source[3:])  # a folder, or <org>/<name>[@rev] in the local HF cache
     return None
 
 

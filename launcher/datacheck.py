@@ -16,12 +16,18 @@ from launcher.errors import ConfigError
 TASK_COLUMNS = {
     "causal_lm": ("text",),
     "instruction": ("instruction", "response"),
+    "chat": ("messages",),  # or ShareGPT's `conversations`, recognised without data.columns
     "classification": ("text", "label"),
     "ner": ("tokens", "tags"),
     "vqa": ("image", "question", "answer"),
 }
+# Columns a task reads when the rows have them (data.columns may rename them too).
+OPTIONAL_COLUMNS = {"instruction": ("input", "system")}
 # what each role column must hold, as the error message names it
 _NEEDS = {
+    "input": "a string", "system": "a string",
+    "messages": "a list<struct<role: string, content: string>> (OpenAI) or "
+                "list<struct<from: string, value: string>> (ShareGPT)",
     "text": "a string", "instruction": "a string", "response": "a string",
     "question": "a string", "answer": "a string", "label": "an integer",
     "tokens": "a list<string>", "tags": "a list<int>",
@@ -41,6 +47,7 @@ MINIMUM_ROWS = {
     "classification": 100,
     "ner": 500,
     "instruction": 1_000,
+    "chat": 1_000,
     "causal_lm": 10_000,
     "vqa": 100_000,
 }
@@ -71,6 +78,14 @@ def _type_ok(role: str, t) -> bool:
         t = t.storage_type
     if role == "label":
         return pa.types.is_integer(t)
+    if role in ("input", "system"):  # optional: a column of JSON nulls only is no text, and harmless
+        return is_str(t) or pa.types.is_null(t)
+    if role == "messages":
+        if not is_list(t) or not pa.types.is_struct(t.value_type):
+            return False
+        turn = {f.name: f.type for f in t.value_type}
+        keys = ("role", "content") if "role" in turn else ("from", "value")
+        return all(k in turn and (is_str(turn[k]) or pa.types.is_null(turn[k])) for k in keys)
     if role == "tokens":
         return is_list(t) and is_str(t.value_type)
     if role == "tags":
@@ -249,13 +264,13 @@ def check_dataset(
         raise ConfigError(f"data.task: {task!r} is not one of {', '.join(TASK_COLUMNS)}")
     where = f"data.{role}"
     columns = dict(columns or {})
-    unknown = sorted(set(columns) - set(TASK_COLUMNS[task]))
+    roles = TASK_COLUMNS[task] + OPTIONAL_COLUMNS.get(task, ())
+    unknown = sorted(set(columns) - set(roles))
     if unknown:
         raise ConfigError(
-            f"data.columns: {', '.join(unknown)} is not a column of task {task}; "
-            f"use {', '.join(TASK_COLUMNS[task])}"
+            f"data.columns: {', '.join(unknown)} is not a column of task {task}; use {', '.join(roles)}"
         )
-    mapping = {r: columns.get(r, r) for r in TASK_COLUMNS[task]}
+    mapping = {r: columns.get(r, r) for r in roles}
     fs, path = _filesystem(str(path_or_uri), where)
     files = _data_files(fs, path, str(path_or_uri), where)
 
@@ -271,12 +286,18 @@ def check_dataset(
         if first_schema is None:
             first_schema = schema
         rows += n
-        for r, name in mapping.items():
+        found = _columns_of(task, mapping, columns, schema.names)
+        for r, name in found.items():
+            optional = r not in TASK_COLUMNS[task]
             if name not in schema.names:
+                if optional and r not in columns:
+                    continue
                 hint = f"map it: columns={{'{r}': '<column>'}}" if name == r else "fix the mapping"
+                also = " (or ShareGPT's 'conversations')" if task == "chat" and name == r else ""
                 problems.append(
-                    f"{where}: {f} has no column '{name}' that task {task} needs as {r} "
-                    f"(it has: {', '.join(schema.names)}); rename a column or {hint}"
+                    f"{where}: {f} has no column '{name}'{also} that task {task} "
+                    f"{'reads' if optional else 'needs'} as {r} (it has: {', '.join(schema.names)}); "
+                    f"rename a column or {hint}"
                 )
             elif not _type_ok(r, schema.field(name).type):
                 problems.append(
@@ -295,8 +316,18 @@ def check_dataset(
         rows=rows,
         files=len(files),
         schema={n: str(first_schema.field(n).type) for n in first_schema.names},
-        columns=mapping,
+        columns=_columns_of(task, mapping, columns, first_schema.names),
     )
+
+
+def _columns_of(task: str, mapping: dict, columns: dict, names) -> dict[str, str]:
+    """Role -> column in a file with these column `names`: a chat's turns are `messages`, else
+    ShareGPT's `conversations` (common/chat.py, which the job reads rows with, decides)."""
+    if task != "chat":
+        return mapping
+    from common.chat import messages_column
+
+    return {**mapping, "messages": messages_column(columns, names)}
 
 
 def sufficiency(

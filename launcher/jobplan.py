@@ -109,7 +109,9 @@ def plan(
     if preflight:
         from launcher import preflight as checks
 
-        warnings += checks.check_model(list(kind.models(resolved).values()), target)
+        datasets = [data for _, data in kind.datasets(spec)]
+        written = list(kind.models(spec.model_dump(mode="json")).values())
+        warnings += checks.check_model(list(kind.models(resolved).values()), target, datasets, written)
         data, data_warnings = kind.check_data(resolved, target)
         warnings += data_warnings
     # After the data (a missing dataset is missing on every target), before the estimate (a

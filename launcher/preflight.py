@@ -16,28 +16,57 @@ from launcher.strategies import get_strategy
 PRETRAINED_LR_CAP = 1e-5  # DESIGN: full fine-tuning of a pretrained model at 1e-5 .. 5e-6
 
 
-def check_model(models: list, target: str = "local") -> list[str]:
-    """An hf: model is a local folder with config.json: jobs run with the hub offline
-    (HF_HUB_OFFLINE=1), so a hub id, or a folder that is not there, would fail on the cluster."""
+def check_model(models: list, target: str = "local", datasets: list = (), written: list = ()) -> list[str]:
+    """An hf: model is a local folder with config.json, or a hub id found in the local Hugging Face
+    cache (the plan resolved it to its snapshot folder): jobs run with the hub offline
+    (HF_HUB_OFFLINE=1), so anything else would fail on the cluster. `written`: the same model blocks
+    as the spec wrote them, before paths were resolved. A folder seen here is checked through
+    (launcher/modelcheck.py: tokenizer, embeddings, positions, chat template, pad token)."""
     import os
 
+    from common import hfsource
+    from launcher.modelcheck import check_folder
+
     warnings = []
-    for model in models:
+    for i, model in enumerate(models):
         source = model.get("source", "") if isinstance(model, dict) else ""
-        if not source.startswith("hf:"):
+        if source in RANDOM_INIT_SOURCES:
+            check_byte_tokenizer(source, datasets)
+        if not source.startswith(hfsource.HF):
             continue
-        folder = source[3:]
+        folder = source[len(hfsource.HF):]
         if os.path.isfile(os.path.join(folder, "config.json")):
+            warnings += check_folder(folder, model, datasets)
             continue
+        spelt = str((written[i] if i < len(written) else model).get("source", source))[len(hfsource.HF):]
+        hub = hfsource.repo_id(spelt) and not os.path.exists(folder)
         if target != "local" and not os.path.exists(folder):
-            warnings.append(f"model.source: {folder} is not visible here; not checked before submit")
+            where = " nor in this machine's Hugging Face cache" if hub else ""
+            warnings.append(f"model.source: {folder} is not visible here{where}; not checked before submit")
             continue
+        if hub:
+            try:
+                hfsource.resolve(spelt)
+            except hfsource.NotInCache as exc:
+                raise ConfigError(str(exc)) from None
         raise ConfigError(
             f"model.source: {source} is not a local model folder (no config.json in {folder}); jobs "
             "do not download from the Hugging Face hub (HF_HUB_OFFLINE=1): download the model first "
-            "and point hf: at its folder"
+            "and point hf: at its folder, or at <org>/<name> in the local Hugging Face cache"
         )
     return warnings
+
+
+def check_byte_tokenizer(source: str, datasets: list) -> None:
+    """The random-init catalogue models tokenize bytes and ship no chat template."""
+    from common.chat import CHAT_TEMPLATES
+    from launcher.modelcheck import CHAT_TASKS, get_field
+
+    for data in datasets:
+        task = get_field(data, "task")
+        if task in CHAT_TASKS and not get_field(data, "chat_template"):
+            raise ConfigError(f"data.task: {task} on {source} needs a chat template and its byte-level tokenizer "
+                              f"has none; set data.chat_template: {' | '.join(CHAT_TEMPLATES)}")
 
 
 def check_fit(spec: dict, profile: Optional[str], strict: bool) -> tuple[Optional[dict], list[str]]:

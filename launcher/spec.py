@@ -68,7 +68,8 @@ class ModelSpec(Strict):
             return value
         if value.startswith("hf:"):
             if not value[3:].strip() or any(ord(c) < 32 for c in value):
-                raise ValueError("hf: needs the path of a local model folder (with config.json)")
+                raise ValueError("hf: needs the path of a local model folder (with config.json) or "
+                                 "<org>/<name>[@<revision>] from the local Hugging Face cache")
             return value
         hint = difflib.get_close_matches(value, MODEL_SOURCES, n=1)
         fix = f"did you mean '{hint[0]}'? Known: {known}" if hint else f"use one of {known}"

@@ -234,9 +234,18 @@ def resolve_data(data: Optional[dict], resolve: Callable[[str], str]) -> None:
 
 
 def resolve_model(model: Optional[dict], resolve: Callable[[str], str]) -> None:
-    """An hf: model folder, in place: the job loads it from its own working directory."""
+    """An hf: model folder, in place: the job loads it from its own working directory. A hub id
+    (`hf:<org>/<name>[@<revision>]`) that is no folder becomes its snapshot folder in the local
+    Hugging Face cache; one that is not there either stays a path (preflight says which it is not)."""
+    from common import hfsource
+
     if model and str(model.get("source", "")).startswith(HF):
-        model["source"] = HF + resolve(os.path.expanduser(model["source"][len(HF):]))
+        value = model["source"][len(HF):]
+        try:
+            folder = hfsource.resolve(value, resolve)
+        except hfsource.NotInCache:
+            folder = resolve(os.path.expanduser(value))
+        model["source"] = HF + folder
 
 
 def layout(workers: int, res: dict) -> dict:
