@@ -225,7 +225,10 @@ class AdapterSet:
             spec = json.loads((self.run_dir / MANIFEST).read_text()).get("spec") or {}
         except FileNotFoundError:
             spec = {}
-        self.data = {t["name"]: t.get("data") or {} for t in spec.get("tasks") or []}
+        from launcher.spec import validate
+
+        tasks = getattr(validate(spec), "tasks", []) if spec else []  # a multitask run's
+        self.data = {t.name: t.data.model_dump(mode="json") for t in tasks}
         base = AutoModelForCausalLM.from_pretrained(base_path).to(device)
         first, *rest = names
         self.model = PeftModel.from_pretrained(base, self._path(known[first]["path"]), adapter_name=first)
