@@ -62,6 +62,9 @@ def corpus(rows: int = 3000, seed: int = 0) -> list[str]:
         texts += [str(t) for t in synthetic.GENERATORS[name](rows, seed).column("text").to_pylist()]
     table = synthetic.GENERATORS["instruction"](rows, seed)
     texts += [f"{i} {r}" for i, r in zip(table.column("instruction").to_pylist(), table.column("response").to_pylist())]
+    # Conversations too, as a published tokenizer has seen them: their everyday words are tokens.
+    for chat in synthetic.GENERATORS["chat"](rows // 3, seed).column("messages").to_pylist():
+        texts += [turn["content"] for turn in chat]
     return texts
 
 

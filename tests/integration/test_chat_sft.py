@@ -25,10 +25,10 @@ def test_lora_chat_sft_learns_the_lookup_and_infer_answers_it(ray_head, tmp_path
             "eval": str(make("chat", 64, tmp_path / "chat", 100, "eval", fmt="jsonl"))}
     spec = {
         "kind": "finetune", "name": "it-chat-sft",
-        "model": {"source": f"hf:{folder}", "seq_len": 96},
+        "model": {"source": f"hf:{folder}", "seq_len": 64},
         "strategy": {"type": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"},
         "data": data,
-        "train": {"max_steps": 300, "micro_batch": 16, "lr": 1e-2, "report_every": 150, "eval_batches": 1,
+        "train": {"max_steps": 300, "micro_batch": 16, "lr": 3e-3, "report_every": 150, "eval_batches": 1,
                   "eval_generate": 64},
         "resources": {"workers": 1, "cpus_per_worker": 1},
         "storage": str(tmp_path / "runs"),
@@ -42,6 +42,8 @@ def test_lora_chat_sft_learns_the_lookup_and_infer_answers_it(ray_head, tmp_path
     assert s["eval_exact_match_before"] <= 0.1, s
     assert s["eval_exact_match_after"] >= 0.8, s
 
-    infer = cli("infer", str(run_dir), "--input", "what colour is the zorp?")
+    # Asked as it was trained (the data's system line), the run's own tokenizer and template.
+    infer = cli("infer", str(run_dir), "--input", "what colour is the zorp?",
+                "--system", "You answer in one short sentence.")
     assert infer.returncode == 0, infer.stderr[-3000:]
     assert infer.stdout.strip() == f"The zorp is {creature_colour('zorp')}."
