@@ -145,14 +145,11 @@ def test_address_beats_ray_address_and_hints_are_one_command_per_line(ray_head, 
 
 
 def test_failing_job_reports_failed_with_its_message(ray_head, tiny_spec, tmp_path):
-    # A local model whose config plans fine but whose weights file is corrupt: only loading the
-    # weights, in the workers, can find that out.
-    from transformers import LlamaConfig
+    # A user's model folder whose config and tokenizer plan fine but whose weights file is
+    # corrupt: only loading the weights, in the workers, can find that out.
+    from launcher.modelmake import make_model
 
-    from common.catalog import TINY_LLAMA
-
-    model_dir = tmp_path / "corrupt-model"
-    LlamaConfig(**TINY_LLAMA).save_pretrained(model_dir)
+    model_dir = make_model("llama", tmp_path / "corrupt-model")
     (model_dir / "model.safetensors").write_bytes(b"not a safetensors file")
     tiny_spec["model"]["source"] = f"hf:{model_dir}"
     path = write_spec(tiny_spec, tmp_path)
