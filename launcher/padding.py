@@ -126,7 +126,8 @@ def estimate(spec: dict) -> tuple[Optional[dict], list[str]]:
     if data["task"] != "causal_lm" and fig["truncated"] > CUT_WARNING:
         warnings.append(f"model.seq_len: {seq_len} cuts {100 * fig['truncated']:.0f}% of {fig['sampled']} sampled "
                         f"train rows (mean {fig['mean_tokens']:g}, longest {fig['max_tokens']} tokens): the end of "
-                        f"each (its last answer, which the loss is on) is not trained on; raise model.seq_len (to {fig['max_tokens']} for all)")
+                        "each (its last answer, which the loss is on) is not trained on; raise model.seq_len "
+                        f"(to {fig['max_tokens']} for all)")
     return fig, warnings
 
 
