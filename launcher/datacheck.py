@@ -254,6 +254,47 @@ def _jsonl_rows(fs, path: str):
     return rows, schema
 
 
+def sample_rows(path_or_uri: str, n: int = 256, role: str = "train") -> list[dict]:
+    """The first `n` rows of a dataset (its first files), for estimates that need real text (the
+    plan's packing figure): one record batch of Parquet or Arrow IPC, the first lines of JSONL."""
+    import io
+    import json
+
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+    import pyarrow.parquet as pq
+
+    fs, files = list_files(path_or_uri, role)
+    rows: list[dict] = []
+    for path in files:
+        if len(rows) >= n:
+            break
+        want = n - len(rows)
+        if is_jsonl(path):
+            with fs.open_input_stream(path) as stream:
+                for line in io.TextIOWrapper(stream, encoding="utf-8"):
+                    if line.strip():
+                        rows.append(json.loads(line))
+                        if len(rows) >= n:
+                            break
+            continue
+        with fs.open_input_file(path) as f:
+            if path.lower().endswith(ARROW_IPC):
+                try:
+                    reader = ipc.open_file(f)
+                    batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+                except pa.ArrowInvalid:  # the stream format (save_to_disk)
+                    f.seek(0)
+                    batches = iter(ipc.open_stream(f))
+            else:
+                batches = pq.ParquetFile(f).iter_batches(batch_size=want)
+            for batch in batches:
+                rows += batch.slice(0, n - len(rows)).to_pylist()
+                if len(rows) >= n:
+                    break
+    return rows
+
+
 def check_dataset(
     path_or_uri: str, task: str, *, role: str = "train", columns: dict[str, str] | None = None
 ) -> DatasetInfo:

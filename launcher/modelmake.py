@@ -27,13 +27,19 @@ class Family:
     specials: tuple  # the family's chat-format tokens, kept whole by the tokenizer
     chat_template: str  # Jinja, as the family ships it (trimmed to what these models need)
     extra: dict = dataclasses.field(default_factory=dict)  # config fields of the family
+    # The family's own pre-tokenizer split, as its published tokenizer.json holds it (Qwen2: digits
+    # one by one, NFC-normalised). transformers' Qwen2Tokenizer rebuilds this pipeline whatever the
+    # file says; writing it into the file too keeps the `tokenizers` library (the plan) in agreement.
+    split: Optional[str] = None
 
 
 
 FAMILIES = {
     "qwen2": Family("Qwen2Config", bos="<|endoftext|>", eos="<|im_end|>", pad="<|endoftext|>",
                     specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"), chat_template=CHATML,
-                    extra={"tie_word_embeddings": True}),
+                    extra={"tie_word_embeddings": True},
+                    split=r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                          r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""),
     "llama": Family("LlamaConfig", bos="<|begin_of_text|>", eos="<|eot_id|>", pad="<|finetune_pad|>",
                     specials=("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
                               "<|end_header_id|>", "<|eot_id|>", "<|finetune_pad|>"),
@@ -70,10 +76,15 @@ def corpus(rows: int = 3000, seed: int = 0) -> list[str]:
 
 def train_tokenizer(family: Family, vocab_size: int = 1024, seed: int = 0):
     """A byte-level BPE tokenizer trained here, with the family's special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if family.split:
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(family.split), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(family.specials),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

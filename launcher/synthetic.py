@@ -264,6 +264,15 @@ def pa_extension_types():
     return pa.BaseExtensionType
 
 
+SFT_SETS = ("chat", "instruction")  # `ftlaunch data make` writes their eval split too
+
+
+def make_splits(name: str, rows: int, out: str | Path, seed: int = 0, fmt: str = "parquet") -> dict[str, Path]:
+    """Train and eval splits of a generator (eval: a tenth as many rows, at least 64, another seed)."""
+    return {"train": make(name, rows, out, seed, "train", fmt),
+            "eval": make(name, max(64, rows // 10), out, seed + 100, "eval", fmt)}
+
+
 def make_demo(out: str | Path, rows: int = 4000, seed: int = 0) -> dict[str, Path]:
     """The demo's splits: counting train/eval, alphabet retain (forgetting is measured on it)."""
     return {

@@ -10,7 +10,8 @@ def add_parser(sub) -> None:
     p.add_argument("--rows", type=int, default=4000)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split", default="train", help="file name: <out>/<split>.<format>")
+    p.add_argument("--split", help="file name: <out>/<split>.<format> (default: train; for "
+                   f"{' and '.join(synthetic.SFT_SETS)}, train and eval)")
     p.add_argument("--format", default="parquet", choices=synthetic.FORMATS, help="parquet (default) or jsonl")
     p.set_defaults(func=run)
 
@@ -18,8 +19,11 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     if args.name == "demo":
         paths = synthetic.make_demo(args.out, args.rows, args.seed)
+    elif args.split is None and args.name in synthetic.SFT_SETS:
+        paths = synthetic.make_splits(args.name, args.rows, args.out, args.seed, args.format)
     else:
-        paths = {args.split: synthetic.make(args.name, args.rows, args.out, args.seed, args.split, args.format)}
+        split = args.split or "train"
+        paths = {split: synthetic.make(args.name, args.rows, args.out, args.seed, split, args.format)}
     for split, path in paths.items():
         print(f"{split}: {path}")
     return 0

@@ -38,8 +38,7 @@ def describe(job) -> str:
         f"entrypoint    {job.entrypoint}",
         f"artifacts     {job.run_dir}",
     ]
-    for role, found in job.data.items():
-        lines.append(f"data.{role:<8} {found['rows']:,} rows in {found['files']} file(s)")
+    lines += kind.data_lines(job.data)
     lines += kind.describe(job.spec, job.estimate)
     lines += [f"warning       {w}" for w in job.warnings]
     if job.estimate:

@@ -172,6 +172,10 @@ class Kind:
         """What `ftlaunch plan` shows beside the kind: `kind  finetune (lora)`."""
         return (spec.get("strategy") or {}).get("type", "-")
 
+    def data_lines(self, data: dict) -> list[str]:
+        """The plan's lines of what the footer checks found, one per dataset role."""
+        return [f"data.{role:<8} {found['rows']:,} rows in {found['files']} file(s)" for role, found in data.items()]
+
     def describe(self, spec: dict, estimate: Optional[dict]) -> list[str]:
         """The kind's lines of `ftlaunch plan`, after the datasets."""
         return [f"steps         {(spec.get('train') or {}).get('max_steps')}"]

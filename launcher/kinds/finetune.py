@@ -146,7 +146,20 @@ class Finetune(Kind):
         if train.get("max_steps") is None:
             workers = spec["resources"]["workers"]
             train["max_steps"] = steps_for(found["train"]["rows"], train["epochs"], train["micro_batch"], workers)
+        if data.get("packing") or data["task"] in ("instruction", "chat"):
+            from launcher import padding  # token lengths of a sample of the train rows: < 0.1 s
+
+            lengths, lines = padding.estimate(spec)
+            warnings += lines
+            if lengths and data.get("packing"):  # what packing saves
+                found["train"] = {**found["train"], "packing": {**lengths, "seq_len": spec["model"]["seq_len"]}}
         return found, warnings
+
+    def data_lines(self, data: dict) -> list[str]:
+        from launcher.padding import describe
+
+        packing = (data.get("train") or {}).get("packing")
+        return super().data_lines(data) + ([describe(packing, packing["seq_len"])] if packing else [])
 
     def estimate(self, spec: dict, profile: Optional[str], strict: bool):
         from launcher.preflight import judged

@@ -25,6 +25,13 @@ def test_a_made_folder_loads_like_a_downloaded_one(family, tmp_path):
     assert "count from 41: 41" in text and "42 43" in text and text != "count from 41: 41 42 43"
     # A trained vocabulary: a task word is one token, not its bytes.
     assert len(tok("count", add_special_tokens=False)["input_ids"]) == 1
+    # tokenizer.json alone (the `tokenizers` library: the plan's token counts) tokenizes as transformers
+    # does, Qwen2's digit split included.
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    sample = "add one to: 26 32 46\nThe zorp is red. " + text
+    assert raw.encode(sample, add_special_tokens=False).ids == tok(sample, add_special_tokens=False)["input_ids"]
     again = make_model(family, tmp_path / f"{family}-again")
     same = AutoModelForCausalLM.from_pretrained(again, local_files_only=True)
     for (name, a), (_, b) in zip(model.state_dict().items(), same.state_dict().items()):

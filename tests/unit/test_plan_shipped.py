@@ -16,8 +16,10 @@ DEMO = ROOT / "configs" / "demo.yaml"
 
 # Which synthetic generator writes a dataset for a task (the retain set of a causal LM is another task).
 GENERATORS = {"causal_lm": "counting", "classification": "classification", "instruction": "instruction",
-              "ner": "ner", "vqa": "vqa"}
-TRAIN_ROWS = {"causal_lm": 10_000, "classification": 400, "instruction": 1_000, "ner": 500, "vqa": 10_000}
+              "chat": "chat", "ner": "ner", "vqa": "vqa"}
+TRAIN_ROWS = {"causal_lm": 10_000, "classification": 400, "instruction": 1_000, "chat": 1_000, "ner": 500,
+              "vqa": 10_000}
+SUFFIXES = (".parquet", ".jsonl")
 PARAMS = re.compile(r"parameters\s+total ([\d,]+)\s+trainable ([\d,]+) \(([\d.]+)%\)")
 VERDICT = re.compile(r"^  verdict\s+(fits|does-not-fit|cannot-schedule)", re.M)
 
@@ -27,7 +29,7 @@ def _datasets(node, task=None):
     if isinstance(node, dict):
         task = node.get("task", task)
         for key, value in node.items():
-            if isinstance(value, str) and value.endswith(".parquet") and not value.startswith(("/", "s3:", "gs:")):
+            if isinstance(value, str) and value.endswith(SUFFIXES) and not value.startswith(("/", "s3:", "gs:")):
                 yield value, task, key
             else:
                 yield from _datasets(value, task)
@@ -36,9 +38,23 @@ def _datasets(node, task=None):
             yield from _datasets(item, task)
 
 
+def _model_folders(node):
+    """The relative hf:<folder> sources a spec names (configs/sft: a folder `ftlaunch model make` writes)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "source" and isinstance(value, str) and value.startswith("hf:") and not value[3:].startswith("/"):
+                yield value[3:]
+            else:
+                yield from _model_folders(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _model_folders(item)
+
+
 @pytest.fixture(scope="module")
-def shipped_data(tmp_path_factory):
-    """The datasets every shipped spec reads, made once under one folder at their relative paths."""
+def shipped_data(tmp_path_factory, made_model):
+    """The datasets and model folders every shipped spec reads, made once under one folder at their
+    relative paths (a model folder: `ftlaunch model make qwen2`, as the sft configs' data lines say)."""
     from launcher.synthetic import make
 
     root = tmp_path_factory.mktemp("shipped")
@@ -50,8 +66,11 @@ def shipped_data(tmp_path_factory):
             path = root / rel
             name = "alphabet" if role == "retain" and task == "causal_lm" else GENERATORS[task]
             rows = TRAIN_ROWS[task] if path.stem == "train" else 200
-            make(name, rows, path.parent, seed=len(made), split=path.stem)
+            make(name, rows, path.parent, seed=len(made), split=path.stem, fmt=path.suffix[1:])
             made.add(rel)
+        for folder in _model_folders(yaml.safe_load(spec.read_text())):
+            if not (root / folder).exists():
+                made_model("qwen2", root / folder)
     return root
 
 
