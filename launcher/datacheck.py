@@ -357,7 +357,8 @@ def check_dataset(
         rows=rows,
         files=len(files),
         schema={n: str(first_schema.field(n).type) for n in first_schema.names},
-        columns=_columns_of(task, mapping, columns, first_schema.names),
+        columns={r: c for r, c in _columns_of(task, mapping, columns, first_schema.names).items()
+                 if c in first_schema.names},  # an optional column the rows lack is not read
     )
 
 

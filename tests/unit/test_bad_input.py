@@ -129,12 +129,17 @@ def test_unknown_model_sources_name_the_value_and_what_is_accepted(tmp_path, cap
         f"{spec}: model.source: unknown model source; did you mean 'llama-2-7b'? Known: {known} "
         "(got 'llama-99b')")
     offline = ("jobs do not download from the Hugging Face hub (HF_HUB_OFFLINE=1): download the model "
-               "first and point hf: at its folder")
-    for source, folder in [("hf:/nonexistent/path", "/nonexistent/path"),
-                           ("hf:org/name", f"{tmp_path}/org/name")]:  # fmt: skip
-        spec = spec_file(tmp_path, model=f"{{source: '{source}'}}")
-        assert error_line(capsys, ["plan", str(spec)]) == (
-            f"model.source: hf:{folder} is not a local model folder (no config.json in {folder}); {offline}")
+               "first and point hf: at its folder, or at <org>/<name> in the local Hugging Face cache")
+    spec = spec_file(tmp_path, model="{source: 'hf:/nonexistent/path'}")
+    assert error_line(capsys, ["plan", str(spec)]) == (
+        f"model.source: hf:/nonexistent/path is not a local model folder (no config.json in /nonexistent/path); "
+        f"{offline}")
+    # org/name that is no folder is a hub id, looked up in the local cache
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    spec = spec_file(tmp_path, model="{source: 'hf:org/name'}")
+    assert error_line(capsys, ["plan", str(spec)]).startswith(
+        f"model.source: hf:org/name is no folder and org/name is not in the Hugging Face cache {tmp_path / 'hub'} "
+        "(from HF_HUB_CACHE); on a connected machine run `hf download org/name`")
 
 
 def test_lora_targets_that_match_no_layer_are_refused_at_plan(tmp_path, capsys):

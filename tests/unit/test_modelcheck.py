@@ -35,7 +35,7 @@ def edit_json(path, **changes):
 
 
 def plan(tmp_path, folder, chat_data, capsys, *overrides):
-    spec = {"kind": "finetune", "name": "own", "model": {"source": f"hf:{folder}", "seq_len": 64},
+    spec = {"kind": "finetune", "name": "own", "model": {"source": f"hf:{folder}", "seq_len": 160},
             "strategy": {"type": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"},
             "data": {"task": "chat", "train": str(chat_data)},
             "train": {"max_steps": 5, "micro_batch": 4}, "resources": {"workers": 1, "cpus_per_worker": 1}}
@@ -58,7 +58,8 @@ def test_the_made_folder_plans_with_no_model_warning(folder, tmp_path, chat_data
     assert rc == 0, err
     assert "model.source" not in out and "chat_template" not in out
     facts = tokenizer_facts(str(folder))
-    assert (facts.size, facts.eos, facts.pad) == (1024, "<|im_end|>", "<|endoftext|>")
+    assert facts.size == len(json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"])
+    assert (facts.eos, facts.pad) == ("<|im_end|>", "<|endoftext|>")
     assert "<|im_start|>" in facts.tokens and facts.chat_template.startswith("{% for message")
 
 
@@ -70,18 +71,20 @@ def test_a_folder_without_tokenizer_files(folder, tmp_path, chat_data, capsys):
 
 
 def test_a_vocabulary_larger_than_the_embeddings(folder, tmp_path, chat_data, capsys):
-    edit_json(folder / "config.json", vocab_size=1000)
+    size = tokenizer_facts(str(folder)).size
+    edit_json(folder / "config.json", vocab_size=size - 1)
     assert refusal(tmp_path, folder, chat_data, capsys) == (
-        f"model.source: the tokenizer of {folder} has 1,024 tokens (added ones included) but the model has 1,000 "
-        "embedding rows (config.json vocab_size); ids past 999 would index out of range: resize the embeddings "
-        "(model.resize_token_embeddings(len(tokenizer))) and save again, or use the model's own tokenizer")
-    # added tokens count: one more past the vocabulary's last id is one more id
-    edit_json(folder / "config.json", vocab_size=1024)
+        f"model.source: the tokenizer of {folder} has {size:,} tokens (added ones included) but the model has "
+        f"{size - 1:,} embedding rows (config.json vocab_size); ids past {size - 2} would index out of range: resize "
+        "the embeddings (model.resize_token_embeddings(len(tokenizer))) and save again, or use the model's own "
+        "tokenizer")
+    # added tokens count: one past the vocabulary's last id is one more id
+    edit_json(folder / "config.json", vocab_size=size)
     tj = json.loads((folder / "tokenizer.json").read_text())
-    tj["added_tokens"].append({"id": 1024, "content": "<|tool|>", "special": True, "single_word": False,
+    tj["added_tokens"].append({"id": size, "content": "<|tool|>", "special": True, "single_word": False,
                                "lstrip": False, "rstrip": False, "normalized": False})
     (folder / "tokenizer.json").write_text(json.dumps(tj))
-    assert "has 1,025 tokens" in refusal(tmp_path, folder, chat_data, capsys)
+    assert f"has {size + 1:,} tokens" in refusal(tmp_path, folder, chat_data, capsys)
 
 
 def test_seq_len_past_the_models_positions(folder, tmp_path, chat_data, capsys):

@@ -31,11 +31,15 @@ FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, Heal
 
 
 @pytest.fixture(scope="module")
-def bases(tmp_path_factory) -> list[dict]:
-    """The shipped specs, their `data/...` paths pointing at small datasets that exist."""
+def bases(tmp_path_factory, made_model) -> list[dict]:
+    """The shipped specs, their `data/...` paths pointing at small datasets that exist (and
+    configs/sft's `hf:models/q` at a folder `ftlaunch model make qwen2` wrote)."""
     from launcher import synthetic
 
     root = tmp_path_factory.mktemp("fuzz")
+    made_model("qwen2", root / "models/q")
+    for name in ("chat", "instruction"):
+        synthetic.make_splits(name, 600, root / f"data/{name}", fmt="jsonl")
     synthetic.make_demo(root / "data/demo", rows=1200)
     synthetic.make("alphabet", 1200, root / "data/old")
     for split, rows in (("train", 200), ("eval", 64)):
@@ -51,6 +55,8 @@ def bases(tmp_path_factory) -> list[dict]:
             return [rebase(v) for v in node]
         if isinstance(node, str) and node.startswith("data/"):
             return str(root / node)
+        if isinstance(node, str) and node.startswith("hf:models/"):
+            return f"hf:{root / node[3:]}"
         return node
 
     specs = [rebase(yaml.safe_load(p.read_text())) for p in SHIPPED]
