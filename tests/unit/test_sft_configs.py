@@ -55,9 +55,9 @@ def test_each_sft_config_plans_on_what_its_data_line_makes(spec, workdir, monkey
 
 def test_a_short_seq_len_that_cuts_the_answers_is_warned(workdir, monkeypatch, capsys):
     monkeypatch.chdir(workdir)
-    assert main(["plan", str(ROOT / "configs/sft/chat-lora.yaml"), "model.seq_len=64"]) == 0
+    assert main(["plan", str(ROOT / "configs/sft/chat-lora.yaml"), "model.seq_len=32"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"warning       model.seq_len: 64 cuts 100% of 256 sampled train rows \(mean [\d.]+, longest "
+    assert re.search(r"warning       model.seq_len: 32 cuts 100% of 256 sampled train rows \(mean [\d.]+, longest "
                      r"(\d+) tokens\): the end of each \(its last answer, which the loss is on\) is not trained on; "
                      r"raise model.seq_len \(to \1 for all\)", out), out
 
