@@ -28,8 +28,10 @@ BASE_CONFIG = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers
                "num_attention_heads": 8, "num_key_value_heads": 8}
 
 
-def _tasks(work: Path, k: int, steps: int, micro: int) -> list[dict]:
+def _tasks(work: Path, k: int, steps: int, micro: int) -> list:
+    """The K tasks as the typed settings an adapter worker trains by (what the job passes it)."""
     from launcher import synthetic
+    from launcher.kinds.multitask import TaskSettings
 
     tasks = []
     for i, name in enumerate(NAMES[:k]):
@@ -40,7 +42,7 @@ def _tasks(work: Path, k: int, steps: int, micro: int) -> list[dict]:
                       "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
                       "train": {"max_steps": steps, "micro_batch": micro, "lr": 1e-3, "weight_decay": 0.0,
                                 "grad_clip": 1.0, "report_every": steps, "eval_batches": 0, "seed": i}})
-    return tasks
+    return [TaskSettings.model_validate({**t, "lora": {"type": "lora", **t["lora"]}}) for t in tasks]
 
 
 def _base(work: Path, config: dict) -> str:
@@ -70,7 +72,9 @@ def b4_fanout(work: Path, k: int, steps: int, micro: int, seq_len: int) -> dict:
         ray.init(address=head.gcs_address, log_to_driver=False)
         tasks = _tasks(work, k, steps, micro)
         base = _base(work, BASE_CONFIG)  # compute, not per-step overhead, should dominate
-        context = {"model": {"seq_len": seq_len}, "base": base, "run_dir": str(work / "b4-run"),
+        from launcher.spec import ModelSpec
+
+        context = {"model": ModelSpec(seq_len=seq_len), "base": base, "run_dir": str(work / "b4-run"), "env": {},
                    "cpus": 1, "gpus": 0, "data_cpus": 0.2}
         Path(context["run_dir"]).mkdir(parents=True, exist_ok=True)
         # Each worker holds 0.8 of a core and its data stream 0.2: the layout the planner makes
@@ -113,7 +117,7 @@ def _measure(layout: str, k: int, steps: int, micro: int, seq_len: int, work: st
     tasks = _tasks(Path(work), k, steps, micro)
     base = _base(Path(work), BASE_CONFIG)
     run_dir = Path(tempfile.mkdtemp(dir=work))
-    streams = {t["name"]: M.arrow_stream(t, seq_len) for t in tasks}
+    streams = {t.name: M.arrow_stream(t, seq_len) for t in tasks}
     for s in streams.values():  # tokenize outside the timed window
         next(iter(s()))
     if device == "cuda":
@@ -125,7 +129,7 @@ def _measure(layout: str, k: int, steps: int, micro: int, seq_len: int, work: st
     if layout == "packed":
         M.train_packed(tasks, base, streams, str(run_dir), seq_len, device)
     else:
-        M.train_adapter(tasks[0], base, streams[tasks[0]["name"]], str(run_dir), seq_len, device)
+        M.train_adapter(tasks[0], base, streams[tasks[0].name], str(run_dir), seq_len, device)
     seconds = time.perf_counter() - t0
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated()

@@ -26,6 +26,7 @@ from jobs import components as C
 from jobs import generate as G
 from jobs import text as T
 from jobs.artifacts import RunDir
+from jobs.data.read import read_dataset, read_head
 from jobs.loop import Loop, progress_file, worker_scope
 from launcher import registry as R
 from launcher.kinds.multitask import TaskSettings, typed_task_settings
@@ -199,7 +200,7 @@ def ray_data_stream(task: TaskSettings, seq_len: int, cpus: float) -> Callable[[
         # be told otherwise; K such streams on a small cluster starve. The V1 reader runs only
         # read tasks of the `cpus` asked here.
         ctx.use_datasource_v2 = False
-        ds = ray.data.read_parquet(data.train, columns=T.read_columns(data), num_cpus=cpus)
+        ds = read_dataset(data.train, columns=T.read_columns(data), num_cpus=cpus)  # every format
         ds = T.stream(ds, task.model, data, seq_len, num_cpus=cpus)
         for batch in ds.iter_torch_batches(batch_size=micro, drop_last=True, dtypes=torch.long):
             yield dict(batch)
@@ -209,12 +210,10 @@ def ray_data_stream(task: TaskSettings, seq_len: int, cpus: float) -> Callable[[
 
 def arrow_stream(task: TaskSettings, seq_len: int) -> Callable[[], Iterator[dict]]:
     """The same batches read with pyarrow alone, for in-process use without a cluster."""
-    import pyarrow.parquet as pq
-
     data, micro = task.data, task.train.micro_batch
 
     def one_pass():
-        table = pq.read_table(data.train, columns=T.read_columns(data))
+        table = read_head(data.train, columns=T.read_columns(data), role="train")
         enc = T.encode_rows({c: table.column(c).to_pylist() for c in table.column_names},
                             task.model, data, seq_len)
         for i in range(0, len(enc["input_ids"]) - micro + 1, micro):

@@ -13,17 +13,20 @@ import ray.data
 from launcher.datacheck import ARROW_IPC, is_jsonl, list_files
 
 
-def read_dataset(path: str, columns: Optional[list[str]] = None, role: str = "train") -> ray.data.Dataset:
+def read_dataset(path: str, columns: Optional[list[str]] = None, role: str = "train",
+                 num_cpus: Optional[float] = None) -> ray.data.Dataset:
+    """`num_cpus`: what each read task asks (default Ray's: one CPU)."""
     fs, files = list_files(path, role)
+    asks = {"num_cpus": num_cpus} if num_cpus is not None else {}
     ipc = [f for f in files if f.lower().endswith(ARROW_IPC)]
     jsonl = [f for f in files if is_jsonl(f)]
     parquet = [f for f in files if f not in ipc and f not in jsonl]
     parts = []
     if parquet:
-        parts.append(ray.data.read_parquet(parquet, filesystem=fs, columns=columns))
+        parts.append(ray.data.read_parquet(parquet, filesystem=fs, columns=columns, **asks))
     if jsonl:
         # pyarrow's JSON reader (Ray's default) reads one object per line, streamed by block.
-        ds = ray.data.read_json(jsonl, filesystem=fs)
+        ds = ray.data.read_json(jsonl, filesystem=fs, **asks)
         parts.append(ds.select_columns(columns) if columns else ds)
     if ipc:
         # Ray Data has no streaming Arrow IPC reader: IPC files are read whole, one block each.
