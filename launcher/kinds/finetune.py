@@ -216,6 +216,9 @@ class Finetune(Kind):
             lines.append(f"strategy       {s['strategy']}" + (f"; lr groups: {groups}" if groups else ""))
         if s.get("unfrozen_at"):
             lines.append("unfrozen       " + ", ".join(f"{n} params at step {k}" for k, n in s["unfrozen_at"].items()))
+        if s.get("padding_fraction") is not None:
+            packed = "packed" if (manifest.get("spec") or {}).get("data", {}).get("packing") else "not packed"
+            lines.append(f"padding        {_pct(s['padding_fraction'])} of the tokens trained ({packed})")
         if s.get("peak_rss_mb") is not None:
             lines.append(f"peak memory    {s['peak_rss_mb']:.0f} MiB RSS per worker "
                          f"({s['peak_rss_mb'] - s['rss_start_mb']:+.0f} MiB over its start)")
