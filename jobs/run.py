@@ -109,12 +109,28 @@ def run(plan: dict, spec, run_dir) -> int:
         )
         traceback.print_exc()
         print(f"[ftlaunch] FAILED: {type(exc).__name__}: {exc}", flush=True)
+        _report(plan, run_dir)
         return 1
     run_dir.update_manifest(
         status="SUCCEEDED", finished=time.time(), summary=summary, artifacts=run_dir.artifacts()
     )
     print("[ftlaunch] summary " + json.dumps(summary, default=str), flush=True)
+    _report(plan, run_dir)
     return 0
+
+
+def _report(plan: dict, run_dir) -> None:
+    """The run's report, for kinds whose report is their result (a compare's table): what the
+    client's `ftlaunch report` writes, from the finished run folder. A report that cannot be
+    drawn is a warning, never the run's failure."""
+    if not get_kind(plan["kind"]).report_on_finish:
+        return
+    try:
+        from launcher.report import write_report
+
+        print(f"[ftlaunch] report {write_report(str(run_dir.path))[0]}", flush=True)
+    except Exception as exc:  # noqa: BLE001
+        print(f"[ftlaunch] warning: no report: {type(exc).__name__}: {exc}", flush=True)
 
 
 if __name__ == "__main__":

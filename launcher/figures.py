@@ -122,3 +122,35 @@ def memory(sections: list, out: Path) -> Optional[Path]:
 
 def _label(name: str, points: list) -> str:
     return name if len(points) > 2 else f"{name} (before, after)" if len(points) == 2 else name
+
+
+COMPARE_PANELS = [  # (variant key, title, log axis)
+    ("quality_vs_full", "quality % of full", False), ("eval_loss_after", "eval loss after", False),
+    ("eval_accuracy_after", "eval accuracy after", False), ("eval_exact_match_after", "exact match after", False),
+    ("forgetting", "forgetting (retain loss change)", False), ("peak_rss_mb", "peak RSS MiB", False),
+    ("tokens_per_s", "tokens/s", False), ("trainable_params", "trainable parameters (log)", True),
+    ("export_bytes", "artifact bytes (log)", True)]
+
+
+def comparison(variants: dict, out: Path) -> Optional[Path]:
+    """One bar panel per measured quantity of a compare run, a bar per variant (a panel no
+    variant measured is left out; parameter counts and sizes on a log axis, so LoRA's show)."""
+    panels = [p for p in COMPARE_PANELS if any(v.get(p[0]) is not None for v in variants.values())]
+    if not variants or not panels:
+        return None
+    plt = _pyplot()
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.6 * rows), squeeze=False)
+    names = list(variants)
+    for ax, (key, title, log) in zip(axes.flat, panels):
+        values = [variants[n].get(key) for n in names]
+        drawn = ax.bar(names, [v or 0 for v in values])
+        ax.bar_label(drawn, labels=["n/a" if v is None else f"{v:,.3g}" for v in values], fontsize=8)
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="x", rotation=30)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    return _save(fig, out / "comparison.png", plt)

@@ -55,6 +55,7 @@ def write_report(run: str, storage: str = "./runs") -> list[Path]:
     rate = kind.throughput_unit
 
     blocks = header(run_dir, manifest)
+    blocks += kind.report_blocks(run_dir, manifest, out)
     blocks += memory_blocks(sections, why_not, figures.memory(sections, out))
     for s in sections:
         blocks += [("h2", s.title), ("ul", section_lines(s))]
@@ -125,7 +126,8 @@ def planned_memory(manifest: dict) -> tuple[dict, Optional[str]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Blocks: ("h1" | "h2" | "p", text), ("ul", [lines]), ("img", file, alt); rendered twice
+# Blocks: ("h1" | "h2" | "p", text), ("ul", [lines]), ("img", file, alt), ("table", header, rows);
+# rendered twice
 
 
 def header(run_dir: Path, manifest: dict) -> list:
@@ -219,6 +221,10 @@ def to_markdown(blocks: list) -> str:
             out += [f"- {line}" for line in rest[0]] + [""]
         elif kind == "img":
             out += [f"![{rest[1]}]({rest[0]})", ""]
+        elif kind == "table":
+            head, rows = rest
+            out += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+            out += ["| " + " | ".join(row) + " |" for row in rows] + [""]
     return "\n".join(out)
 
 
@@ -234,7 +240,12 @@ def to_html(blocks: list, folder: Path, title: str) -> str:
         elif kind == "img":
             data = base64.b64encode((folder / rest[0]).read_bytes()).decode()
             body.append(f'<img alt="{e(rest[1])}" title="{e(rest[0])}" src="data:image/png;base64,{data}">')
-    style = "body{font-family:sans-serif;max-width:1000px;margin:2em auto}img{max-width:100%;display:block}"
+        elif kind == "table":
+            head, rows = rest
+            body.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>" + "".join(
+                "<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
+    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto}img{max-width:100%;display:block}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}")
     return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{e(title)}</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 

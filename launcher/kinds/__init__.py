@@ -47,6 +47,7 @@ class Kind:
     plan_only: dict[str, str] = {}  # model source -> what the job does with it on a cluster
     trains: str = ""  # completes "kind X trains <task> ...", for the hints of other kinds' refusals
     throughput_unit = "tokens/s"
+    report_on_finish = False  # jobs/run.py writes the run's report when the run ends
 
     # -- the job ----------------------------------------------------------------------------------
 
@@ -192,6 +193,10 @@ class Kind:
 
     def spec_lines(self, spec: dict) -> list[str]:
         """The report's spec lines beyond model, strategy, data, train and resources."""
+        return []
+
+    def report_blocks(self, run_dir: Path, manifest: dict, out: Path) -> list:
+        """The report's kind-specific blocks after its header (a compare run's table); figures in `out`."""
         return []
 
     def planned_memory(self, manifest: dict, profile: Optional[str]) -> dict:

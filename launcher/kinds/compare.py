@@ -133,6 +133,28 @@ class Compare(Finetune):
         lines.append(f"report         {manifest.get('plan', {}).get('run_dir', '?')}/{s.get('report')}")
         return "\n".join(lines)
 
+    report_on_finish = True  # the comparison is the point of the run: its report is written at the end
+
+    def report_blocks(self, run_dir: Path, manifest: dict, out: Path) -> list:
+        """The comparison table (every variant that finished) and its figure."""
+        from launcher import figures
+        from launcher.report import read_jsonl
+
+        done = {r["variant"]: r for r in read_jsonl(run_dir / "variants.jsonl")}
+        if not done:
+            return [("h2", "Strategies compared"), ("p", "No variant finished yet.")]
+        quality_vs_full(done)
+        # Exact match exists for instruction and chat tasks only: its columns are left out elsewhere.
+        columns = [c for c in COLUMNS if not c[0].startswith(("eval_exact_match", "eval_accuracy", "forgetting",
+                                                                "quality")) or any(r.get(c[0]) is not None
+                                                                                   for r in done.values())]
+        rows = [[name] + [fmt.format(r[k]) if r.get(k) is not None else "-" for k, _, fmt in columns]
+                for name, r in done.items()]
+        blocks = [("h2", "Strategies compared"), ("p", COMPARE_NOTE),
+                  ("table", ["variant"] + [h for _, h, _ in columns], rows)]
+        chart = figures.comparison(done, out)
+        return blocks + ([("img", chart.name, "comparison")] if chart else [])
+
     def sections(self, run_dir: Path, manifest: dict) -> list:
         from launcher.report import finetune_section, read_jsonl
 
@@ -163,6 +185,53 @@ class Compare(Finetune):
         for v in variants.values():
             prepare(v)
         return {n: FINETUNE.estimate(v, profile, strict=False)[0]["memory"]["total"] for n, v in variants.items()}
+
+
+COMPARE_NOTE = ("Same data, steps, evaluation and seed for every variant. Quality % of full: eval accuracy "
+                "(classification), exact match (instruction, chat: greedy answers to the eval prompts equal to "
+                "the reference) or eval-loss gain (language modelling) relative to the full fine-tuning variant. "
+                "Tokens/s: trained (non-pad) tokens per second of the variant's whole run. Peak RSS: the rank-0 "
+                "worker process.")
+
+COLUMNS = [  # (summary key, header, format)
+    ("strategy", "strategy", "{}"),
+    ("engine", "engine", "{}"),
+    ("trainable_params", "trainable", "{:,}"),
+    ("loss_first", "loss first", "{:.3f}"),
+    ("loss_last", "loss last", "{:.3f}"),
+    ("eval_loss_before", "eval before", "{:.3f}"),
+    ("eval_loss_after", "eval after", "{:.3f}"),
+    ("eval_accuracy_after", "eval accuracy", "{:.3f}"),
+    ("eval_exact_match_before", "exact match before", "{:.2f}"),
+    ("eval_exact_match_after", "exact match after", "{:.2f}"),
+    ("quality_vs_full", "quality % of full", "{:.1f}"),
+    ("forgetting", "retain loss change", "{:+.3f}"),
+    ("peak_rss_mb", "peak RSS MiB", "{:,.0f}"),
+    ("tokens_per_s", "tokens/s", "{:,.0f}"),
+    ("wall_time_s", "wall s", "{:.1f}"),
+    ("export_bytes", "export bytes", "{:,}"),
+]
+
+
+def quality_vs_full(results: dict) -> None:
+    """Each variant's quality as a percentage of the full fine-tuning variant's (if there is one).
+
+    Classification: eval accuracy after training; instruction and chat: exact match after
+    training. Language modelling: the eval-loss gain (before - after), since a loss has no natural 100%.
+    """
+    full = next((r for r in results.values() if r["strategy"].startswith("full")), None)
+    if full is None:
+        return
+    for r in results.values():
+        score = next((k for k in ("eval_accuracy_after", "eval_exact_match_after")
+                      if full.get(k) and r.get(k) is not None), None)
+        if score:
+            r["quality_vs_full"] = 100 * r[score] / full[score]
+        elif None not in (full.get("eval_loss_before"), full.get("eval_loss_after"),
+                          r.get("eval_loss_before"), r.get("eval_loss_after")):
+            gain = full["eval_loss_before"] - full["eval_loss_after"]
+            if gain > 0:
+                r["quality_vs_full"] = 100 * (r["eval_loss_before"] - r["eval_loss_after"]) / gain
 
 
 register_kind(Compare())

@@ -33,9 +33,12 @@ def test_compare_deepspeed_full_against_lora(ray_head, tiny_spec, tmp_path):
     assert lora["trainable_params"] < full["trainable_params"]
     for v in (full, lora):
         assert v["loss_last"] < v["loss_first"] and v["eval_loss_after"] < v["eval_loss_before"]
-    report = (run_dir / "report.md").read_text()
-    assert "| ds_full | full |" in report and "| lora8 | lora r=8 |" in report
-    for png in ("loss.png", "summary.png"):
-        assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The run's report is written when it ends: the comparison table, its figure, each variant's curves.
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "| ds_full | full | deepspeed ZeRO-2 |" in report and "| lora8 | lora r=8 | torch |" in report
+    assert "## variant ds_full" in report and "## variant lora8" in report
+    for png in ("comparison.png", "loss-ds_full.png", "loss-lora8.png"):
+        assert (run_dir / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<table>" in (run_dir / "report" / "report.html").read_text()
     assert (run_dir / "variants" / "ds_full" / "model" / "config.json").exists()
     assert (run_dir / "variants" / "lora8" / "adapter" / "adapter_config.json").exists()

@@ -175,6 +175,11 @@ def test_stopped_compare_report_has_a_section_per_variant(tmp_path):
     assert "- status: not started" in r32 and "No metrics recorded." in r32
     assert "- deepspeed_full: planned " in text and "measured peak RSS 700 MiB (+300 MiB" in text
     assert "- lora_r8: planned " in text and "; measured: not recorded" in text
+    # The comparison: a table row per finished variant (what the job and `ftlaunch report` both draw).
+    table = text.split("## Strategies compared")[1]
+    assert "| variant | strategy | engine | trainable |" in table
+    assert "| deepspeed_full | full | deepspeed ZeRO-2 |" in table and "| lora_r8 |" not in table
+    assert "<table>" in (run / "report" / "report.html").read_text()
 
 
 def test_cli_prints_the_paths_and_refuses_a_missing_run(tmp_path, capsys):
