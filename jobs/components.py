@@ -175,16 +175,6 @@ def apply_strategy(model, strategy):
     return strategies.apply(model, strategy)
 
 
-def strategy_args(value):
-    """Typed spec parts (a strategy, learning-rate groups) as the plain dicts jobs/strategies.py
-    reads today: the one place to change when it takes the typed objects."""
-    if isinstance(value, BaseModel):
-        return value.model_dump(by_alias=True)
-    if isinstance(value, list):
-        return [strategy_args(v) for v in value]
-    return value
-
-
 def warmup(step: int, warmup_steps: int) -> float:
     """The learning-rate factor of the update after `step` updates: linear over `warmup_steps`."""
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0

@@ -217,14 +217,14 @@ def _build(spec, steps_per_epoch: int, keep_base: str | None):
     base = C.build_model(spec.model, seed=spec.train.seed, dtype=P.base_dtype(spec))
     if keep_base:
         base.save_pretrained(keep_base)  # before the strategy wraps it
-    model, strategy = C.apply_strategy(base, spec.strategy), C.strategy_args(spec.strategy)
+    model, strategy = C.apply_strategy(base, spec.strategy), spec.strategy
     P.trainable_in_fp32(model)
     if spec.train.grad_checkpointing:
         P.enable_checkpointing(model)
     unfreezer = S.Unfreezer(strategy, steps_per_epoch) if get_strategy(strategy).eventual else None
     trained = unfreezer.eventual(strategy, model) if unfreezer else {
         n for n, p in model.named_parameters() if p.requires_grad}
-    groups = S.param_groups(model, C.strategy_args(spec.lr_groups), spec.train.lr, spec.mitigation.lr_cap,
+    groups = S.param_groups(model, spec.lr_groups, spec.train.lr, spec.mitigation.lr_cap,
                             only=trained)
     # Parameters without a gradient (not yet unfrozen) are skipped by AdamW: no update, no decay.
     optimizer = torch.optim.AdamW(groups, weight_decay=spec.train.weight_decay)

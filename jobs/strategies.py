@@ -10,6 +10,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from launcher.kinds.finetune import LrGroup
 from launcher.strategies import get_strategy
 from launcher.strategies.freeze import layer_index, matches
 
@@ -82,16 +83,16 @@ NEW_PARAMS = (r"(^|\.)(lm_head|classifier|score)\.", r"lora_", r"prompt_encoder"
 DEFAULT_LR = {"new": 1e-3, "pretrained": 2e-5, "early": 1e-5}
 
 
-def default_lr_groups(model) -> list[dict]:
+def default_lr_groups(model) -> list[LrGroup]:
     """new (heads and adapters), early (embeddings and the first third of the blocks), pretrained."""
     layers = [i for n, _ in model.named_parameters() if (i := layer_index(n)) is not None]
     early = max(1, math.ceil((max(layers) + 1) / 3)) if layers else 0
     early_blocks = "|".join(str(i) for i in range(early))
     return [
-        {"name": "new", "params": list(NEW_PARAMS), "lr": DEFAULT_LR["new"]},
-        {"name": "early", "params": ["embed"] + ([rf"\.layers?\.({early_blocks})\."] if early else []),
-         "lr": DEFAULT_LR["early"]},
-        {"name": "pretrained", "params": [".*"], "lr": DEFAULT_LR["pretrained"]},
+        LrGroup(name="new", params=list(NEW_PARAMS), lr=DEFAULT_LR["new"]),
+        LrGroup(name="early", params=["embed"] + ([rf"\.layers?\.({early_blocks})\."] if early else []),
+                lr=DEFAULT_LR["early"]),
+        LrGroup(name="pretrained", params=[".*"], lr=DEFAULT_LR["pretrained"]),
     ]
 
 
@@ -99,21 +100,23 @@ def param_groups(model, lr_groups, lr: float, lr_cap: Optional[float] = None,
                  only: Optional[set] = None) -> list[dict]:
     """Optimizer parameter groups: each parameter in the first group whose patterns match, the
     rest in `rest` at `lr`; `only` limits them to those names (default: requires_grad); every lr
-    is capped at `lr_cap`. Empty groups are dropped."""
-    groups = default_lr_groups(model) if lr_groups == "default" else list(lr_groups or [])
-    buckets = {g["name"]: [] for g in groups}
+    is capped at `lr_cap`. Empty groups are dropped. `lr_groups`: the spec's (LrGroup models, or
+    the dicts of them), "default", or None."""
+    groups = default_lr_groups(model) if lr_groups == "default" else [
+        LrGroup.model_validate(g) for g in lr_groups or []]
+    buckets = {g.name: [] for g in groups}
     rest = []
     for name, p in model.named_parameters():
         if (only is None and not p.requires_grad) or (only is not None and name not in only):
             continue
         for g in groups:
-            if matches(name, g["params"]):
-                buckets[g["name"]].append(p)
+            if matches(name, g.params):
+                buckets[g.name].append(p)
                 break
         else:
             rest.append(p)
     cap = (lambda x: min(x, lr_cap)) if lr_cap else (lambda x: x)
-    out = [{"name": g["name"], "params": buckets[g["name"]], "lr": cap(g["lr"])} for g in groups]
+    out = [{"name": g.name, "params": buckets[g.name], "lr": cap(g.lr)} for g in groups]
     out.append({"name": "rest", "params": rest, "lr": cap(lr)})
     return [g for g in out if g["params"]]
 
