@@ -30,6 +30,8 @@ from launcher.spec import (
 )
 from launcher.strategies.lora import LoraStrategy
 
+MULTITASK_IGNORES = ("train.precision", "train.grad_accumulation", "train.grad_checkpointing",
+                     "model.attn_implementation")  # the torch engine's step settings, not run here
 MULTITASK_DATA = ("causal_lm", "instruction", "chat")  # tasks an adapter of a causal LM learns
 
 
@@ -186,6 +188,7 @@ def check_fit(spec: dict, profile: Optional[str], strict: bool) -> tuple[Optiona
     """
     try:
         from launcher.planner import estimate, fit, memory_per_gpu
+        from launcher.planner.fit import STAGE_LEVERS
     except MissingExtraError as exc:
         return None, _unestimated(spec, exc)
     k = len(spec["tasks"])
@@ -202,9 +205,11 @@ def check_fit(spec: dict, profile: Optional[str], strict: bool) -> tuple[Optiona
     micro = sum(task_settings(spec, t)["train"]["micro_batch"] for t in spec["tasks"])
     packed_mem = memory_per_gpu(counts, None, "lora", workers=1, micro_batch=micro,
                                 seq_len=settings["seq_len"], precision=settings["precision"])
-    packed_mem = {k_: v for k_, v in packed_mem.items() if k_ != "inputs"}
     one_worker = {**spec["resources"], "workers": 1}
-    packed_fit = fit(packed_mem, largest["profile"], one_worker)
+    # The packed batch is the sum of the tasks' micro-batches: no one spec field sets it, so only
+    # another profile is suggested for it (the fit re-measures from the memory's inputs).
+    packed_fit = fit(packed_mem, largest["profile"], one_worker, STAGE_LEVERS)
+    packed_mem = {k_: v for k_, v in packed_mem.items() if k_ != "inputs"}
     separate_fit = largest["fit"]
     separate_total = sum(e["memory"]["total"] for e in per_task.values())
 
@@ -227,7 +232,9 @@ def check_fit(spec: dict, profile: Optional[str], strict: bool) -> tuple[Optiona
     if chosen["verdict"] != "fits":
         layout = f"{k} adapters packed on one base" if choice else f"{k} adapter workers"
         fixes = [] if choice or packed_fit["verdict"] != "fits" else ["packing: true"]
-        fixes += [s.get("change", str(s)) for s in chosen.get("suggestions", [])]
+        # The finetune planner's fixes that a multitask spec can take, with their overrides.
+        fixes += [f"{s['change']}: {s['args']}" for s in chosen.get("suggestions", [])
+                  if not any(o.split("=")[0] in MULTITASK_IGNORES for o in s.get("overrides", []))]
         fix = f"; would fit: {'; '.join(fixes)}" if fixes else ""
         message = f"{layout}: {chosen['verdict']} on profile {chosen['profile']}: {chosen['reason']}{fix}"
         if strict:
@@ -317,12 +324,11 @@ def describe(spec: dict, estimate: Optional[dict]) -> list[str]:
 class Multitask(Kind):
     name = "multitask"
     model = MultitaskSpec
-    # jobs/multitask.py streams each task through the byte tokenizer into a causal LM, one fp32
-    # step per micro-batch on a base loaded in fp32: the torch engine's step settings are refused.
-    engines = {"multitask": Engine(
-        "multitask", "jobs.multitask", tasks=MULTITASK_DATA, sources=("tiny-llama", "hf:"),
-        ignores=("train.precision", "train.grad_accumulation", "train.grad_checkpointing",
-                 "model.attn_implementation"))}
+    # jobs/multitask.py streams each task through the base's tokenizer (jobs/text.py) into a causal
+    # LM, one fp32 step per micro-batch on a base loaded in fp32: the torch engine's step settings
+    # are refused.
+    engines = {"multitask": Engine("multitask", "jobs.multitask", tasks=MULTITASK_DATA,
+                                   sources=("tiny-llama", "hf:"), ignores=MULTITASK_IGNORES)}
     trains = "adapters"
 
     def datasets(self, spec) -> list:

@@ -111,6 +111,22 @@ def test_planner_packs_when_one_gpu_per_adapter_does_not_fit(task_data, tmp_path
     assert local.spec["packing"] is False and local.resources["workers"] == 3
 
 
+def test_a_multitask_job_that_cannot_fit_is_refused_with_fixes_it_can_take(task_data, tmp_path):
+    """The per-task fixes come from the finetune planner: only those a multitask spec runs are
+    offered (never train.grad_checkpointing, which multitask refuses), with their overrides."""
+    big = {"source": "tiny-llama", "seq_len": 512, "config": {
+        "hidden_size": 1024, "num_hidden_layers": 8, "intermediate_size": 4096,
+        "num_attention_heads": 8, "num_key_value_heads": 8}}
+    spec = mt_spec(task_data, tmp_path, model=big)
+    spec["train"]["micro_batch"] = 512
+    with pytest.raises(PlanError) as err:
+        plan(load_spec(spec), "local")
+    message = str(err.value)
+    assert "3 adapter workers: does-not-fit on profile local-cpu" in message and "\n" not in message
+    assert "would fit: micro_batch=1: train.micro_batch=1" in message
+    assert "grad_checkpointing" not in message
+
+
 # ---------------------------------------------------------------------------------------------
 # Training in-process: the same functions the Ray workers run
 
