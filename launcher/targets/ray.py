@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import socket
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -102,13 +103,17 @@ def client(address: str):
         ) from None
 
 
+_ENV_LOCK = threading.Lock()  # the environment is the process's: threads submitting at once take turns
+
+
 @contextlib.contextmanager
 def _without_env(*names: str):
-    saved = {n: os.environ.pop(n) for n in names if n in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
+    with _ENV_LOCK:
+        saved = {n: os.environ.pop(n) for n in names if n in os.environ}
+        try:
+            yield
+        finally:
+            os.environ.update(saved)
 
 
 @dataclass
