@@ -283,3 +283,36 @@ def test_k8s_verbs_go_through_the_kubernetes_api(monkeypatch, capsys):
     assert out[2].split() == ["job-a", "RUNNING", "finetune", "spec-job-a"]
     assert out[3] == "job-a: stop requested"
     assert ("DELETE", "job-a") in server.methods() and set(given) == {"/k/config"}
+
+
+def test_hiding_ray_address_is_safe_from_many_threads_at_once(monkeypatch):
+    """Twenty concurrent submits each hide RAY_ADDRESS from Ray's client: none may fail or lose it."""
+    import os
+    import sys
+    import threading
+
+    from launcher.targets.ray import _without_env
+
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:9")
+    errors, seen = [], []
+
+    def hide():
+        try:
+            for _ in range(200):
+                with _without_env("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+                    seen.append(os.environ.get("RAY_ADDRESS"))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hide) for _ in range(20)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: races show
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == [] and set(seen) == {None}
+    assert os.environ["RAY_ADDRESS"] == "http://127.0.0.1:9"
