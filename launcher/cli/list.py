@@ -18,7 +18,7 @@ def run(args) -> int:
         print_json(rows)
         return 0
     for r in rows:
-        print(f"{r['submission_id']:<48} {r['status']:<10} {r['kind'] or '-':<10} {r['name'] or '-'}")
+        print(f"{r['submission_id'] or '-':<48} {r['status'] or '-':<10} {r['kind'] or '-':<10} {r['name'] or '-'}")
     if not rows:
         print("no jobs")
     return 0

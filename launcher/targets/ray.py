@@ -276,6 +276,8 @@ class RayTarget(Target):
         c = client(resolve_address(address, embedded=self.embedded, start=False))
         rows = []
         for job in c.list_jobs():
+            if job.submission_id is None:  # a driver that called ray.init itself: not a submitted job
+                continue
             meta = job.metadata or {}
             rows.append({
                 "submission_id": job.submission_id,

@@ -123,8 +123,12 @@ def test_python_api_submit_wait_and_idempotent_resubmit(ray_head, tiny_spec):
 def test_address_beats_ray_address_and_hints_are_one_command_per_line(ray_head, tiny_spec, tmp_path):
     """Ray's JobSubmissionClient prefers RAY_ADDRESS to the address it is given: ftlaunch must not."""
     dead = "http://127.0.0.1:9"
+    # A driver that called ray.init itself is listed by Ray with no submission id: not an ftlaunch job.
+    driver = "import ray; ray.init(address=%r); ray.shutdown()" % ray_head.gcs_address
+    subprocess.run([sys.executable, "-c", driver], check=True, timeout=120, capture_output=True)
     out = cli("list", "--target", "ray", "--address", ray_head.address, env={"RAY_ADDRESS": dead})
     assert out.returncode == 0, out.stderr
+    assert all(line.split()[0] != "-" for line in out.stdout.splitlines()), out.stdout
     assert f"RAY_ADDRESS={dead} is ignored: using {ray_head.address} (--address)" in out.stderr
     # The default target is the embedded head (this session's), whatever RAY_ADDRESS says.
     out = cli("list", env={"RAY_ADDRESS": dead})
