@@ -4,7 +4,7 @@ parameter, memory, fit and time lines, and a pipeline's stages."""
 from __future__ import annotations
 
 from common import units
-from common.units import gib  # noqa: F401  (the planner's fit lines use it)
+from common.units import gib
 from launcher.planner.memory import GB
 
 
@@ -20,12 +20,21 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _share(p: dict) -> str:
+    """The trainable share of the printed total; of the base model too when an adapter adds to it."""
+    of_all = 100.0 * p["trainable"] / p["total"] if p["total"] else 0.0
+    base = p.get("base_total", p["total"])
+    if base == p["total"]:
+        return f"{of_all:.2f}% of the total"
+    return f"{of_all:.2f}% of the total; {100.0 * p['trainable'] / base:.2f}% of the base's {base:,}"
+
+
 def format_estimate(est: dict) -> str:
     p, m, f, t = est["parameters"], est["memory"], est["fit"], est["time"]
     unit = "per GPU" if est["resources"]["gpus_per_worker"] else "per worker (CPU memory)"
     lines = [
         f"model {est['model']}, strategy {est['strategy']}, profile {est['profile']}",
-        f"  parameters  total {p['total']:,}   trainable {p['trainable']:,} ({p['percent_trainable']:.2f}%)",
+        f"  parameters  total {p['total']:,}   trainable {p['trainable']:,} ({_share(p)})",
     ]
     if "lora_closed_form" in p:
         lines.append(f"              LoRA closed form sum r*(d_in+d_out) = {p['lora_closed_form']:,}")
@@ -73,7 +82,8 @@ def format_pipeline_estimate(est: dict) -> str:
         lines += ["", f"stage {e['stage']} (trains {', '.join(e['parameters']['train'])})",
                   *format_estimate(e).splitlines()[1:]]
         if e["resources"]["gpus_per_worker"]:
-            gb = e["memory"]["total"] / GB
-            where = "within" if gb <= 25 else "over"
-            lines.append(f"  design      {gb:.1f} GB per GPU: {where} the design's 20-25 GB per stage")
+            total = e["memory"]["total"]
+            where = "within" if total <= 25 * GB else "over"
+            lines.append(f"  design      {gib(total)} per GPU: {where} the design's 20-25 GB "
+                         f"({gib(20 * GB)} to {gib(25 * GB)}) per stage")
     return "\n".join(lines)

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from cluster import profiles as cluster_profiles
+from common.units import gib
 from launcher.dsconfig import ENGINE_STRATEGIES
 from launcher.errors import PlanError
 from launcher.planner.counts import lora_counts
-from launcher.planner.describe import gib
 from launcher.planner.memory import GIB, remeasure
 
 USABLE_FRACTION = 0.9  # of GPU (or node) memory; the rest goes to the CUDA context, allocator slack

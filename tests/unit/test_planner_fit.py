@@ -85,7 +85,10 @@ def test_estimate_is_json_and_formats():
     e = est.estimate(spec, "a100-80g-1")
     assert json.loads(json.dumps(e)) == e
     text = est.format_estimate(e)
-    assert "79,953,920" in text and "(1.19%)" in text and "GiB" in text and "GPU-hours" in text
+    assert "79,953,920" in text and "GiB" in text and "GPU-hours" in text
+    # The share printed beside a total is of that total (what a reader computes); the base's is named.
+    p = e["parameters"]
+    assert f"({100 * p['trainable'] / p['total']:.2f}% of the total; 1.19% of the base's" in text
     assert e["time"]["tokens"] == 1000 * 4 * 1 * 512
 
 
