@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Optional, Union
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"  # one record per report: step, loss, eval_*, lr, tokens, tokens_per_s
@@ -84,3 +84,11 @@ def find_run(run: PathLike, storage: PathLike = "./runs") -> tuple[Path, dict]:
         raise SubmissionError(
             f"no run at {folder} (no {MANIFEST}); pass the run folder or --storage"
         ) from None
+
+
+def median_throughput(metrics: list[dict]) -> Optional[float]:
+    """A run's throughput, one definition for every table: the median of its report windows'
+    `tokens_per_s` (each window is training alone, between reports; the first also holds the
+    start-up, which the median discounts). None when nothing was measured."""
+    rates = sorted(m["tokens_per_s"] for m in metrics if m.get("tokens_per_s") is not None)
+    return rates[len(rates) // 2] if rates else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+from common.runfolder import median_throughput
 from jobs import finetune
 from jobs.artifacts import RunDir
 from launcher.kinds.compare import COLUMNS, quality_vs_full
@@ -31,7 +32,7 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
             "strategy": _label(variant.strategy),
             "engine": variant.engine + zero,
             "wall_time_s": round(time.time() - started, 2),
-            "tokens_per_s": metrics[-1]["tokens"] / max(metrics[-1]["elapsed_s"], 1e-9) if metrics else None,
+            "tokens_per_s": median_throughput(metrics),  # the report's definition
             "forgetting": _diff(summary.get("retain_loss_after"), summary.get("retain_loss_before")),
         }
         run_dir.append("variants.jsonl", {"variant": name, **results[name]})

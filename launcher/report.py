@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from common.runfolder import median_throughput
 from common.units import metric as _f
 from common.units import pct as _pct
 from common.units import size as _size
@@ -107,9 +108,9 @@ def loss_facts(metrics: list, unit: str = "tokens/s") -> list[str]:
         return []
     facts = [f"train loss {_f(metrics[0].get('loss'))} -> {_f(metrics[-1].get('loss'))} "
              f"(steps {metrics[0]['step']} -> {metrics[-1]['step']}, {len(metrics)} records)"]
-    rates = sorted(m["tokens_per_s"] for m in metrics if m.get("tokens_per_s") is not None)
-    if rates:  # the median: the first window also holds the start-up
-        facts.append(f"throughput median {rates[len(rates) // 2]:,.0f} {unit}, last "
+    median = median_throughput(metrics)
+    if median is not None:
+        facts.append(f"throughput median {median:,.0f} {unit}, last "
                      f"{metrics[-1].get('tokens_per_s') or 0:,.0f} {unit}")
     return facts
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from common.runfolder import median_throughput
 from tests.integration.test_jobs import cli, write_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # two jobs in one: ~3 min on 2 cores
@@ -42,3 +43,8 @@ def test_compare_deepspeed_full_against_lora(ray_head, tiny_spec, tmp_path):
     assert "<table>" in (run_dir / "report" / "report.html").read_text()
     assert (run_dir / "variants" / "ds_full" / "model" / "config.json").exists()
     assert (run_dir / "variants" / "lora8" / "adapter" / "adapter_config.json").exists()
+    # The table's tokens/s is the report's: the median of the variant's report windows.
+    for name, v in s["variants"].items():
+        metrics = [json.loads(line) for line in (run_dir / "variants" / name / "metrics.jsonl").open()]
+        assert v["tokens_per_s"] == median_throughput(metrics)
+        assert f"throughput median {v['tokens_per_s']:,.0f} tokens/s" in report

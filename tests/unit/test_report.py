@@ -10,9 +10,10 @@ from pathlib import Path
 
 import matplotlib.image
 
+from common.runfolder import median_throughput
 from launcher.cli.main import main
 from launcher.jobplan import plan
-from launcher.report import write_report
+from launcher.report import loss_facts, write_report
 from launcher.spec import load_spec
 from tests.conftest import ROOT
 
@@ -192,3 +193,11 @@ def test_cli_prints_the_paths_and_refuses_a_missing_run(tmp_path, capsys):
     assert main(["report", "nonexistent", "--storage", str(tmp_path)]) == 1
     assert capsys.readouterr().err.strip() == (
         f"ftlaunch: error: no run at {tmp_path / 'nonexistent'} (no manifest.json); pass the run folder or --storage")
+
+
+def test_throughput_is_the_median_of_report_windows_in_the_table_and_the_report():
+    # The first window holds the start-up (slow); the mean over elapsed time would count it fully.
+    metrics = [{"step": 10 * i, "loss": 1.0, "tokens_per_s": r} for i, r in enumerate([50.0, 400.0, 390.0, 410.0])]
+    assert median_throughput(metrics) == 400.0
+    assert median_throughput([{"step": 1}]) is None
+    assert "throughput median 400 tokens/s, last 410 tokens/s" in loss_facts(metrics)
