@@ -263,6 +263,10 @@ def validate(data: dict, source: Optional[str] = None) -> BaseModel:
     if not isinstance(kind, str) or kind not in kinds:
         hint = difflib.get_close_matches(str(kind), kinds, n=1)
         fix = f"did you mean '{hint[0]}'?" if hint else f"use one of: {', '.join(kinds)}"
+        if kind is None and isinstance(data, dict):  # a misspelled key ("knd: finetune") is why
+            key = next((k for k in data if difflib.get_close_matches(str(k), ["kind"], n=1, cutoff=0.6)), None)
+            if key is not None:
+                raise ConfigError(f"kind: missing; unknown key {key!r}: did you mean 'kind'?", source)
         got = "missing" if kind is None else repr(kind)
         raise ConfigError(f"kind: {got} is not a job kind; {fix}", source)
     try:

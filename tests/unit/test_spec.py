@@ -29,6 +29,9 @@ def test_every_error_reported_at_once_with_path_value_and_hint():
 
 def test_unknown_kind_and_strategy_get_suggestions():
     assert problems({**GOOD, "kind": "fintune"}) == ["kind: 'fintune' is not a job kind; did you mean 'finetune'?"]
+    # A misspelled key is named (it was "kind: missing is not a job kind").
+    misspelled = {("knd" if k == "kind" else k): v for k, v in GOOD.items()}
+    assert problems(misspelled) == ["kind: missing; unknown key 'knd': did you mean 'kind'?"]
     assert problems({**GOOD, "strategy": {"type": "lorra"}}) == [
         "strategy.type: 'lorra' is unknown; did you mean 'lora'?"
     ]
