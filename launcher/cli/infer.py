@@ -5,6 +5,7 @@ Any finetune run, one variant of a compare run (`--variant`), or one adapter of 
 turn through the run's chat template.
 """
 
+import difflib
 from pathlib import Path
 
 from common.runfolder import REGISTRY, run_path
@@ -45,6 +46,11 @@ def run(args) -> int:
         known = sorted(load_registry(folder)["adapters"])
         if not args.task and len(known) > 1:
             raise LauncherError(f"run {folder.name} has adapters {', '.join(known)}; name one with --task")
+        for task in args.task or []:  # before the model loads
+            if task not in known:
+                hint = difflib.get_close_matches(task, known, n=1)
+                fix = f"did you mean {hint[0]!r}?" if hint else f"use one of: {', '.join(known)}"
+                raise LauncherError(f"--task {task!r}: run {folder.name} has no such adapter; {fix}")
         tasks = args.task or [None]
         if len(tasks) not in (1, len(inputs)):
             raise LauncherError(f"{len(tasks)} --task for {len(inputs)} inputs; give one, or one per input")

@@ -291,8 +291,9 @@ def test_cli_adapters_list_and_infer(trained, capsys):
     assert capsys.readouterr().out == answer + "\n"  # the answer only, as the Python API gives it
     assert main(["infer", str(trained["alone_dir"]), "--input", "count from 1:"]) == 1
     assert "name one with --task" in capsys.readouterr().err
-    assert main(["infer", str(trained["alone_dir"]), "--task", "nope", "--input", "x"]) == 1
-    assert "no adapter nope" in capsys.readouterr().err
+    # A misspelled task is refused before any model loads, with the near name.
+    assert main(["infer", str(trained["alone_dir"]), "--task", "countin", "--input", "x"]) == 1
+    assert "--task 'countin': run alone has no such adapter; did you mean 'counting'?" in capsys.readouterr().err
 
 
 def _dies_after(stream, batches: int):
