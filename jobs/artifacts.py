@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from common.runfolder import MANIFEST, METRICS, read_json, read_jsonl, write_json, write_jsonl
+from common.runfolder import MANIFEST, METRICS, PROGRESS, read_json, read_jsonl, write_json, write_jsonl
 from jobs import tensorboard
 
 PACKAGES = ("ftlaunch", "ray", "torch", "transformers", "peft", "accelerate", "pyarrow",
@@ -77,6 +77,24 @@ class RunDir:
             for f in sorted(self.path.rglob("*"))
             if f.is_file() and f.name != MANIFEST
         }
+
+    def prune_checkpoints(self) -> int:
+        """Remove the training checkpoints (Ray Train's `checkpoint_*` folders, multitask's
+        progress files) once the run has succeeded: the export is its result, and they hold
+        the optimizer too (several times the model). Returns the bytes freed."""
+        import shutil
+
+        doomed = [p for p in self.path.rglob("checkpoint_*") if p.is_dir()]
+        doomed += [p for p in self.path.rglob(PROGRESS) if p.exists()]
+        freed = 0
+        for path in doomed:
+            files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+            freed += sum(f.stat().st_size for f in files)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        return freed
 
     @contextlib.contextmanager
     def progress(self, total_steps: int, every: float = 0.5):

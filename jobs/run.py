@@ -111,6 +111,8 @@ def run(plan: dict, spec, run_dir) -> int:
         print(f"[ftlaunch] FAILED: {type(exc).__name__}: {exc}", flush=True)
         _report(plan, run_dir)
         return 1
+    if not spec.keep_checkpoints:
+        summary = {**summary, "checkpoints_removed_bytes": run_dir.prune_checkpoints()}
     run_dir.update_manifest(
         status="SUCCEEDED", finished=time.time(), summary=summary, artifacts=run_dir.artifacts()
     )

@@ -148,6 +148,8 @@ class JobBase(Strict):
         "env:NAME (read from the cluster's environment) or secret:SECRET/KEY (Kubernetes)")
     pending_timeout: Optional[float] = Field(
         900, gt=0, description="seconds the job may wait for resources before it is stopped (null: no limit)")
+    keep_checkpoints: bool = Field(False, description="keep the training checkpoints after the run succeeds "
+                                   "(default: removed then; the export is the result)")
 
     @field_validator("env")
     @classmethod

@@ -22,7 +22,8 @@ from launcher.kinds.finetune import FINETUNE, Finetune, FinetuneSpec
 JOB_KEYS = {"name": "a variant is named by its key",
             "storage": "every variant writes under the compare's run folder",
             "env": "every variant runs in the compare job's environment",
-            "pending_timeout": "the compare job waits for resources once, for all variants"}
+            "pending_timeout": "the compare job waits for resources once, for all variants",
+            "keep_checkpoints": "the compare job removes its variants' checkpoints when all have run"}
 
 
 class CompareSpec(FinetuneSpec):

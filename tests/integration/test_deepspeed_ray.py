@@ -27,6 +27,7 @@ def test_zero_full_finetune_on_two_workers(ray_head, tiny_spec, tmp_path, stage)
         "deepspeed": {"zero_stage": stage},
         "strategy": {"type": "full"},
         "train": {**tiny_spec["train"], "max_steps": 10, "report_every": 5, "lr": 3e-3},
+        "keep_checkpoints": True,  # read below
     }
     sid = f"it-zero{stage}"
     out = cli("submit", str(write_spec(spec, tmp_path)), "--submission-id", sid,
