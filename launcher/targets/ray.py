@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import socket
+import sys
 import threading
 import time
 import urllib.parse
@@ -31,7 +32,11 @@ def resolve_address(address: Optional[str] = None, *, embedded: bool = False, st
     env = os.environ.get("RAY_ADDRESS")
     if embedded and not address:
         local.client_env()
-        head = local.up() if start else local.status()
+        head = local.status()
+        if head is None and start:
+            head = local.up()
+            sys.stderr.write(f"ftlaunch: started the embedded Ray head at {head.address} (pid {head.pid}); it "
+                             "keeps running for later jobs; stop it with: ftlaunch cluster down\n")
         if head is None:
             raise ClusterError("no embedded Ray head is running; start one with: ftlaunch cluster up")
         _warn_overridden(env, head.address, "the embedded head (target local)")
@@ -53,8 +58,6 @@ def resolve_address(address: Optional[str] = None, *, embedded: bool = False, st
 
 def _warn_overridden(env: Optional[str], chosen: str, why: str) -> None:
     if env and _dashboard_url(env) not in (chosen, None) and env != chosen:
-        import sys
-
         sys.stderr.write(f"ftlaunch: warning: RAY_ADDRESS={env} is ignored: using {chosen} ({why}); "
                          "pass --target ray without --address to use RAY_ADDRESS\n")
 

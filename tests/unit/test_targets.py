@@ -316,3 +316,23 @@ def test_hiding_ray_address_is_safe_from_many_threads_at_once(monkeypatch):
         sys.setswitchinterval(interval)
     assert errors == [] and set(seen) == {None}
     assert os.environ["RAY_ADDRESS"] == "http://127.0.0.1:9"
+
+
+def test_a_verb_that_starts_the_embedded_head_says_so_and_how_to_stop_it(monkeypatch, capsys):
+    """Starting a real second head here is what item 11's test does (and costs ~20 s): the start
+    itself is replaced by a recorded Head; what is tested is that resolve_address says so."""
+    from cluster import local
+    from launcher.targets.ray import resolve_address
+
+    head = local.Head(pid=4242, address="http://127.0.0.1:8265", gcs_address="127.0.0.1:6379",
+                      temp_dir="/tmp/x", num_cpus=2, log="/tmp/x/head.log")
+    monkeypatch.setattr(local, "status", lambda: None)
+    monkeypatch.setattr(local, "up", lambda: head)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert resolve_address(None, embedded=True) == head.address
+    err = capsys.readouterr().err
+    assert "started the embedded Ray head at http://127.0.0.1:8265 (pid 4242)" in err
+    assert "stop it with: ftlaunch cluster down" in err
+    monkeypatch.setattr(local, "status", lambda: head)  # already running: nothing to say
+    assert resolve_address(None, embedded=True) == head.address
+    assert capsys.readouterr().err == ""
