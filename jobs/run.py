@@ -129,7 +129,6 @@ def main(argv=None) -> int:
 
 
 def run(plan: dict, spec, run_dir) -> int:
-    import ray
 
     from jobs.artifacts import versions
     from jobs.logs import resolve_env_refs
@@ -149,7 +148,7 @@ def run(plan: dict, spec, run_dir) -> int:
     print(f"[ftlaunch] run {plan['run_id']} ({plan['kind']}) -> {run_dir.path}", flush=True)
     try:
         run_dir.update_manifest(env_from_cluster=resolve_env_refs(spec.env))
-        ray.init(address="auto", log_to_driver=True)
+        connect()
         signal.signal(signal.SIGTERM, _on_sigterm)  # after ray.init, which installs its own
         module = importlib.import_module(get_kind(plan["kind"]).job_module(plan["spec"]))
         with watch_pending(spec.pending_timeout, run_dir):
@@ -171,6 +170,26 @@ def run(plan: dict, spec, run_dir) -> int:
     print("[ftlaunch] summary " + json.dumps(summary, default=str), flush=True)
     _report(plan, run_dir)
     return 0
+
+
+def connect() -> str:
+    """Connect this driver to the head it runs on, by that head's address, never "auto".
+
+    The job supervisor sets RAY_ADDRESS to its head's GCS address. The job's workers get it too
+    (its runtime env): Ray's own lookups there (Ray Train's placement-group cleaner asks the state
+    API with no address) would otherwise scan the machine's GCS processes, and with a second head
+    on the host fail with "Found multiple active Ray instances" (or pick the last `ray start`).
+    """
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS", "")
+    if not address or address == "auto" or "://" in address:
+        raise LauncherError(
+            f"RAY_ADDRESS={address or '(unset)'} is not a Ray head's GCS address (HOST:PORT); "
+            "run the job through the Ray Jobs API (ftlaunch submit, or ray job submit), which sets it"
+        )
+    ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": {"RAY_ADDRESS": address}})
+    return address
 
 
 def _report(plan: dict, run_dir) -> None:
