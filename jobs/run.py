@@ -15,8 +15,9 @@ import signal
 import sys
 import time
 import traceback
+from pathlib import Path
 
-from launcher.errors import LauncherError
+from launcher.errors import LauncherError, PlanError
 from launcher.kinds import get_kind
 from launcher.spec import load_spec, validate
 
@@ -46,7 +47,60 @@ def load_plan(args) -> dict:
     from launcher.jobplan import plan as make_plan
 
     spec = load_spec(args.spec, tuple(args.overrides))
+    uploaded = _uploaded_working_dir()
+    if uploaded is not None:
+        refuse_paths_lost_in_upload(spec.model_dump(mode="json"), uploaded)
     return make_plan(spec, "ray", submission_id=_submission_id()).to_dict()
+
+
+def _uploaded_working_dir() -> Path | None:
+    """This driver's cwd when it is Ray's temporary copy of a `--working-dir` upload, else None."""
+    try:
+        config = json.loads(os.environ["RAY_JOB_CONFIG_JSON_ENV_VAR"])
+    except (KeyError, ValueError):
+        return None
+    return Path.cwd() if (config.get("runtime_env") or {}).get("working_dir") else None
+
+
+def refuse_paths_lost_in_upload(spec: dict, uploaded: Path) -> None:
+    """A raw `ray job submit --working-dir .` runs in a temporary copy of that folder holding no
+    git-ignored files (data/, runs/): a relative storage would be written there and deleted with
+    it, a relative dataset there is not there. Refused with the absolute path to pass instead."""
+    storage = spec["storage"]
+    if "://" not in storage and not os.path.isabs(storage):
+        raise PlanError(
+            f"storage {storage} is relative: it would be written inside Ray's temporary copy of the "
+            f"working dir ({uploaded}) and vanish with it; pass a folder the cluster keeps, e.g. "
+            f"storage=$PWD/{storage.removeprefix('./')} after the spec"
+        )
+    missing: list[str] = []
+
+    def record(value: str) -> str:
+        if "://" not in value and not os.path.isabs(value) and not (uploaded / value).exists():
+            missing.append(value)
+        return value
+
+    get_kind(spec["kind"]).resolve_paths(spec, record)
+    if missing:
+        path = missing[0]
+        key, shown = _setting_of(spec, path)
+        raise PlanError(
+            f"{key}: {shown} is not in the working dir Ray uploaded ({uploaded}; Ray uploads no "
+            f"git-ignored file, and data/ is one); pass it by absolute path, e.g. "
+            f"{key}={shown[:len(shown) - len(path)]}$PWD/{path.removeprefix('./')} after the spec"
+        )
+
+
+def _setting_of(tree: dict, path: str, prefix: str = "") -> tuple[str, str]:
+    """The dotted key whose value is `path` (or `hf:<path>`), and that value."""
+    for key, value in tree.items():
+        if value in (path, f"hf:{path}"):
+            return f"{prefix}{key}", value
+        if isinstance(value, dict):
+            found = _setting_of(value, path, f"{prefix}{key}.")
+            if found[0] != "a path":
+                return found
+    return "a path", path
 
 
 def main(argv=None) -> int:
@@ -75,7 +129,6 @@ def main(argv=None) -> int:
 
 
 def run(plan: dict, spec, run_dir) -> int:
-    import ray
 
     from jobs.artifacts import versions
     from jobs.logs import resolve_env_refs
@@ -95,7 +148,7 @@ def run(plan: dict, spec, run_dir) -> int:
     print(f"[ftlaunch] run {plan['run_id']} ({plan['kind']}) -> {run_dir.path}", flush=True)
     try:
         run_dir.update_manifest(env_from_cluster=resolve_env_refs(spec.env))
-        ray.init(address="auto", log_to_driver=True)
+        connect()
         signal.signal(signal.SIGTERM, _on_sigterm)  # after ray.init, which installs its own
         module = importlib.import_module(get_kind(plan["kind"]).job_module(plan["spec"]))
         with watch_pending(spec.pending_timeout, run_dir):
@@ -119,6 +172,26 @@ def run(plan: dict, spec, run_dir) -> int:
     print("[ftlaunch] summary " + json.dumps(summary, default=str), flush=True)
     _report(plan, run_dir)
     return 0
+
+
+def connect() -> str:
+    """Connect this driver to the head it runs on, by that head's address, never "auto".
+
+    The job supervisor sets RAY_ADDRESS to its head's GCS address. The job's workers get it too
+    (its runtime env): Ray's own lookups there (Ray Train's placement-group cleaner asks the state
+    API with no address) would otherwise scan the machine's GCS processes, and with a second head
+    on the host fail with "Found multiple active Ray instances" (or pick the last `ray start`).
+    """
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS", "")
+    if not address or address == "auto" or "://" in address:
+        raise LauncherError(
+            f"RAY_ADDRESS={address or '(unset)'} is not a Ray head's GCS address (HOST:PORT); "
+            "run the job through the Ray Jobs API (ftlaunch submit, or ray job submit), which sets it"
+        )
+    ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": {"RAY_ADDRESS": address}})
+    return address
 
 
 def _report(plan: dict, run_dir) -> None:

@@ -23,9 +23,17 @@ def add_k8s_args(p) -> None:
     p.add_argument("--kubeconfig", help="k8s target: the kubeconfig (else KUBECONFIG, ~/.kube/config)")
 
 
+def add_image_args(p) -> None:
+    p.add_argument("--image", help="k8s target: an image with ftlaunch installed (required, unless "
+                   "--allow-default-image)")
+    p.add_argument("--allow-default-image", action="store_true",
+                   help="k8s target: render with the plain rayproject image (it lacks ftlaunch: the "
+                   "job fails until the image is replaced)")
+
+
 def target_options(args) -> dict:
     """The flags a verb has that only some targets read (each target takes the ones it uses)."""
-    names = ("namespace", "kubeconfig", "image", "profile")
+    names = ("namespace", "kubeconfig", "image", "profile", "allow_default_image")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 

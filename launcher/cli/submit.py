@@ -2,7 +2,15 @@
 
 import sys
 
-from launcher.cli.common import add_k8s_args, add_spec_args, add_target_args, echo, target_of, target_options
+from launcher.cli.common import (
+    add_image_args,
+    add_k8s_args,
+    add_spec_args,
+    add_target_args,
+    echo,
+    target_of,
+    target_options,
+)
 from launcher.client import submit
 from launcher.jobplan import plan
 from launcher.spec import load_spec
@@ -14,10 +22,10 @@ def add_parser(sub) -> None:
     add_spec_args(p)
     add_target_args(p)
     p.add_argument("--submission-id", help="idempotent: an existing id returns that job")
-    p.add_argument("--profile", help="refuse unless the job fits this cluster profile (k8s: it also "
-                   "sizes the RayJob; default a100-80g-1)")
+    p.add_argument("--profile", help="refuse unless the job fits this cluster profile (k8s: required; "
+                   "it sizes the RayJob's pods)")
     add_k8s_args(p)
-    p.add_argument("--image", help="k8s target: an image with ftlaunch installed")
+    add_image_args(p)
     p.add_argument("--no-wait", action="store_true", help="return right after submitting")
     p.add_argument("--quiet", action="store_true", help="follow without printing the job's logs")
     p.set_defaults(func=run)

@@ -11,14 +11,15 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("validate-k8s", help="validate RayJob/RayCluster manifests offline")
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--strict", action="store_true",
-                   help="also apply ftlaunch's pod security policy (non-root, limits, no inline secrets)")
+                   help="also apply ftlaunch's pod security policy (non-root, limits, no inline secrets) "
+                   "and check the job's paths are on volumes its pods mount")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     import yaml
 
-    from launcher.k8s.validate import security_problems, validate_file
+    from launcher.k8s.validate import mount_problems, security_problems, validate_file
 
     failed = 0
     for path in args.files:
@@ -26,7 +27,7 @@ def run(args) -> int:
             problems = validate_file(path)
             if args.strict and not problems:
                 docs = [d for d in yaml.safe_load_all(open(path)) if d]
-                problems = [f"{path}: {p}" for d in docs for p in security_problems(d)]
+                problems = [f"{path}: {p}" for d in docs for p in security_problems(d) + mount_problems(d)]
         except OSError as exc:
             raise ConfigError(f"cannot read {path}: {exc.strerror}; check the path") from None
         if problems:

@@ -97,7 +97,7 @@ def render_rayjob(
     secrets = {k: v for k, v in env_vars.items() if str(v).startswith(refs.SECRET_PREFIX)}
     plain = {k: v for k, v in env_vars.items() if k not in secrets}
     pod_env = [_secret_env(k, v) for k, v in sorted(secrets.items())]
-    mount = None if "://" in plan.storage_path else plan.storage_path
+    mount = None if "://" in plan.storage_path else volume_mount(plan.storage_path)
     pods = worker_pods(profile, plan.resources)
     # Kueue admits fixed-size gangs: a queued job gets no autoscaler, exactly the pods it needs.
     cluster = _cluster_spec(
@@ -174,6 +174,16 @@ def render_raycluster(
         },
         "spec": cluster,
     }
+
+
+def volume_mount(storage_path: str) -> str:
+    """Where the storage volume is mounted: at its root when the run folder is on it, so the
+    relative data and model paths (which resolve under the same root) are on it too."""
+    return STORAGE_MOUNT if is_under(storage_path, STORAGE_MOUNT) else storage_path
+
+
+def is_under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
 def worker_pods(profile: dict, resources: dict) -> int:

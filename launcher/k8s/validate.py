@@ -392,6 +392,52 @@ def security_problems(doc: dict) -> list[str]:
     return problems
 
 
+def mount_problems(doc: dict) -> list[str]:
+    """Paths in a RayJob's plan (storage, data, model folders: every absolute path of its spec) that
+    no persistent volume mounted in every Ray pod holds: there they would be missing, or vanish."""
+    from launcher.jobplan import PLAN_ENV
+    from launcher.k8s.render import is_under
+
+    if doc.get("kind") != "RayJob":
+        return []
+    try:
+        env = (yaml.safe_load(_get(doc, "spec", "runtimeEnvYAML") or "") or {}).get("env_vars") or {}
+        spec = json.loads(env[PLAN_ENV])["spec"]
+    except (KeyError, TypeError, ValueError, AttributeError, yaml.YAMLError):
+        return []  # no ftlaunch plan in it: nothing to check
+    mounts = _persistent_mounts(doc)
+    where = ", ".join(mounts) or "none"
+    return [f"spec.runtimeEnvYAML: {key}: {path} is not on a volume the Ray pods mount (mounted: {where}); "
+            "put it on the storage volume or mount its volume there"
+            for key, path in _absolute_paths(spec) if not any(is_under(path, m) for m in mounts)]
+
+
+def _persistent_mounts(doc: dict) -> list[str]:
+    """Mount paths of the non-emptyDir volumes that the head and every worker group mount."""
+    common = None
+    for path, template in _pod_templates(doc):
+        if path.startswith("spec.submitterPodTemplate"):
+            continue
+        pod = template.get("spec") or {}
+        kept = {v.get("name") for v in pod.get("volumes") or [] if "emptyDir" not in v}
+        mounts = {m.get("mountPath") for c in pod.get("containers") or [] for m in c.get("volumeMounts") or []
+                  if m.get("name") in kept}
+        common = mounts if common is None else common & mounts
+    return sorted(common or ())
+
+
+def _absolute_paths(node: Any, key: str = "") -> Iterable[tuple[str, str]]:
+    """(dotted key, path) for every absolute local path in a resolved spec (`hf:/...` included)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _absolute_paths(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _absolute_paths(v, f"{key}[{i}]")
+    elif isinstance(node, str) and node.removeprefix("hf:").startswith("/"):
+        yield key, node.removeprefix("hf:")
+
+
 def _container_problems(c: dict, path: str) -> list[str]:
     problems = []
     sc = c.get("securityContext") or {}

@@ -15,19 +15,25 @@ import yaml
 from launcher.errors import ConfigError, PlanError, SubmissionError
 from launcher.k8s import submit as kube
 from launcher.k8s.constants import RUN_DIR_ANNOTATION, STORAGE_MOUNT
-from launcher.k8s.render import render_rayjob
-from launcher.k8s.validate import validate_manifest
+from launcher.k8s.render import ray_image, render_rayjob
+from launcher.k8s.validate import mount_problems, validate_manifest
 from launcher.targets import Handle, Target, env_ref, register_target
 
-DEFAULT_PROFILE = "a100-80g-1"
 # The planner's profile vocabulary (cluster/profiles.py), per node; a --profile FILE uses it too.
 PROFILE_KEYS = ("name", "nodes", "gpus", "gpu_memory_gib", "gpu_model", "cpus", "memory_gib")
 POLL_S = 2.0
 
 
-def load_profile(ref: Optional[str] = None) -> dict:
-    """A profile by name from cluster/profiles.yaml, or from a YAML file with the same keys."""
-    ref = ref or DEFAULT_PROFILE
+def load_profile(ref: Optional[str]) -> dict:
+    """A profile by name from cluster/profiles.yaml, or from a YAML file with the same keys. None
+    is refused: the pods' shape (GPUs, CPUs, /dev/shm) is the user's choice, never a silent default."""
+    if not ref:
+        from cluster import profiles
+
+        names = [n for n, p in profiles.load_profiles().items() if not p.get("live")]
+        raise ConfigError("Kubernetes needs --profile: the node shape the RayJob's pods get; one of "
+                          f"{', '.join(names)} (cluster/profiles.yaml; cpu-8 for a CPU-only job), or a "
+                          f"YAML file with keys {', '.join(PROFILE_KEYS)}")
     path = Path(ref)
     if path.suffix in (".yaml", ".yml", ".json") and path.is_file():
         data = yaml.safe_load(path.read_text())
@@ -43,12 +49,25 @@ def load_profile(ref: Optional[str] = None) -> dict:
     return data
 
 
-def render(plan, profile: Optional[str] = None, **options) -> dict:
-    """The RayJob for `plan` on `profile`, checked offline against KubeRay's schema and rules."""
-    manifest = render_rayjob(plan, load_profile(profile), **options)
+def render(plan, profile: Optional[str] = None, *, image: Optional[str] = None,
+           allow_default_image: bool = False, **options) -> dict:
+    """The RayJob for `plan` on `profile`, checked offline against KubeRay's schema and rules, and
+    refused when its paths lie outside the volumes its pods mount."""
+    node = load_profile(profile)
+    if not image and not allow_default_image:
+        raise ConfigError(
+            f"Kubernetes needs --image: the default {ray_image(node['gpus'] > 0)} lacks ftlaunch, so the "
+            f"job would fail at start; build one (FROM it, pip install '.[train]') and pass --image "
+            "IMAGE, or --allow-default-image to render with it anyway"
+        )
+    manifest = render_rayjob(plan, node, image=image, **options)
     problems = validate_manifest(manifest)
     if problems:  # a renderer bug, not a user error: say which rules it broke
         raise PlanError("the rendered RayJob is invalid: " + "; ".join(problems))
+    unmounted = mount_problems(manifest)
+    if unmounted:
+        raise PlanError(f"{unmounted[0]} (relative paths resolve there on Kubernetes; an s3:// or gs:// "
+                        "URI needs no volume)")
     return manifest
 
 
@@ -153,11 +172,12 @@ class K8sTarget(Target):
                             "secret:NAME/KEY (a Secret the pods mount as this variable)")
 
     def submit(self, plan, *, address: Optional[str] = None, profile: Optional[str] = None,
-               image: Optional[str] = None, namespace: Optional[str] = None,
-               kubeconfig: Optional[str] = None, api_client: Any = None, out_dir: str = ".",
-               **options) -> RayJobHandle:
+               image: Optional[str] = None, allow_default_image: bool = False,
+               namespace: Optional[str] = None, kubeconfig: Optional[str] = None, api_client: Any = None,
+               out_dir: str = ".", **options) -> RayJobHandle:
         """Create the RayJob for `plan`; with no kubeconfig, write it under `out_dir` instead."""
-        manifest = render(plan, profile, image=image, namespace=namespace or "default")
+        manifest = render(plan, profile, image=image, allow_default_image=allow_default_image,
+                          namespace=namespace or "default")
         out = kube.submit_rayjob(manifest, kubeconfig=kubeconfig, api_client=api_client, out_dir=out_dir)
         meta = manifest["metadata"]
         if out["mode"] == "file":

@@ -99,9 +99,10 @@ def test_submit_to_k8s_without_kubeconfig_writes_a_valid_rayjob(tmp_path, capsys
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.kube/config
     monkeypatch.chdir(tmp_path)
     spec = spec_file(tmp_path)
-    rc = main(["submit", str(spec), "--target", "k8s", "--profile", "a100-80g-1",
+    # Data and runs on the cluster's volume (relative paths resolve there); an image with ftlaunch.
+    rc = main(["submit", str(spec), "--target", "k8s", "--profile", "a100-80g-1", "--image", "reg.example/ftl:1",
                "--submission-id", "k8s-run-1", "train.max_steps=5", "resources.gpus_per_worker=1",
-               "resources.cpus_per_worker=4", "resources.workers=1"])
+               "resources.cpus_per_worker=4", "resources.workers=1", "data.train=data/t.parquet", "storage=runs"])
     out = capsys.readouterr().out
     assert rc == 0, out
     line = next(x for x in out.splitlines() if x.startswith("ftlaunch: next: kubectl apply -f "))

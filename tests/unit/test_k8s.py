@@ -17,7 +17,7 @@ from launcher.errors import PlanError
 from launcher.jobplan import JobPlan
 from launcher.k8s import constants
 from launcher.k8s.render import k8s_name, render_raycluster, render_rayjob, worker_pods
-from launcher.k8s.validate import security_problems, validate_file, validate_manifest
+from launcher.k8s.validate import mount_problems, security_problems, validate_file, validate_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = Path("/work/shared/kuberay/samples")
@@ -453,12 +453,13 @@ def _cli(module, argv):
 def test_cli_render_writes_a_valid_rayjob(tmp_path, capsys):
     from launcher.cli import render as render_verb
 
-    spec = dict(_examples().LORA_SPEC, storage=str(tmp_path / "runs"))
+    spec = dict(_examples().LORA_SPEC, storage="runs")  # on the volume, beside the data
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     (tmp_path / "profile.yaml").write_text(yaml.safe_dump(A100))
     out = tmp_path / "job.yaml"
     code = _cli(render_verb, ["render", "k8s", str(tmp_path / "spec.yaml"), "train.max_steps=5",
-                              "--profile", str(tmp_path / "profile.yaml"), "--out", str(out), "--queue", "q"])
+                              "--profile", str(tmp_path / "profile.yaml"), "--out", str(out), "--queue", "q",
+                              "--image", "registry.example/ftlaunch:1"])
     assert code == 0
     doc = yaml.safe_load(out.read_text())
     assert doc["spec"]["suspend"] is True and validate_manifest(doc) == []
@@ -479,3 +480,76 @@ def test_cli_validate_k8s_exit_codes(tmp_path, capsys):
     assert _cli(validate_k8s, ["validate-k8s", good, str(bad)]) == 1
     err = capsys.readouterr().err
     assert f"{bad}: spec.ttlSecondsAfterFinished: -5 is negative" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# render k8s from a user's spec: data and runs on mounted volumes, an explicit profile and image
+
+DEMO = ROOT / "configs" / "demo.yaml"
+IMAGE = "registry.example/ftlaunch:1"
+
+
+def _render(tmp_path, capsys, *args):
+    from launcher.cli.main import main
+
+    out = tmp_path / "rayjob.yaml"
+    code = main(["render", "k8s", str(DEMO), *args, "--out", str(out)])
+    return code, (yaml.safe_load(out.read_text()) if out.exists() else None), capsys.readouterr().err
+
+
+def test_render_mounts_the_volume_where_relative_data_and_runs_both_resolve(tmp_path, capsys):
+    code, doc, err = _render(tmp_path, capsys, "--profile", "cpu-8", "--image", IMAGE)
+    assert code == 0, err
+    env = yaml.safe_load(doc["spec"]["runtimeEnvYAML"])["env_vars"]
+    spec = json.loads(env["FTLAUNCH_PLAN"])["spec"]
+    assert spec["data"]["train"] == f"{constants.STORAGE_MOUNT}/data/demo/train.parquet"
+    assert spec["storage"] == f"{constants.STORAGE_MOUNT}/runs"
+    for template in (_cluster(doc)["headGroupSpec"]["template"], _cluster(doc)["workerGroupSpecs"][0]["template"]):
+        mounts = {m["name"]: m["mountPath"] for m in template["spec"]["containers"][0]["volumeMounts"]}
+        assert mounts["storage"] == constants.STORAGE_MOUNT  # was .../runs: the data was off the volume
+    assert mount_problems(doc) == []
+    # A CPU profile for a 0-GPU spec: no GPU, no GPU image, no /dev/shm sized for NCCL.
+    worker = _cluster(doc)["workerGroupSpecs"][0]["template"]["spec"]
+    assert "nvidia.com/gpu" not in worker["containers"][0]["resources"]["limits"]
+    assert "dshm" not in {v["name"] for v in worker["volumes"]}
+    assert f"next: kubectl apply -f {tmp_path / 'rayjob.yaml'}" in err
+
+
+def test_render_refuses_a_dataset_on_no_mounted_volume(tmp_path, capsys):
+    code, doc, err = _render(tmp_path, capsys, "data.train=/data/demo/train.parquet", "--profile", "cpu-8",
+                             "--image", IMAGE)
+    assert code == 1 and doc is None
+    assert ("ftlaunch: error: spec.runtimeEnvYAML: data.train: /data/demo/train.parquet is not on a volume the "
+            "Ray pods mount (mounted: /mnt/cluster_storage)") in err
+
+
+def test_render_needs_an_explicit_profile_and_an_image_with_ftlaunch(tmp_path, capsys):
+    code, doc, err = _render(tmp_path, capsys, "--image", IMAGE)
+    assert code == 1 and doc is None and "ftlaunch: error: Kubernetes needs --profile: " in err
+    code, doc, err = _render(tmp_path, capsys, "--profile", "cpu-8")
+    assert code == 1 and doc is None
+    assert "ftlaunch: error: Kubernetes needs --image: the default rayproject/ray:2.60.0-py311 lacks" in err
+    assert "--allow-default-image" in err
+    # Allowed explicitly: rendered, but no `kubectl apply` hint for a job that would fail at start.
+    code, doc, err = _render(tmp_path, capsys, "--profile", "cpu-8", "--allow-default-image")
+    assert code == 0 and doc["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["image"].startswith("rayproject/")
+    assert "kubectl apply" not in err and "the default image does not contain ftlaunch" in err
+
+
+def test_validate_k8s_strict_catches_data_off_the_mounted_volumes(tmp_path, capsys):
+    from launcher.cli.main import main
+
+    code, doc, err = _render(tmp_path, capsys, "--profile", "cpu-8", "--image", IMAGE)
+    for template in (_cluster(doc)["headGroupSpec"]["template"], _cluster(doc)["workerGroupSpecs"][0]["template"]):
+        for mount in template["spec"]["containers"][0]["volumeMounts"]:
+            if mount["name"] == "storage":
+                mount["mountPath"] = f"{constants.STORAGE_MOUNT}/runs"  # what render used to write
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump(doc))
+    assert main(["validate-k8s", str(old)]) == 0  # the schema and the operator accept it
+    capsys.readouterr()
+    assert main(["validate-k8s", "--strict", str(old)]) == 1
+    err = capsys.readouterr().err
+    assert (f"{old}: spec.runtimeEnvYAML: data.train: /mnt/cluster_storage/data/demo/train.parquet is not on a "
+            "volume the Ray pods mount (mounted: /mnt/cluster_storage/runs)") in err
+    assert "data.eval: " in err and "storage: " not in err  # the run folder is on that volume

@@ -149,7 +149,9 @@ def test_a_profile_is_the_planners_by_name_and_a_file_uses_its_keys(tmp_path):
     from cluster.profiles import get_profile
 
     assert load_profile("a100-80g-1") == get_profile("a100-80g-1")
-    assert load_profile(None) == get_profile("a100-80g-1")  # the k8s default
+    # No silent default: a 0-GPU spec once got an A100 worker with 11 CPUs and a 153Gi /dev/shm.
+    with pytest.raises(ConfigError, match=r"^Kubernetes needs --profile: .* one of a100-40g-1, .*cpu-8"):
+        load_profile(None)
     old = tmp_path / "old.yaml"
     old.write_text(yaml.safe_dump({"name": "x", "nodes": 1, "gpus_per_node": 1, "cpus_per_node": 8,
                                    "gpu_memory_gib": 80, "gpu_model": "A100", "memory_gib": 64}))
@@ -165,7 +167,8 @@ def test_python_submit_to_k8s_creates_the_rayjob_and_tracks_it():
     server = FakeApiServer({("POST", RAYJOBS): _Reply(201, {}),
                             ("GET", f"{RAYJOBS}/tgt-k8s-1"): _Reply(200, rayjob("tgt-k8s-1"))})
     handle = launcher.submit(SPEC, target="k8s", submission_id="tgt-k8s-1", namespace="team",
-                             api_client=api_client(server), overrides=("resources.workers=1",))
+                             api_client=api_client(server), overrides=("resources.workers=1",),
+                             profile="a100-80g-1", image="registry.example/ftlaunch:1")
     (method, url, _, body), = server.calls
     assert (method, url) == ("POST", RAYJOBS)
     assert body["kind"] == "RayJob" and body["metadata"]["name"] == "tgt-k8s-1"
@@ -180,7 +183,8 @@ def test_python_submit_to_k8s_creates_the_rayjob_and_tracks_it():
 def test_python_submit_to_k8s_without_kubeconfig_writes_the_manifest(tmp_path, monkeypatch):
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))
     monkeypatch.setenv("HOME", str(tmp_path))
-    handle = launcher.submit(SPEC, target="k8s", submission_id="tgt-file", out_dir=str(tmp_path))
+    handle = launcher.submit(SPEC, target="k8s", submission_id="tgt-file", out_dir=str(tmp_path),
+                             profile="cpu-8", image="registry.example/ftlaunch:1")
     path = tmp_path / "tgt-file.yaml"
     assert yaml.safe_load(path.read_text())["metadata"]["name"] == "tgt-file"
     assert handle.submitted_lines()[1] == f"next: kubectl apply -f {path}"
