@@ -5,6 +5,7 @@ Any finetune run, one variant of a compare run (`--variant`), or one adapter of 
 turn through the run's chat template.
 """
 
+import warnings
 from pathlib import Path
 
 from common.runfolder import REGISTRY, run_path
@@ -25,6 +26,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    with warnings.catch_warnings():  # transformers' and peft's deprecation notices are not the answer
+        warnings.simplefilter("ignore", FutureWarning)
+        return answer(args)
+
+
+def answer(args) -> int:
     from launcher.errors import LauncherError
     from launcher.inference import AdapterSet, RunModel  # torch is imported here, only when asked for
 
