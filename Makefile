@@ -4,6 +4,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+FTLAUNCH ?= $(BIN)/ftlaunch
 STAMP  := $(VENV)/.ftlaunch-installed
 EXTRAS ?= train,deepspeed,qlora,k8s,report,dev
 PYTEST_ARGS ?=
@@ -18,13 +19,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
-# Makes the demo data, starts the embedded head (unless one runs), submits the demo spec, prints
-# the summary, and stops the head it started (KEEP_CLUSTER=1 keeps it).
+# Makes the demo model folder and chat data (unless there), starts the embedded head (unless one
+# runs), fine-tunes (configs/demo.yaml), prints the summary (exact match before -> after), asks the
+# trained model one eval question, and stops the head it started (KEEP_CLUSTER=1 keeps it).
+DEMO_QUESTION := tell me the colour of the mundle.
+DEMO_SYSTEM   := You answer in one short sentence.
+
 demo: $(STAMP)
-	@$(BIN)/ftlaunch data make demo --rows 4000 --out data/demo
-	@started=0; $(BIN)/ftlaunch cluster status >/dev/null 2>&1 || { $(BIN)/ftlaunch cluster up && started=1; }; \
-	status=0; $(BIN)/ftlaunch submit configs/demo.yaml || status=$$?; \
-	if [ $$started = 1 ] && [ -z "$(KEEP_CLUSTER)" ]; then $(BIN)/ftlaunch cluster down; fi; \
+	@[ -f models/q/config.json ] || $(FTLAUNCH) model make qwen2 --out models/q
+	@[ -f data/chat/eval.jsonl ] || $(FTLAUNCH) data make chat --out data/chat --format jsonl
+	@started=0; $(FTLAUNCH) cluster status >/dev/null 2>&1 || { $(FTLAUNCH) cluster up && started=1; }; \
+	run=demo-chat-$$(date +%Y%m%d-%H%M%S); status=0; \
+	$(FTLAUNCH) submit configs/demo.yaml --submission-id $$run || status=$$?; \
+	if [ $$status = 0 ]; then \
+	  echo "ftlaunch infer runs/$$run --input \"$(DEMO_QUESTION)\" --system \"$(DEMO_SYSTEM)\""; \
+	  $(FTLAUNCH) infer runs/$$run --input "$(DEMO_QUESTION)" --system "$(DEMO_SYSTEM)" || status=$$?; \
+	fi; \
+	if [ $$started = 1 ] && [ -z "$(KEEP_CLUSTER)" ]; then $(FTLAUNCH) cluster down; fi; \
 	exit $$status
 
 test: lint
@@ -41,4 +52,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) runs data/demo bench/work
+	rm -rf $(VENV) runs data/demo data/chat models/q bench/work

@@ -39,7 +39,7 @@ LORA = {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "
 # (name, strategy, micro_batch, seq_len, model.config overrides)
 CASES = [
     ("full b16 s48", {"type": "full"}, 16, 48, {}),
-    ("lora-r8 b16 s48 (configs/demo.yaml)", LORA, 16, 48, {}),
+    ("lora-r8 b16 s48 (configs/tiny/lora.yaml)", LORA, 16, 48, {}),
     ("full b4 s128", {"type": "full"}, 4, 128, {}),
     ("lora-r8 b8 s96", LORA, 8, 96, {}),
     ("lora-r8 q,v b32 s64", {**LORA, "target_modules": ["q_proj", "v_proj"]}, 32, 64, {}),

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 LORA = {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
 CASES = [("full", {"type": "full"}), ("lora-r8", LORA)]
-MICRO_BATCH, SEQ_LEN = 16, 48  # configs/demo.yaml's
+MICRO_BATCH, SEQ_LEN = 16, 48  # configs/tiny/lora.yaml's
 
 
 def _batches(train_path: Optional[str], n: int) -> list[dict]:

@@ -1,4 +1,4 @@
-"""B1's baseline: the same LoRA training as the demo job, as a bare Ray Train script.
+"""B1's baseline: the same LoRA training as configs/tiny/lora.yaml, as a bare Ray Train script.
 
 Submitted with plain `ray job submit`; no spec, plan, pre-flight or manifest. It appends the time
 of its first training step to --mark, the number B1 compares ftlaunch against.

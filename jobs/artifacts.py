@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import threading
 import time
 from importlib import metadata
@@ -31,13 +32,14 @@ def versions() -> dict:
 
 
 class RunDir:
-    def __init__(self, path: str):
+    def __init__(self, path: str, label: str = ""):
         if "://" in path:
             raise NotImplementedError(
                 f"storage {path!r}: only local or shared-filesystem paths are supported so far"
             )
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        self.label = label  # names this run's progress lines (a compare's variant)
 
     @property
     def manifest_path(self) -> Path:
@@ -97,17 +99,22 @@ class RunDir:
         return freed
 
     @contextlib.contextmanager
-    def progress(self, total_steps: int, every: float = 0.5):
-        """Print one progress line per new metrics record while the body runs (driver side)."""
+    def progress(self, totals: int | dict[str, int], every: float = 0.5):
+        """Print one progress line per new metrics record while the body runs (driver side).
+
+        `totals`: the run's total steps, or {metrics file: its total steps} (multitask: a file per task).
+        """
+        totals = {METRICS: totals} if isinstance(totals, int) else totals
         stop = threading.Event()
+        seen = {name: len(self.read_jsonl(name)) for name in totals}  # earlier attempts' records: not news
 
         def follow():
-            seen = len(self.read_jsonl(METRICS))
             while True:
-                records = self.read_jsonl(METRICS)
-                for r in records[seen:]:
-                    print(progress_line(r, total_steps), flush=True)
-                seen = len(records)
+                for name, total in totals.items():
+                    records = self.read_jsonl(name)
+                    for r in records[seen[name]:]:
+                        say(progress_line(r, total, self.label))
+                    seen[name] = len(records)
                 if stop.is_set():
                     return
                 stop.wait(every)
@@ -121,11 +128,21 @@ class RunDir:
             thread.join(timeout=5)
 
 
-def progress_line(r: dict, total: int) -> str:
+def say(line: str) -> None:
+    """One whole line in one write: a line printed while Ray echoes its workers' logs from another
+    thread is never glued to one of theirs."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def progress_line(r: dict, total: int, label: str = "") -> str:
+    """`[ftlaunch] [variant V, stage S, task T: ]step N/TOTAL loss ... eta ...`."""
     step = r["step"]
     eta = (total - step) * r["elapsed_s"] / max(step, 1)
+    names = [label] if label else []
+    names += [f"{key} {r[key]}" for key in ("stage", "task") if r.get(key)]
+    where = f"{', '.join(names)}: " if names else ""
+    loss = f" loss {r['loss']:.4f}" if r.get("loss") is not None else ""
     evals = f" eval {r['eval_loss']:.4f}" if r.get("eval_loss") is not None else ""
-    return (
-        f"[ftlaunch] step {step}/{total} loss {r['loss']:.4f}{evals} "
-        f"tok/s {r['tokens_per_s']:.0f} eta {eta:.0f}s"
-    )
+    rate = f" tok/s {r['tokens_per_s']:.0f}" if r.get("tokens_per_s") is not None else ""
+    return f"[ftlaunch] {where}step {step}/{total}{loss}{evals}{rate} eta {eta:.0f}s"

@@ -21,7 +21,7 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
     results = {}
     for name, variant in spec.variant_specs().items():
         variant = validate(variant)  # a finetune spec; jobs/deepspeed_finetune.py fills its engine defaults
-        sub = RunDir(str(run_dir.path / "variants" / name))
+        sub = RunDir(str(run_dir.path / "variants" / name), label=f"variant {name}")
         started = time.time()
         # Ray Train's run folder is <storage>/<name>: the variant's own folder.
         summary = finetune.run(variant, {"run_id": name}, sub)

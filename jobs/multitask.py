@@ -25,7 +25,7 @@ from common.runfolder import metrics_file
 from jobs import components as C
 from jobs import generate as G
 from jobs import text as T
-from jobs.artifacts import RunDir
+from jobs.artifacts import RunDir, say
 from jobs.data.read import read_dataset, read_head
 from jobs.loop import Loop, progress_file, worker_scope
 from launcher import registry as R
@@ -67,27 +67,29 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
     # data stream's, and fitted that many on the cluster; the rest start as earlier ones end.
     at_once = max(1, int(plan["resources"].get("at_once") or len(groups)))
     waiting, pending, outcomes = list(groups), {}, {}
-    while waiting or pending:
-        while waiting and len(pending) < at_once:
-            group = waiting.pop(0)
-            pending[remote.remote(group, context)] = group
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        group = pending.pop(ready[0])
-        try:
-            results = ray.get(ready[0])
-        except Exception as exc:  # the worker died or raised: every task it held failed
-            results = {t.name: {"status": "FAILED", "error": _error_line(exc)} for t in group}
-        for name, result in results.items():
-            outcomes[name] = result
-            if result["status"] == "SUCCEEDED":
-                R.register(run_dir.path, name, result["entry"], base_record(spec, base), TOKENIZER_DIR)
-                discard_progress(run_dir.path, f"task-{name}")
-            print(f"[ftlaunch] task {name}: {result['status']}"
-                  + (f" ({result['error']})" if result.get("error") else ""), flush=True)
-        if packed and all(r["status"] == "SUCCEEDED" for r in results.values()):
-            discard_progress(run_dir.path, PACKED)
-        run_dir.update_manifest(tasks={**run_dir.read_manifest().get("tasks", {}),
-                                       **{n: _status(r) for n, r in results.items()}})
+    # A progress line per report of each task (its own metrics file), as the finetune jobs print.
+    with run_dir.progress({metrics_file(t.name): t.train.max_steps for t in todo}):
+        while waiting or pending:
+            while waiting and len(pending) < at_once:
+                group = waiting.pop(0)
+                pending[remote.remote(group, context)] = group
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            group = pending.pop(ready[0])
+            try:
+                results = ray.get(ready[0])
+            except Exception as exc:  # the worker died or raised: every task it held failed
+                results = {t.name: {"status": "FAILED", "error": _error_line(exc)} for t in group}
+            for name, result in results.items():
+                outcomes[name] = result
+                if result["status"] == "SUCCEEDED":
+                    R.register(run_dir.path, name, result["entry"], base_record(spec, base), TOKENIZER_DIR)
+                    discard_progress(run_dir.path, f"task-{name}")
+                say(f"[ftlaunch] task {name}: {result['status']}"
+                    + (f" ({result['error']})" if result.get("error") else ""))
+            if packed and all(r["status"] == "SUCCEEDED" for r in results.values()):
+                discard_progress(run_dir.path, PACKED)
+            run_dir.update_manifest(tasks={**run_dir.read_manifest().get("tasks", {}),
+                                           **{n: _status(r) for n, r in results.items()}})
 
     registry = R.load_registry(run_dir.path)
     statuses = {**{n: {"status": "SUCCEEDED", "kept": True} for n in kept},

@@ -6,6 +6,7 @@ turn through the run's chat template.
 """
 
 import difflib
+import warnings
 from pathlib import Path
 
 from common.runfolder import REGISTRY, run_path
@@ -26,6 +27,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    with warnings.catch_warnings():  # transformers' and peft's deprecation notices are not the answer
+        warnings.simplefilter("ignore", FutureWarning)
+        return answer(args)
+
+
+def answer(args) -> int:
     from launcher.errors import LauncherError
     from launcher.inference import AdapterSet, RunModel  # torch is imported here, only when asked for
 

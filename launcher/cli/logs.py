@@ -6,13 +6,16 @@ from pathlib import Path
 
 from launcher.cli.common import add_k8s_args, add_target_args, echo, target_of, target_options
 from launcher.client import attach, find_run
+from launcher.console import Console
 from launcher.errors import ClusterError, SubmissionError
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("logs", help="print a job's logs (from storage when the cluster is gone)")
     p.add_argument("submission_id", metavar="RUN", help="a submission id, run id or run folder")
-    p.add_argument("-f", "--follow", action="store_true", help="follow until the job ends")
+    p.add_argument("-f", "--follow", action="store_true", help="follow until the job ends (ftlaunch's lines only, "
+                   "unless --verbose)")
+    p.add_argument("--verbose", action="store_true", help="with -f: every line of the job's log")
     p.add_argument("--workers", action="store_true", help="also print each worker's stored log")
     p.add_argument("--storage", default="./runs", help="where run folders are (default ./runs)")
     add_target_args(p)
@@ -32,7 +35,9 @@ def run(args) -> int:
         echo(stored_logs(run_dir, args.workers))
         return 0
     if args.follow:
-        handle.wait(on_logs=echo)
+        console = Console(verbose=args.verbose)
+        handle.wait(on_logs=console.write)
+        console.close()
     else:
         echo(handle.logs())
     if args.workers and handle.run_dir:

@@ -7,11 +7,11 @@ from launcher.cli.common import (
     add_k8s_args,
     add_spec_args,
     add_target_args,
-    echo,
     target_of,
     target_options,
 )
 from launcher.client import submit
+from launcher.console import Console
 from launcher.jobplan import plan
 from launcher.spec import load_spec
 from launcher.summary import format_summary
@@ -28,6 +28,8 @@ def add_parser(sub) -> None:
     add_image_args(p)
     p.add_argument("--no-wait", action="store_true", help="return right after submitting")
     p.add_argument("--quiet", action="store_true", help="follow without printing the job's logs")
+    p.add_argument("--verbose", action="store_true", help="print all of the job's log (Ray's and the "
+                   "libraries' lines too; by default only ftlaunch's lines, the rest stays in the run's logs)")
     p.set_defaults(func=run)
 
 
@@ -41,7 +43,9 @@ def run(args) -> int:
         print(line if line.startswith("  ") else f"ftlaunch: {line}")  # a command pastes as printed
     if args.no_wait or not handle.follows:
         return 0
-    status = handle.wait(on_logs=None if args.quiet else echo)
+    console = Console(verbose=args.verbose)
+    status = handle.wait(on_logs=None if args.quiet else console.write)
+    console.close()
     print(f"ftlaunch: job {handle.submission_id} {status}")
     if status == "SUCCEEDED":
         print(format_summary(handle.manifest()))

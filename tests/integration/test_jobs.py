@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -39,6 +40,18 @@ def test_cli_lora_job_learns_keeps_base_and_reloads(ray_head, tiny_spec, tmp_pat
     assert "[ftlaunch] step 30/30" in out.stdout  # progress reached the tail
 
     run_dir = Path(tiny_spec["storage"]) / "it-lora"
+    # Quiet by default: ftlaunch's lines and the readable summary; Ray's and the libraries' lines
+    # stay in the job's log (driver.log, the Jobs API log), which --verbose shows.
+    driver_log = (run_dir / "logs" / "driver.log").read_text()
+    for noise in ("INFO worker.py", "(RayTrainWorker pid=", "[ftlaunch] summary {"):
+        assert noise in driver_log and noise not in out.stdout, noise
+    assert re.search(r"^loss\s+\d+\.\d{4} -> \d+\.\d{4} over 30 steps$", out.stdout, re.M), out.stdout
+    verbose = cli("submit", str(path), "--submission-id", "it-lora", "--verbose", "--address", ray_head.address)
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert "INFO worker.py" in verbose.stdout and "(RayTrainWorker pid=" in verbose.stdout
+    # Progress lines are whole lines, never glued to a Ray line written at the same time.
+    progress = [line for line in verbose.stdout.splitlines() if "[ftlaunch] step " in line]
+    assert len(progress) == 3 and all(line.startswith("[ftlaunch] step ") for line in progress), progress
     manifest = json.loads((run_dir / "manifest.json").read_text())
     s = manifest["summary"]
     assert manifest["status"] == "SUCCEEDED" and s["steps"] == 30

@@ -17,7 +17,7 @@ from launcher.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))
-DEMO, DS = "configs/demo.yaml", "configs/deepspeed-full.yaml"
+DEMO, DS = "configs/tiny/lora.yaml", "configs/deepspeed-full.yaml"
 MT, MINI, CMP = "configs/multitask/three-tasks.yaml", "configs/arrcoc/mini.yaml", "configs/compare.yaml"
 
 REFUSED = [  # (spec, overrides, the one error line after "ftlaunch: error: <spec>: ")

@@ -13,6 +13,7 @@ from launcher.cli.main import main
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = sorted(p for p in (ROOT / "configs").rglob("*.yaml"))
 DEMO = ROOT / "configs" / "demo.yaml"
+TINY = ROOT / "configs" / "tiny" / "lora.yaml"  # tiny-llama on counting, two workers
 
 # Which synthetic generator writes a dataset for a task (the retain set of a causal LM is another task).
 GENERATORS = {"causal_lm": "counting", "classification": "classification", "instruction": "instruction",
@@ -131,7 +132,7 @@ def test_submit_refuses_an_unschedulable_spec_before_contacting_any_cluster(ship
         server.listen(1)
         server.setblocking(False)
         address = f"http://127.0.0.1:{server.getsockname()[1]}"
-        rc = main(["submit", str(DEMO), "--target", "ray", "--address", address, "--profile", "a100-40g-1",
+        rc = main(["submit", str(TINY), "--target", "ray", "--address", address, "--profile", "a100-40g-1",
                    "resources.gpus_per_worker=2"])
         with pytest.raises(BlockingIOError):
             server.accept()
@@ -144,6 +145,6 @@ def test_submit_refuses_an_unschedulable_spec_before_contacting_any_cluster(ship
 
 def test_plan_with_a_profile_refuses_an_unschedulable_spec(shipped_data, monkeypatch, capsys):
     monkeypatch.chdir(shipped_data)
-    rc = main(["plan", str(DEMO), "--profile", "local-cpu", "resources.gpus_per_worker=1"])
+    rc = main(["plan", str(TINY), "--profile", "local-cpu", "resources.gpus_per_worker=1"])
     assert rc == 1
     assert "cannot-schedule on profile local-cpu" in capsys.readouterr().err

@@ -75,15 +75,15 @@ def test_finetune_report_has_curves_memory_and_the_recorded_numbers(tmp_path):
                "eval_loss_before": 5.5697, "eval_loss_after": 4.6072, "retain_loss_before": 5.5161,
                "retain_loss_after": 5.2363, "trainable_params": 17408, "total_params": 132800,
                "rss_start_mb": 389.3, "peak_rss_mb": 674.0, "export": "adapter", "export_bytes": 79863}
-    run = make_run(tmp_path, "configs/demo.yaml", "SUCCEEDED", finished=145.5, summary=summary,
+    run = make_run(tmp_path, "configs/tiny/lora.yaml", "SUCCEEDED", finished=145.5, summary=summary,
                    before={"eval_loss_before": 5.5697, "retain_loss_before": 5.5161})
     write_jsonl(run / "metrics.jsonl", finetune_metrics([5.184, 4.9679, 4.66], [5.0367, 4.9239, 4.6072], 5.2363))
     (run / "adapter").mkdir()
     (run / "adapter" / "adapter_model.safetensors").write_bytes(b"x" * 2048)
 
-    text = check_report(run, ["# Run report: demo-lora", "## Spec", "## Plan warnings", "## Artifacts",
+    text = check_report(run, ["# Run report: tiny-lora", "## Spec", "## Plan warnings", "## Artifacts",
                               "## Memory per worker: planned vs measured", "## train"])
-    assert "- run id: demo-run\n- kind: finetune\n- status: SUCCEEDED" in text
+    assert "- run id: lora-run\n- kind: finetune\n- status: SUCCEEDED" in text
     assert "- wall time: 41.8 s training, 45.5 s from start to end" in text
     assert "- strategy: lora, r 8, alpha 16.0, dropout 0.0, target_modules all-linear" in text
     assert "- adapter/: 1 files, 2.0 KiB" in text
@@ -150,7 +150,8 @@ def test_multitask_report_has_a_section_per_task_with_its_eval(tmp_path):
     assert "](loss-counting.png)" in counting and "eval-" not in text and "throughput-" not in text
 
 
-def test_stopped_compare_report_has_a_section_per_variant(tmp_path):
+def test_stopped_compare_report_has_a_section_per_variant(tmp_path, made_model):
+    made_model("qwen2", tmp_path / "models" / "q")  # the compare config's model (`ftlaunch model make qwen2`)
     run = make_run(tmp_path, "configs/compare.yaml", "STOPPED", error="Stopped: stopped by request (SIGTERM)")
     losses = {"deepspeed_full": [5.0, 4.0, 3.5], "lora_r8": [5.25, 4.75]}
     for name, ls in losses.items():  # each variant is a finetune in variants/<name>
@@ -184,7 +185,7 @@ def test_stopped_compare_report_has_a_section_per_variant(tmp_path):
 
 
 def test_cli_prints_the_paths_and_refuses_a_missing_run(tmp_path, capsys):
-    run = make_run(tmp_path, "configs/demo.yaml", "RUNNING")
+    run = make_run(tmp_path, "configs/tiny/lora.yaml", "RUNNING")
     assert main(["report", run.name, "--storage", str(run.parent)]) == 0
     printed = capsys.readouterr().out.split()
     assert printed[:2] == [str(run / "report" / "report.md"), str(run / "report" / "report.html")]
