@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 
 from launcher.errors import LauncherError
@@ -29,7 +31,9 @@ def main(argv=None) -> int:
     elif extra:
         parser().error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that has gone (`| head -1`) shows here, not at exit
+        return code
     except LauncherError as exc:
         if args.debug:
             raise
@@ -40,6 +44,16 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("ftlaunch: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `ftlaunch list | head -1`: the reader has gone, which is no error
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    # Python flushes stdout again at exit and would print a second BrokenPipeError: point the
+    # descriptor at /dev/null first (as the `signal` module's docs advise).
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

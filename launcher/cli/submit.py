@@ -1,8 +1,19 @@
 """`ftlaunch submit SPEC`: plan, submit, and tail the job; the exit code is the job's result."""
 
+import argparse
 import sys
 
-from launcher.cli.common import add_k8s_args, add_spec_args, add_target_args, echo, target_of, target_options
+from launcher.cli.common import (
+    EXIT_CODES,
+    add_k8s_args,
+    add_spec_args,
+    add_target_args,
+    echo,
+    ended_badly,
+    interrupted,
+    target_of,
+    target_options,
+)
 from launcher.client import submit
 from launcher.jobplan import plan
 from launcher.spec import load_spec
@@ -10,7 +21,8 @@ from launcher.summary import format_summary
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("submit", help="submit a job and follow it")
+    p = sub.add_parser("submit", help="submit a job and follow it", epilog=EXIT_CODES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_spec_args(p)
     add_target_args(p)
     p.add_argument("--submission-id", help="idempotent: an existing id returns that job")
@@ -20,6 +32,8 @@ def add_parser(sub) -> None:
     p.add_argument("--image", help="k8s target: an image with ftlaunch installed")
     p.add_argument("--no-wait", action="store_true", help="return right after submitting")
     p.add_argument("--quiet", action="store_true", help="follow without printing the job's logs")
+    p.add_argument("--stop-on-interrupt", action="store_true",
+                   help="Ctrl-C stops the job (by default it leaves the job running and says how to follow it)")
     p.set_defaults(func=run)
 
 
@@ -33,12 +47,13 @@ def run(args) -> int:
         print(line if line.startswith("  ") else f"ftlaunch: {line}")  # a command pastes as printed
     if args.no_wait or not handle.follows:
         return 0
-    status = handle.wait(on_logs=None if args.quiet else echo)
+    try:
+        status = handle.wait(on_logs=None if args.quiet else echo)
+    except KeyboardInterrupt:
+        return interrupted(handle, args.stop_on_interrupt)
     print(f"ftlaunch: job {handle.submission_id} {status}")
     if status == "SUCCEEDED":
         print(format_summary(handle.manifest()))
         return 0
-    message = handle.row()["message"]
-    if message:
-        print(f"ftlaunch: {message.strip().splitlines()[-1]}", file=sys.stderr)
-    return 1
+    return ended_badly(handle, status)
+
