@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import NoReturn
 
 from launcher.targets import TARGETS, describe_targets
 
@@ -55,8 +56,17 @@ def target_of(args) -> str:
     return "ray" if args.address and args.target == "local" else args.target
 
 
-def interrupted(handle, stop: bool) -> int:
-    """Ctrl-C while following: the job runs on (and we say how to reach it), or is stopped."""
+class Detached(Exception):
+    """Ctrl-C while following a job, handled: the CLI exits with `code` at once (see main)."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+def interrupted(handle, stop: bool) -> NoReturn:
+    """Ctrl-C while following: the job runs on (and we say how to reach it), or is stopped.
+    Raises Detached: nothing of this process is left to clean up, so main exits at once."""
     if stop:
         handle.stop()
         print(f"\nftlaunch: stopped {handle.submission_id} (--stop-on-interrupt); continue it with: "
@@ -65,7 +75,7 @@ def interrupted(handle, stop: bool) -> int:
         lines = handle.detached_lines()
         print("\n" + "\n".join(line if line.startswith("  ") else f"ftlaunch: {line}" for line in lines),
               flush=True)
-    return INTERRUPTED
+    raise Detached(INTERRUPTED)
 
 
 def ended_badly(handle, status: str) -> int:

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 
+from launcher.cli.common import Detached
 from launcher.errors import LauncherError
 
 VERBS = ("validate", "plan", "submit", "status", "logs", "stop", "list", "cluster", "data",
@@ -44,6 +45,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("ftlaunch: interrupted", file=sys.stderr)
         return 130
+    except Detached as done:
+        # Python's teardown of the modules a submit loads (torch, Ray's client) took 10-20 s after a
+        # Ctrl-C; the job runs on and this process holds nothing to release: leave at once.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(done.code)
     except BrokenPipeError:  # `ftlaunch list | head -1`: the reader has gone, which is no error
         return _reader_gone()
 

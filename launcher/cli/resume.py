@@ -31,7 +31,7 @@ def run(args) -> int:
     try:
         status = handle.wait(on_logs=echo)
     except KeyboardInterrupt:
-        return interrupted(handle, args.stop_on_interrupt)
+        interrupted(handle, args.stop_on_interrupt)
     print(f"ftlaunch: job {handle.submission_id} {status}")
     if status == "SUCCEEDED":
         print(format_summary(handle.manifest()))

@@ -50,7 +50,7 @@ def run(args) -> int:
     try:
         status = handle.wait(on_logs=None if args.quiet else echo)
     except KeyboardInterrupt:
-        return interrupted(handle, args.stop_on_interrupt)
+        interrupted(handle, args.stop_on_interrupt)
     print(f"ftlaunch: job {handle.submission_id} {status}")
     if status == "SUCCEEDED":
         print(format_summary(handle.manifest()))
