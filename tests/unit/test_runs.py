@@ -15,7 +15,7 @@ from common.runfolder import find_run
 from launcher.cli.main import main
 from launcher.errors import ConfigError, SubmissionError
 from launcher.jobplan import resumed_spec
-from launcher.runs import UNKNOWN, list_lines, reconcile, run_row, status_lines
+from launcher.runs import UNKNOWN, list_lines, reconcile, record_stop, run_row, status_lines
 from tests.conftest import ROOT, ftlaunch_cli
 
 SPEC = {"kind": "finetune", "name": "demo", "model": {"source": "tiny-llama", "seq_len": 40},
@@ -152,3 +152,15 @@ def test_a_reader_that_goes_away_is_no_traceback(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141  # 128 + SIGPIPE, as a shell reports a writer cut off
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_the_client_records_a_stop_it_asked_for_only_on_that_jobs_run(tmp_path):
+    folder, _ = make_run(tmp_path, "demo-1", "RUNNING", attempts=("job-1", "job-1-resume1"))
+    record_stop(str(folder), "job-1")  # an earlier attempt's id: not what runs now
+    assert json.loads((folder / "manifest.json").read_text())["status"] == "RUNNING"
+    record_stop(str(folder), "job-1-resume1")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["status"] == "STOPPED" and manifest["error"] == "Stopped: ftlaunch stop job-1-resume1"
+    assert manifest["attempts"][-1]["status"] == "STOPPED"
+    record_stop(str(tmp_path / "on-the-cluster"), "job-1")  # a folder this machine cannot see: nothing
+    assert not (tmp_path / "on-the-cluster").exists()
