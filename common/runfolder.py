@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
@@ -21,8 +22,12 @@ VARIANTS = "variants.jsonl"  # compare: one record per finished variant
 LOGS, TENSORBOARD, REPORT = "logs", "tensorboard", "report"
 PROGRESS = ".progress"  # multitask: per-worker progress checkpoints
 # Manifest fields: run_id, kind, name, status, started, finished, error, spec, plan, versions,
-# attempts [{submission_id, started, driver_pid}], summary, artifacts, before, tasks.
+# attempts [{submission_id, started, driver_pid, address, status, finished, error}], summary,
+# artifacts, before, tasks.
 STATUSES = ("RUNNING", "SUCCEEDED", "FAILED", "STOPPED")
+# The dashboard a job was submitted to (the Ray Jobs target sets it in the job's environment); the
+# driver records it in its attempt, so `ftlaunch status` asks that cluster about the job.
+CLUSTER_ADDRESS_ENV = "FTLAUNCH_CLUSTER_ADDRESS"
 
 PathLike = Union[str, Path]
 
@@ -68,22 +73,61 @@ def dir_size(path: PathLike) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
+def update_manifest(folder: PathLike, **fields: Any) -> dict:
+    """Merge `fields` into a run's manifest (atomically) and return it: the client's records of a
+    run (a stop it asked for, what the cluster says of a job) go in the same file the job writes."""
+    path = Path(folder) / MANIFEST
+    manifest = {**read_json(path), **fields, "updated": time.time()}
+    write_json(path, manifest)
+    return manifest
+
+
 def run_path(run: PathLike, storage: PathLike = "./runs") -> Path:
-    """`run` as a run folder: the folder itself when it exists, else a run id under `storage`."""
-    return Path(run) if Path(run).is_dir() else Path(storage) / str(run)
+    """`run` as a run folder: the folder itself when it exists or is written as a path
+    (`runs/x`, `./x`), else a run id under `storage`."""
+    path = Path(run)
+    return path if path.is_dir() or len(path.parts) > 1 or str(run).startswith(".") else Path(storage) / str(run)
+
+
+def run_folders(storage: PathLike = "./runs") -> list[tuple[Path, dict]]:
+    """Every run folder under `storage` with its manifest, oldest first."""
+    runs = []
+    for path in sorted(Path(storage).glob(f"*/{MANIFEST}")):
+        try:
+            runs.append((path.parent, json.loads(path.read_text())))
+        except (OSError, ValueError):  # a folder being removed, or not a run's
+            continue
+    return sorted(runs, key=lambda r: r[1].get("started") or 0)
+
+
+def latest_attempt(manifest: dict) -> dict:
+    """The run's last attempt (its first submit, or its latest resume); {} before any."""
+    return (manifest.get("attempts") or [{}])[-1]
+
+
+def ended(manifest: dict, status: str, error: Optional[str] = None, when: Optional[float] = None) -> dict:
+    """The manifest fields that end a run's latest attempt: the run's status is that attempt's."""
+    when = time.time() if when is None else when
+    attempts = [dict(a) for a in manifest.get("attempts") or [{}]]
+    attempts[-1].update(status=status, finished=when, error=error)
+    return {"status": status, "finished": when, "error": error, "attempts": attempts}
 
 
 def find_run(run: PathLike, storage: PathLike = "./runs") -> tuple[Path, dict]:
-    """A run folder and its manifest: `run` is the folder, or a run id under `storage`."""
+    """A run folder and its manifest: `run` is the folder, a run id under `storage`, or the
+    submission id of one of its attempts."""
     from common.errors import SubmissionError
 
     folder = run_path(run, storage)
     try:
         return folder, json.loads((folder / MANIFEST).read_text())
     except FileNotFoundError:
-        raise SubmissionError(
-            f"no run at {folder} (no {MANIFEST}); pass the run folder or --storage"
-        ) from None
+        pass
+    for other, manifest in run_folders(storage):
+        if any(a.get("submission_id") == str(run) for a in manifest.get("attempts") or []):
+            return other, manifest
+    raise SubmissionError(f"no run at {folder} (no {MANIFEST}); pass the run folder, a run id "
+                          f"or a submission id under --storage (now {storage})")
 
 
 def median_throughput(metrics: list[dict]) -> Optional[float]:

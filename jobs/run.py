@@ -17,6 +17,7 @@ import time
 import traceback
 from pathlib import Path
 
+from common.runfolder import CLUSTER_ADDRESS_ENV, ended
 from launcher.errors import LauncherError, PlanError
 from launcher.kinds import get_kind
 from launcher.spec import load_spec, validate
@@ -26,8 +27,20 @@ class Stopped(BaseException):
     """The job was asked to stop (Ray's job stop sends SIGTERM to the driver)."""
 
 
-def _on_sigterm(signum, frame):
-    raise Stopped("stopped by request (SIGTERM)")
+def stop_on_sigterm(run_dir) -> None:
+    """SIGTERM records STOPPED at once, then unwinds the job: Ray SIGKILLs a driver that takes
+    longer than its grace, and the unwinding (Ray Train's teardown) may."""
+
+    def on_sigterm(signum, frame):
+        finish(run_dir, "STOPPED", error="Stopped: stopped by request (SIGTERM)")
+        raise Stopped("stopped by request (SIGTERM)")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def finish(run_dir, status: str, error: str | None = None, **fields) -> None:
+    """The run's and its latest attempt's end: status, finished time, error, and `fields`."""
+    run_dir.update_manifest(**ended(run_dir.read_manifest(), status, error), **fields)
 
 
 def _submission_id() -> str | None:
@@ -129,17 +142,17 @@ def main(argv=None) -> int:
 
 
 def run(plan: dict, spec, run_dir) -> int:
-
     from jobs.artifacts import versions
     from jobs.logs import resolve_env_refs
     from jobs.watch import watch_pending
 
     previous = run_dir.read_manifest()
     attempts = previous.get("attempts", []) + [
-        {"submission_id": plan["submission_id"], "started": time.time(), "driver_pid": os.getpid()}
+        {"submission_id": plan["submission_id"], "started": time.time(), "driver_pid": os.getpid(),
+         "address": os.environ.get(CLUSTER_ADDRESS_ENV)}
     ]
-    run_dir.update_manifest(
-        attempts=attempts,
+    run_dir.update_manifest(  # a resume is a new attempt: the run's status is this attempt's
+        attempts=attempts, finished=None, error=None,
         run_id=plan["run_id"], kind=plan["kind"], name=plan["name"], status="RUNNING",
         started=previous.get("started", time.time()), spec=plan["spec"],
         plan={k: v for k, v in plan.items() if k != "spec"},
@@ -149,26 +162,21 @@ def run(plan: dict, spec, run_dir) -> int:
     try:
         run_dir.update_manifest(env_from_cluster=resolve_env_refs(spec.env))
         connect()
-        signal.signal(signal.SIGTERM, _on_sigterm)  # after ray.init, which installs its own
+        stop_on_sigterm(run_dir)  # after ray.init, which installs its own
         module = importlib.import_module(get_kind(plan["kind"]).job_module(plan["spec"]))
         with watch_pending(spec.pending_timeout, run_dir):
             summary = module.run(spec, plan, run_dir)
     except BaseException as exc:  # the manifest records every way a run ends
         stopped = isinstance(exc, (Stopped, KeyboardInterrupt))
-        run_dir.update_manifest(
-            status="STOPPED" if stopped else "FAILED", finished=time.time(),
-            error=f"{type(exc).__name__}: {exc}",
-            artifacts=run_dir.artifacts(),
-        )
+        finish(run_dir, "STOPPED" if stopped else "FAILED", error=f"{type(exc).__name__}: {exc}",
+               artifacts=run_dir.artifacts())
         traceback.print_exc()
         print(f"[ftlaunch] FAILED: {type(exc).__name__}: {exc}", flush=True)
         _report(plan, run_dir)
         return 1
     if not spec.keep_checkpoints:
         summary = {**summary, "checkpoints_removed_bytes": run_dir.prune_checkpoints()}
-    run_dir.update_manifest(
-        status="SUCCEEDED", finished=time.time(), summary=summary, artifacts=run_dir.artifacts()
-    )
+    finish(run_dir, "SUCCEEDED", summary=summary, artifacts=run_dir.artifacts())
     print("[ftlaunch] summary " + json.dumps(summary, default=str), flush=True)
     _report(plan, run_dir)
     return 0

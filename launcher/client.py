@@ -7,10 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
-from common.runfolder import find_run
+from common.runfolder import MANIFEST, find_run, latest_attempt, read_json, run_folders
 from launcher.errors import ClusterError, LauncherError, SubmissionError
 from launcher.jobplan import JobPlan
 from launcher.jobplan import plan as make_plan
+from launcher.runs import UNKNOWN, job_row, reconcile, run_row
 from launcher.spec import load_spec
 from launcher.targets import Handle, get_target
 from launcher.targets.ray import JobHandle
@@ -39,18 +40,21 @@ def submit(
 
 
 def resume(run: str, target: str = "local", *, address: Optional[str] = None,
-           storage: str = "./runs", **options) -> Handle:
+           storage: str = "./runs", overrides: tuple = (), **options) -> Handle:
     """Continue a stopped or failed run from its last checkpoint, under the same run id.
 
     `run` is a run folder, or a run id under `storage`. Finished stages, tasks and steps are
-    not redone: the job reads what the run folder already holds.
+    not redone: the job reads what the run folder already holds. `overrides` (`key=value`) may
+    change what a resume can (jobplan.RESUMABLE: e.g. train.max_steps), refused before submitting.
     """
     from launcher.jobplan import resume_plan
 
     _, manifest = find_run(run, storage)
     if manifest.get("status") == "SUCCEEDED":
         raise SubmissionError(f"run {manifest['run_id']} already SUCCEEDED; nothing to resume")
-    last = (manifest.get("attempts") or [{}])[-1].get("submission_id")
+    attempt = max(1, len(manifest.get("attempts", [])))  # attempts[0] is the first submit
+    job_plan = resume_plan(manifest, target, attempt, tuple(overrides))  # a bad override: before anything
+    last = latest_attempt(manifest).get("submission_id")
     if manifest.get("status") == "RUNNING" and last:
         # RUNNING in the manifest: the driver is alive, or died before it could say otherwise.
         try:
@@ -60,8 +64,7 @@ def resume(run: str, target: str = "local", *, address: Optional[str] = None,
         if status in ("PENDING", "RUNNING"):
             raise SubmissionError(f"run {manifest['run_id']} is still {status} as job {last}; "
                                   f"stop it first: ftlaunch stop {last}")
-    attempt = max(1, len(manifest.get("attempts", [])))  # attempts[0] is the first submit
-    return submit(resume_plan(manifest, target, attempt), address=address, **options)
+    return submit(job_plan, address=address, **options)
 
 
 def attach(submission_id: str, target: str = "local", address: Optional[str] = None, **options) -> Handle:
@@ -70,7 +73,80 @@ def attach(submission_id: str, target: str = "local", address: Optional[str] = N
 
 
 def list_jobs(target: str = "local", address: Optional[str] = None, **options) -> list[dict]:
+    """The cluster's jobs (the target's view); `list_runs` is the run folders' view."""
     return get_target(target).list(address, **options)
 
 
-__all__ = ["Handle", "JobHandle", "LauncherError", "attach", "find_run", "list_jobs", "resume", "submit"]
+def run_status(run: str, target: str = "local", address: Optional[str] = None,
+               storage: str = "./runs", **options) -> Optional[dict]:
+    """A run's row (runs.run_row) from its folder, reconciled with its cluster when that answers.
+
+    `run` is a run folder, a run id or a submission id under `storage`, else a job of the target
+    whose folder is read where its metadata says. None: the job's folder is not on this machine.
+    """
+    try:
+        folder, manifest = find_run(run, storage)
+    except SubmissionError:
+        try:
+            handle = attach(str(run), target, address, **options)
+        except (ClusterError, SubmissionError) as exc:
+            raise type(exc)(f"no run {run} under {storage} (a run id, run folder or submission id), "
+                            f"and {exc}") from None
+        manifest = handle.manifest()
+        if not manifest:
+            return None
+        folder = Path(handle.run_dir)
+    return run_row(folder, _reconciled(folder, manifest, address, {}))
+
+
+def list_runs(target: str = "local", address: Optional[str] = None, storage: str = "./runs",
+              **options) -> tuple[list[dict], Optional[str]]:
+    """One row per run, oldest first: every run folder under `storage`, and every job of the
+    target's cluster (its folder read where this machine sees it), reconciled with the cluster.
+    Works with no cluster: the second value then says why the folders are shown as recorded
+    (with no folders either, that ClusterError is raised)."""
+    folders = dict((str(f.resolve()), (f, m)) for f, m in run_folders(storage))
+    try:
+        jobs, note = get_target(target).list(address, **options), None
+    except ClusterError as exc:
+        if not folders:
+            raise
+        jobs, note = [], f"{exc}; showing the run folders under {storage} as last recorded"
+    others = {}
+    for job in jobs:
+        folder = Path(job["run_dir"]) if job.get("run_dir") else None
+        key = str(folder.resolve()) if folder else job["submission_id"]
+        if key in folders:
+            continue
+        manifest = read_json(folder / MANIFEST) if folder else {}
+        if manifest:
+            folders[key] = (folder, manifest)
+        else:  # a folder on the cluster's storage: the job's own row (a resume's job replaces it)
+            others[key] = job_row(job)
+    cache: dict = {}
+    rows = [run_row(f, _reconciled(f, m, address, cache)) for f, m in folders.values()]
+    rows += others.values()
+    return sorted(rows, key=lambda r: r["started"] or 0), note
+
+
+def _reconciled(folder: Path, manifest: dict, address: Optional[str], cache: dict) -> dict:
+    """`manifest`, corrected by what the cluster of its latest attempt says of that job (the
+    attempt records its Ray dashboard; --address stands in for an attempt that has none)."""
+    attempt = latest_attempt(manifest)
+    where, job = attempt.get("address") or address, attempt.get("submission_id")
+    if manifest.get("status") != "RUNNING" or not where or not job:
+        return manifest
+    if where not in cache:
+        try:  # the Ray Jobs API at that address: what the `ray` target talks to
+            cache[where] = {j["submission_id"]: j for j in get_target("ray").list(where)}
+        except ClusterError:
+            cache[where] = None  # not reachable now: the manifest stands
+    if cache[where] is None:
+        return manifest
+    found = cache[where].get(job)
+    return reconcile(folder, manifest, found["status"] if found else UNKNOWN,
+                     (found or {}).get("message") or "")
+
+
+__all__ = ["Handle", "JobHandle", "LauncherError", "attach", "find_run", "list_jobs", "list_runs", "resume",
+           "run_status", "submit"]

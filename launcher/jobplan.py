@@ -164,15 +164,44 @@ def with_runtime_env(draft: JobPlan, env: dict, estimate: Optional[dict] = None)
     return dataclasses.replace(draft, runtime_env=runtime_env, estimate=estimate)
 
 
-def resume_plan(manifest: dict, target: str, attempt: int) -> JobPlan:
-    """The plan that continues a stopped run: same run id and folder, a new submission id."""
-    recorded = {**manifest["plan"], "spec": manifest["spec"]}
+# What a resume may change: how long it runs, how it reports, what it may retry. The rest (the
+# model, strategy, data, batch, resources) is what the run's checkpoints and data positions are of.
+RESUMABLE = ("train.max_steps", "train.lr", "train.report_every", "train.eval_batches",
+             "train.eval_generate", "train.max_failures", "pending_timeout", "env.*")
+
+
+def resumed_spec(spec: dict, overrides: tuple[str, ...] = ()) -> dict:
+    """The run's recorded spec with a resume's `key=value` overrides, validated; ConfigError for
+    an override a resume cannot take, naming it and what a resume may change."""
+    from launcher.errors import ConfigError
+    from launcher.spec import _deep_copy, apply_override, validate
+
+    fixed = [o.partition("=")[0] for o in overrides if not _resumable(o.partition("=")[0])]
+    if fixed:
+        raise ConfigError(f"resume cannot change {', '.join(fixed)}: the run's checkpoints are of its model, "
+                          f"strategy, data and batch (submit a new run for that); a resume may change "
+                          f"{', '.join(RESUMABLE)}")
+    data = _deep_copy(spec)
+    for item in overrides:
+        apply_override(data, item, "resume")
+    validate(data, "resume")
+    return data
+
+
+def _resumable(key: str) -> bool:
+    return any(key == name or (name.endswith(".*") and key.startswith(name[:-1])) for name in RESUMABLE)
+
+
+def resume_plan(manifest: dict, target: str, attempt: int, overrides: tuple[str, ...] = ()) -> JobPlan:
+    """The plan that continues a stopped run: same run id and folder, a new submission id, and
+    the spec with the overrides a resume may take (`RESUMABLE`)."""
+    recorded = {**manifest["plan"], "spec": resumed_spec(manifest["spec"], overrides)}
     fields = {f.name for f in dataclasses.fields(JobPlan)}
     old = JobPlan.from_dict({k: v for k, v in recorded.items() if k in fields})
     draft = dataclasses.replace(
         old, submission_id=f"{old.run_id}-resume{attempt}", target=target, warnings=[]
     )
-    return with_runtime_env(draft, manifest["spec"].get("env", {}))
+    return with_runtime_env(draft, draft.spec.get("env", {}))
 
 
 def package_dirs() -> list[str]:

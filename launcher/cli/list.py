@@ -1,11 +1,16 @@
-"""`ftlaunch list`: jobs known to the cluster (on k8s: ftlaunch's RayJobs), oldest first."""
+"""`ftlaunch list`: one row per run, oldest first: the run folders under --storage (runs of an
+earlier head included) and the cluster's jobs, reconciled with the cluster when it answers."""
 
-from launcher.cli.common import add_k8s_args, add_target_args, print_json, target_of, target_options
-from launcher.client import list_jobs
+import sys
+
+from launcher.cli.common import add_k8s_args, add_storage_arg, add_target_args, print_json, target_of, target_options
+from launcher.client import list_runs
+from launcher.runs import list_lines
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("list", help="list jobs on the cluster")
+    p = sub.add_parser("list", help="list runs (run folders and the cluster's jobs)")
+    add_storage_arg(p)
     add_target_args(p)
     add_k8s_args(p)
     p.add_argument("--json", action="store_true")
@@ -13,12 +18,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    rows = list_jobs(target_of(args), args.address, **target_options(args))
+    rows, note = list_runs(target_of(args), args.address, args.storage, **target_options(args))
+    if note:
+        print(f"ftlaunch: note: {note}", file=sys.stderr)
     if args.json:
         print_json(rows)
-        return 0
-    for r in rows:
-        print(f"{r['submission_id'] or '-':<48} {r['status'] or '-':<10} {r['kind'] or '-':<10} {r['name'] or '-'}")
-    if not rows:
-        print("no jobs")
+    else:
+        print("\n".join(list_lines(rows)) if rows else f"no runs under {args.storage}")
     return 0

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 
+from launcher.cli.common import Detached
 from launcher.errors import LauncherError
 
 VERBS = ("validate", "plan", "submit", "status", "logs", "stop", "list", "cluster", "data",
@@ -29,7 +32,9 @@ def main(argv=None) -> int:
     elif extra:
         parser().error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that has gone (`| head -1`) shows here, not at exit
+        return code
     except LauncherError as exc:
         if args.debug:
             raise
@@ -40,6 +45,22 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("ftlaunch: interrupted", file=sys.stderr)
         return 130
+    except Detached as done:
+        # Python's teardown of the modules a submit loads (torch, Ray's client) took 10-20 s after a
+        # Ctrl-C; the job runs on and this process holds nothing to release: leave at once.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(done.code)
+    except BrokenPipeError:  # `ftlaunch list | head -1`: the reader has gone, which is no error
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    # Python flushes stdout again at exit and would print a second BrokenPipeError: point the
+    # descriptor at /dev/null first (as the `signal` module's docs advise).
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -52,6 +52,10 @@ class Handle(abc.ABC):
     def submitted_lines(self) -> list[str]:
         """What `ftlaunch submit` says once the job is handed over: where, and the next commands."""
 
+    def detached_lines(self) -> list[str]:
+        """What `ftlaunch submit` says when Ctrl-C leaves the job running: how to follow or stop it."""
+        return [f"{self.submission_id} is still running; follow it with: ftlaunch status {self.submission_id}"]
+
     def manifest(self) -> dict:
         """The run folder's manifest, when this machine can read it; {} otherwise."""
         if not self.run_dir:

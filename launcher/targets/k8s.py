@@ -17,6 +17,7 @@ from launcher.k8s import submit as kube
 from launcher.k8s.constants import RUN_DIR_ANNOTATION, STORAGE_MOUNT
 from launcher.k8s.render import ray_image, render_rayjob
 from launcher.k8s.validate import mount_problems, validate_manifest
+from launcher.runs import record_stop
 from launcher.targets import Handle, Target, env_ref, register_target
 
 # The planner's profile vocabulary (cluster/profiles.py), per node; a --profile FILE uses it too.
@@ -115,6 +116,7 @@ class RayJobHandle(Handle):
         if self.row()["terminal"]:
             return False
         kube.delete_rayjob(self.submission_id, self.namespace, self._api())
+        record_stop(self.run_dir, self.submission_id)  # where the cluster's volume is mounted here
         return True
 
     def wait(self, timeout: Optional[float] = None, on_logs: Optional[Callable[[str], None]] = None,

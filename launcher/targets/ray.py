@@ -15,11 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from common.runfolder import CLUSTER_ADDRESS_ENV, latest_attempt
 from launcher.errors import ClusterError, PlanError, SubmissionError
+from launcher.runs import reconcile, record_stop
 from launcher.targets import Handle, Target, env_ref, register_target
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 CONNECT_TIMEOUT_S = 5.0
+STOP_GRACE_S = 15  # Ray's default, 3 s, can SIGKILL a driver still unwinding Ray Train
 
 
 def resolve_address(address: Optional[str] = None, *, embedded: bool = False, start: bool = True) -> str:
@@ -146,7 +149,10 @@ class JobHandle(Handle):
         return self._client.get_job_logs(self.submission_id)
 
     def stop(self) -> bool:
-        return self._client.stop_job(self.submission_id)
+        stopped = self._client.stop_job(self.submission_id)
+        if stopped:
+            record_stop(self.run_dir, self.submission_id)
+        return stopped
 
     def wait(self, timeout: Optional[float] = None, on_logs: Optional[Callable[[str], None]] = None,
              poll: float = 0.5) -> str:
@@ -165,6 +171,7 @@ class JobHandle(Handle):
                     on_logs(text[seen:])
                     seen = len(text)
             if status in TERMINAL:
+                self._reconcile(status)
                 return status
             if deadline is not None and time.monotonic() > deadline:
                 raise SubmissionError(
@@ -172,6 +179,12 @@ class JobHandle(Handle):
                     f"follow it with: ftlaunch logs -f {self.submission_id}"
                 )
             time.sleep(poll)
+
+    def _reconcile(self, status: str) -> None:
+        """A job that ended without its driver recording why: say so in its manifest."""
+        manifest = self.manifest()
+        if manifest.get("status") == "RUNNING" and latest_attempt(manifest).get("submission_id") == self.submission_id:
+            reconcile(Path(self.run_dir), manifest, status, self.info().message or "")
 
     def row(self) -> dict:
         info = self.info()
@@ -199,14 +212,21 @@ class JobHandle(Handle):
         return lines
 
     def submitted_lines(self) -> list[str]:
-        sid, addr = self.submission_id, f" --address {self.cli_address}" if self.cli_address else ""
         # One command per line: a `|` between them would run as a pipeline (and stop the job).
         return [
-            f"{'already submitted' if self.existing else 'submitted'} {sid} to {self.address}",
+            f"{'already submitted' if self.existing else 'submitted'} {self.submission_id} to {self.address}",
             f"artifacts in {self.run_dir}",
             "next:",
-            *(f"  ftlaunch {verb} {sid}{addr}" for verb in ("status", "logs -f", "stop")),
+            *self._commands("status", "logs -f", "stop"),
         ]
+
+    def detached_lines(self) -> list[str]:
+        return [f"{self.submission_id} is still running; follow it or stop it with:",
+                *self._commands("logs -f", "stop")]
+
+    def _commands(self, *verbs: str) -> list[str]:
+        addr = f" --address {self.cli_address}" if self.cli_address else ""
+        return [f"  ftlaunch {verb} {self.submission_id}{addr}" for verb in verbs]
 
 
 class RayTarget(Target):
@@ -247,7 +267,7 @@ class RayTarget(Target):
                 c,
                 entrypoint=plan.entrypoint,
                 submission_id=plan.submission_id,
-                runtime_env=plan.runtime_env,
+                runtime_env=_with_cluster_env(plan.runtime_env, url),
                 entrypoint_num_cpus=plan.entrypoint_num_cpus,
                 metadata={
                     "ftlaunch_run_id": plan.run_id,
@@ -293,6 +313,14 @@ class RayTarget(Target):
                 "message": job.message,
             })
         return sorted(rows, key=lambda r: r["start_time"] or 0)
+
+
+def _with_cluster_env(runtime_env: dict, url: str) -> dict:
+    """The plan's runtime env, plus what this cluster tells the job: its address (the driver
+    records it in its attempt) and a stop's grace before SIGKILL (time to record STOPPED)."""
+    env_vars = {"RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S), **runtime_env.get("env_vars", {}),
+                CLUSTER_ADDRESS_ENV: url}
+    return {**runtime_env, "env_vars": env_vars}
 
 
 def check_local_storage(path: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -149,8 +150,8 @@ def test_address_beats_ray_address_and_hints_are_one_command_per_line(ray_head, 
     out = cli("list", env={"RAY_ADDRESS": dead})
     assert out.returncode == 0 and "(the embedded head (target local))" in out.stderr, out.stderr
     # Without --address, target ray takes RAY_ADDRESS, and a dead one is named.
-    out = cli("list", "--target", "ray", env={"RAY_ADDRESS": dead})
-    assert out.returncode == 1 and f"cannot reach a Ray cluster at {dead}" in out.stderr
+    out = cli("list", "--target", "ray", "--storage", str(tmp_path / "no-runs"), env={"RAY_ADDRESS": dead})
+    assert out.returncode == 1 and f"cannot reach a Ray cluster at {dead}" in out.stderr  # nothing to show
 
     tiny_spec["train"]["max_steps"] = 4
     out = cli("submit", str(write_spec(tiny_spec, tmp_path)), "--no-wait", "--submission-id", "it-hints",
@@ -194,6 +195,57 @@ def test_stop_a_running_job(ray_head, tiny_spec, tmp_path):
     stop = cli("stop", "it-stop", "--wait", "--address", ray_head.address)
     assert stop.returncode == 0 and "it-stop: STOPPED" in stop.stdout
     assert handle.status() == "STOPPED"
+    # Recorded: by this client as it asked, and by the driver at SIGTERM (within Ray's grace).
+    manifest = handle.manifest()
+    assert manifest["status"] == "STOPPED" and manifest["attempts"][-1]["status"] == "STOPPED", manifest
+    assert manifest["error"].startswith("Stopped: "), manifest["error"]
+    status = cli("status", "it-stop", "--address", ray_head.address)
+    assert status.stdout.startswith("it-stop  STOPPED  step "), status.stdout + status.stderr
+    report = cli("report", handle.run_dir)
+    assert report.returncode == 0, report.stderr
+    text = (Path(handle.run_dir) / "report" / "report.md").read_text()
+    assert "status: STOPPED" in text and "so far" not in text
+
+
+def test_ctrl_c_while_attached_leaves_the_job_running_and_stop_on_interrupt_stops_it(ray_head, tiny_spec, tmp_path):
+    tiny_spec["train"].update(max_steps=100000, report_every=2)
+    path = write_spec(tiny_spec, tmp_path)
+    args = ["submit", str(path), "--submission-id", "it-ctrl-c", "--address", ray_head.address]
+
+    def interrupt(*extra):
+        """Follow the job, Ctrl-C once it reports a step; return (exit code, stdout, seconds to exit)."""
+        proc = subprocess.Popen([*ftlaunch_cli(), *args, *extra], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if "[ftlaunch] step" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        out, _ = proc.communicate(timeout=60)
+        return proc.returncode, "".join(seen) + out, time.monotonic() - sent
+
+    code, out, took = interrupt()
+    assert code == 130 and took < 2.0, (code, took, out[-2000:])
+    tail = out.splitlines()[-3:]
+    addr = f" --address {ray_head.address}"
+    assert tail == ["ftlaunch: it-ctrl-c is still running; follow it or stop it with:",
+                    f"  ftlaunch logs -f it-ctrl-c{addr}", f"  ftlaunch stop it-ctrl-c{addr}"], out[-2000:]
+    handle = attach("it-ctrl-c", "ray", ray_head.address)
+    assert handle.status() == "RUNNING"
+
+    # The same id attaches to the same job; now Ctrl-C stops it, and the stop is recorded.
+    code, out, took = interrupt("--stop-on-interrupt")
+    assert code == 130 and "stopped it-ctrl-c (--stop-on-interrupt)" in out, out[-2000:]
+    assert handle.wait(timeout=60) == "STOPPED" and handle.manifest()["status"] == "STOPPED"
+
+    # Following a job that someone stopped is not a crash: exit 3, saying so (see submit --help).
+    again = cli(*args)
+    assert again.returncode == 3, again.stdout[-2000:] + again.stderr[-2000:]
+    assert f"it-ctrl-c was stopped before it finished; continue it with: ftlaunch resume {handle.run_dir}" \
+        in again.stderr
+    assert "3    the job was stopped" in cli("submit", "--help").stdout
 
 
 def test_stop_then_resume_continues_from_the_last_checkpoint(ray_head, tiny_spec, tmp_path):
@@ -209,15 +261,21 @@ def test_stop_then_resume_continues_from_the_last_checkpoint(ray_head, tiny_spec
         time.sleep(0.5)
     handle.stop()
     assert handle.wait(timeout=60) == "STOPPED"
-    # The driver records STOPPED when its SIGTERM handler gets to run before Ray's SIGKILL;
-    # on a loaded machine it may not, and the manifest still says RUNNING. Never finished, though.
-    assert json.loads((run_dir / "manifest.json").read_text())["status"] in ("STOPPED", "RUNNING")
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "STOPPED"
 
-    out = cli("resume", str(run_dir), "--address", ray_head.address)
+    # A resume may run longer (train.max_steps), not change what the checkpoint is of.
+    refused = cli("resume", str(run_dir), "model.seq_len=64", "--address", ray_head.address)
+    assert refused.returncode == 1 and "resume cannot change model.seq_len" in refused.stderr
+    out = cli("resume", str(run_dir), "train.max_steps=70", "--address", ray_head.address)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "resumed as it-resume-resume1" in out.stdout
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["status"] == "SUCCEEDED" and manifest["summary"]["steps"] == 60
+    assert manifest["status"] == "SUCCEEDED" and manifest["summary"]["steps"] == 70 and manifest["error"] is None
     assert [a["submission_id"] for a in manifest["attempts"]] == ["it-resume", "it-resume-resume1"]
+    assert [a["status"] for a in manifest["attempts"]] == ["STOPPED", "SUCCEEDED"]
     steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(5, 65, 5)), steps  # every report once: none lost, none repeated
+    assert steps == list(range(5, 75, 5)), steps  # every report once: none lost, none repeated
+    # The run's status is its latest attempt's, asked by the first attempt's id, the run id or folder.
+    for ref in ("it-resume", str(run_dir)):
+        status = cli("status", ref, "--address", ray_head.address)
+        assert status.stdout.startswith(f"{manifest['run_id']}  SUCCEEDED  step 70/70"), status.stdout + status.stderr

@@ -51,22 +51,29 @@ def test_corrupt_parquet_is_named_at_plan(tmp_path, capsys):
                         "rewrite the file or remove it from the dataset", line), line
 
 
-@pytest.mark.parametrize("argv", [["status", "x"], ["list"], ["submit", "SPEC", "--no-wait"]])
+@pytest.mark.parametrize("argv", [["status", "x", "--storage", "RUNS"], ["list", "--storage", "RUNS"],
+                                  ["submit", "SPEC", "--no-wait"]])
 def test_unreachable_address_is_one_line_and_quick(tmp_path, capsys, argv):
-    argv = [str(spec_file(tmp_path)) if a == "SPEC" else a for a in argv]
+    runs = tmp_path / "runs"
+    argv = [str(spec_file(tmp_path)) if a == "SPEC" else str(runs) if a == "RUNS" else a for a in argv]
     started = time.monotonic()
     line = error_line(capsys, [*argv, "--target", "ray", "--address", "http://127.0.0.1:9"])
     assert time.monotonic() - started < 30  # planning a submit imports torch; no retry loop
-    assert line == ("cannot reach a Ray cluster at http://127.0.0.1:9: [Errno 111] Connection refused; "
+    # status x: no run folder x under --storage either (list with run folders shows them instead)
+    first = f"no run x under {runs} (a run id, run folder or submission id), and " if argv[0] == "status" else ""
+    assert line == (f"{first}cannot reach a Ray cluster at http://127.0.0.1:9: [Errno 111] Connection refused; "
                     "check the address and that the head's dashboard (Jobs API) is up")
     assert not (tmp_path / "runs").exists()
+
+
+NO_RUN_X = "no run x under ./runs (a run id, run folder or submission id), and "  # status looks there first
 
 
 @pytest.mark.parametrize("address", ["not a url:::", "ftp://x", "http://", "host:port", "http://a b:1"])
 def test_an_address_that_is_no_url_is_refused_before_any_connection(capsys, monkeypatch, address):
     monkeypatch.setattr(socket, "create_connection", pytest.fail)
     line = error_line(capsys, ["status", "x", "--address", address])
-    assert line == (f"address {address!r} is not a Ray dashboard URL; use http://HOST:8265 "
+    assert line == (f"{NO_RUN_X}address {address!r} is not a Ray dashboard URL; use http://HOST:8265 "
                     "(--address or RAY_ADDRESS)")
 
 
@@ -80,7 +87,7 @@ def test_a_host_that_never_answers_times_out(capsys, monkeypatch):
     monkeypatch.setattr(socket, "create_connection", silent)
     line = error_line(capsys, ["status", "x", "--address", "10.255.255.1:8265"])
     assert asked == [(("10.255.255.1", 8265), client_mod.CONNECT_TIMEOUT_S)]
-    assert line == ("cannot reach a Ray cluster at http://10.255.255.1:8265: no answer within 5 s; "
+    assert line == (f"{NO_RUN_X}cannot reach a Ray cluster at http://10.255.255.1:8265: no answer within 5 s; "
                     "check the address and that the head's dashboard (Jobs API) is up")
 
 

@@ -193,7 +193,8 @@ def test_cli_prints_the_paths_and_refuses_a_missing_run(tmp_path, capsys):
 
     assert main(["report", "nonexistent", "--storage", str(tmp_path)]) == 1
     assert capsys.readouterr().err.strip() == (
-        f"ftlaunch: error: no run at {tmp_path / 'nonexistent'} (no manifest.json); pass the run folder or --storage")
+        f"ftlaunch: error: no run at {tmp_path / 'nonexistent'} (no manifest.json); pass the run folder, a run id "
+        f"or a submission id under --storage (now {tmp_path})")
 
 
 def test_throughput_is_the_median_of_report_windows_in_the_table_and_the_report():

@@ -258,7 +258,9 @@ def test_k8s_verbs_without_a_kubeconfig_say_so_in_one_line(argv, tmp_path, monke
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     assert main([*argv, "--target", "k8s"]) == 1
-    assert capsys.readouterr().err == ("ftlaunch: error: no kubeconfig found; pass --kubeconfig or set "
+    # status looks for the run folder first (none here), then asks the cluster
+    first = "no run job-a under ./runs (a run id, run folder or submission id), and " if argv[0] == "status" else ""
+    assert capsys.readouterr().err == (f"ftlaunch: error: {first}no kubeconfig found; pass --kubeconfig or set "
                                        "KUBECONFIG\n")
 
 
@@ -284,8 +286,10 @@ def test_k8s_verbs_go_through_the_kubernetes_api(monkeypatch, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "job-a  RUNNING  (deployment Running)  m"
     assert out[1] == "hello from the submitter"
-    assert out[2].split() == ["job-a", "RUNNING", "finetune", "spec-job-a"]
-    assert out[3] == "job-a: stop requested"
+    assert out[2].split() == ["RUN", "STATUS", "STEP", "LOSS", "EVAL", "ETA", "STARTED", "DURATION", "KIND", "NAME"]
+    # the RayJob's run folder is on the cluster's volume, not here: the row is the RayJob's
+    assert out[3].split() == ["job-a", "RUNNING", *["-"] * 6, "finetune", "spec-job-a"]
+    assert out[4] == "job-a: stop requested"
     assert ("DELETE", "job-a") in server.methods() and set(given) == {"/k/config"}
 
 
