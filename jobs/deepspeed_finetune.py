@@ -18,6 +18,7 @@ import torch
 
 from common.runfolder import dir_size
 from jobs import components as C
+from jobs import generate as G
 from jobs import text as T
 from jobs.artifacts import RunDir
 from jobs.loop import Loop, run_worker
@@ -49,6 +50,10 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
         datasets={"train": train_ds},
         **C.ray_train_configs(res, plan["run_id"], str(run_dir.path.parent), train.max_failures),
     )
+    # Exact match of greedy answers (instruction and chat tasks): the workers hold ZeRO shards, so
+    # the driver answers the eval prompts, with the base before training, the export after.
+    pairs = G.eval_pairs(data.eval, data, train.eval_generate) if G.enabled(data, train) else []
+    generated_before = _exact_match_before(spec, run_dir, pairs)
     started = time.time()
     with run_dir.progress(train.max_steps):
         result = trainer.fit()
@@ -63,9 +68,16 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
         C.build_model(spec.model, seed=train.seed).save_pretrained(run_dir.path / "base")
     T.tokenizer_for(spec.model, spec.data).save_pretrained(run_dir.path / "tokenizer")  # with its chat template
 
+    generated = {}
+    if pairs:
+        after = G.evaluate(model.eval(), spec.model, data, pairs)["exact_match"]
+        before = generated_before["exact_match"]
+        generated = {"eval_exact_match_before": before, "eval_exact_match_after": after,
+                     "eval_exact_match_delta": after - before}
     metrics = run_dir.read_jsonl("metrics.jsonl")
     final = result.metrics or {}
     return {
+        **generated,
         "engine": "deepspeed",
         "deepspeed": spec.deepspeed.model_dump(mode="json"),
         "precision": spec.train.precision,
@@ -85,6 +97,19 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
         "export": export_name,
         "export_bytes": dir_size(target),
     }
+
+
+def _exact_match_before(spec, run_dir: RunDir, pairs: list) -> dict:
+    """The base model's exact match on the eval pairs, measured once (a resumed run reads the
+    first attempt's from the manifest); {} without pairs."""
+    if not pairs:
+        return {}
+    recorded = run_dir.read_manifest().get("generate_before")
+    if recorded:
+        return recorded
+    before = G.evaluate(C.build_model(spec.model, seed=spec.train.seed).eval(), spec.model, spec.data, pairs)
+    run_dir.update_manifest(generate_before=before)
+    return before
 
 
 def with_engine_defaults(spec):

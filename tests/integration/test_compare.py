@@ -13,14 +13,26 @@ from tests.integration.test_jobs import cli, write_spec
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # two jobs in one: ~3 min on 2 cores
 
 
-def test_compare_deepspeed_full_against_lora(ray_head, tiny_spec, tmp_path):
+def test_compare_deepspeed_full_against_lora(ray_head, tmp_path):
+    """On chat SFT of a model-make folder, so both engines answer the eval prompts (exact match)."""
+    from launcher.modelmake import make_model
+    from launcher.synthetic import make_splits
+
+    folder = make_model("qwen2", tmp_path / "q")
+    data = make_splits("chat", 1000, tmp_path / "chat", fmt="jsonl")
     spec = {
-        **tiny_spec,
         "kind": "compare",
         "name": "t-cmp",
-        "train": {**tiny_spec["train"], "max_steps": 10, "report_every": 5, "lr": 3e-3},
+        "model": {"source": f"hf:{folder}", "seq_len": 96},
+        "strategy": {"type": "lora", "r": 8, "alpha": 16},
+        "data": {"task": "chat", "train": data["train"], "eval": data["eval"]},
+        "train": {"max_steps": 10, "micro_batch": 16, "lr": 3e-3, "report_every": 5, "eval_batches": 2,
+                  "eval_generate": 16},
+        "resources": {"workers": 2, "cpus_per_worker": 0.5},
+        "storage": str(tmp_path / "runs"),
         "variants": {
-            "ds_full": {"engine": "deepspeed", "deepspeed": {"zero_stage": 2}, "strategy": {"type": "full"}},
+            "ds_full": {"engine": "deepspeed", "deepspeed": {"zero_stage": 2}, "strategy": {"type": "full"},
+                        "train": {"lr": 1e-3}},
             "lora8": {"strategy": {"type": "lora", "r": 8, "alpha": 16}, "train": {"lr": 1e-2}},
         },
     }
@@ -34,6 +46,8 @@ def test_compare_deepspeed_full_against_lora(ray_head, tiny_spec, tmp_path):
     assert lora["trainable_params"] < full["trainable_params"]
     for v in (full, lora):
         assert v["loss_last"] < v["loss_first"] and v["eval_loss_after"] < v["eval_loss_before"]
+        # Both engines answer the eval prompts: DeepSpeed's driver with the base, then the export.
+        assert 0 <= v["eval_exact_match_before"] <= 1 and 0 <= v["eval_exact_match_after"] <= 1, v
     # The run's report is written when it ends: the comparison table, its figure, each variant's curves.
     report = (run_dir / "report" / "report.md").read_text()
     assert "| ds_full | full | deepspeed ZeRO-2 |" in report and "| lora8 | lora r=8 | torch |" in report
