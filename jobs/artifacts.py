@@ -99,10 +99,11 @@ class RunDir:
         return freed
 
     @contextlib.contextmanager
-    def progress(self, totals: int | dict[str, int], every: float = 0.5):
+    def progress(self, totals: int | dict[str, int], every: float = 0.5, unit: str = "tok/s"):
         """Print one progress line per new metrics record while the body runs (driver side).
 
-        `totals`: the run's total steps, or {metrics file: its total steps} (multitask: a file per task).
+        `totals`: the run's total steps, or {metrics file: its total steps} (multitask: a file per task);
+        `unit`: what the records' throughput counts (rows/s for the ARR-COC pipeline's stages).
         """
         totals = {METRICS: totals} if isinstance(totals, int) else totals
         stop = threading.Event()
@@ -113,7 +114,7 @@ class RunDir:
                 for name, total in totals.items():
                     records = self.read_jsonl(name)
                     for r in records[seen[name]:]:
-                        say(progress_line(r, total, self.label))
+                        say(progress_line(r, total, self.label, unit))
                     seen[name] = len(records)
                 if stop.is_set():
                     return
@@ -135,7 +136,7 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-def progress_line(r: dict, total: int, label: str = "") -> str:
+def progress_line(r: dict, total: int, label: str = "", unit: str = "tok/s") -> str:
     """`[ftlaunch] [variant V, stage S, task T: ]step N/TOTAL loss ... eta ...`."""
     step = r["step"]
     eta = (total - step) * r["elapsed_s"] / max(step, 1)
@@ -144,5 +145,5 @@ def progress_line(r: dict, total: int, label: str = "") -> str:
     where = f"{', '.join(names)}: " if names else ""
     loss = f" loss {r['loss']:.4f}" if r.get("loss") is not None else ""
     evals = f" eval {r['eval_loss']:.4f}" if r.get("eval_loss") is not None else ""
-    rate = f" tok/s {r['tokens_per_s']:.0f}" if r.get("tokens_per_s") is not None else ""
+    rate = f" {unit} {r['tokens_per_s']:.0f}" if r.get("tokens_per_s") is not None else ""
     return f"[ftlaunch] {where}step {step}/{total}{loss}{evals}{rate} eta {eta:.0f}s"

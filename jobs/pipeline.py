@@ -112,7 +112,7 @@ def run_stage(spec, plan: dict, run_dir: RunDir, index: int, previous: str | Non
         **ray_train_configs(res, f"{plan['run_id']}-{stage.name}", str(run_dir.path),
                             spec.train.max_failures),
     )
-    with run_dir.progress(stage.steps):
+    with run_dir.progress(stage.steps, unit="rows/s"):  # a stage's throughput is in rows
         return trainer.fit()
 
 

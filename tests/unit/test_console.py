@@ -76,6 +76,8 @@ def test_progress_lines_name_the_variant_stage_or_task():
     assert progress_line(r, 100) == "[ftlaunch] step 50/100 loss 5.6328 eval 5.4697 tok/s 1489 eta 10s"
     assert progress_line(r, 100, "variant lora_r8").startswith("[ftlaunch] variant lora_r8: step 50/100 loss")
     assert progress_line({**r, "stage": "vision"}, 100).startswith("[ftlaunch] stage vision: step 50/100")
+    # The ARR-COC pipeline counts rows: its progress says so (it said tok/s).
+    assert progress_line({**r, "stage": "vision"}, 100, unit="rows/s").endswith("rows/s 1489 eta 10s")
     task = {"task": "counting", "step": 5, "loss": 1.5, "elapsed_s": 1.0}  # a multitask record: no tokens/s
     assert progress_line(task, 10) == "[ftlaunch] task counting: step 5/10 loss 1.5000 eta 1s"
 
