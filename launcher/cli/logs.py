@@ -8,6 +8,7 @@ from launcher.cli.common import add_k8s_args, add_target_args, echo, target_of, 
 from launcher.client import attach, find_run
 from launcher.console import Console
 from launcher.errors import ClusterError, SubmissionError
+from launcher.summary import format_summary
 
 
 def add_parser(sub) -> None:
@@ -36,8 +37,10 @@ def run(args) -> int:
         return 0
     if args.follow:
         console = Console(verbose=args.verbose)
-        handle.wait(on_logs=console.write)
+        status = handle.wait(on_logs=console.write)
         console.close()
+        if status == "SUCCEEDED" and handle.run_dir:  # as submit ends: the readable summary
+            print(format_summary(handle.manifest()))
     else:
         echo(handle.logs())
     if args.workers and handle.run_dir:

@@ -192,8 +192,9 @@ def test_stop_a_running_job(ray_head, tiny_spec, tmp_path):
     while handle.status() != "RUNNING" and time.monotonic() < deadline:
         time.sleep(0.5)
     assert handle.status() == "RUNNING"
-    stop = cli("stop", "it-stop", "--wait", "--address", ray_head.address)
-    assert stop.returncode == 0 and "it-stop: STOPPED" in stop.stdout
+    # By its run folder (its latest attempt's job is the one stopped), as by its submission id.
+    stop = cli("stop", handle.run_dir, "--wait", "--address", ray_head.address)
+    assert stop.returncode == 0 and "it-stop: STOPPED" in stop.stdout, stop.stdout + stop.stderr
     assert handle.status() == "STOPPED"
     # Recorded: by this client as it asked, and by the driver at SIGTERM (within Ray's grace).
     manifest = handle.manifest()
