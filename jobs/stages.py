@@ -12,6 +12,7 @@ the same run id: finished stages are skipped, the interrupted one continues from
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ SUMMARY_KEYS = ("strategy", "steps", "loss_first", "loss_last", "eval_loss_befor
 def run(spec, plan: dict, run_dir: RunDir) -> dict:
     raw = spec.model_dump(mode="json")
     specs, handoffs = chain.chain(raw, run_dir.path), chain.handoffs(raw, run_dir.path)
-    splits = [_split(s.name, ft) for s, ft in zip(spec.stages, specs) if (ft.get("data") or {}).get("eval")]
+    splits = _splits(spec.stages, specs)
     manifest = read_json(run_dir.path / MANIFEST) or {
         "run_id": plan["run_id"], "evals": [],
         "stages": [{"name": s.name, "status": "PENDING"} for s in spec.stages],
@@ -96,10 +97,16 @@ def _train(ft: dict, plan: dict, run_dir: RunDir, name: str) -> dict:
     return summary
 
 
-def _split(name: str, ft: dict) -> dict:
-    """A stage's eval split as its finetune scores it: the same rows, task and columns."""
-    rows = (ft.get("train") or {}).get("eval_batches", 4) * 16
-    return {"split": name, "data": ft["data"], "rows": rows}
+def _splits(stages, specs: list[dict]) -> list[dict]:
+    """Each stage's eval split as its finetune scores it (the same rows, task and columns), named
+    after the first stage that reads it: stages that share one are scored on it once."""
+    found = {}
+    for stage, ft in zip(stages, specs):
+        data, rows = ft["data"], (ft.get("train") or {}).get("eval_batches", 4) * 16
+        if data.get("eval"):
+            key = json.dumps([data["eval"], data["task"], data.get("columns"), data.get("chat_template"), rows])
+            found.setdefault(key, {"split": stage.name, "data": data, "rows": rows})
+    return list(found.values())
 
 
 def _scored(ft: dict, merge_folder: str | None, handoff: tuple, splits: list[dict], after: str) -> list[dict]:

@@ -200,3 +200,11 @@ def test_the_domain_corpus_states_the_colours_the_chat_set_asks_about():
     for name in CREATURES:
         said = [t for t in texts if f"The {name} is " in t]
         assert said and all(f"The {name} is {creature_colour(name)}" in t for t in said), name
+
+
+def test_stages_that_share_an_eval_split_are_scored_on_it_once():
+    from jobs import stages as J
+
+    spec = load_spec(four_stages())
+    splits = J._splits(spec.stages, chain.chain(spec.model_dump(mode="json"), "/r"))
+    assert [(s["split"], s["data"]["eval"], s["rows"]) for s in splits] == [("a", "/d/eval.parquet", 64)]
