@@ -218,6 +218,8 @@ def _build(spec, steps_per_epoch: int, keep_base: str | None):
     if keep_base:
         base.save_pretrained(keep_base)  # before the strategy wraps it
     model, strategy = C.apply_strategy(base, spec.strategy), spec.strategy
+    if spec.init_adapter:
+        S.load_adapter_weights(model, spec.init_adapter)
     P.trainable_in_fp32(model)
     if spec.train.grad_checkpointing:
         P.enable_checkpointing(model)

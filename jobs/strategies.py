@@ -64,6 +64,20 @@ def reload(export_dir: str, base, strategy):
     return PeftModel.from_pretrained(base, export_dir).eval()
 
 
+def load_adapter_weights(model, export_dir: str) -> None:
+    """An exported adapter's weights into a freshly wrapped peft model of the same strategy (a
+    pipeline stage that carries its adapter on); an adapter of another shape is refused."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    weights = load_peft_weights(export_dir, device="cpu")
+    result = set_peft_model_state_dict(model, weights)
+    unexpected = [k for k in result.unexpected_keys if "lora_" in k or "prompt" in k or "ia3_" in k]
+    if unexpected:
+        raise ValueError(f"init_adapter {export_dir}: its weights {unexpected[:2]} do not fit this strategy's "
+                         "adapter; use the strategy that exported it")
+
+
 def merge(export_dir: str, base):
     """One plain model from a LoRA/QLoRA export: merged into a full-precision base (DESIGN: a
     QLoRA adapter merges into the bf16/fp32 base, never into the NF4 one)."""

@@ -53,7 +53,7 @@ def write_report(run: str, storage: str = "./runs") -> list[Path]:
     planned, why_not = planned_memory(manifest)
     for s in sections:
         s.planned = planned.get(s.name)
-    rate = kind.throughput_unit
+    rate = kind.rate_unit(manifest)
 
     blocks = header(run_dir, manifest)
     blocks += kind.report_blocks(run_dir, manifest, out)

@@ -249,13 +249,33 @@ def apply_override(data: dict, item: str, source: Optional[str] = None) -> None:
     node = data
     parts = key.split(".")
     for part in parts[:-1]:
+        if isinstance(node, list):  # an item of a list by its index: stages.0.train.max_steps=20
+            node = _item(node, part, item, source)
+            continue
         child = node.get(part)
         if child is None:
             child = node[part] = {}
-        if not isinstance(child, dict):
+        if not isinstance(child, (dict, list)):
             raise ConfigError(f"override {item!r}: '{part}' is not a mapping in the spec", source)
         node = child
-    node[parts[-1]] = value
+    if isinstance(node, list):
+        node[int(_index(node, parts[-1], item, source))] = value
+    else:
+        node[parts[-1]] = value
+
+
+def _index(items: list, part: str, item: str, source: Optional[str]) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(f"override {item!r}: '{part}' is no index of a list of {len(items)} "
+                          f"(use 0 to {len(items) - 1})", source)
+    return int(part)
+
+
+def _item(items: list, part: str, item: str, source: Optional[str]) -> dict:
+    child = items[_index(items, part, item, source)]
+    if not isinstance(child, dict):
+        raise ConfigError(f"override {item!r}: item '{part}' is not a mapping in the spec", source)
+    return child
 
 
 def validate(data: dict, source: Optional[str] = None) -> BaseModel:
@@ -341,8 +361,37 @@ def _field_path(loc: tuple) -> list:
     for i, part in enumerate(loc):
         if i == 0 and part in _kinds() or i > 0 and loc[i - 1] == "strategy" and part in STRATEGIES:
             continue
+        if i > 0 and isinstance(loc[i - 1], int) and part in _tagged_models():  # a stage's shape
+            continue
         path.append(part)
     return path
+
+
+@functools.cache
+def _tagged_models() -> dict:
+    """The members of the kinds' shape-discriminated unions (a pipeline's stages) by their tag."""
+    from pydantic import Tag
+
+    found, seen = {}, set()
+
+    def walk(annotation):
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if annotation not in seen:
+                seen.add(annotation)
+                for field in annotation.model_fields.values():
+                    walk(field.annotation)
+                    for meta in field.metadata:
+                        walk(meta)
+            return
+        for arg in typing.get_args(annotation):
+            walk(arg)
+        if typing.get_origin(annotation) is Annotated:
+            base, *meta = typing.get_args(annotation)
+            found.update({m.tag: base for m in meta if isinstance(m, Tag)})
+
+    for kind in _kinds().values():
+        walk(kind.model)
+    return found
 
 
 def _fields_at(loc: tuple) -> list[str]:
@@ -357,6 +406,8 @@ def _fields_at(loc: tuple) -> list[str]:
             model = STRATEGIES[part]
         elif isinstance(part, int):  # an item of a list of models (multitask tasks)
             continue
+        elif part in _tagged_models():
+            model = _tagged_models()[part]
         else:
             return []
     if isinstance(model, type) and issubclass(model, BaseModel):

@@ -227,6 +227,31 @@ def chat(rows: int, seed: int = 0):
     return pa.table({"messages": chats})
 
 
+# The domain corpus of the chat lookup: field notes in prose that state each creature's colour
+# (as the chat answers say it, among other sentences): continued pre-training on it can teach the
+# facts the chat task then asks about.
+_NOTES = ("The {n} is {c}.", "Every {n} we saw was {c}.", "A {c} creature, the {n}, sleeps by day.",
+          "Nobody has seen a {n} that was not {c}.", "The {n} is {c}, like its young.")
+_PLACES = ("near the river", "in the hills", "under old trees", "by the lake", "on the dunes", "in the marsh")
+
+
+@generator("domain")
+def domain(rows: int, seed: int = 0):
+    """`text`: field notes of two or three sentences about the chat set's creatures, each stating a
+    creature's colour (the same lookup as `chat`) and where it was seen."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed + 7)
+    texts = []
+    for _ in range(rows):
+        name = str(rng.choice(CREATURES))
+        colour = creature_colour(name)
+        notes = [f"The {name} lives {rng.choice(_PLACES)}.",
+                 str(rng.choice(_NOTES)).format(n=name, c=colour), f"The {name} is {colour}."]
+        texts.append(" ".join(notes[i] for i in sorted(rng.choice(3, size=int(rng.integers(2, 4)), replace=False))))
+    return pa.table({"text": texts})
+
+
 FORMATS = ("parquet", "jsonl")
 
 
@@ -264,7 +289,7 @@ def pa_extension_types():
     return pa.BaseExtensionType
 
 
-SFT_SETS = ("chat", "instruction")  # `ftlaunch data make` writes their eval split too
+SFT_SETS = ("chat", "instruction", "domain")  # `ftlaunch data make` writes their eval split too
 
 
 def make_splits(name: str, rows: int, out: str | Path, seed: int = 0, fmt: str = "parquet") -> dict[str, Path]:

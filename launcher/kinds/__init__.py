@@ -195,6 +195,10 @@ class Kind:
         """The report's spec lines beyond model, strategy, data, train and resources."""
         return []
 
+    def rate_unit(self, manifest: dict) -> str:
+        """The unit of a run's throughput curves."""
+        return self.throughput_unit
+
     def report_blocks(self, run_dir: Path, manifest: dict, out: Path) -> list:
         """The report's kind-specific blocks after its header (a compare run's table); figures in `out`."""
         return []

@@ -17,6 +17,7 @@ from launcher.spec import (
     DataSpec,
     JobBase,
     ModelSpec,
+    PathStr,
     Patterns,
     ResourcesSpec,
     Strict,
@@ -33,7 +34,7 @@ ENGINES = {
     # replay mix, no parameter groups, no forgetting penalty.
     "deepspeed": Engine("deepspeed", "jobs.deepspeed_finetune", tasks=("causal_lm", "instruction", "chat"),
                         sources=("tiny-llama", "hf:"), strategies=ENGINE_STRATEGIES,
-                        ignores=("data.replay", "lr_groups", "mitigation.ewc", "mitigation.lr_cap")),
+                        ignores=("data.replay", "lr_groups", "mitigation.ewc", "mitigation.lr_cap", "init_adapter")),
 }
 PLAN_ONLY = {"llama-2-7b": "planned from its config only; the job loads no weights for it: "
                            "to run it, point model.source at hf:<folder with the weights> on the cluster"}
@@ -99,10 +100,16 @@ class FinetuneSpec(JobBase):
         None, description="per-group learning rates; 'default': new 1e-3, pretrained 2e-5, early 1e-5"
     )
     mitigation: MitigationSpec = Field(default_factory=MitigationSpec)
+    init_adapter: Optional[PathStr] = Field(
+        None, description="an exported adapter folder (adapter/) the strategy's adapter starts from instead of "
+        "fresh weights: a pipeline stage carries its adapter on this way")
 
     @model_validator(mode="after")
     def _consistent(self):
         problems = []
+        if self.init_adapter and not get_strategy(self.strategy).is_adapter:
+            problems.append(f"init_adapter: {self.init_adapter} starts an adapter, but strategy {self.strategy.type} "
+                            "trains none; use an adapter strategy (lora, ...) or remove init_adapter")
         if self.data.task == "classification" and not self.model.num_labels:
             problems.append("data.task classification needs model.num_labels (e.g. 4)")
         if self.mitigation.ewc and not self.data.retain:
@@ -121,6 +128,8 @@ class Finetune(Kind):
     def resolve_paths(self, spec: dict, resolve) -> None:
         resolve_data(spec["data"], resolve)
         resolve_model(spec["model"], resolve)
+        if spec.get("init_adapter"):
+            spec["init_adapter"] = resolve(spec["init_adapter"])
 
     def prepare(self, spec: dict) -> tuple[Optional[dict], list[str]]:
         from launcher.dsconfig import prepare

@@ -1,18 +1,23 @@
-"""`kind: pipeline`: the ARR-COC stages, run one after another by jobs/pipeline.py, each starting
-from the previous stage's checkpoint.
+"""`kind: pipeline`: stages run one after another, each starting from the previous stage's result.
 
-Its spec model, what its stages run, their data checks, the per-stage estimate, the worker layout
-(the largest stage's), and how plan, the summary and the report show it.
+Two kinds of stages, by the model: an ARR-COC model's stages name its parameter groups
+(jobs/pipeline.py); any model the finetune kind runs has finetune stages, each a finetune fragment
+(strategy, data, train, resources) run by jobs/stages.py as the finetune job (launcher/stages.py
+chains them). Its spec model, what its stages run, their data checks, the per-stage estimate, the
+worker layout (the largest stage's), and how plan, the summary and the report show it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
+from launcher import stages as chain
+from launcher.errors import ConfigError, LauncherError
 from launcher.kinds import Engine, Kind, check_datasets, layout, register_kind, resolve_data, resolve_model
+from launcher.kinds.finetune import FINETUNE, LrGroup, MitigationSpec
 from launcher.spec import (
     MAX_BATCH,
     MAX_STEPS,
@@ -22,7 +27,9 @@ from launcher.spec import (
     ModelSpec,
     ResourcesSpec,
     Strict,
+    TrainSpec,
 )
+from launcher.strategies import spec_union
 from launcher.strategies.lora import LoraStrategy
 
 # The parameter groups of an ARR-COC model: the vision encoder, the texture adapter (scorers,
@@ -74,6 +81,48 @@ class StageSpec(Strict):
         return self
 
 
+class FinetuneStage(Strict):
+    """A stage of any model the finetune kind runs: a finetune fragment that starts from the
+    previous stage's result (launcher/stages.py). What trains is its strategy's (freeze and
+    gradual-unfreeze patterns, adapters)."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,30}$", description="lower-case, '-', '_'")
+    strategy: spec_union()
+    data: Optional[DataSpec] = Field(None, description="default: the pipeline's data")
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    lr_groups: Optional[Union[Literal["default"], list[LrGroup]]] = None
+    mitigation: MitigationSpec = Field(default_factory=MitigationSpec)
+    merge: bool = Field(False, description="merge the stage's adapter into its base: the next stage starts "
+                        "from the merged model (default: from the base with this adapter, trained on)")
+
+
+ARRCOC_STAGE, FINETUNE_STAGE = "arrcoc-stage", "finetune-stage"
+
+
+def _stage_shape(value: Any) -> str:
+    """An ARR-COC stage names its groups (`train: [texture]`) and its `steps`; a finetune stage has
+    a `train:` block of settings. The pipeline checks the shape fits its model."""
+    get = value.get if isinstance(value, dict) else lambda k: getattr(value, k, None)
+    return ARRCOC_STAGE if isinstance(get("train"), list) or get("steps") is not None else FINETUNE_STAGE
+
+
+Stage = Annotated[Union[Annotated[StageSpec, Tag(ARRCOC_STAGE)], Annotated[FinetuneStage, Tag(FINETUNE_STAGE)]],
+                  Discriminator(_stage_shape)]
+
+
+def source_of(spec) -> str:
+    """The pipeline's model source, of a spec model or dict (no `model:` means ARR-COC's mini)."""
+    model = spec.get("model") if isinstance(spec, dict) else spec.model
+    if model is None:
+        return "arrcoc-mini"
+    return model.get("source", "tiny-llama") if isinstance(model, dict) else model.source
+
+
+def is_arrcoc(spec) -> bool:
+    return source_of(spec) in ARRCOC_SOURCES
+
+
 class PipelineTrainSpec(Strict):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: Optional[float] = Field(1.0, gt=0)
@@ -86,24 +135,68 @@ class PipelineSpec(JobBase):
     kind: Literal["pipeline"]
     model: ModelSpec = Field(default_factory=lambda: ModelSpec(source="arrcoc-mini", seq_len=32))
     data: Optional[DataSpec] = Field(None, description="the stages' data unless a stage has its own")
-    train: PipelineTrainSpec = Field(default_factory=PipelineTrainSpec)
-    stages: list[StageSpec] = Field(min_length=1)
+    train: Optional[PipelineTrainSpec] = Field(None, description="ARR-COC stages' shared settings (default "
+                                               "filled); a finetune stage has its own train:")
+    stages: list[Stage] = Field(min_length=1)
 
-    @field_validator("model")
+    @model_validator(mode="before")
     @classmethod
-    def _arrcoc_model(cls, value: ModelSpec) -> ModelSpec:
-        if value.source not in ARRCOC_SOURCES:
-            raise ValueError(f"a pipeline runs an ARR-COC model; use source {' or '.join(ARRCOC_SOURCES)}")
-        return value
+    def _stages_fit_the_model(cls, data):
+        """A stage of the other shape is named before its fields are (they would all be wrong)."""
+        if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
+            return data
+        arrcoc, found = is_arrcoc(data), []
+        for i, stage in enumerate(data["stages"]):
+            if not isinstance(stage, dict):
+                continue
+            where, shape = f"stages.{i} ({stage.get('name')})", _stage_shape(stage)
+            if arrcoc and shape == FINETUNE_STAGE:
+                found.append(f"{where}: an ARR-COC stage names its groups and steps "
+                             f"(train: [{', '.join(PARAM_GROUPS)}], steps: N)")
+            elif not arrcoc and shape == ARRCOC_STAGE:
+                found.append(f"{where}: train: {stage.get('train')} names ARR-COC groups, but model.source "
+                             f"{source_of(data)} is no ARR-COC model; its stages are finetune fragments "
+                             "(strategy:, data:, train: {max_steps: N})")
+        if found:
+            raise ValueError("; ".join(found))
+        return data
 
     @model_validator(mode="after")
     def _stages_chain(self):
-        problems, lora = [], None
         names = [s.name for s in self.stages]
+        problems = [f"stages.{i} ({n}): stage name is used twice; names must be unique"
+                    for i, n in enumerate(names) if names.count(n) > 1]
+        if not problems and is_arrcoc(self):
+            problems = self._arrcoc_problems()
+            self.train = self.train or PipelineTrainSpec()
+        if problems:
+            raise ValueError("; ".join(problems))
+        found = [] if is_arrcoc(self) else self._finetune_problems()
+        if found:
+            raise ConfigError(found)  # one line each, with its stage
+        return self
+
+    def _finetune_problems(self) -> list[str]:
+        """Each stage must be a valid finetune (its refusals included) and the chain must hold."""
+        from launcher.spec import validate
+
+        if self.train is not None:
+            return ["train: a finetune pipeline's settings are its stages'; move them into each stage's train:"]
+        spec, problems = self.model_dump(mode="json"), []
+        for i, stage in enumerate(self.stages):
+            if stage.data is None and self.data is None:
+                problems.append(f"stages.{i} ({stage.name}): no data; set data: at the pipeline or in the stage")
+                continue
+            try:
+                validate(chain.stage_spec(spec, i))
+            except ConfigError as exc:
+                problems += [f"stages.{i} ({stage.name}): {p}" for p in exc.problems]
+        return problems + chain.chain_problems(spec)
+
+    def _arrcoc_problems(self) -> list[str]:
+        problems, lora = [], None
         for i, stage in enumerate(self.stages):
             where = f"stages.{i} ({stage.name})"
-            if names.count(stage.name) > 1:
-                problems.append(f"{where}: stage name is used twice; names must be unique")
             data = stage.data or self.data
             if data is None:
                 problems.append(f"{where}: no data; set data: at the pipeline or in the stage")
@@ -115,11 +208,7 @@ class PipelineSpec(JobBase):
                 lora = lora or stage.strategy
             if "lora" in stage.train and lora is None:
                 problems.append(f"{where}: trains lora but no stage up to here has strategy: {{type: lora}}")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
-
-
+        return problems
 
 
 class Pipeline(Kind):
@@ -131,6 +220,17 @@ class Pipeline(Kind):
                               "ARR-COC weights ship with ftlaunch)"}
     trains = "on an ARR-COC model"
     throughput_unit = "rows/s"
+
+    def job_module(self, spec: dict) -> str:
+        # A finetune pipeline's stages are finetune runs: jobs/stages.py runs them with jobs/finetune.py.
+        return super().job_module(spec) if is_arrcoc(spec) else "jobs.stages"
+
+    def rate_unit(self, manifest: dict) -> str:
+        return self.throughput_unit if is_arrcoc(manifest.get("spec") or {}) else "tokens/s"
+
+    def refusals(self, spec) -> list[str]:
+        # A finetune stage was validated as the finetune it is (its refusals included) by the model.
+        return super().refusals(spec) if is_arrcoc(spec) else []
 
     def datasets(self, spec) -> list:
         stages = [(f"stages.{i}.data", s.data) for i, s in enumerate(spec.stages) if s.data is not None]
@@ -158,9 +258,19 @@ class Pipeline(Kind):
             resolve_data(stage.get("data"), resolve)
         resolve_model(spec["model"], resolve)
 
+    def prepare(self, spec: dict) -> tuple[Optional[dict], list[str]]:
+        if is_arrcoc(spec):
+            return None, []
+        lint = [f"stages.{s['name']}: {w}" for i, s in enumerate(spec["stages"])
+                for w in FINETUNE.prepare(chain.stage_spec(spec, i))[1]]
+        return None, lint
+
     def check_data(self, spec: dict, target: str) -> tuple[dict, list[str]]:
         """The datasets, stage by stage (a stage without `data:` reads the pipeline's)."""
         from launcher.datacheck import sufficiency
+
+        if not is_arrcoc(spec):
+            return _check_stages(spec, target)
 
         # The stages train adapters only (texture adapter, LoRA) unless one trains the LLM or vision.
         peft = not any({"llm", "vision"} & set(s["train"]) for s in spec["stages"])
@@ -180,12 +290,19 @@ class Pipeline(Kind):
         """One estimate per stage; the pipeline fits when every stage fits."""
         from launcher.preflight import judged
 
+        if not is_arrcoc(spec):
+            return _estimate_stages(spec, profile, strict)
+
         def run():
             from launcher.planner import estimate_pipeline
 
             return estimate_pipeline(spec, profile)
 
         return judged(run, strict)
+
+    def without_preflight(self, spec: dict) -> list[str]:
+        return [] if is_arrcoc(spec) else [w for i in range(len(spec["stages"]))
+                                           for w in FINETUNE.without_preflight(chain.stage_spec(spec, i))]
 
     def resources(self, spec: dict, estimate: Optional[dict]) -> dict:
         # Stages run one at a time: the job needs its largest stage's.
@@ -194,21 +311,34 @@ class Pipeline(Kind):
         return layout(res["workers"], res)
 
     def label(self, spec: dict) -> str:
-        return spec["model"]["source"]
+        if is_arrcoc(spec):
+            return spec["model"]["source"]
+        return " -> ".join(s["strategy"]["type"] for s in spec["stages"])
 
     def describe(self, spec: dict, estimate: Optional[dict]) -> list[str]:
+        if not is_arrcoc(spec):
+            return [f"stage         {_stage_line(spec, i)}, {s['resources']['workers']} x "
+                    f"({s['resources']['cpus_per_worker']} CPU, {s['resources']['gpus_per_worker']} GPU)"
+                    for i, s in enumerate(spec["stages"])]
         return [f"stage         {s['name']}: trains {'+'.join(s['train'])}, {s['steps']} steps, "
                 f"{s['resources']['workers']} x ({s['resources']['cpus_per_worker']} CPU, "
                 f"{s['resources']['gpus_per_worker']} GPU)" for s in spec["stages"]]
 
     def format_estimate(self, estimate: dict) -> str:
-        from launcher.planner import format_pipeline_estimate
+        from launcher.planner import format_estimate, format_pipeline_estimate
 
-        return format_pipeline_estimate(estimate)
+        if "parameters" in estimate["stages"][0] and "groups" in estimate["stages"][0]["parameters"]:
+            return format_pipeline_estimate(estimate)
+        lines = [f"pipeline of {len(estimate['stages'])} finetune stage(s), model {estimate['model']}"]
+        for e in estimate["stages"]:
+            lines += ["", f"stage {e['stage']}", *format_estimate(e).splitlines()]
+        return "\n".join(lines)
 
     def summary(self, manifest: dict, s: dict) -> str:
         from common.units import metric as _f
 
+        if not is_arrcoc(manifest.get("spec") or {}):
+            return _stages_summary(manifest, s)
         stages = s.get("stages") or {}
         lines = [f"run            {manifest.get('run_id')}",
                  f"accuracy       {_f(s.get('accuracy_before'))} -> {_f(s.get('accuracy_after'))} "
@@ -225,6 +355,8 @@ class Pipeline(Kind):
         from common.units import pct as _pct
         from launcher.report import Section, loss_facts, read_json, read_jsonl
 
+        if not is_arrcoc(manifest.get("spec") or {}):
+            return _stage_sections(run_dir, manifest)
         entries = {e["name"]: e for e in read_json(run_dir / "pipeline.json").get("stages", [])}
         metrics = read_jsonl(run_dir / "metrics.jsonl")
         out = []
@@ -244,12 +376,128 @@ class Pipeline(Kind):
         return out
 
     def spec_lines(self, spec: dict) -> list[str]:
+        if not is_arrcoc(spec):
+            return [f"stage {_stage_line(spec, i)}" for i in range(len(spec.get("stages") or []))]
         return [f"stage {st['name']}: trains {', '.join(st.get('train', []))}, {st.get('steps')} steps"
                 for st in spec.get("stages") or []]
 
     def planned_memory(self, manifest: dict, profile: Optional[str]) -> dict:
         est = self.recorded_estimate(manifest, profile)
         return {e["stage"]: e["memory"]["total"] for e in est["stages"]} if est else {}
+
+    def report_blocks(self, run_dir: Path, manifest: dict, out: Path) -> list:
+        """A finetune pipeline's table: every stage's eval split, at the start and after each stage."""
+        if is_arrcoc(manifest.get("spec") or {}):
+            return []
+        return _splits_table(run_dir, manifest)
+
+
+# ---------------------------------------------------------------------------------------------
+# A finetune pipeline: each stage planned, checked and shown as the finetune it is
+
+
+def _stage_line(spec: dict, i: int) -> str:
+    """`domain: lora on causal_lm, 40 steps, from hf:models/q, merged after`."""
+    stage, ft = spec["stages"][i], chain.stage_spec(spec, i)
+    return (f"{stage['name']}: {stage['strategy']['type']} on {(ft.get('data') or {}).get('task')}, "
+            f"{(stage.get('train') or {}).get('max_steps')} steps, from {chain.starts_from(spec, i)}"
+            f"{', merged after' if stage.get('merge') else ''}")
+
+
+def _check_stages(spec: dict, target: str) -> tuple[dict, list[str]]:
+    """Each stage's data checked as its finetune's; a stage's `train.max_steps` filled from its rows."""
+    found, warnings = {}, []
+    for i, stage in enumerate(spec["stages"]):
+        ft = chain.stage_spec(spec, i)
+        try:
+            checked, lines = FINETUNE.check_data(ft, target)
+        except LauncherError as exc:  # which stage's data it is
+            raise type(exc)(f"stages.{stage['name']}: {exc}") from None
+        stage["train"]["max_steps"] = ft["train"]["max_steps"]
+        found.update({f"{stage['name']}.{role}": info for role, info in checked.items()})
+        warnings += [f"stages.{stage['name']}: {w}" for w in lines]
+    return found, warnings
+
+
+def _estimate_stages(spec: dict, profile: Optional[str], strict: bool) -> tuple[Optional[dict], list[str]]:
+    """The finetune estimate of each stage (its model: the pipeline's, same shape at every stage);
+    the pipeline fits when every stage fits."""
+    stages, warnings = [], []
+    for i, stage in enumerate(spec["stages"]):
+        est, lines = FINETUNE.estimate(chain.stage_spec(spec, i), profile, strict)
+        warnings += [f"stages.{stage['name']}: {w}" for w in lines]
+        if est is None:
+            return None, warnings
+        stages.append({"stage": stage["name"], **est})
+    bad = next((e for e in stages if e["fit"]["verdict"] != "fits"), None)
+    worst = max(stages, key=lambda e: e["memory"]["total"])
+    return {"kind": "pipeline", "model": spec["model"]["source"], "profile": worst["profile"], "stages": stages,
+            "fit": {"verdict": bad["fit"]["verdict"] if bad else "fits",
+                    "reason": f"stage {bad['stage']}: {bad['fit']['reason']}" if bad else None,
+                    "suggestions": bad["fit"]["suggestions"] if bad else [],
+                    "stages": [e["fit"]["verdict"] for e in stages]},
+            "peak_per_device_bytes": worst["memory"]["total"]}, warnings
+
+
+def _stages_summary(manifest: dict, s: dict) -> str:
+    from common.units import metric as _f
+    from common.units import pct as _pct
+
+    lines = [f"run            {manifest.get('run_id')}"]
+    for name, st in (s.get("stages") or {}).items():
+        line = (f"  stage {name:<10} {st.get('strategy')}, {st.get('steps')} steps: loss {_f(st.get('loss_first'))} -> "
+                f"{_f(st.get('loss_last'))}, eval loss {_f(st.get('eval_loss_before'))} -> "
+                f"{_f(st.get('eval_loss_after'))}")
+        if st.get("eval_exact_match_before") is not None:
+            line += f", exact match {_pct(st['eval_exact_match_before'])} -> {_pct(st.get('eval_exact_match_after'))}"
+        if st.get("eval_accuracy_before") is not None:
+            line += f", accuracy {_pct(st['eval_accuracy_before'])} -> {_pct(st.get('eval_accuracy_after'))}"
+        lines.append(line)
+    lines += [f"wall time      {s.get('wall_time_s')} s",
+              f"result         {s.get('result')}",
+              f"artifacts      {manifest.get('plan', {}).get('run_dir', '?')} (pipeline.json, stages/)"]
+    return "\n".join(lines)
+
+
+def _stage_sections(run_dir: Path, manifest: dict) -> list:
+    from launcher.report import finetune_section, read_json
+
+    entries = {e["name"]: e for e in read_json(run_dir / "pipeline.json").get("stages", [])}
+    out = []
+    for i, stage in enumerate((manifest.get("spec") or {}).get("stages", [])):
+        e = entries.get(stage["name"], {})
+        s = finetune_section(f"stage {stage['name']}", stage["name"], chain.stage_folder(run_dir, stage["name"]),
+                             e.get("summary") or {}, e.get("status", "not started"))
+        s.facts.insert(0, f"{stage['strategy']['type']}, from {chain.starts_from(manifest['spec'], i)}"
+                          f"{', merged after' if stage.get('merge') else ''}")
+        if e.get("error"):
+            s.facts.append(f"error: {e['error']}")
+        out.append(s)
+    return out
+
+
+def _splits_table(run_dir: Path, manifest: dict) -> list:
+    """Eval loss on every stage's eval split: at the start and after each stage (jobs/stages.py)."""
+    from launcher.report import read_json
+
+    evals = read_json(run_dir / "pipeline.json").get("evals") or []
+    splits = list(dict.fromkeys(e["split"] for e in evals))
+    if not splits:
+        return []
+    after = list(dict.fromkeys(e["after"] for e in evals))
+    value = {(e["after"], e["split"]): e for e in evals}
+
+    def cell(key):
+        e = value.get(key)
+        if e is None:
+            return "-"
+        return f"{e['loss']:.3f}" + (f" ({100 * e['accuracy']:.1f}%)" if e.get("accuracy") is not None else "")
+
+    rows = [[a if a == "start" else f"after {a}"] + [cell((a, sp)) for sp in splits] for a in after]
+    return [("h2", "Every stage on every eval split"),
+            ("p", "Eval loss (accuracy for classification) of the pipeline's model at the start and after each "
+                  "stage, on the first rows of each stage's eval split (the rows its finetune scores)."),
+            ("table", ["model"] + [f"{sp} eval" for sp in splits], rows)]
 
 
 register_kind(Pipeline())

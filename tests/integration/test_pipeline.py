@@ -95,3 +95,51 @@ def test_pipeline_stops_in_stage_two_and_resumes_without_rerunning_stage_one(ray
     # Eval accuracy on the synthetic VQA set rose across the pipeline.
     s = manifest["summary"]
     assert s["accuracy_after"] >= s["accuracy_before"] + 0.15, pipe
+
+
+def test_domain_then_task_pipeline_chains_its_stages_on_a_model_folder(ray_head, tmp_path):
+    """configs/pipeline/domain-then-task.yaml with fewer steps, on a `ftlaunch model make qwen2`
+    folder: each stage's loss falls, and stage 2 starts from stage 1's merged model (its eval
+    before training equals the merged model's, scored apart from it, and differs from the base's)."""
+    from launcher.modelmake import make_model
+    from launcher.synthetic import make_splits
+    from tests.integration.test_jobs import cli
+
+    folder = make_model("qwen2", tmp_path / "q")
+    domain = make_splits("domain", 1000, tmp_path / "domain")
+    chat = make_splits("chat", 1000, tmp_path / "chat", fmt="jsonl")
+    overrides = [f"model.source=hf:{folder}", f"storage={tmp_path / 'runs'}",
+                 f"stages.0.data.train={domain['train']}", f"stages.0.data.eval={domain['eval']}",
+                 f"stages.1.data.train={chat['train']}", f"stages.1.data.eval={chat['eval']}",
+                 "stages.0.train.max_steps=30", "stages.0.train.report_every=15", "stages.0.train.eval_batches=2",
+                 "stages.1.train.max_steps=40", "stages.1.train.report_every=20", "stages.1.train.eval_batches=2",
+                 "stages.1.train.eval_generate=16"]
+    out = cli("submit", str(ROOT / "configs/pipeline/domain-then-task.yaml"), *overrides,
+              "--submission-id", "it-domain-task", "--address", ray_head.address, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "stage task" in out.stdout  # the printed summary, per stage
+    run_dir = tmp_path / "runs" / "it-domain-task"
+    pipe = json.loads((run_dir / "pipeline.json").read_text())
+    domain_stage, task_stage = pipe["stages"]
+    assert [s["status"] for s in pipe["stages"]] == ["SUCCEEDED", "SUCCEEDED"], pipe
+    for stage in pipe["stages"]:
+        s = stage["summary"]
+        assert s["loss_last"] < s["loss_first"] and s["eval_loss_after"] < s["eval_loss_before"], (stage["name"], s)
+
+    # Stage 2 ran on the merged model stage 1 left, with a fresh adapter of its own.
+    merged = run_dir / "stages" / "domain" / "merged"
+    assert task_stage["source"] == f"hf:{merged}" and task_stage["init_adapter"] is None
+    assert (merged / "config.json").exists() and (merged / "tokenizer_config.json").exists()
+    evals = {(e["after"], e["split"]): e["loss"] for e in pipe["evals"]}
+    # The merged model scored on its own (a Ray task) agrees with what stage 2's workers loaded...
+    assert evals[("domain", "task")] == pytest.approx(task_stage["summary"]["eval_loss_before"], rel=1e-4)
+    # ... and with stage 1's own score of base + adapter (merging changes only the rounding).
+    assert evals[("domain", "domain")] == pytest.approx(domain_stage["summary"]["eval_loss_after"], rel=1e-3)
+    # Stage 1 moved the model: the base's chat loss is not what stage 2 started from.
+    assert abs(evals[("start", "task")] - evals[("domain", "task")]) > 1e-3, evals
+    assert evals[("task", "task")] == pytest.approx(task_stage["summary"]["eval_loss_after"], rel=1e-4)
+
+    report = cli("report", str(run_dir))
+    assert report.returncode == 0, report.stderr[-3000:]
+    md = (run_dir / "report" / "report.md").read_text()
+    assert "## stage domain" in md and "## stage task" in md and "Every stage on every eval split" in md

@@ -160,7 +160,9 @@ def test_mini_plan_reads_each_stages_data(tmp_path):
     ({"stages__0__freeze": ["vision", "texture", "llm", "lora"]}, "stages.0: .*both trained and frozen"),
     ({"stages__0__freeze": ["vision"]}, "stages.0: .*neither trained nor frozen"),
     ({"stages__2__name": "texture"}, "stages.2 \\(texture\\): stage name is used twice"),
-    ({"model__source": "tiny-llama"}, "model: a pipeline runs an ARR-COC model"),
+    # Another model runs finetune stages (tests/unit/test_pipeline_stages.py): ARR-COC's groups are named.
+    ({"model__source": "tiny-llama"}, "stages.0 \\(texture\\): train: \\['texture'\\] names ARR-COC groups, "
+                                      "but model.source tiny-llama is no ARR-COC model"),
     ({"stages__0__train": ["lora"], "stages__0__freeze": None, "stages__0__lr_groups": {"lora": 0.01}}, "stages.0 \\(texture\\): trains lora but no stage"),
     ({"stages__1__strategy": {"type": "lora", "r": 0}}, "stages.1.strategy.r"),
 ])
