@@ -27,11 +27,16 @@ class Stopped(BaseException):
     """The job was asked to stop (Ray's job stop sends SIGTERM to the driver)."""
 
 
+_STOP_REQUESTED: list = []  # set once SIGTERM came: whatever the job raises then is the stop's
+
+
 def stop_on_sigterm(run_dir) -> None:
     """SIGTERM records STOPPED at once, then unwinds the job: Ray SIGKILLs a driver that takes
-    longer than its grace, and the unwinding (Ray Train's teardown) may."""
+    longer than its grace, and the unwinding (Ray Train's teardown) may. The exception that ends
+    the job then need not be `Stopped`: Ray Train may wrap it, or fail on the teardown it began."""
 
     def on_sigterm(signum, frame):
+        _STOP_REQUESTED.append(time.time())
         finish(run_dir, "STOPPED", error="Stopped: stopped by request (SIGTERM)")
         raise Stopped("stopped by request (SIGTERM)")
 
@@ -167,11 +172,11 @@ def run(plan: dict, spec, run_dir) -> int:
         with watch_pending(spec.pending_timeout, run_dir):
             summary = module.run(spec, plan, run_dir)
     except BaseException as exc:  # the manifest records every way a run ends
-        stopped = isinstance(exc, (Stopped, KeyboardInterrupt))
-        finish(run_dir, "STOPPED" if stopped else "FAILED", error=f"{type(exc).__name__}: {exc}",
-               artifacts=run_dir.artifacts())
+        stopped = isinstance(exc, (Stopped, KeyboardInterrupt)) or bool(_STOP_REQUESTED)
+        error = "Stopped: stopped by request (SIGTERM)" if _STOP_REQUESTED else f"{type(exc).__name__}: {exc}"
+        finish(run_dir, "STOPPED" if stopped else "FAILED", error=error, artifacts=run_dir.artifacts())
         traceback.print_exc()
-        print(f"[ftlaunch] FAILED: {type(exc).__name__}: {exc}", flush=True)
+        print(f"[ftlaunch] {'STOPPED' if stopped else 'FAILED'}: {error}", flush=True)
         _report(plan, run_dir)
         return 1
     if not spec.keep_checkpoints:
