@@ -43,8 +43,8 @@ def interleave(new: Iterable[T], old: Iterable[T], fraction: float) -> Iterator[
 def weighted_schedule(weights: list[float], skip: int = 0) -> Iterator[int]:
     """Endless source indices so that after n items source i was chosen within one of
     n * w_i / sum(w) times: each item goes to the source furthest behind its share (ties: the
-    lowest index), in exact fractions, no randomness. With two sources it is `interleave`'s
-    schedule up to ties. `skip`: the first `skip` items are dropped (a resumed run goes on
+    lowest index), in exact fractions, no randomness (`interleave` is the floor schedule of two
+    sources; this one rounds, and takes any number). `skip`: the first `skip` items are dropped (a resumed run goes on
     where it stopped, the mix exact over the whole run)."""
     if not weights or any(w <= 0 for w in weights):
         raise ValueError(f"weights {weights} must be positive")
