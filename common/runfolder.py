@@ -17,6 +17,7 @@ MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"  # one record per report: step, loss, eval_*, lr, tokens, tokens_per_s
 EVENTS = "events.jsonl"
 REGISTRY = "registry.json"  # multitask: the adapter registry
+JOINT_EXPORT = "joint"  # multitask mode joint: backbone/, heads/<task>.safetensors, heads.json
 PIPELINE = "pipeline.json"  # pipeline: one entry per stage
 VARIANTS = "variants.jsonl"  # compare: one record per finished variant
 LOGS, TENSORBOARD, REPORT = "logs", "tensorboard", "report"

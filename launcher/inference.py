@@ -1,13 +1,17 @@
 """Inference on a run's artifacts: greedy generation (the one implementation: `ftlaunch infer`,
 the Python API and the jobs' generation eval all call `greedy`), a finetune run's (or compare
-variant's) trained model (`RunModel`), and a multitask run's adapters swapped on one base
-(`AdapterSet`: the base loaded once, every registered adapter attached to it).
+variant's) trained model (`RunModel`), a multitask run's adapters swapped on one base
+(`AdapterSet`: the base loaded once, every registered adapter attached to it), and a joint
+multitask run's backbone with every task's head (`JointModel`; `joint_logits` is the one forward
+the job trains with and the loader reproduces).
 
 torch, transformers and peft are imported inside the functions: `import launcher` stays light.
 
     adapters = AdapterSet("runs/<run_id>")
     adapters.generate(["count from 41:"], task="counting")
     adapters.logits(texts, tasks=["counting", "alphabet"])   # one mixed batch, one adapter per row
+    joint = JointModel("runs/<run_id>")                       # mode: joint: backbone + heads
+    joint.predict(["the team scored a goal"], task="topic")
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from common.chat import CHAT_TEMPLATES, PLAIN_TEMPLATE, instruction_messages
-from common.runfolder import MANIFEST, REGISTRY, run_path
+from common.runfolder import JOINT_EXPORT, MANIFEST, REGISTRY, run_path
 from launcher.errors import LauncherError
 from launcher.registry import load_registry
 
@@ -120,8 +124,11 @@ def prompt_text(tok, text: str, task: str, system: Optional[str] = None) -> str:
 def open_run(run: Union[str, Path], storage: Union[str, Path] = "./runs", variant: Optional[str] = None,
              task: Optional[str] = None, device: str = "cpu"):
     """The inference object of any run folder: an AdapterSet for a multitask run (its registry),
-    a RunModel for a finetune run or one variant of a compare run."""
+    a JointModel for a joint multitask run, a RunModel for a finetune run or one variant of a
+    compare run."""
     folder = run_path(run, storage)
+    if (folder / JOINT_EXPORT).is_dir():
+        return JointModel(folder, device=device)
     if (folder / REGISTRY).is_file():
         return AdapterSet(folder, tasks=[task] if task else None, device=device)
     return RunModel(folder, variant=variant, device=device)
@@ -289,3 +296,73 @@ class AdapterSet:
             for i, answer in zip(rows, answers):
                 out[i] = answer
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# A joint multitask run: one backbone, one classification head per task
+
+HEADS_JSON = "heads.json"  # in the export folder: the backbone's folder, pooling, each head's file and classes
+
+
+def joint_logits(backbone, head, input_ids, attention_mask):
+    """A task's logits: the backbone's last hidden states, mean-pooled over the real tokens,
+    through the task's linear head. jobs/joint.py trains with it; `JointModel` reloads with it."""
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return head(pooled)
+
+
+class JointModel:
+    """A joint multitask run's export (`joint/`: `backbone/` as save_pretrained writes it, with
+    its tokenizer; `heads/<task>.safetensors`; `heads.json`) loaded once, every head on it.
+
+        joint = JointModel("runs/<run_id>")      # the run folder, or its joint/ folder
+        joint.logits(["rain and storm today"], task="topic")
+    """
+
+    def __init__(self, folder: Union[str, Path], device: str = "cpu"):
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        folder = Path(folder)
+        folder = folder / JOINT_EXPORT if (folder / JOINT_EXPORT).is_dir() else folder
+        if not (folder / HEADS_JSON).is_file():
+            raise LauncherError(f"{folder} holds no joint export ({HEADS_JSON}); pass a joint multitask run's "
+                                "folder once it has succeeded (ftlaunch status)")
+        self.folder, self.device = folder, device
+        self.description = json.loads((folder / HEADS_JSON).read_text())
+        backbone = folder / self.description["backbone"]
+        self.tokenizer = AutoTokenizer.from_pretrained(backbone)
+        self.backbone = AutoModel.from_pretrained(backbone).to(device).eval()
+        self.heads = {}
+        for name, head in self.description["tasks"].items():
+            weights = load_file(str(folder / head["file"]))
+            layer = torch.nn.Linear(weights["weight"].shape[1], weights["weight"].shape[0])
+            layer.load_state_dict(weights)
+            self.heads[name] = layer.to(device).eval()
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.heads)
+
+    def logits(self, texts: Sequence[str], task: str):
+        """The task head's logits for `texts`, encoded as the run encoded its rows."""
+        import torch
+
+        if task not in self.heads:
+            raise LauncherError(f"no head {task!r} in {self.folder}; heads: {', '.join(self.heads)}")
+        enc = self.tokenizer([str(t) for t in texts], padding="max_length", truncation=True,
+                             max_length=self.description["seq_len"], return_tensors="pt")
+        with torch.no_grad():
+            return joint_logits(self.backbone, self.heads[task], enc["input_ids"].to(self.device),
+                                enc["attention_mask"].to(self.device))
+
+    def predict(self, texts: Sequence[str], task: str) -> list:
+        """Each text's class: its label name where the run recorded them, else its index."""
+        names = self.description["tasks"][task].get("label_names")
+        best = self.logits(texts, task).argmax(-1).tolist()
+        return [names[i] for i in best] if names else best

@@ -87,6 +87,39 @@ def classification(rows: int, seed: int = 0):
     return pa.table({"text": text, "label": labels.astype(np.int64)}, schema=schema)
 
 
+# A second classification task over the same kind of text, with another label set: the mood is
+# carried by two mood words, and one topic word of TOPICS sits among them as a distractor (the
+# topic task's cue is this task's noise). A constant guess scores 33%.
+MOODS = {
+    "negative": ["awful", "terrible", "sad", "angry", "boring", "broken", "worst", "hate"],
+    "neutral": ["okay", "average", "usual", "plain", "ordinary", "normal", "standard", "fair"],
+    "positive": ["great", "lovely", "happy", "wonderful", "excellent", "best", "love", "fun"],
+}
+
+
+@generator("sentiment")
+def sentiment(rows: int, seed: int = 0):
+    """Texts of 7-10 words with two words of one mood and one topic word; `label` is the mood's
+    index in MOODS."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed + 3)
+    names, topic_words = list(MOODS), [w for words in TOPICS.values() for w in words]
+    labels = rng.integers(0, len(names), size=rows)
+    text = []
+    for label in labels:
+        words = list(rng.choice(FILLER, size=int(rng.integers(4, 7))))
+        cues = [*rng.choice(MOODS[names[label]], size=2, replace=False), rng.choice(topic_words)]
+        for w in cues:
+            words.insert(int(rng.integers(0, len(words) + 1)), str(w))
+        text.append(" ".join(words))
+    schema = pa.schema(
+        [("text", pa.string()), ("label", pa.int64())],
+        metadata={"label_names": ",".join(names)},
+    )
+    return pa.table({"text": text, "label": labels.astype(np.int64)}, schema=schema)
+
+
 INSTRUCTION_RULES = ("reverse", "sort", "add one to")
 
 

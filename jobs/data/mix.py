@@ -1,7 +1,8 @@
 """Replay mixing: interleave new rows with a share of old rows, deterministically.
 
 `interleave` is the exact schedule (any iterables of rows or of equal-sized batches);
-`mix_datasets` does the same for Ray Data with the built-in `Dataset.mix` of Ray 2.60.
+`mix_datasets` does the same for Ray Data with the built-in `Dataset.mix` of Ray 2.60;
+`weighted_schedule` is the exact schedule of K sources by weight (a joint multitask run's tasks).
 """
 
 from __future__ import annotations
@@ -37,6 +38,27 @@ def interleave(new: Iterable[T], old: Iterable[T], fraction: float) -> Iterator[
         if source is old_it:
             taken_old += 1
         yield item
+
+
+def weighted_schedule(weights: list[float], skip: int = 0) -> Iterator[int]:
+    """Endless source indices so that after n items source i was chosen within one of
+    n * w_i / sum(w) times: each item goes to the source furthest behind its share (ties: the
+    lowest index), in exact fractions, no randomness (`interleave` is the floor schedule of two
+    sources; this one rounds, and takes any number). `skip`: the first `skip` items are dropped (a resumed run goes on
+    where it stopped, the mix exact over the whole run)."""
+    if not weights or any(w <= 0 for w in weights):
+        raise ValueError(f"weights {weights} must be positive")
+    shares = [Fraction(w).limit_denominator(1_000_000) for w in weights]
+    total = sum(shares)
+    shares = [s / total for s in shares]
+    taken, n = [0] * len(shares), 0
+    while True:
+        n += 1
+        behind = [n * s - t for s, t in zip(shares, taken)]
+        i = behind.index(max(behind))
+        taken[i] += 1
+        if n > skip:
+            yield i
 
 
 def old_repeats(new_rows: int, old_rows: int, fraction: float) -> int:

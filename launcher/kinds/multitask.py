@@ -1,5 +1,7 @@
 """`kind: multitask`: one base model, one LoRA adapter per task, one Ray worker per adapter (or
-all adapters packed on one base in one worker), run by jobs/multitask.py.
+all adapters packed on one base in one worker), run by jobs/multitask.py (`mode: adapters`, the
+default); or one shared backbone with a classification head per task, trained together in one Ray
+Train run on a weighted mixture of the tasks' streams, run by jobs/joint.py (`mode: joint`).
 
 Its spec model; each task's effective settings (`task_settings`, which the job reads too, so both
 see the same merge); its data checks and steps; the planner's choice between one base per worker
@@ -9,7 +11,7 @@ and packed adapters; and how plan, the summary and the report show it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -28,11 +30,15 @@ from launcher.spec import (
     Strict,
     TrainSpec,
 )
+from launcher.strategies.freeze import FreezeStrategy
+from launcher.strategies.full import FullStrategy
 from launcher.strategies.lora import LoraStrategy
 
 MULTITASK_IGNORES = ("train.precision", "train.grad_accumulation", "train.grad_checkpointing",
                      "model.attn_implementation")  # the torch engine's step settings, not run here
 MULTITASK_DATA = ("causal_lm", "instruction", "chat")  # tasks an adapter of a causal LM learns
+JOINT_DATA = ("classification",)  # tasks a head of the joint backbone learns
+JOINT_STRATEGIES = ("full", "freeze", "lora")  # what the joint backbone trains by (the heads always train)
 
 
 class LoraOverride(Strict):
@@ -52,17 +58,20 @@ class TrainOverride(Strict):
 
 class TaskSpec(Strict):
     name: str = Field(pattern=r"^[a-z0-9]([a-z0-9_-]{0,38}[a-z0-9])?$",
-                      description="the adapter's name: lower-case letters, digits, '-' and '_'")
+                      description="the adapter's (or head's) name: lower-case letters, digits, '-' and '_'")
     data: DataSpec
     lora: LoraOverride = Field(default_factory=LoraOverride, description="overrides of strategy:")
     train: TrainOverride = Field(default_factory=TrainOverride, description="overrides of train:")
+    weight: Optional[float] = Field(None, gt=0, le=1e6, description="mode joint: the task's share of the "
+                                    "mixed stream (weights are relative: 3 and 1 give 75% and 25% of the steps)")
+    num_labels: Optional[int] = Field(None, gt=1, le=100000, description="mode joint: the classes of its head")
 
     @field_validator("data")
     @classmethod
     def _causal_task(cls, value: DataSpec) -> DataSpec:
-        if value.task not in MULTITASK_DATA:
-            raise ValueError(f"data.task {value.task!r} cannot train a causal-LM adapter; "
-                             f"use one of {', '.join(MULTITASK_DATA)}")
+        if value.task not in MULTITASK_DATA + JOINT_DATA:
+            raise ValueError(f"data.task {value.task!r} cannot train a causal-LM adapter (nor, in mode: joint, "
+                             f"a classification head); use one of {', '.join(MULTITASK_DATA + JOINT_DATA)}")
         if value.replay or value.retain:
             raise ValueError("data.replay and data.retain are not supported per task; remove them")
         return value
@@ -77,9 +86,16 @@ class AdapterResources(Strict):
 
 class MultitaskSpec(JobBase):
     kind: Literal["multitask"]
+    mode: Literal["adapters", "joint"] = Field(
+        "adapters", description="adapters: one LoRA adapter per task (packing: puts them on one base); "
+        "joint: one shared backbone and one classification head per task, trained together")
     model: ModelSpec = Field(default_factory=ModelSpec)
-    strategy: LoraStrategy = Field(default_factory=lambda: LoraStrategy(type="lora"),
-                                   description="the LoRA settings every task starts from")
+    strategy: Annotated[Union[LoraStrategy, FullStrategy, FreezeStrategy], Field(discriminator="type")] = Field(
+        default_factory=lambda: LoraStrategy(type="lora"),
+        description="mode adapters: the LoRA settings every task starts from; mode joint: how the "
+        "shared backbone trains (full, freeze patterns: freeze: ['.'] trains the heads alone, or lora)")
+    head_lr: Optional[float] = Field(None, gt=0, lt=1, description="mode joint: the heads' learning rate "
+                                     "(default train.lr): new heads learn faster than a pretrained backbone")
     train: TrainSpec = Field(default_factory=TrainSpec, description="what every task starts from")
     tasks: list[TaskSpec] = Field(min_length=1)
     packing: Union[bool, Literal["auto"]] = Field(
@@ -97,8 +113,15 @@ class MultitaskSpec(JobBase):
         return tasks
 
     @model_validator(mode="after")
+    def _mode_fields(self) -> "MultitaskSpec":
+        problems = joint_problems(self) if self.mode == "joint" else adapter_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
     def _packed_without_dropout(self) -> "MultitaskSpec":
-        if self.packing is True:
+        if self.packing is True and self.mode == "adapters":
             for task in self.tasks:
                 dropout = task.lora.dropout if task.lora.dropout is not None else self.strategy.dropout
                 if dropout:
@@ -108,6 +131,45 @@ class MultitaskSpec(JobBase):
         return self
 
 
+
+def adapter_problems(spec: MultitaskSpec) -> list[str]:
+    """What mode adapters does not run, one line each (the fields of mode joint)."""
+    found = []
+    if spec.strategy.type != "lora":
+        found.append(f"strategy: {spec.strategy.type} trains a shared backbone in mode: joint only; "
+                     "use type lora (one adapter per task) or set mode: joint")
+    if spec.head_lr is not None:
+        found.append("head_lr is read in mode: joint only; remove it or set mode: joint")
+    for t in spec.tasks:
+        for field in ("weight", "num_labels"):
+            if getattr(t, field) is not None:
+                found.append(f"tasks.{t.name}.{field} is read in mode: joint only; remove it or set mode: joint")
+        if t.data.task in JOINT_DATA:
+            found.append(f"tasks.{t.name}: data.task {t.data.task} trains a head in mode: joint only; "
+                         f"set mode: joint or use {', '.join(MULTITASK_DATA)}")
+    return found
+
+
+def joint_problems(spec: MultitaskSpec) -> list[str]:
+    """What a joint run needs and refuses, one line each: every task a classification head with
+    its classes and its weight, no per-adapter overrides, no packing."""
+    found = []
+    if spec.packing is not False:
+        found.append("packing packs adapters (mode: adapters); remove it in mode: joint")
+    for t in spec.tasks:
+        if t.data.task not in JOINT_DATA:
+            found.append(f"tasks.{t.name}: data.task {t.data.task} is not run in mode: joint, which trains one "
+                         "classification head per task on a shared backbone; use classification, or mode: "
+                         "adapters for causal-LM tasks")
+        if t.weight is None:
+            found.append(f"tasks.{t.name}.weight is needed in mode: joint: its share of the mixed stream (e.g. 1)")
+        if t.num_labels is None and t.data.task in JOINT_DATA:
+            found.append(f"tasks.{t.name}.num_labels is needed in mode: joint: its head's classes (e.g. 4)")
+        overrides = [f for f in ("lora", "train") if getattr(t, f).model_dump(exclude_none=True)]
+        if overrides:
+            found.append(f"tasks.{t.name}.{'/'.join(overrides)}: per-task overrides train one adapter each; "
+                         "mode: joint is one run: set them in strategy: and train:")
+    return found
 
 
 DATA_ROLES = ("train", "eval")
@@ -321,15 +383,138 @@ def describe(spec: dict, estimate: Optional[dict]) -> list[str]:
     return lines
 
 
+# ---------------------------------------------------------------------------------------------
+# mode: joint: one backbone, one head per task, one Ray Train worker
+
+
+def joint_shares(spec: dict) -> dict:
+    """Each task's share of the mixed stream's steps (its weight over all weights)."""
+    total = sum(t["weight"] for t in spec["tasks"])
+    return {t["name"]: t["weight"] / total for t in spec["tasks"]}
+
+
+def check_joint_data(spec: dict, target: str) -> tuple[dict, list[str]]:
+    """Footer checks of every task's datasets; `train.max_steps`, when unset, is `train.epochs`
+    passes over all tasks' train rows together (a task the mix asks more often cycles its rows)."""
+    from launcher.datacheck import steps_for, sufficiency
+
+    entries = [(f"tasks.{t['name']}.", role, t["data"].get(role), t["data"])
+               for t in spec["tasks"] for role in DATA_ROLES]
+    checked, warnings = check_datasets(entries, target)
+    found = {f"{prefix[len('tasks.'):-1]}.{role}": info for (prefix, role), info in checked.items()}
+    rows = [found.get(f"{t['name']}.train", {}).get("rows") for t in spec["tasks"]]
+    for task, n in zip(spec["tasks"], rows):
+        if n is not None:
+            warnings += [f"tasks.{task['name']}: {w}" for w in sufficiency(
+                task["data"]["task"], n, peft=False, force=task["data"].get("force", False))]
+    train = spec["train"]
+    if train.get("max_steps") is None:
+        if None in rows:
+            raise PlanError("train.max_steps is needed: some tasks' train rows cannot be counted from here")
+        train["max_steps"] = steps_for(sum(rows), train["epochs"], train["micro_batch"], 1)
+    return found, warnings
+
+
+def _backbone_spec(spec: dict) -> dict:
+    """The finetune-shaped spec of the shared backbone alone (no head), for the estimator."""
+    res = spec["resources"]
+    return {"kind": "finetune", "model": {**spec["model"], "num_labels": None}, "strategy": spec["strategy"],
+            "train": spec["train"], "resources": {"workers": 1, "cpus_per_worker": res["cpus_per_worker"],
+                                                   "gpus_per_worker": res["gpus_per_worker"]}}
+
+
+def check_joint_fit(spec: dict, profile: Optional[str], strict: bool) -> tuple[Optional[dict], list[str]]:
+    """The backbone's estimate (its strategy's counts), plus every head: a linear layer of
+    hidden x labels + labels, trained in full; memory re-measured with them; one worker's fit."""
+    try:
+        from launcher.planner import estimate, fit, memory_per_gpu
+        from launcher.planner.counts import count_parameters
+        from launcher.planner.fit import STAGE_LEVERS
+    except MissingExtraError as exc:
+        return None, [f"no parameter or memory estimate: {exc}"]
+    backbone = _backbone_spec(spec)
+    try:
+        est = estimate(backbone, profile)
+        counts = count_parameters(backbone["model"], backbone["strategy"])
+    except MissingExtraError as exc:
+        return None, [f"no parameter or memory estimate: {exc}"]
+    dims = est["parameters"]["dims"]
+    if dims.get("causal_lm", True):
+        raise PlanError(f"model.source: {spec['model']['source']} is a causal LM; mode: joint puts classification "
+                        "heads on an encoder backbone: use minilm or an hf:<folder> of a BERT-type encoder")
+    hidden = dims["hidden_size"]
+    heads = {t["name"]: hidden * t["num_labels"] + t["num_labels"] for t in spec["tasks"]}
+    extra = sum(heads.values())
+    for c in (counts, est["parameters"]):
+        c.update(total=c["total"] + extra, trainable=c["trainable"] + extra, base_total=c["base_total"] + extra)
+        c["percent_trainable"] = round(100.0 * c["trainable"] / c["base_total"], 4)
+        c["percent_of_all"] = round(100.0 * c["trainable"] / c["total"], 4)
+        c["dims"] = {**c["dims"], "num_labels": max(t["num_labels"] for t in spec["tasks"])}
+    settings = est["memory_settings"]
+    memory = memory_per_gpu(counts, None, settings["strategy_type"], workers=1, micro_batch=settings["micro_batch"],
+                            seq_len=settings["seq_len"], precision=settings["precision"], on_gpu=settings["on_gpu"])
+    verdict = fit(memory, est["profile"], est["resources"], STAGE_LEVERS)
+    if verdict["verdict"] != "fits":
+        message = f"the joint run: {verdict['verdict']} on profile {verdict['profile']}: {verdict['reason']}"
+        if strict:
+            raise PlanError(message)
+        return est, [message]
+    est.update(memory={k: v for k, v in memory.items() if k != "inputs"}, fit=verdict)
+    est["parameters"]["heads"] = heads
+    est["joint"] = {"heads": heads, "shares": joint_shares(spec)}
+    return est, []
+
+
+def describe_joint(spec: dict, estimate: Optional[dict]) -> list[str]:
+    steps, shares = spec["train"].get("max_steps"), joint_shares(spec)
+    lines = [f"task          {t['name']}: {t['data']['task']}, {t['num_labels']} labels, weight {t['weight']:g} "
+             f"({shares[t['name']]:.0%} of the {steps} steps)" for t in spec["tasks"]]
+    res = spec["resources"]
+    lines.append(f"layout        one Ray Train worker ({res['cpus_per_worker']:g} CPU, {res['gpus_per_worker']:g} GPU; "
+                 f"+ {res.get('data_cpus_per_worker', 0.2):g} CPU per task stream): a shared backbone "
+                 f"({spec['strategy']['type']}) and {len(spec['tasks'])} heads")
+    return lines
+
+
+def summary_joint(manifest: dict, s: dict) -> str:
+    from common.units import metric as _f
+    from common.units import pct as _pct
+    from common.units import size as _size
+
+    lines = [f"run            {manifest.get('run_id')}",
+             f"layout         joint: one {s.get('strategy')} backbone, one head per task, {s.get('steps')} steps"]
+    for name, t in (s.get("tasks") or {}).items():
+        lines.append(f"  task {name:<14} {t.get('batches')} batches ({_pct(t.get('share'))} of the steps), "
+                     f"eval accuracy {_pct(t.get('eval_accuracy_before'))} -> {_pct(t.get('eval_accuracy_after'))}, "
+                     f"eval loss {_f(t.get('eval_loss_before'))} -> {_f(t.get('eval_loss_after'))}")
+    lines += [f"parameters     {s.get('trainable_params') or 0:,} trainable / {s.get('total_params') or 0:,} total",
+              f"export         {_size(s.get('export_bytes'))}: {s.get('export')}/ (backbone/, heads/, heads.json); "
+              "launcher.inference.JointModel",
+              f"wall time      {s.get('wall_time_s')} s",
+              f"artifacts      {manifest.get('plan', {}).get('run_dir', '?')}"]
+    return "\n".join(lines)
+
+
 class Multitask(Kind):
     name = "multitask"
     model = MultitaskSpec
     # jobs/multitask.py streams each task through the base's tokenizer (jobs/text.py) into a causal
     # LM, one fp32 step per micro-batch on a base loaded in fp32: the torch engine's step settings
     # are refused.
+    # mode joint: jobs/joint.py, one Ray Train worker, plain fp32 steps (the same settings refused).
     engines = {"multitask": Engine("multitask", "jobs.multitask", tasks=MULTITASK_DATA,
-                                   sources=("tiny-llama", "hf:"), ignores=MULTITASK_IGNORES)}
-    trains = "adapters"
+                                   sources=("tiny-llama", "hf:"), strategies=("lora",), ignores=MULTITASK_IGNORES),
+               "joint": Engine("joint", "jobs.joint", tasks=JOINT_DATA, sources=("minilm", "hf:"),
+                               strategies=JOINT_STRATEGIES, ignores=MULTITASK_IGNORES)}
+    trains = "adapters (or, in mode: joint, heads)"
+
+    def engine(self, spec) -> Engine:
+        mode = spec.get("mode") if isinstance(spec, dict) else getattr(spec, "mode", None)
+        return self.engines["joint" if mode == "joint" else "multitask"]
+
+    def _other_engines(self, runs) -> str:
+        names = [e.name for e in self.engines.values() if runs(e)]
+        return f", or mode: {'joint' if names[0] == 'joint' else 'adapters'}" if names else ""
 
     def datasets(self, spec) -> list:
         return [(f"tasks.{t.name}.data", t.data) for t in spec.tasks]
@@ -338,8 +523,12 @@ class Multitask(Kind):
         found = []
         if spec.model.num_labels:
             found.append(f"model.num_labels: {spec.model.num_labels} is not run by kind multitask "
-                         "(its adapters train a causal LM, no classifier head); remove it")
+                         "(its adapters train a causal LM; a joint run's heads take tasks.<name>.num_labels); "
+                         "remove it")
         return found
+
+    def label(self, spec: dict) -> str:
+        return f"{super().label(spec)}, joint" if spec.get("mode") == "joint" else super().label(spec)
 
     def resolve_paths(self, spec: dict, resolve) -> None:
         for task in spec["tasks"]:
@@ -347,12 +536,17 @@ class Multitask(Kind):
         resolve_model(spec["model"], resolve)
 
     def check_data(self, spec: dict, target: str) -> tuple[dict, list[str]]:
-        return check_data(spec, target)
+        return check_joint_data(spec, target) if spec.get("mode") == "joint" else check_data(spec, target)
 
     def estimate(self, spec: dict, profile: Optional[str], strict: bool):
-        return check_fit(spec, profile, strict)
+        own = check_joint_fit if spec.get("mode") == "joint" else check_fit
+        return own(spec, profile, strict)
 
     def without_preflight(self, spec: dict) -> list[str]:
+        if spec.get("mode") == "joint":
+            if spec["train"].get("max_steps") is None:
+                raise PlanError("train.max_steps is not set and preflight is off: set it, or allow preflight")
+            return []
         if missing_steps(spec):
             raise PlanError(f"train.max_steps is not set for tasks {', '.join(missing_steps(spec))} "
                             "and preflight is off: set it, or allow preflight")
@@ -362,13 +556,16 @@ class Multitask(Kind):
         return []
 
     def resources(self, spec: dict, estimate: Optional[dict]) -> dict:
+        if spec.get("mode") == "joint":
+            return {**layout(1, spec["resources"]), "at_once": 1}
         k = workers(spec)
         # How many adapter workers run together (the rest wait their turn).
         at_once = min(k, ((estimate or {}).get("multitask") or {}).get("at_once", k))
         return {**layout(k, spec["resources"]), "at_once": at_once}
 
     def describe(self, spec: dict, estimate: Optional[dict]) -> list[str]:
-        return describe(spec, estimate) + super().describe(spec, estimate)
+        own = describe_joint if spec.get("mode") == "joint" else describe
+        return own(spec, estimate) + super().describe(spec, estimate)
 
     def format_estimate(self, estimate: dict) -> str:
         from launcher.planner import format_estimate
@@ -376,7 +573,9 @@ class Multitask(Kind):
         return format_estimate(estimate)
 
     def summary(self, manifest: dict, s: dict) -> str:
-        """One line per adapter, and how to use them."""
+        """One line per adapter, and how to use them (a joint run: one line per head)."""
+        if s.get("mode") == "joint":
+            return summary_joint(manifest, s)
         from common.units import metric as _f
         from common.units import size as _size
 
@@ -416,6 +615,9 @@ class Multitask(Kind):
                 s.evals["eval loss"] = points
             s.facts = loss_facts(s.metrics) + [
                 f"eval loss {_f(ev.get('eval_loss_before'))} -> {_f(ev.get('eval_loss'))} (before training -> last)"]
+            if ev.get("eval_accuracy") is not None:  # a joint run's head
+                s.evals["eval accuracy"] = [(r["step"], r["eval_accuracy"]) for r in s.metrics if "eval_accuracy" in r]
+                s.facts.append(f"eval accuracy {_f(ev.get('eval_accuracy_before'))} -> {_f(ev['eval_accuracy'])}")
             if name in registry:
                 r = registry[name]
                 s.facts.append(f"adapter {r.get('trainable_params') or 0:,} trainable parameters, "
@@ -436,6 +638,8 @@ class Multitask(Kind):
         est = self.recorded_estimate(manifest, profile)
         if not est:
             return {}
+        if "joint" in est:
+            return {n: est["memory"]["total"] for n in est["joint"]["heads"]}
         mt = est["multitask"]
         return {n: mt["packed_total_bytes"] if mt["packing"] else t["memory_total"] for n, t in mt["tasks"].items()}
 

@@ -150,3 +150,38 @@ def test_a_killed_adapter_worker_is_retried_and_continues_from_its_progress(ray_
     assert len(pids) == 2 and pids[0] == killed and pids[1] != killed, pids
     entry = load_registry(run_dir)["adapters"]["counting"]
     assert entry["steps"] == 300 and entry["eval"]["eval_loss"] < entry["eval"]["eval_loss_before"]
+
+
+def test_joint_mode_trains_one_backbone_with_two_heads_in_one_ray_train_run(ray_head, tmp_path):
+    """The shipped joint config, shortened, on the real head through the real CLI: one Ray Train
+    worker streams both tasks' rows through Ray Data; each task reports on its own; the export
+    reloads to the logits the run saved. (Learning is shown at length in tests/unit/test_multitask_joint.py.)"""
+    import torch
+    import yaml
+
+    from launcher import synthetic
+    from launcher.inference import JointModel
+
+    spec = yaml.safe_load((ROOT / "configs" / "multitask" / "joint-minilm.yaml").read_text())
+    for task, gen in zip(spec["tasks"], ("classification", "sentiment")):
+        task["data"].update(train=str(synthetic.make(gen, 120, tmp_path / task["name"], 0, "train")),
+                            eval=str(synthetic.make(gen, 16, tmp_path / task["name"], 7, "eval")))
+    spec.update(storage=str(tmp_path / "runs"))
+    spec["train"].update(max_steps=10, report_every=5, eval_batches=1)
+    path = tmp_path / "joint.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = cli("submit", str(path), "--address", ray_head.address, "--submission-id", "it-joint", timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_dir = Path(spec["storage"]) / "it-joint"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "SUCCEEDED" and manifest["plan"]["resources"]["workers"] == 1
+    tasks = manifest["summary"]["tasks"]
+    assert {n: t["batches"] for n, t in tasks.items()} == {"topic": 6, "sentiment": 4}  # 60/40 of 10 steps
+    assert [r["step"] for r in _records(run_dir, "topic")] == [5, 10]
+    assert all(r["task"] == "sentiment" and "eval_accuracy" in r for r in _records(run_dir, "sentiment"))
+    assert "task topic" in out.stdout and "eval accuracy" in out.stdout  # the summary, per task
+    probe = torch.load(run_dir / "probe.pt", weights_only=False)
+    joint = JointModel(run_dir)
+    for name in ("topic", "sentiment"):
+        torch.testing.assert_close(joint.logits(probe[name]["texts"], task=name), probe[name]["logits"],
+                                   atol=1e-4, rtol=1e-4)

@@ -41,10 +41,10 @@ REFUSED = [  # (spec, overrides, the one error line after "ftlaunch: error: <spe
      "or engine: torch"),
     (DS, ["model.source=minilm"], "model.source: minilm is not run by engine deepspeed; use tiny-llama or "
      "hf:<folder>, or engine: torch"),
-    (MT, ["model.source=minilm"], "model.source: minilm is not run by kind multitask; use tiny-llama or hf:<folder> "
-     "(kind finetune runs minilm)"),
+    (MT, ["model.source=minilm"], "model.source: minilm is not run by engine multitask; use tiny-llama or "
+     "hf:<folder>, or mode: joint"),
     (MT, ["model.num_labels=2"], "model.num_labels: 2 is not run by kind multitask (its adapters train a causal "
-     "LM, no classifier head); remove it"),
+     "LM; a joint run's heads take tasks.<name>.num_labels); remove it"),
     (MINI, ["data.retain=r.parquet"], "data.retain: r.parquet is not run by kind pipeline (a stage is scored on "
      "its eval split only); remove it"),
     (MINI, ["data.columns.image=img"], "data.columns: {'image': 'img'} is not run by kind pipeline (its stages read "
