@@ -19,7 +19,7 @@ def test_compare_deepspeed_full_against_lora(ray_head, tmp_path):
     from launcher.synthetic import make_splits
 
     folder = make_model("qwen2", tmp_path / "q")
-    data = make_splits("chat", 1000, tmp_path / "chat", fmt="jsonl")
+    data = {k: str(v) for k, v in make_splits("chat", 1000, tmp_path / "chat", fmt="jsonl").items()}
     spec = {
         "kind": "compare",
         "name": "t-cmp",
