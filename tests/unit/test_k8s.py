@@ -485,7 +485,7 @@ def test_cli_validate_k8s_exit_codes(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # render k8s from a user's spec: data and runs on mounted volumes, an explicit profile and image
 
-DEMO = ROOT / "configs" / "demo.yaml"
+DEMO = ROOT / "configs" / "tiny" / "lora.yaml"  # a built-in model: nothing to mount but data
 IMAGE = "registry.example/ftlaunch:1"
 
 

@@ -40,11 +40,14 @@ def bases(tmp_path_factory, made_model) -> list[dict]:
     made_model("qwen2", root / "models/q")
     for name in ("chat", "instruction"):
         synthetic.make_splits(name, 600, root / f"data/{name}", fmt="jsonl")
+    synthetic.make_splits("domain", 600, root / "data/domain")
     synthetic.make_demo(root / "data/demo", rows=1200)
     synthetic.make("alphabet", 1200, root / "data/old")
     for split, rows in (("train", 200), ("eval", 64)):
         synthetic.make("classification", rows, root / "data/cls", split=split)
         synthetic.make("vqa", 64, root / "data/vqa", split=split)
+        synthetic.make("classification", rows, root / "data/joint/topic", split=split)
+        synthetic.make("sentiment", rows, root / "data/joint/sentiment", split=split)
         for task in ("counting", "alphabet", "instruction"):
             synthetic.make(task, rows, root / f"data/multitask/{task}", split=split)
 
