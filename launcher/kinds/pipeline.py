@@ -116,7 +116,9 @@ def source_of(spec) -> str:
     model = spec.get("model") if isinstance(spec, dict) else spec.model
     if model is None:
         return "arrcoc-mini"
-    return model.get("source", "tiny-llama") if isinstance(model, dict) else model.source
+    if isinstance(model, dict):
+        return model.get("source", "tiny-llama")
+    return getattr(model, "source", None)  # a malformed model: its own field error reports it
 
 
 def is_arrcoc(spec) -> bool:
