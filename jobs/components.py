@@ -343,13 +343,18 @@ def save_checkpoint(path: str, model, optimizer, step: int, export: bool) -> Non
 def load_checkpoint(path: str, model, optimizer) -> int:
     """Restore trainable weights and optimizer from a checkpoint folder; returns the step reached."""
     state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
-    inner = unwrap(model)
-    missing = set(state["trainable"]) - {n for n, _ in inner.named_parameters()}
+    restore_trainable(model, state["trainable"], optimizer, state["optimizer"])
+    return int(state["step"])
+
+
+def restore_trainable(model, weights: dict, optimizer, optimizer_state: dict) -> None:
+    """Saved trainable weights back into `model` (on its parameters' devices) and the optimizer's
+    state; a weight the model lacks is an error, not a silent skip."""
+    params = dict(unwrap(model).named_parameters())
+    missing = set(weights) - set(params)
     if missing:
         raise RuntimeError(f"checkpoint has parameters the model lacks: {sorted(missing)[:3]}")
-    params = dict(inner.named_parameters())
     with torch.no_grad():
-        for name, value in state["trainable"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    return int(state["step"])
+        for name, value in weights.items():
+            params[name].copy_(value.to(params[name].device))
+    optimizer.load_state_dict(optimizer_state)

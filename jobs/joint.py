@@ -269,11 +269,7 @@ def _save_state(path: str, model, optimizer, step: int, before: dict, batches: d
 
 def _load_state(path: str, model, optimizer) -> dict:
     state = torch.load(_state_file(path), weights_only=False)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, value in state["trainable"].items():
-            params[n].copy_(value.to(params[n].device))
-    optimizer.load_state_dict(state["optimizer"])
+    C.restore_trainable(model, state["trainable"], optimizer, state["optimizer"])
     print(f"[ftlaunch] joint run: continuing from step {state['step']}", flush=True)
     return state
 

@@ -432,11 +432,7 @@ def load_progress(path: str, model, optimizer, names: list[str]) -> dict | None:
     state = torch.load(path, weights_only=False)
     if state["names"] != names:  # another set of tasks shares the key: not this one's progress
         return None
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, value in state["weights"].items():
-            params[n].copy_(value.to(params[n].device))
-    optimizer.load_state_dict(state["optimizer"])
+    C.restore_trainable(model, state["weights"], optimizer, state["optimizer"])
     print(f"[ftlaunch] {Path(path).stem}: continuing from step(s) {state['steps']}", flush=True)
     return state
 

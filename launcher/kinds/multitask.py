@@ -16,8 +16,19 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from common.units import size
-from launcher.errors import MissingExtraError, PlanError
+from launcher.errors import PlanError
 from launcher.kinds import Engine, Kind, check_datasets, layout, register_kind, resolve_data, resolve_model
+from launcher.kinds.multitask_adapters import MULTITASK_IGNORES, check_fit, task_settings, workers
+from launcher.kinds.multitask_joint import (
+    DATA_ROLES,
+    JOINT_DATA,
+    JOINT_STRATEGIES,
+    check_joint_data,
+    check_joint_fit,
+    describe_joint,
+    joint_problems,
+    summary_joint,
+)
 from launcher.spec import (
     MAX_BATCH,
     MAX_CPUS,
@@ -34,11 +45,7 @@ from launcher.strategies.freeze import FreezeStrategy
 from launcher.strategies.full import FullStrategy
 from launcher.strategies.lora import LoraStrategy
 
-MULTITASK_IGNORES = ("train.precision", "train.grad_accumulation", "train.grad_checkpointing",
-                     "model.attn_implementation")  # the torch engine's step settings, not run here
 MULTITASK_DATA = ("causal_lm", "instruction", "chat")  # tasks an adapter of a causal LM learns
-JOINT_DATA = ("classification",)  # tasks a head of the joint backbone learns
-JOINT_STRATEGIES = ("full", "freeze", "lora")  # what the joint backbone trains by (the heads always train)
 
 
 class LoraOverride(Strict):
@@ -150,36 +157,6 @@ def adapter_problems(spec: MultitaskSpec) -> list[str]:
     return found
 
 
-def joint_problems(spec: MultitaskSpec) -> list[str]:
-    """What a joint run needs and refuses, one line each: every task a classification head with
-    its classes and its weight, no per-adapter overrides, no packing."""
-    found = []
-    if spec.packing is not False:
-        found.append("packing packs adapters (mode: adapters); remove it in mode: joint")
-    for t in spec.tasks:
-        if t.data.task not in JOINT_DATA:
-            found.append(f"tasks.{t.name}: data.task {t.data.task} is not run in mode: joint, which trains one "
-                         "classification head per task on a shared backbone; use classification, or mode: "
-                         "adapters for causal-LM tasks")
-        if t.weight is None:
-            found.append(f"tasks.{t.name}.weight is needed in mode: joint: its share of the mixed stream (e.g. 1)")
-        if t.num_labels is None and t.data.task in JOINT_DATA:
-            found.append(f"tasks.{t.name}.num_labels is needed in mode: joint: its head's classes (e.g. 4)")
-        overrides = [f for f in ("lora", "train") if getattr(t, f).model_dump(exclude_none=True)]
-        if overrides:
-            found.append(f"tasks.{t.name}.{'/'.join(overrides)}: per-task overrides train one adapter each; "
-                         "mode: joint is one run: set them in strategy: and train:")
-    return found
-
-
-DATA_ROLES = ("train", "eval")
-
-
-def task_settings(spec: dict, task: dict) -> dict:
-    """A task's effective LoRA and train settings: the spec's, overridden by the task's."""
-    lora = {**spec["strategy"], **{k: v for k, v in task.get("lora", {}).items() if v is not None}}
-    train = {**spec["train"], **{k: v for k, v in task.get("train", {}).items() if v is not None}}
-    return {"name": task["name"], "data": task["data"], "lora": lora, "train": train}
 
 
 class TaskSettings(BaseModel):
@@ -235,131 +212,6 @@ def check_data(spec: dict, target: str = "local") -> tuple[dict, list[str]]:
     return found, warnings
 
 
-def _task_spec(spec: dict, task: dict, workers: int = 1) -> dict:
-    """The finetune-shaped spec of one adapter worker, for the estimator."""
-    s = task_settings(spec, task)
-    return {"kind": "finetune", "model": spec["model"], "strategy": s["lora"], "train": s["train"],
-            "resources": {**spec["resources"], "workers": workers}}
-
-
-def check_fit(spec: dict, profile: Optional[str], strict: bool) -> tuple[Optional[dict], list[str]]:
-    """Estimate one adapter worker per task and the packed alternative; resolve `packing: auto`.
-
-    The estimate returned is the largest adapter worker's (the shape `format_estimate` prints),
-    with a `multitask` section: each task's memory, both layouts' totals, and the choice made.
-    """
-    try:
-        from launcher.planner import estimate, fit, memory_per_gpu
-        from launcher.planner.fit import STAGE_LEVERS
-    except MissingExtraError as exc:
-        return None, _unestimated(spec, exc)
-    k = len(spec["tasks"])
-    at_once, warnings = schedule(spec, profile, strict)
-    try:
-        per_task = {t["name"]: estimate(_task_spec(spec, t, workers=at_once), profile) for t in spec["tasks"]}
-    except MissingExtraError as exc:
-        return None, _unestimated(spec, exc)
-    largest = max(per_task.values(), key=lambda e: e["memory"]["total"])
-    # Packed: the base's weights once; every adapter's gradients and optimizer states; the
-    # activations of all tasks' micro-batches together (one forward over the packed batch).
-    counts = {**largest["parameters"], "trainable": sum(e["parameters"]["trainable"] for e in per_task.values())}
-    settings = largest["memory_settings"]
-    micro = sum(task_settings(spec, t)["train"]["micro_batch"] for t in spec["tasks"])
-    packed_mem = memory_per_gpu(counts, None, "lora", workers=1, micro_batch=micro,
-                                seq_len=settings["seq_len"], precision=settings["precision"])
-    one_worker = {**spec["resources"], "workers": 1}
-    # The packed batch is the sum of the tasks' micro-batches: no one spec field sets it, so only
-    # another profile is suggested for it (the fit re-measures from the memory's inputs).
-    packed_fit = fit(packed_mem, largest["profile"], one_worker, STAGE_LEVERS)
-    packed_mem = {k_: v for k_, v in packed_mem.items() if k_ != "inputs"}
-    separate_fit = largest["fit"]
-    separate_total = sum(e["memory"]["total"] for e in per_task.values())
-
-    choice = spec["packing"]
-    if choice == "auto":
-        too_few = at_once < k  # the workers would run in waves
-        choice = (separate_fit["verdict"] != "fits" or too_few) and packed_fit["verdict"] == "fits"
-        spec["packing"] = choice
-        if separate_fit["verdict"] != "fits":
-            why = f"one base per worker does not fit ({separate_fit['reason']})"
-        elif too_few:
-            why = f"only {at_once} of the {k} adapter workers run at once"
-        else:
-            why = "one base per worker fits, all at once"
-        why += "; packed fits" if choice else ""
-        if choice:
-            warnings = [w for w in warnings if "waves" not in w]
-        warnings.append(f"packing: auto -> {str(choice).lower()}: {why}")
-    chosen = packed_fit if choice else separate_fit
-    if chosen["verdict"] != "fits":
-        layout = f"{k} adapters packed on one base" if choice else f"{k} adapter workers"
-        fixes = [] if choice or packed_fit["verdict"] != "fits" else ["packing: true"]
-        # The finetune planner's fixes that a multitask spec can take, with their overrides.
-        fixes += [f"{s['change']}: {s['args']}" for s in chosen.get("suggestions", [])
-                  if not any(o.split("=")[0] in MULTITASK_IGNORES for o in s.get("overrides", []))]
-        fix = f"; would fit: {'; '.join(fixes)}" if fixes else ""
-        message = f"{layout}: {chosen['verdict']} on profile {chosen['profile']}: {chosen['reason']}{fix}"
-        if strict:
-            raise PlanError(message)
-        warnings.append(message)
-    largest = {**largest, "multitask": {
-        "tasks": {n: {"trainable": e["parameters"]["trainable"], "memory_total": e["memory"]["total"],
-                      "time_s": (e.get("time") or {}).get("seconds")} for n, e in per_task.items()},
-        "separate_total_bytes": separate_total,
-        "packed_total_bytes": packed_mem["total"],
-        "packed_vs_separate": packed_mem["total"] / max(separate_total, 1),
-        "packing": choice,
-        "at_once": 1 if choice else at_once,
-        "packed_fit": packed_fit["verdict"],
-        "separate_fit": separate_fit["verdict"],
-    }}
-    return largest, warnings
-
-
-def schedule(spec: dict, profile: Optional[str], strict: bool) -> tuple[int, list[str]]:
-    """How many adapter workers the profile runs at once, each with its data stream's CPUs.
-
-    A worker that fits nowhere would wait forever: refused (strict) or warned. More workers than
-    the profile holds run in waves, each starting as an earlier one ends.
-    """
-    from cluster import profiles as cluster_profiles
-    from launcher.planner import capacity, schedule_problem
-
-    res = spec["resources"]
-    cpus, gpus = res["cpus_per_worker"], res["gpus_per_worker"]
-    data_cpus = res.get("data_cpus_per_worker", 0.2)
-    prof = cluster_profiles.get_profile(profile or ("a100-80g-1" if gpus > 0 else "local-cpu"))
-    slot = {"workers": 1, "cpus_per_worker": cpus + data_cpus, "gpus_per_worker": gpus}
-    problem = schedule_problem(prof, slot)
-    if problem:
-        message = (f"an adapter worker ({cpus:g} CPU + {data_cpus:g} CPU for its data stream, {gpus:g} GPU) "
-                   f"cannot be placed: {problem}; lower resources.cpus_per_worker or "
-                   "resources.data_cpus_per_worker")
-        if strict:
-            raise PlanError(message)
-        return 1, [message]
-    k = workers(spec)
-    at_once = min(k, capacity(prof, slot))
-    if at_once >= k:
-        return k, []
-    waves = -(-k // at_once)
-    return at_once, [f"{k} adapter workers x ({cpus + data_cpus:g} CPU, {gpus:g} GPU): {prof['name']} holds "
-                     f"{at_once} at a time, so they run in {waves} waves"]
-
-
-def _unestimated(spec: dict, exc: Exception) -> list[str]:
-    warnings = [f"no parameter or memory estimate: {exc}"]
-    if spec["packing"] == "auto":
-        spec["packing"] = False
-        warnings.append("packing: auto -> false (no estimate to decide on)")
-    return warnings
-
-
-def workers(spec: dict) -> int:
-    """Ray workers the job holds at most: one per task, or one when packed."""
-    return 1 if spec.get("packing") is True else len(spec["tasks"])
-
-
 def describe(spec: dict, estimate: Optional[dict]) -> list[str]:
     """Plan lines for `ftlaunch plan`: one per task, then the layout."""
     lines = []
@@ -381,118 +233,6 @@ def describe(spec: dict, estimate: Optional[dict]) -> list[str]:
         lines.append(f"memory        one base per worker {size(mt['separate_total_bytes'], 2)} in all, "
                      f"packed {size(mt['packed_total_bytes'], 2)} ({mt['packed_vs_separate']:.2f}x)")
     return lines
-
-
-# ---------------------------------------------------------------------------------------------
-# mode: joint: one backbone, one head per task, one Ray Train worker
-
-
-def joint_shares(spec: dict) -> dict:
-    """Each task's share of the mixed stream's steps (its weight over all weights)."""
-    total = sum(t["weight"] for t in spec["tasks"])
-    return {t["name"]: t["weight"] / total for t in spec["tasks"]}
-
-
-def check_joint_data(spec: dict, target: str) -> tuple[dict, list[str]]:
-    """Footer checks of every task's datasets; `train.max_steps`, when unset, is `train.epochs`
-    passes over all tasks' train rows together (a task the mix asks more often cycles its rows)."""
-    from launcher.datacheck import steps_for, sufficiency
-
-    entries = [(f"tasks.{t['name']}.", role, t["data"].get(role), t["data"])
-               for t in spec["tasks"] for role in DATA_ROLES]
-    checked, warnings = check_datasets(entries, target)
-    found = {f"{prefix[len('tasks.'):-1]}.{role}": info for (prefix, role), info in checked.items()}
-    rows = [found.get(f"{t['name']}.train", {}).get("rows") for t in spec["tasks"]]
-    for task, n in zip(spec["tasks"], rows):
-        if n is not None:
-            warnings += [f"tasks.{task['name']}: {w}" for w in sufficiency(
-                task["data"]["task"], n, peft=False, force=task["data"].get("force", False))]
-    train = spec["train"]
-    if train.get("max_steps") is None:
-        if None in rows:
-            raise PlanError("train.max_steps is needed: some tasks' train rows cannot be counted from here")
-        train["max_steps"] = steps_for(sum(rows), train["epochs"], train["micro_batch"], 1)
-    return found, warnings
-
-
-def _backbone_spec(spec: dict) -> dict:
-    """The finetune-shaped spec of the shared backbone alone (no head), for the estimator."""
-    res = spec["resources"]
-    return {"kind": "finetune", "model": {**spec["model"], "num_labels": None}, "strategy": spec["strategy"],
-            "train": spec["train"], "resources": {"workers": 1, "cpus_per_worker": res["cpus_per_worker"],
-                                                   "gpus_per_worker": res["gpus_per_worker"]}}
-
-
-def check_joint_fit(spec: dict, profile: Optional[str], strict: bool) -> tuple[Optional[dict], list[str]]:
-    """The backbone's estimate (its strategy's counts), plus every head: a linear layer of
-    hidden x labels + labels, trained in full; memory re-measured with them; one worker's fit."""
-    try:
-        from launcher.planner import estimate, fit, memory_per_gpu
-        from launcher.planner.counts import count_parameters
-        from launcher.planner.fit import STAGE_LEVERS
-    except MissingExtraError as exc:
-        return None, [f"no parameter or memory estimate: {exc}"]
-    backbone = _backbone_spec(spec)
-    try:
-        est = estimate(backbone, profile)
-        counts = count_parameters(backbone["model"], backbone["strategy"])
-    except MissingExtraError as exc:
-        return None, [f"no parameter or memory estimate: {exc}"]
-    dims = est["parameters"]["dims"]
-    if dims.get("causal_lm", True):
-        raise PlanError(f"model.source: {spec['model']['source']} is a causal LM; mode: joint puts classification "
-                        "heads on an encoder backbone: use minilm or an hf:<folder> of a BERT-type encoder")
-    hidden = dims["hidden_size"]
-    heads = {t["name"]: hidden * t["num_labels"] + t["num_labels"] for t in spec["tasks"]}
-    extra = sum(heads.values())
-    for c in (counts, est["parameters"]):
-        c.update(total=c["total"] + extra, trainable=c["trainable"] + extra, base_total=c["base_total"] + extra)
-        c["percent_trainable"] = round(100.0 * c["trainable"] / c["base_total"], 4)
-        c["percent_of_all"] = round(100.0 * c["trainable"] / c["total"], 4)
-        c["dims"] = {**c["dims"], "num_labels": max(t["num_labels"] for t in spec["tasks"])}
-    settings = est["memory_settings"]
-    memory = memory_per_gpu(counts, None, settings["strategy_type"], workers=1, micro_batch=settings["micro_batch"],
-                            seq_len=settings["seq_len"], precision=settings["precision"], on_gpu=settings["on_gpu"])
-    verdict = fit(memory, est["profile"], est["resources"], STAGE_LEVERS)
-    if verdict["verdict"] != "fits":
-        message = f"the joint run: {verdict['verdict']} on profile {verdict['profile']}: {verdict['reason']}"
-        if strict:
-            raise PlanError(message)
-        return est, [message]
-    est.update(memory={k: v for k, v in memory.items() if k != "inputs"}, fit=verdict)
-    est["parameters"]["heads"] = heads
-    est["joint"] = {"heads": heads, "shares": joint_shares(spec)}
-    return est, []
-
-
-def describe_joint(spec: dict, estimate: Optional[dict]) -> list[str]:
-    steps, shares = spec["train"].get("max_steps"), joint_shares(spec)
-    lines = [f"task          {t['name']}: {t['data']['task']}, {t['num_labels']} labels, weight {t['weight']:g} "
-             f"({shares[t['name']]:.0%} of the {steps} steps)" for t in spec["tasks"]]
-    res = spec["resources"]
-    lines.append(f"layout        one Ray Train worker ({res['cpus_per_worker']:g} CPU, {res['gpus_per_worker']:g} GPU; "
-                 f"+ {res.get('data_cpus_per_worker', 0.2):g} CPU per task stream): a shared backbone "
-                 f"({spec['strategy']['type']}) and {len(spec['tasks'])} heads")
-    return lines
-
-
-def summary_joint(manifest: dict, s: dict) -> str:
-    from common.units import metric as _f
-    from common.units import pct as _pct
-    from common.units import size as _size
-
-    lines = [f"run            {manifest.get('run_id')}",
-             f"layout         joint: one {s.get('strategy')} backbone, one head per task, {s.get('steps')} steps"]
-    for name, t in (s.get("tasks") or {}).items():
-        lines.append(f"  task {name:<14} {t.get('batches')} batches ({_pct(t.get('share'))} of the steps), "
-                     f"eval accuracy {_pct(t.get('eval_accuracy_before'))} -> {_pct(t.get('eval_accuracy_after'))}, "
-                     f"eval loss {_f(t.get('eval_loss_before'))} -> {_f(t.get('eval_loss_after'))}")
-    lines += [f"parameters     {s.get('trainable_params') or 0:,} trainable / {s.get('total_params') or 0:,} total",
-              f"export         {_size(s.get('export_bytes'))}: {s.get('export')}/ (backbone/, heads/, heads.json); "
-              "launcher.inference.JointModel",
-              f"wall time      {s.get('wall_time_s')} s",
-              f"artifacts      {manifest.get('plan', {}).get('run_dir', '?')}"]
-    return "\n".join(lines)
 
 
 class Multitask(Kind):

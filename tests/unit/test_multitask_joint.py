@@ -14,7 +14,7 @@ from launcher.errors import ConfigError
 from launcher.jobplan import plan
 from launcher.spec import load_spec
 
-STEPS = 24  # at 8 rows a step both tasks pass 90% eval accuracy by step 20 (LoRA r=8, lr 1e-3, heads 5e-3)
+STEPS = 36  # at 8 rows a step: by step 24 sentiment sat at 78-86% from run to run; 36 leaves room (LoRA r=8, lr 1e-3, heads 5e-3)
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_both_tasks_learn_through_their_own_heads(trained):
         assert t["eval_loss_after"] < t["eval_loss_before"] - 0.25, (name, t)
     records = {name: [json.loads(x) for x in (run / f"metrics-{name}.jsonl").read_text().splitlines()]
                for name in ("topic", "sentiment")}
-    assert [(r["task"], r["step"]) for r in records["topic"]] == [("topic", 12), ("topic", 24)]
+    assert [(r["task"], r["step"]) for r in records["topic"]] == [("topic", 12), ("topic", 24), ("topic", 36)]
     assert all("eval_accuracy" in r and "eval_loss" in r for rs in records.values() for r in rs)
 
 
