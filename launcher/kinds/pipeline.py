@@ -15,8 +15,9 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from launcher import stages as chain
-from launcher.errors import ConfigError, LauncherError
+from launcher.errors import ConfigError
 from launcher.kinds import Engine, Kind, check_datasets, layout, register_kind, resolve_data, resolve_model
+from launcher.kinds import pipeline_stages as S
 from launcher.kinds.finetune import FINETUNE, LrGroup, MitigationSpec
 from launcher.spec import (
     MAX_BATCH,
@@ -272,7 +273,7 @@ class Pipeline(Kind):
         from launcher.datacheck import sufficiency
 
         if not is_arrcoc(spec):
-            return _check_stages(spec, target)
+            return S.check_stages(spec, target)
 
         # The stages train adapters only (texture adapter, LoRA) unless one trains the LLM or vision.
         peft = not any({"llm", "vision"} & set(s["train"]) for s in spec["stages"])
@@ -293,7 +294,7 @@ class Pipeline(Kind):
         from launcher.preflight import judged
 
         if not is_arrcoc(spec):
-            return _estimate_stages(spec, profile, strict)
+            return S.estimate_stages(spec, profile, strict)
 
         def run():
             from launcher.planner import estimate_pipeline
@@ -319,7 +320,7 @@ class Pipeline(Kind):
 
     def describe(self, spec: dict, estimate: Optional[dict]) -> list[str]:
         if not is_arrcoc(spec):
-            return [f"stage         {_stage_line(spec, i)}, {s['resources']['workers']} x "
+            return [f"stage         {S.stage_line(spec, i)}, {s['resources']['workers']} x "
                     f"({s['resources']['cpus_per_worker']} CPU, {s['resources']['gpus_per_worker']} GPU)"
                     for i, s in enumerate(spec["stages"])]
         return [f"stage         {s['name']}: trains {'+'.join(s['train'])}, {s['steps']} steps, "
@@ -340,7 +341,7 @@ class Pipeline(Kind):
         from common.units import metric as _f
 
         if not is_arrcoc(manifest.get("spec") or {}):
-            return _stages_summary(manifest, s)
+            return S.stages_summary(manifest, s)
         stages = s.get("stages") or {}
         lines = [f"run            {manifest.get('run_id')}",
                  f"accuracy       {_f(s.get('accuracy_before'))} -> {_f(s.get('accuracy_after'))} "
@@ -358,7 +359,7 @@ class Pipeline(Kind):
         from launcher.report import Section, loss_facts, read_json, read_jsonl
 
         if not is_arrcoc(manifest.get("spec") or {}):
-            return _stage_sections(run_dir, manifest)
+            return S.stage_sections(run_dir, manifest)
         entries = {e["name"]: e for e in read_json(run_dir / "pipeline.json").get("stages", [])}
         metrics = read_jsonl(run_dir / "metrics.jsonl")
         out = []
@@ -379,7 +380,7 @@ class Pipeline(Kind):
 
     def spec_lines(self, spec: dict) -> list[str]:
         if not is_arrcoc(spec):
-            return [f"stage {_stage_line(spec, i)}" for i in range(len(spec.get("stages") or []))]
+            return [f"stage {S.stage_line(spec, i)}" for i in range(len(spec.get("stages") or []))]
         return [f"stage {st['name']}: trains {', '.join(st.get('train', []))}, {st.get('steps')} steps"
                 for st in spec.get("stages") or []]
 
@@ -391,115 +392,7 @@ class Pipeline(Kind):
         """A finetune pipeline's table: every stage's eval split, at the start and after each stage."""
         if is_arrcoc(manifest.get("spec") or {}):
             return []
-        return _splits_table(run_dir, manifest)
-
-
-# ---------------------------------------------------------------------------------------------
-# A finetune pipeline: each stage planned, checked and shown as the finetune it is
-
-
-def _stage_line(spec: dict, i: int) -> str:
-    """`domain: lora on causal_lm, 40 steps, from hf:models/q, merged after`."""
-    stage, ft = spec["stages"][i], chain.stage_spec(spec, i)
-    return (f"{stage['name']}: {stage['strategy']['type']} on {(ft.get('data') or {}).get('task')}, "
-            f"{(stage.get('train') or {}).get('max_steps')} steps, from {chain.starts_from(spec, i)}"
-            f"{', merged after' if stage.get('merge') else ''}")
-
-
-def _check_stages(spec: dict, target: str) -> tuple[dict, list[str]]:
-    """Each stage's data checked as its finetune's; a stage's `train.max_steps` filled from its rows."""
-    found, warnings = {}, []
-    for i, stage in enumerate(spec["stages"]):
-        ft = chain.stage_spec(spec, i)
-        try:
-            checked, lines = FINETUNE.check_data(ft, target)
-        except LauncherError as exc:  # which stage's data it is
-            raise type(exc)(f"stages.{stage['name']}: {exc}") from None
-        stage["train"]["max_steps"] = ft["train"]["max_steps"]
-        found.update({f"{stage['name']}.{role}": info for role, info in checked.items()})
-        warnings += [f"stages.{stage['name']}: {w}" for w in lines]
-    return found, warnings
-
-
-def _estimate_stages(spec: dict, profile: Optional[str], strict: bool) -> tuple[Optional[dict], list[str]]:
-    """The finetune estimate of each stage (its model: the pipeline's, same shape at every stage);
-    the pipeline fits when every stage fits."""
-    stages, warnings = [], []
-    for i, stage in enumerate(spec["stages"]):
-        est, lines = FINETUNE.estimate(chain.stage_spec(spec, i), profile, strict)
-        warnings += [f"stages.{stage['name']}: {w}" for w in lines]
-        if est is None:
-            return None, warnings
-        stages.append({"stage": stage["name"], **est})
-    bad = next((e for e in stages if e["fit"]["verdict"] != "fits"), None)
-    worst = max(stages, key=lambda e: e["memory"]["total"])
-    return {"kind": "pipeline", "model": spec["model"]["source"], "profile": worst["profile"], "stages": stages,
-            "fit": {"verdict": bad["fit"]["verdict"] if bad else "fits",
-                    "reason": f"stage {bad['stage']}: {bad['fit']['reason']}" if bad else None,
-                    "suggestions": bad["fit"]["suggestions"] if bad else [],
-                    "stages": [e["fit"]["verdict"] for e in stages]},
-            "peak_per_device_bytes": worst["memory"]["total"]}, warnings
-
-
-def _stages_summary(manifest: dict, s: dict) -> str:
-    from common.units import metric as _f
-    from common.units import pct as _pct
-
-    lines = [f"run            {manifest.get('run_id')}"]
-    for name, st in (s.get("stages") or {}).items():
-        line = (f"  stage {name:<10} {st.get('strategy')}, {st.get('steps')} steps: loss {_f(st.get('loss_first'))} -> "
-                f"{_f(st.get('loss_last'))}, eval loss {_f(st.get('eval_loss_before'))} -> "
-                f"{_f(st.get('eval_loss_after'))}")
-        if st.get("eval_exact_match_before") is not None:
-            line += f", exact match {_pct(st['eval_exact_match_before'])} -> {_pct(st.get('eval_exact_match_after'))}"
-        if st.get("eval_accuracy_before") is not None:
-            line += f", accuracy {_pct(st['eval_accuracy_before'])} -> {_pct(st.get('eval_accuracy_after'))}"
-        lines.append(line)
-    lines += [f"wall time      {s.get('wall_time_s')} s",
-              f"result         {s.get('result')}",
-              f"artifacts      {manifest.get('plan', {}).get('run_dir', '?')} (pipeline.json, stages/)"]
-    return "\n".join(lines)
-
-
-def _stage_sections(run_dir: Path, manifest: dict) -> list:
-    from launcher.report import finetune_section, read_json
-
-    entries = {e["name"]: e for e in read_json(run_dir / "pipeline.json").get("stages", [])}
-    out = []
-    for i, stage in enumerate((manifest.get("spec") or {}).get("stages", [])):
-        e = entries.get(stage["name"], {})
-        s = finetune_section(f"stage {stage['name']}", stage["name"], chain.stage_folder(run_dir, stage["name"]),
-                             e.get("summary") or {}, e.get("status", "not started"))
-        s.facts.insert(0, f"{stage['strategy']['type']}, from {chain.starts_from(manifest['spec'], i)}"
-                          f"{', merged after' if stage.get('merge') else ''}")
-        if e.get("error"):
-            s.facts.append(f"error: {e['error']}")
-        out.append(s)
-    return out
-
-
-def _splits_table(run_dir: Path, manifest: dict) -> list:
-    """Eval loss on every stage's eval split: at the start and after each stage (jobs/stages.py)."""
-    from launcher.report import read_json
-
-    evals = read_json(run_dir / "pipeline.json").get("evals") or []
-    splits = list(dict.fromkeys(e["split"] for e in evals))
-    if not splits:
-        return []
-    after = list(dict.fromkeys(e["after"] for e in evals))
-    value = {(e["after"], e["split"]): e for e in evals}
-
-    def cell(key):
-        e = value.get(key)
-        if e is None:
-            return "-"
-        return f"{e['loss']:.3f}" + (f" ({100 * e['accuracy']:.1f}%)" if e.get("accuracy") is not None else "")
-
-    rows = [[a if a == "start" else f"after {a}"] + [cell((a, sp)) for sp in splits] for a in after]
-    return [("h2", "Every stage on every eval split"),
-            ("p", "Eval loss (accuracy for classification) of the pipeline's model at the start and after each "
-                  "stage, on the first rows of each stage's eval split (the rows its finetune scores)."),
-            ("table", ["model"] + [f"{sp} eval" for sp in splits], rows)]
+        return S.splits_table(run_dir, manifest)
 
 
 register_kind(Pipeline())
