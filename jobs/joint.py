@@ -20,7 +20,6 @@ import tempfile
 import time
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 
 from common.runfolder import JOINT_EXPORT, dir_size, metrics_file
@@ -29,7 +28,7 @@ from jobs import strategies as S
 from jobs.artifacts import RunDir
 from jobs.data.mix import weighted_schedule
 from jobs.data.read import read_dataset, read_head
-from jobs.loop import Loop, run_worker
+from jobs.loop import Loop, mean_loss, run_worker
 from launcher.inference import HEADS_JSON, joint_logits
 from launcher.spec import ModelSpec, ResourcesSpec
 from launcher.strategies import get_strategy
@@ -226,13 +225,13 @@ def train_joint(spec, streams: dict, run_dir, *, rank: int = 0, progress: str | 
         optimizer.step()
         step += 1
         batches[name] += 1
-        window[name].append(float(loss.detach()))
-        loop.add(float(loss.detach()), len(labels))
+        window[name].append(loss.detach())
+        loop.add(loss.detach(), len(labels))
         loop.stepped(step)
         if not loop.due(step):
             continue
         now = {n: evaluate(model, n, evals[n], spec.model) for n in names}
-        task_loss = {n: float(np.mean(w)) if w else None for n, w in window.items()}
+        task_loss = {n: mean_loss(w) for n, w in window.items()}
         if rank == 0:
             for n in names:
                 run_dir.append(metrics_file(n), curves[n].record(

@@ -21,6 +21,17 @@ from common.runfolder import EVENTS, METRICS, PROGRESS
 from jobs.artifacts import RunDir
 
 
+def mean_loss(losses: list) -> Optional[float]:
+    """The mean of a report window's losses: one host sync for all of them (tensors stacked)."""
+    if not losses:
+        return None
+    if not any(hasattr(v, "detach") for v in losses):
+        return sum(losses) / len(losses)
+    import torch
+
+    return float(torch.stack([torch.as_tensor(v, dtype=torch.float32).reshape(()) for v in losses]).mean())
+
+
 class Loop:
     """The bookkeeping of one loop over `total_steps` steps, reporting every `report_every`.
 
@@ -59,9 +70,10 @@ class Loop:
 
     # -- what happened since the last report ---------------------------------------------------
 
-    def add(self, loss: float, count: int = 0) -> None:
-        """One step's (or micro-batch's) loss and the tokens or rows it consumed."""
-        self._losses.append(float(loss))
+    def add(self, loss, count: int = 0) -> None:
+        """One step's (or micro-batch's) loss, a float or a 0-d tensor kept where it is (on the
+        GPU: read once per report, not once per step), and the tokens or rows it consumed."""
+        self._losses.append(loss.detach() if hasattr(loss, "detach") else float(loss))
         self._window += count
         self.total += count
 
@@ -80,7 +92,7 @@ class Loop:
     def record(self, step: int, loss: Optional[float] = None, **extra) -> dict:
         """The metrics record of a report: the loss is the mean since the last record."""
         if loss is None:
-            loss = sum(self._losses) / len(self._losses) if self._losses else None
+            loss = mean_loss(self._losses)
         now = time.time()
         return {**self.fields, "step": step, "loss": loss, **extra,
                 "elapsed_s": now - self.started, "time": now}

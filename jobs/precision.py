@@ -61,10 +61,11 @@ def autocast(precision: str, device_type: str):
 
 @dataclass
 class Update:
-    """What one optimizer step did: the mean loss of its micro-batches, the count the loop
-    passed with them (tokens), and the penalty of its last micro-batch (EWC), if any."""
+    """What one optimizer step did: the mean loss of its micro-batches (a detached 0-d tensor on
+    the model's device: reading it is a host sync, which the loop leaves to its report), the count
+    the loop passed with them (tokens), and the penalty of its last micro-batch (EWC), if any."""
 
-    loss: float
+    loss: torch.Tensor
     count: int
     penalty: Optional[torch.Tensor] = None
 
@@ -92,7 +93,7 @@ class Stepper:
         self.device_type = device.type
         self.params = params  # None: those that require a gradient at each step (gradual unfreezing)
         self.scaler = torch.amp.GradScaler(self.device_type) if precision == "fp16" else None
-        self._losses: list[float] = []
+        self._losses: list[torch.Tensor] = []
         self._count = 0
 
     def micro_step(self, forward: Callable[[], torch.Tensor], count: int = 0,
@@ -108,7 +109,7 @@ class Stepper:
             total = loss if extra is None else loss + extra
             total = total.float() / self.accumulation
             (self.scaler.scale(total) if self.scaler else total).backward()
-        self._losses.append(float(loss.detach().float()))
+        self._losses.append(loss.detach().float())  # no .item(): the step stays asynchronous
         self._count += count
         if not last:
             return None
@@ -123,7 +124,7 @@ class Stepper:
             self.scaler.update()
         else:
             self.optimizer.step()
-        update = Update(sum(self._losses) / len(self._losses), self._count,
+        update = Update(torch.stack(self._losses).mean(), self._count,
                         extra.detach() if extra is not None else None)
         self._losses, self._count = [], 0
         return update

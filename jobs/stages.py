@@ -6,7 +6,8 @@ stage not yet SUCCEEDED: its finetune spec on the model the chain gives it (laun
 the previous stage's model/, merged/, or its base plus the adapter trained on) -> finetune.run in
 stages/<stage>/ (a rerun of the stage resumes from its last checkpoint) -> hand on (the tokenizer
 beside an exported model; `merge: true`: the adapter merged into its base) -> score the stage's
-result on every eval split -> record it in pipeline.json. `ftlaunch resume RUN` reruns this with
+result on every eval split (a split whose stage's adapter was set aside by a `new_adapter` stage:
+with that adapter, as a user routes that task) -> record it in pipeline.json. `ftlaunch resume RUN` reruns this with
 the same run id: finished stages are skipped, the interrupted one continues from its checkpoint.
 """
 
@@ -34,14 +35,14 @@ SUMMARY_KEYS = ("strategy", "steps", "loss_first", "loss_last", "eval_loss_befor
 def run(spec, plan: dict, run_dir: RunDir) -> dict:
     raw = spec.model_dump(mode="json")
     specs, handoffs = chain.chain(raw, run_dir.path), chain.handoffs(raw, run_dir.path)
-    splits = _splits(spec.stages, specs)
+    routes, splits = chain.routes(raw, run_dir.path), _splits(spec.stages, specs)
     manifest = read_json(run_dir.path / MANIFEST) or {
         "run_id": plan["run_id"], "evals": [],
         "stages": [{"name": s.name, "status": "PENDING"} for s in spec.stages],
     }
     started = time.time()
     if not any(e["after"] == "start" for e in manifest["evals"]):  # the baseline, measured once
-        manifest["evals"] += _scored(specs[0], None, handoffs[0], splits, "start")
+        manifest["evals"] += _scored(specs[0], None, handoffs[0], {}, splits, "start")
         _write(run_dir, manifest)
     for i, (stage, ft) in enumerate(zip(spec.stages, specs)):
         entry = manifest["stages"][i]
@@ -58,7 +59,7 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
                 entry["summary"] = _train(ft, plan, run_dir, stage.name)
                 _write(run_dir, manifest)
             folder = str(chain.stage_folder(run_dir.path, stage.name))
-            scored = _scored(ft, folder if stage.merge else None, handoffs[i + 1], splits, stage.name)
+            scored = _scored(ft, folder if stage.merge else None, handoffs[i + 1], routes[i], splits, stage.name)
             manifest["evals"] = [e for e in manifest["evals"] if e["after"] != stage.name] + scored
         except BaseException as exc:
             stopped = isinstance(exc, (KeyboardInterrupt, SystemExit)) or type(exc).__name__ == "Stopped"
@@ -71,6 +72,9 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
 
     done = manifest["stages"]
     source, adapter = handoffs[-1]
+    kept = {name: route["adapter"] for name, route in routes[-1].items()}
+    if kept:
+        adapter = ", ".join(f"{name}: {folder}" for name, folder in {**kept, spec.stages[-1].name: adapter}.items())
     return {
         "wall_time_s": round(time.time() - started, 2),
         "stages": {e["name"]: {k: e["summary"].get(k) for k in SUMMARY_KEYS} for e in done},
@@ -79,7 +83,7 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
         "loss_last": done[-1]["summary"].get("loss_last"),
         "trainable_params": max(e["summary"].get("trainable_params") or 0 for e in done),
         "total_params": done[-1]["summary"].get("total_params"),
-        "result": f"{source} + adapter {adapter}" if adapter else source,
+        "result": f"{source} + adapter{'s' if kept else ''} {adapter}" if adapter else source,
         "export": "stages",
         "export_bytes": dir_size(run_dir.path / chain.STAGES),
     }
@@ -98,46 +102,76 @@ def _train(ft: dict, plan: dict, run_dir: RunDir, name: str) -> dict:
 
 
 def _splits(stages, specs: list[dict]) -> list[dict]:
-    """Each stage's eval split as its finetune scores it (the same rows, task and columns), named
-    after the first stage that reads it: stages that share one are scored on it once."""
+    """Each stage's eval split as its finetune scores it (the same rows, task and columns; exact
+    match on as many rows as it generates for), named after the first stage that reads it: stages
+    that share one are scored on it once."""
+    from jobs.generate import GENERATED_TASKS
+
     found = {}
     for stage, ft in zip(stages, specs):
-        data, rows = ft["data"], (ft.get("train") or {}).get("eval_batches", 4) * 16
+        data, train = ft["data"], ft.get("train") or {}
+        rows = train.get("eval_batches", 4) * 16
+        generate = train.get("eval_generate", 0) if data["task"] in GENERATED_TASKS else 0
         if data.get("eval"):
             key = json.dumps([data["eval"], data["task"], data.get("columns"), data.get("chat_template"), rows])
-            found.setdefault(key, {"split": stage.name, "data": data, "rows": rows})
+            found.setdefault(key, {"split": stage.name, "data": data, "rows": rows, "generate": generate})
     return list(found.values())
 
 
-def _scored(ft: dict, merge_folder: str | None, handoff: tuple, splits: list[dict], after: str) -> list[dict]:
+def _scored(ft: dict, merge_folder: str | None, handoff: tuple, routes: dict, splits: list[dict],
+            after: str) -> list[dict]:
     """`score` as a Ray task on the resources of one of the stage's workers (the driver holds none)."""
     res = ft.get("resources") or {}
     task = score.options(num_cpus=res.get("cpus_per_worker", 1), num_gpus=res.get("gpus_per_worker", 0))
-    return ray.get(task.remote(ft, merge_folder, handoff, splits, after))
+    return ray.get(task.remote(ft, merge_folder, handoff, routes, splits, after))
 
 
 @ray.remote
-def score(ft: dict, merge_folder: str | None, handoff: tuple, splits: list[dict], after: str) -> list[dict]:
-    """Merge the stage's adapter into its base when asked (into `<folder>/merged`), then the eval
-    loss (and accuracy) of the model the next stage starts from on every stage's eval split."""
+def score(ft: dict, merge_folder: str | None, handoff: tuple, routes: dict, splits: list[dict],
+          after: str) -> list[dict]:
+    """Merge the stage's adapter into its base when asked (into `<folder>/merged`), then score the
+    model the next stage starts from on every stage's eval split, except the splits of stages
+    whose adapter was set aside (`routes`): those with that adapter on its base."""
+    if merge_folder:
+        _merge(ft, Path(merge_folder))
+    here = {"source": handoff[0], "adapter": handoff[1], "strategy": ft["strategy"]}
+    models = {}
+    for split in splits:
+        route = routes.get(split["split"], here)
+        models.setdefault(json.dumps(route, sort_keys=True), (route, []))[1].append(split)
+    out = []
+    for route, answered in models.values():
+        out += _score_on(ft, route, answered, after)
+    for entry in out:
+        if entry["split"] in routes:
+            entry["kept_adapter"] = True
+    return sorted(out, key=lambda e: [s["split"] for s in splits].index(e["split"]))
+
+
+def _score_on(ft: dict, route: dict, splits: list[dict], after: str) -> list[dict]:
+    """Eval loss (accuracy for classification, exact match for generated tasks) of one model: the
+    route's base, with its adapter when it has one."""
     import torch
 
     from jobs import components as C
+    from jobs import generate as G
     from jobs import strategies as S
+    from launcher.spec import DataSpec, ModelSpec
 
-    if merge_folder:
-        _merge(ft, Path(merge_folder))
-    source, adapter = handoff
-    model_spec = {**ft["model"], "source": source}
+    adapter, model_spec = route["adapter"], {**ft["model"], "source": route["source"]}
     model = C.build_model(model_spec, seed=(ft.get("train") or {}).get("seed", 0))
     if adapter:
-        model = S.reload(adapter, model, ft["strategy"])
+        model = S.reload(adapter, model, route["strategy"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device).eval()
     out = []
     for split in splits:
         rows = C.load_split(split["data"]["eval"], C.data_of({"data": split["data"]}), split["rows"])
         metrics = C.evaluate(model, rows, {"data": split["data"], "model": model_spec})
+        if split.get("generate"):
+            data = DataSpec.model_validate(split["data"])
+            pairs = G.eval_pairs(data.eval, data, split["generate"])
+            metrics.update(G.evaluate(model, ModelSpec.model_validate(model_spec), data, pairs))
         out.append({"after": after, "split": split["split"], **metrics})
     return out
 

@@ -96,6 +96,9 @@ class FinetuneStage(Strict):
     mitigation: MitigationSpec = Field(default_factory=MitigationSpec)
     merge: bool = Field(False, description="merge the stage's adapter into its base: the next stage starts "
                         "from the merged model (default: from the base with this adapter, trained on)")
+    new_adapter: bool = Field(False, description="train an adapter of its own on the base the previous stage's "
+                              "adapter sits on; that adapter is kept and still answers its stage's eval split "
+                              "(default: train the previous stage's adapter on)")
 
 
 ARRCOC_STAGE, FINETUNE_STAGE = "arrcoc-stage", "finetune-stage"

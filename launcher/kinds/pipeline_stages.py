@@ -107,10 +107,15 @@ def splits_table(run_dir: Path, manifest: dict) -> list:
         e = value.get(key)
         if e is None:
             return "-"
-        return f"{e['loss']:.3f}" + (f" ({100 * e['accuracy']:.1f}%)" if e.get("accuracy") is not None else "")
+        shares = [f"{100 * e[k]:.1f}%{label}" for k, label in (("accuracy", ""), ("exact_match", " exact"))
+                  if e.get(k) is not None]
+        kept = " [own adapter]" if e.get("kept_adapter") else ""
+        return f"{e['loss']:.3f}" + (f" ({', '.join(shares)})" if shares else "") + kept
 
     rows = [[a if a == "start" else f"after {a}"] + [cell((a, sp)) for sp in splits] for a in after]
     return [("h2", "Every stage on every eval split"),
-            ("p", "Eval loss (accuracy for classification) of the pipeline's model at the start and after each "
-                  "stage, on the first rows of each stage's eval split (the rows its finetune scores)."),
+            ("p", "Eval loss (accuracy for classification, exact match for chat and instruction) of the pipeline's "
+                  "model at the start and after each stage, on the first rows of each stage's eval split (the rows "
+                  "its finetune scores). [own adapter]: that split's stage trained an adapter that a later "
+                  "new_adapter stage set aside; it answers its own split, as a user routes that task."),
             ("table", ["model"] + [f"{sp} eval" for sp in splits], rows)]

@@ -170,7 +170,7 @@ def test_resume_skips_finished_stages_and_trains_the_rest_on_the_chain(tmp_path,
                    {"name": "c", "status": "PENDING"}, {"name": "d", "status": "PENDING"}]}))
     trained, scored = [], []
     monkeypatch.setattr(J, "_train", lambda ft, plan, rd, name: trained.append((name, copy.deepcopy(ft))) or summary)
-    monkeypatch.setattr(J, "_scored", lambda ft, merge, handoff, splits, after: scored.append((after, merge, handoff))
+    monkeypatch.setattr(J, "_scored", lambda ft, merge, handoff, routes, splits, after: scored.append((after, merge, handoff))
                         or [{"after": after, "split": "a", "loss": 1.0}])
     out = J.run(spec, {"run_id": "p-1", "data": {}}, run_dir)
 
@@ -208,3 +208,56 @@ def test_stages_that_share_an_eval_split_are_scored_on_it_once():
     spec = load_spec(four_stages())
     splits = J._splits(spec.stages, chain.chain(spec.model_dump(mode="json"), "/r"))
     assert [(s["split"], s["data"]["eval"], s["rows"]) for s in splits] == [("a", "/d/eval.parquet", 64)]
+
+
+def sequential_adapters(**stage_b) -> dict:
+    """Task a, then task b with an adapter of its own (`new_adapter`), then c trained on b's."""
+    return {
+        "kind": "pipeline", "name": "seq", "storage": "/runs", "model": {"source": "tiny-llama", "seq_len": 32},
+        "data": {"task": "causal_lm", "train": "/d/train.parquet", "eval": "/d/eval.parquet"},
+        "stages": [
+            {"name": "a", "strategy": LORA, "train": {"max_steps": 5}},
+            {"name": "b", "strategy": LORA, "new_adapter": True, "train": {"max_steps": 5},
+             "data": {"task": "causal_lm", "train": "/e/train.parquet", "eval": "/e/eval.parquet"}, **stage_b},
+            {"name": "c", "strategy": LORA, "train": {"max_steps": 5}},
+        ],
+    }
+
+
+def test_a_new_adapter_stage_trains_its_own_adapter_and_keeps_the_one_before_for_its_task():
+    spec = load_spec(sequential_adapters()).model_dump(mode="json")
+    starts = [(ft["model"]["source"], ft.get("init_adapter")) for ft in chain.chain(spec, "/runs/s")]
+    assert starts == [("tiny-llama", None),
+                      ("tiny-llama", None),                         # b: the base alone, a new adapter
+                      ("tiny-llama", "/runs/s/stages/b/adapter")]   # c trains b's adapter on
+    a_route = {"source": "tiny-llama", "adapter": "/runs/s/stages/a/adapter", "strategy": spec["stages"][0]["strategy"]}
+    # After b and after c, a's split is answered by a's adapter; b's by the adapter trained on.
+    assert chain.routes(spec, "/runs/s") == [{}, {"a": a_route}, {"a": a_route}]
+    assert "new adapter (a's is kept)" in chain.starts_from(spec, 1)
+
+
+def test_a_stage_that_replaces_the_base_drops_the_adapters_kept_on_it():
+    spec = load_spec(sequential_adapters(merge=True)).model_dump(mode="json")  # b merges its new adapter
+    assert chain.routes(spec, "/r") == [{}, {}, {}]
+    assert chain.chain(spec, "/r")[2]["model"]["source"] == "hf:/r/stages/b/merged"
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"strategy": {"type": "full"}}, "strategy full trains no adapter"),
+])
+def test_new_adapter_where_there_is_no_adapter_to_keep_is_refused(change, why):
+    with pytest.raises(ConfigError, match=f"stages.1 \\(b\\).new_adapter: .*{why}; remove new_adapter"):
+        load_spec(sequential_adapters(**change))
+
+
+def test_new_adapter_after_a_merged_stage_is_refused_with_the_reason():
+    spec = sequential_adapters()
+    spec["stages"][0]["merge"] = True
+    with pytest.raises(ConfigError, match="stage a merges its adapter .* remove new_adapter"):
+        load_spec(spec)
+
+
+def test_a_new_adapter_may_use_another_adapter_strategy():
+    spec = sequential_adapters(strategy={"type": "ia3"})
+    spec["stages"].pop()  # c would train b's ia3 adapter with lora: refused, as before
+    assert load_spec(spec).stages[1].strategy.type == "ia3"

@@ -195,3 +195,20 @@ def test_planner_plans_accumulation_checkpointing_and_the_torch_engines_precisio
     # autocast keeps fp32 weights, gradients and AdamW states (no 16-bit master split)
     assert bf16["memory"]["weights"] == plain["memory"]["weights"]
     assert bf16["memory_settings"]["precision"] == "bf16" and bf16["memory_settings"]["autocast"]
+
+
+def test_a_step_leaves_its_loss_on_the_device_and_the_report_reads_the_window_once(tmp_path):
+    """No host sync per step (issue 18, B3): the update's loss is a 0-d tensor, not a float, and
+    the loop's record averages the window's tensors to the same float a per-step read gave."""
+    from jobs.loop import Loop
+
+    model, batch = model_for({"type": "full"}), batch_of(8)
+    stepper = P.Stepper(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    loop = Loop(tmp_path, total_steps=3, report_every=3)
+    updates = [stepper.micro_step(lambda: model(**batch).loss, 8) for _ in range(3)]
+    for u in updates:
+        assert isinstance(u.loss, torch.Tensor) and u.loss.dim() == 0 and not u.loss.requires_grad
+        loop.add(u.loss, u.count)
+    record = loop.record(3)
+    assert isinstance(record["loss"], float)
+    assert record["loss"] == pytest.approx(sum(float(u.loss) for u in updates) / 3, rel=1e-6)

@@ -41,6 +41,7 @@ def bases(tmp_path_factory, made_model) -> list[dict]:
     for name in ("chat", "instruction"):
         synthetic.make_splits(name, 600, root / f"data/{name}", fmt="jsonl")
     synthetic.make_splits("domain", 600, root / "data/domain")
+    synthetic.make_splits("instruction", 600, root / "data/instruction")
     synthetic.make_demo(root / "data/demo", rows=1200)
     synthetic.make("alphabet", 1200, root / "data/old")
     for split, rows in (("train", 200), ("eval", 64)):
