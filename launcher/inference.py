@@ -16,6 +16,7 @@ torch, transformers and peft are imported inside the functions: `import launcher
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -134,6 +135,25 @@ def open_run(run: Union[str, Path], storage: Union[str, Path] = "./runs", varian
     return RunModel(folder, variant=variant, device=device)
 
 
+def _stage_of(run_dir: Path, spec, stage: Optional[str]) -> tuple[dict, Path]:
+    """A finetune pipeline's stage as the finetune spec it ran (on the model the chain gave it)
+    and its folder; the last stage unless one is named."""
+    from launcher import stages as chain
+    from launcher.kinds.pipeline import is_arrcoc
+
+    if is_arrcoc(spec):
+        raise LauncherError(f"run {run_dir.name} is an ARR-COC pipeline (VQA over a closed answer set); infer "
+                            "answers text-generation runs only")
+    raw = spec.model_dump(mode="json")
+    names = [s["name"] for s in raw["stages"]]
+    stage = stage or names[-1]
+    if stage not in names:
+        hint = difflib.get_close_matches(stage, names, n=1)
+        fix = f"did you mean {hint[0]!r}?" if hint else f"use one of: {', '.join(names)}"
+        raise LauncherError(f"--stage {stage!r}: run {run_dir.name} has no such stage; {fix}")
+    return chain.chain(raw, run_dir)[names.index(stage)], chain.stage_folder(run_dir, stage)
+
+
 class RunModel:
     """A finetune run's trained model: its export (`adapter/` on the run's base, or `model/`),
     the tokenizer the run saved (with its chat template), and its task's prompt rendering.
@@ -142,7 +162,8 @@ class RunModel:
         model.generate(["what colour is the zorp?"])      # answers only, greedy
     """
 
-    def __init__(self, run_dir: Union[str, Path], variant: Optional[str] = None, device: str = "cpu"):
+    def __init__(self, run_dir: Union[str, Path], variant: Optional[str] = None, device: str = "cpu",
+                 stage: Optional[str] = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -168,6 +189,11 @@ class RunModel:
         elif variant is not None:
             raise LauncherError(f"--variant {variant}: run {self.run_dir.name} is a {manifest.get('kind')} run, "
                                 "not a compare; drop --variant")
+        if manifest.get("kind") == "pipeline":  # one stage's finetune, in stages/<name> (default: the last)
+            spec, folder = _stage_of(self.run_dir, validate(spec), stage)
+        elif stage is not None:
+            raise LauncherError(f"--stage {stage}: run {self.run_dir.name} is a {manifest.get('kind')} run, "
+                                "not a pipeline; drop --stage")
         data, model_spec = spec.get("data") or {}, spec.get("model") or {}
         if model_spec.get("num_labels"):
             raise LauncherError(f"run {self.run_dir.name} trains a classifier (model.num_labels); infer "

@@ -1,7 +1,8 @@
 """`ftlaunch infer RUN --input TEXT`: a run's trained model answers (greedy), the answer only.
 
-Any finetune run, one variant of a compare run (`--variant`), or one adapter of a multitask run
-(`--task`, repeatable for a mixed batch). Chat and instruction runs get the input as the user's
+Any finetune run, one variant of a compare run (`--variant`), one stage of a pipeline of finetune
+stages (`--stage`; default the last), or one adapter of a multitask run (`--task`, repeatable for a
+mixed batch). Chat and instruction runs get the input as the user's
 turn through the run's chat template.
 """
 
@@ -20,6 +21,7 @@ def add_parser(sub) -> None:
     p.add_argument("--task", action="append",
                    help="multitask runs: the adapter; repeat it once per input for a mixed batch")
     p.add_argument("--variant", help="compare runs: the variant whose model answers")
+    p.add_argument("--stage", help="pipeline runs: the stage whose result answers (default: the last)")
     p.add_argument("--system", help="a system message before each input (chat and instruction runs)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--storage", default="./runs", help="where run folders live (default ./runs)")
@@ -68,7 +70,8 @@ def answer(args) -> int:
     else:
         if args.task:
             raise LauncherError(f"--task: run {folder.name} has no adapter registry (not a multitask run); drop --task")
-        answers = RunModel(folder, variant=args.variant).generate(inputs, args.max_new_tokens, args.system)
+        answers = RunModel(folder, variant=args.variant, stage=args.stage).generate(
+            inputs, args.max_new_tokens, args.system)
     for answer in answers:
         print(answer)
     return 0

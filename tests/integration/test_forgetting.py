@@ -71,3 +71,18 @@ def test_full_fine_tuning_forgets_task_a_and_one_adapter_per_task_does_not(ray_h
     assert stage_b["source"] == f"hf:{folder}" and stage_b["init_adapter"] is None
     summary = outs["adapters"].stdout
     assert "adapters colours: " in summary and "lists: " in summary, summary[-2000:]
+
+    # What a user sees: `ftlaunch infer RUN --stage colours` asks A's adapter; the full run's
+    # final model has lost the colours.
+    from launcher.synthetic import CREATURES, creature_colour
+
+    names = CREATURES[:8]
+    questions = [a for n in names for a in ("--input", f"what colour is the {n}?")]
+    right = {}
+    for kind, stage in (("adapters", "colours"), ("full", "lists")):
+        out = cli("infer", str(tmp_path / "runs" / f"it-sequential-{kind}"), "--stage", stage, *questions,
+                  "--system", "You answer in one short sentence.")
+        assert out.returncode == 0, out.stderr[-2000:]
+        answers = out.stdout.strip().splitlines()[-len(names):]
+        right[kind] = sum(a.strip() == f"The {n} is {creature_colour(n)}." for n, a in zip(names, answers))
+    assert right["adapters"] >= 5 and right["full"] <= 1, right
