@@ -75,7 +75,7 @@ ARRCOC_CONFIGS = {
     "arrcoc-mini": dict(
         image_size=64, patch_size=8, temporal_patch=1, merge=1,
         vision=dict(width=32, depth=1, heads=2, mlp_ratio=2),
-        top_k=16, query_dim=16, balancer_hidden=16, answer_len=13,
+        top_k=16, query_dim=16, balancer_hidden=16, answer_len=13, selection="texture",
         llm=dict(family="llama", **{**TINY_LLAMA, "initializer_range": 0.1}),
     ),
     # Qwen2-VL-7B's vision tower (embed_dim 1280, depth 32, 16 heads, mlp_ratio 4, patch 14,
@@ -83,11 +83,14 @@ ARRCOC_CONFIGS = {
     "arrcoc-7b": dict(
         image_size=896, patch_size=14, temporal_patch=2, merge=2,
         vision=dict(width=1280, depth=32, heads=16, mlp_ratio=4),
-        top_k=256, query_dim=256, balancer_hidden=32, answer_len=16,
+        top_k=256, query_dim=256, balancer_hidden=32, answer_len=16, selection="texture",
         llm=dict(family="qwen2", **QWEN2_7B),
     ),
 }
 TEXTURE_CHANNELS = 13
+# How the top_k vision tokens are chosen: by the texture adapter's scores, or (the control that
+# shows what the adapter's choice is worth) K patches at random.
+SELECTIONS = ("texture", "random")
 
 # Sources whose weights are random-init: they exist nowhere but in the run that made them. So no
 # pretrained weights to protect (no learning-rate cap warning), and an adapter trained on one is
@@ -177,6 +180,8 @@ def arrcoc_config(model: dict) -> dict:
     grid = cfg["image_size"] // (cfg["patch_size"] * cfg["merge"])
     if grid * cfg["patch_size"] * cfg["merge"] != cfg["image_size"]:
         raise PlanError(f"image_size {cfg['image_size']} is not a multiple of patch_size x merge")
+    if cfg["selection"] not in SELECTIONS:
+        raise PlanError(f"model.config.selection {cfg['selection']!r} is unknown; use one of {', '.join(SELECTIONS)}")
     if not 0 < cfg["top_k"] <= grid * grid:
         raise PlanError(f"top_k {cfg['top_k']} must be between 1 and the {grid * grid} vision tokens")
     cfg["grid"] = grid

@@ -146,11 +146,21 @@ class ArrCoc(nn.Module):
             vis = self.vision(image)
         tokens = vis + self.texture.proj((texture / self.texture.scale).flatten(2).transpose(1, 2))
         scores, _ = self.texture.scores(texture, question)
-        idx = scores.topk(self.cfg["top_k"], dim=1).indices.sort(dim=1).values  # keep grid order
+        idx = self.keep(scores).sort(dim=1).values  # keep grid order
         kept = tokens.gather(1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         kept = kept * torch.sigmoid(scores.gather(1, idx)).unsqueeze(-1)  # the scorer's gradient path
         mask = torch.cat([torch.ones_like(idx), q_mask], 1)
         return torch.cat([kept, q_emb], 1), mask
+
+    def keep(self, scores: torch.Tensor) -> torch.Tensor:
+        """(B, P) scores -> (B, top_k) indices of the kept tokens: the top-scored ones, or, for
+        the control `selection: random`, K patches drawn at random (a fixed draw when scoring,
+        so every evaluation of the control sees the same patches)."""
+        k = self.cfg["top_k"]
+        if self.cfg.get("selection", "texture") == "texture":
+            return scores.topk(k, dim=1).indices
+        draw = None if self.training else torch.Generator(device=scores.device).manual_seed(0)
+        return torch.rand(scores.shape, generator=draw, device=scores.device).topk(k, dim=1).indices
 
     def forward(self, image, texture, q_ids, q_mask, a_ids, a_mask, **_):
         """Mean cross-entropy of the answer tokens given image and question."""
@@ -282,10 +292,18 @@ def load_eval(path: str | None, cfg: dict, q_len: int, rows: int) -> dict | None
 
 
 @torch.no_grad()
-def accuracy(model: ArrCoc, data: dict | None, batch_size: int = 32) -> float | None:
-    """Share of rows whose highest-likelihood answer in ANSWERS is the true one."""
+def accuracy(model: ArrCoc, data: dict | None, batch_size: int = 32, selection: str | None = None) -> float | None:
+    """Share of rows whose highest-likelihood answer in ANSWERS is the true one; `selection`
+    scores the same weights with another token selection (`random`: the control)."""
     if data is None:
         return None
+    if selection and selection != model.cfg.get("selection", "texture"):
+        own = model.cfg
+        model.cfg = {**own, "selection": selection}
+        try:
+            return accuracy(model, data, batch_size)
+        finally:
+            model.cfg = own
     was_training = model.training
     model.eval()
     right, n = 0, len(data["answer_index"])

@@ -72,6 +72,7 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
         entry.update(
             status="SUCCEEDED", finished=time.time(), checkpoint=str(target / "state.pt"), steps=final.get("step"),
             accuracy_before=before.get("accuracy"), accuracy_after=final.get("accuracy"),
+            accuracy_random_before=before.get("accuracy_random"), accuracy_random_after=final.get("accuracy_random"),
             loss_first=before.get("loss_first"), loss_last=final.get("loss"),
             digests_before=before.get("digests"), digests_after=final.get("digests"),
             trainable_params=final.get("trainable_params"), total_params=final.get("total_params"),
@@ -83,10 +84,14 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
     return {
         "wall_time_s": round(time.time() - started, 2),
         "stages": {e["name"]: {k: e.get(k) for k in ("steps", "accuracy_before", "accuracy_after",
-                                                     "loss_last", "trainable_params")} for e in done},
+                                                     "accuracy_random_after", "loss_last", "trainable_params")}
+                   for e in done},
         "steps": sum(e.get("steps") or 0 for e in done),
         "accuracy_before": done[0].get("accuracy_before"),
         "accuracy_after": done[-1].get("accuracy_after"),
+        # The control: the same weights keeping K random patches instead of the adapter's choice.
+        "accuracy_random_before": done[0].get("accuracy_random_before"),
+        "accuracy_random_after": done[-1].get("accuracy_random_after"),
         "total_params": done[-1].get("total_params"),
         "trainable_params": max(e.get("trainable_params") or 0 for e in done),
         "export": "stages",
@@ -151,7 +156,8 @@ def _stage_loop(spec, config: dict) -> None:
 
     step = loop.resume(load)
     if not step:
-        before.update(accuracy=A.accuracy(model, evals), digests=A.group_digests(model))
+        before.update(accuracy=A.accuracy(model, evals), accuracy_random=A.accuracy(model, evals, selection="random"),
+                      digests=A.group_digests(model))
 
     model = ray.train.torch.prepare_model(model) if loop.world > 1 else model
     inner = model.module if hasattr(model, "module") else model
@@ -172,7 +178,9 @@ def _stage_loop(spec, config: dict) -> None:
             if loop.due(step):
                 record = loop.record(step, tokens_per_s=loop.rate())
                 if loop.final(step):
-                    record.update(accuracy=A.accuracy(inner, evals), digests=A.group_digests(inner),
+                    record.update(accuracy=A.accuracy(inner, evals),
+                                  accuracy_random=A.accuracy(inner, evals, selection="random"),
+                                  digests=A.group_digests(inner),
                                   trainable_params=trainable, total_params=total)
                 loop.report(record, save=save, extra={"before": before} if loop.final(step) else None)
             if step >= stage.steps:

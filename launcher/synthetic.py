@@ -189,11 +189,86 @@ def _shape_mask(shape: str, size: int, cy: int, cx: int, r: int) -> np.ndarray:
     return (y <= cy + r) & (y >= cy - r) & (abs(x - cx) <= (y - (cy - r)) / 2)
 
 
+# VQA: four small shapes, one of each colour, on a dark noisy background; the question names one
+# colour and asks where that shape is, what shape it is, or whether it touches the image edge. The
+# answer lies in the few patches of the named shape: a model that keeps K of the 8 x 8 vision
+# tokens answers only if it keeps those (the texture channels find them: RGB and a* tell the
+# colours apart), while K random patches mostly miss it. "Touches" means the shape reaches the
+# border; otherwise it stays a patch (8 px) clear of it, so the patch grid can tell them apart.
+_SCENE_RADIUS = (3, 5)  # shapes 7-9 px across: one to four of the 8 px patches
+
+
+def _noise(rng, size: int) -> np.ndarray:
+    return rng.integers(0, 40, size=(size, size, 3), dtype=np.uint8)
+
+
+def _target_centre(rng, quadrant: int, touches: bool, r: int, size: int) -> tuple[int, int]:
+    """A centre that keeps a radius-r shape inside its quadrant, on the image border or clear of it."""
+    half, margin = size // 2, size // 8
+    (qy, qx), span = divmod(quadrant, 2), []
+    for q in (qy, qx):
+        lo, hi = q * half + r, q * half + half - 1 - r  # inside the quadrant
+        if not touches:
+            lo, hi = (max(lo, margin + r), hi) if q == 0 else (lo, min(hi, size - 1 - margin - r))
+        span.append((lo, hi))
+    (y_lo, y_hi), (x_lo, x_hi) = span
+    cy, cx = int(rng.integers(y_lo, y_hi + 1)), int(rng.integers(x_lo, x_hi + 1))
+    if touches:  # against one of the quadrant's two outer borders
+        if rng.random() < 0.5:
+            cy = r if qy == 0 else size - 1 - r
+        else:
+            cx = r if qx == 0 else size - 1 - r
+    return cy, cx
+
+
+def _place_distractors(rng, taken: list, count: int, size: int) -> list:
+    """`count` (cy, cx, r) that overlap nothing in `taken` (which they join)."""
+    out = []
+    while len(out) < count:
+        r = int(rng.integers(*_SCENE_RADIUS))
+        cy, cx = (int(v) for v in rng.integers(r, size - r, size=2))
+        if all((cy - y) ** 2 + (cx - x) ** 2 > (r + rr + 3) ** 2 for y, x, rr in taken):
+            taken.append((cy, cx, r))
+            out.append((cy, cx, r))
+    return out
+
+
 @generator("vqa")
 def vqa(rows: int, seed: int = 0, size: int = 64):
-    """One coloured shape on a dark, lightly noisy background; questions ask its colour, shape,
-    quadrant, or whether it touches the image edge. `image` is a fixed_shape_tensor (size,size,3)
-    uint8, so colour (RGB/LAB), edges (Sobel) and position (coordinate channels) carry the answer."""
+    """Four small shapes, one per colour; the question names a colour and asks the place (quadrant),
+    the shape, or whether it touches the edge of the shape of that colour. `image` is a
+    fixed_shape_tensor (size, size, 3) uint8."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed + 5)
+    colours = list(VQA_COLOURS)
+    images = np.empty((rows, size, size, 3), dtype=np.uint8)
+    questions, answers = [], []
+    for i in range(rows):
+        named = colours[int(rng.integers(0, len(colours)))]
+        quadrant, touches = int(rng.integers(0, 4)), bool(rng.random() < 0.5)
+        r = int(rng.integers(*_SCENE_RADIUS))
+        cy, cx = _target_centre(rng, quadrant, touches, r, size)
+        others = _place_distractors(rng, [(cy, cx, r)], len(colours) - 1, size)
+        shapes = [VQA_SHAPES[int(k)] for k in rng.integers(0, len(VQA_SHAPES), size=len(colours))]
+        img = _noise(rng, size)
+        for colour, shape, (y, x, rr) in zip([named] + [c for c in colours if c != named], shapes,
+                                             [(cy, cx, r)] + others):
+            img[_shape_mask(shape, size, y, x, rr)] = VQA_COLOURS[colour]
+        images[i] = img
+        kind = int(rng.integers(0, 3))
+        questions.append((f"where is the {named} shape?", f"what shape is the {named} one?",
+                          f"does the {named} shape touch the edge?")[kind])
+        answers.append((VQA_PLACES[quadrant], shapes[0], "yes" if touches else "no")[kind])
+    image = pa.FixedShapeTensorArray.from_numpy_ndarray(images)
+    return pa.table({"image": image, "question": questions, "answer": answers})
+
+
+@generator("vqa-one")
+def vqa_one(rows: int, seed: int = 0, size: int = 64):
+    """The first VQA set: one large coloured shape alone; questions ask its colour, shape,
+    quadrant, or whether it touches the image edge. Any patch of it (or none: the answer prior)
+    answers, so patch selection cannot matter on it; kept to reproduce that."""
     import pyarrow as pa
 
     rng = np.random.default_rng(seed + 5)
@@ -216,7 +291,7 @@ def vqa(rows: int, seed: int = 0, size: int = 64):
         else:
             cy = int(rng.integers(lo_y + r + 2, lo_y + half - r - 1))
             cx = int(rng.integers(lo_x + r + 2, lo_x + half - r - 1))
-        img = rng.integers(0, 40, size=(size, size, 3), dtype=np.uint8)
+        img = _noise(rng, size)
         img[_shape_mask(shape, size, cy, cx, r)] = VQA_COLOURS[colour]
         images[i] = img
         kind = int(rng.integers(0, 4))

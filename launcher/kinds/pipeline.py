@@ -348,11 +348,12 @@ class Pipeline(Kind):
         stages = s.get("stages") or {}
         lines = [f"run            {manifest.get('run_id')}",
                  f"accuracy       {_f(s.get('accuracy_before'))} -> {_f(s.get('accuracy_after'))} "
-                 f"over {len(stages)} stages"]
+                 f"over {len(stages)} stages; K random patches instead of the adapter's: "
+                 f"{_f(s.get('accuracy_random_before'))} -> {_f(s.get('accuracy_random_after'))}"]
         for name, st in stages.items():
             lines.append(f"  stage {name:<12} {st.get('steps')} steps, accuracy {_f(st.get('accuracy_before'))} -> "
-                         f"{_f(st.get('accuracy_after'))}, loss {_f(st.get('loss_last'))}, "
-                         f"{st.get('trainable_params') or 0:,} trainable")
+                         f"{_f(st.get('accuracy_after'))} (random K {_f(st.get('accuracy_random_after'))}), "
+                         f"loss {_f(st.get('loss_last'))}, {st.get('trainable_params') or 0:,} trainable")
         lines += [f"wall time      {s.get('wall_time_s')} s",
                   f"artifacts      {manifest.get('plan', {}).get('run_dir', '?')} (pipeline.json, stages/)"]
         return "\n".join(lines)
@@ -377,6 +378,8 @@ class Pipeline(Kind):
                 s.evals["eval accuracy"] = points
             s.facts = loss_facts(s.metrics, "rows/s") + [
                 f"eval accuracy {_pct(e.get('accuracy_before'))} -> {_pct(e.get('accuracy_after'))}",
+                f"the same weights keeping K random patches (the control): "
+                f"{_pct(e.get('accuracy_random_before'))} -> {_pct(e.get('accuracy_random_after'))}",
                 f"trains {', '.join(stage.get('train', []))}; {e.get('trainable_params') or 0:,} trainable parameters"]
             out.append(s)
         return out

@@ -169,3 +169,34 @@ def test_mini_plan_reads_each_stages_data(tmp_path):
 def test_bad_pipeline_specs_are_refused_with_the_field(change, message):
     with pytest.raises(ConfigError, match=message):
         load_spec(mini_dict(**change))
+
+
+def test_the_random_k_control_keeps_k_fixed_random_patches_and_is_refused_when_misspelled():
+    cfg = {**MINI, "config": {"top_k": 4}}
+    model = A.build(cfg, LORA).eval()
+    scores = torch.arange(64.0).repeat(3, 1)  # the adapter's choice would be the last four patches
+    assert model.keep(scores).sort(1).values.tolist() == [[60, 61, 62, 63]] * 3
+    model.cfg = {**model.cfg, "selection": "random"}
+    drawn = model.keep(scores)
+    assert drawn.shape == (3, 4) and all(len(set(row)) == 4 for row in drawn.tolist())
+    assert drawn.sort(1).values.tolist() != [[60, 61, 62, 63]] * 3
+    assert torch.equal(drawn, model.keep(scores))  # scoring: the same draw every time
+    with pytest.raises(Exception, match="model.config.selection 'randm' is unknown; use one of texture, random"):
+        A.arrcoc_config({**MINI, "config": {"selection": "randm"}})
+
+
+def test_on_the_vqa_set_k_random_patches_mostly_miss_the_named_shape():
+    """The task's premise: the answer lies in a few of the 64 patches, so which K are kept matters."""
+    from common.vqa import VQA_COLOURS
+    from launcher.synthetic import vqa
+
+    t = vqa(200, seed=3)
+    images = t.column("image").combine_chunks().to_numpy_ndarray()
+    named = [next(c for c in VQA_COLOURS if f" {c} " in q) for q in t.column("question").to_pylist()]
+    share = np.stack([(im == np.array(VQA_COLOURS[c], np.uint8)).all(-1).reshape(8, 8, 8, 8).mean((1, 3)).ravel()
+                      for im, c in zip(images, named)])  # (rows, 64): the named shape's share of each patch
+    best = np.sort(share, 1)[:, -4:]
+    drawn = np.random.default_rng(0).permuted(np.tile(np.arange(64), (200, 1)), axis=1)[:, :4]
+    random = np.take_along_axis(share, drawn, 1)
+    assert np.isclose(best.sum(1), share.sum(1)).mean() > 0.9  # four patches hold all of it (measured 1-4)
+    assert (random > 0).any(1).mean() < 0.3  # four random ones miss it entirely in most images (measured 17%)

@@ -68,30 +68,43 @@ def test_ner_tags_are_bio_and_follow_capitalisation():
 
 
 def _answer_from_pixels(img, question):
-    """A hand-written reader: the shape is the set of bright pixels (background < 40)."""
-    mask = img.max(axis=2) >= 40
-    ys, xs = np.nonzero(mask)
+    """A hand-written reader: the named shape is the set of pixels of exactly its colour (the
+    background's channels stay under 40); its rows' widths tell square, circle and triangle."""
+    named = next(c for c in synthetic.VQA_COLOURS if f" {c} " in question)
+    ys, xs = np.nonzero((img == np.array(synthetic.VQA_COLOURS[named], np.uint8)).all(axis=2))
     size = img.shape[0]
-    if question.startswith("what colour"):
-        rgb = img[mask].mean(axis=0)
-        return min(synthetic.VQA_COLOURS, key=lambda c: np.abs(rgb - synthetic.VQA_COLOURS[c]).sum())
     if question.startswith("where"):
         return ("top" if ys.mean() < size / 2 else "bottom") + " " + ("left" if xs.mean() < size / 2 else "right")
-    if question.startswith("does the shape touch"):
-        return "yes" if ys.min() == 0 or ys.max() == size - 1 else "no"
-    fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
-    return "square" if fill > 0.95 else "circle" if fill > 0.6 else "triangle"
+    if "touch the edge" in question:
+        return "yes" if min(ys.min(), xs.min()) == 0 or max(ys.max(), xs.max()) == size - 1 else "no"
+    widths = [int((ys == y).sum()) for y in (ys.min(), (ys.min() + ys.max()) // 2, ys.max())]
+    return "square" if len(set(widths)) == 1 else "circle" if widths[0] == widths[2] else "triangle"
 
 
-def test_vqa_images_answer_their_questions():
-    t = synthetic.vqa(200, 0)
+def test_vqa_images_answer_their_questions_about_the_named_shape():
+    t = synthetic.vqa(300, 0)
     assert t.schema.field("image").type.shape == [64, 64, 3]
     images = t.column("image").chunk(0).to_numpy_ndarray()
-    assert images.dtype == np.uint8 and images.shape == (200, 64, 64, 3)
-    answers = t.column("answer").to_pylist()
-    got = [_answer_from_pixels(im, q) for im, q in zip(images, t.column("question").to_pylist())]
-    assert got == answers
-    assert len(set(answers)) == len(synthetic.VQA_COLOURS) + len(synthetic.VQA_SHAPES) + 4 + 2
+    assert images.dtype == np.uint8 and images.shape == (300, 64, 64, 3)
+    answers, questions = t.column("answer").to_pylist(), t.column("question").to_pylist()
+    assert [_answer_from_pixels(im, q) for im, q in zip(images, questions)] == answers
+    assert set(answers) == {*synthetic.VQA_SHAPES, *synthetic.VQA_PLACES, "yes", "no"}
+    for im in images:  # four shapes, one of each colour, each a few of the 8 x 8 px patches
+        for rgb in synthetic.VQA_COLOURS.values():
+            assert 20 <= (im == np.array(rgb, np.uint8)).all(axis=2).sum() <= 81
+    # A shape that does not touch the edge keeps a patch clear of it: the patch grid tells them apart.
+    for im, q, a in zip(images, questions, answers):
+        if "touch" in q and a == "no":
+            named = next(c for c in synthetic.VQA_COLOURS if f" {c} " in q)
+            ys, xs = np.nonzero((im == np.array(synthetic.VQA_COLOURS[named], np.uint8)).all(axis=2))
+            assert min(ys.min(), xs.min()) >= 8 and max(ys.max(), xs.max()) <= 55
+
+
+def test_vqa_one_is_the_first_single_shape_set():
+    t = synthetic.GENERATORS["vqa-one"](50, 0)
+    assert t.column_names == ["image", "question", "answer"]
+    assert set(t.column("question").to_pylist()) <= {"what colour is the shape?", "what shape is it?",
+                                                      "where is the shape?", "does the shape touch the edge?"}
 
 
 def test_make_writes_every_new_generator(tmp_path):
