@@ -35,10 +35,15 @@ def wait_for_step(run_dir: Path, step: int, timeout: float = 240) -> None:
     raise AssertionError(f"no step {step} in {run_dir} after {timeout}s: {steps_of(run_dir)}")
 
 
+STEPS = 200  # the killed runs' length
+
+
 def test_a_killed_worker_is_replaced_and_no_step_is_lost_or_repeated(ray_head, tiny_spec):
     from ray.util.state import list_actors
 
-    tiny_spec["train"].update(max_steps=60, report_every=5)  # max_failures: 1 by default
+    # Long enough that the kill lands mid-run however fast the steps go (a 60-step run once ended
+    # before a stop landed, on CI). max_failures: 1 by default.
+    tiny_spec["train"].update(max_steps=STEPS, report_every=5)
     handle = launcher.submit(tiny_spec, "ray", address=ray_head.address, submission_id="ft-kill-worker")
     run_dir = Path(handle.run_dir)
     wait_for_step(run_dir, 10)
@@ -50,16 +55,16 @@ def test_a_killed_worker_is_replaced_and_no_step_is_lost_or_repeated(ray_head, t
 
     assert handle.wait(timeout=300) == "SUCCEEDED", handle.logs()[-3000:]
     manifest = handle.manifest()
-    assert manifest["status"] == "SUCCEEDED" and manifest["summary"]["steps"] == 60
-    assert steps_of(run_dir) == list(range(5, 65, 5))  # every report once: none lost, none twice
-    assert killed_at < 60
+    assert manifest["status"] == "SUCCEEDED" and manifest["summary"]["steps"] == STEPS
+    assert steps_of(run_dir) == list(range(5, STEPS + 5, 5))  # every report once: none lost, none twice
+    assert killed_at < STEPS
     # The replacement workers wrote their own log beside the first ones'.
     worker_logs = "".join(p.read_text() for p in (run_dir / "logs").glob("worker-*.log"))
     assert worker_logs.count("=== worker-0 pid") == 2, worker_logs[:2000]
 
 
 def test_a_killed_driver_resumes_from_the_checkpoint_and_its_logs_outlive_the_cluster(ray_head, tiny_spec, tmp_path):
-    tiny_spec["train"].update(max_steps=60, report_every=5)
+    tiny_spec["train"].update(max_steps=STEPS, report_every=5)
     handle = launcher.submit(tiny_spec, "ray", address=ray_head.address, submission_id="ft-kill-driver")
     run_dir = Path(handle.run_dir)
     wait_for_step(run_dir, 10)
@@ -76,9 +81,9 @@ def test_a_killed_driver_resumes_from_the_checkpoint_and_its_logs_outlive_the_cl
     out = cli("resume", str(run_dir), "--address", ray_head.address)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["status"] == "SUCCEEDED" and manifest["summary"]["steps"] == 60
+    assert manifest["status"] == "SUCCEEDED" and manifest["summary"]["steps"] == STEPS
     assert [a["submission_id"] for a in manifest["attempts"]] == ["ft-kill-driver", "ft-kill-driver-resume1"]
-    assert steps_of(run_dir) == list(range(5, 65, 5))
+    assert steps_of(run_dir) == list(range(5, STEPS + 5, 5))
 
     # The cluster is gone (nothing answers at the address): the logs come from the run folder.
     logs = cli("logs", "ft-kill-driver", "--storage", tiny_spec["storage"], "--address", CLOSED, "--workers")
@@ -86,7 +91,7 @@ def test_a_killed_driver_resumes_from_the_checkpoint_and_its_logs_outlive_the_cl
     assert "cannot reach a Ray cluster" in logs.stderr and str(run_dir / "logs") in logs.stderr
     assert "=== attempt 1 submission ft-kill-driver" in logs.stdout
     assert "=== attempt 2 submission ft-kill-driver-resume1" in logs.stdout
-    assert "[ftlaunch] step 60/60" in logs.stdout  # the driver's progress lines, as they ran
+    assert f"[ftlaunch] step {STEPS}/{STEPS}" in logs.stdout  # the driver's progress lines, as they ran
     assert "--- worker-0.log" in logs.stdout and "--- worker-1.log" in logs.stdout
 
 
