@@ -9,7 +9,7 @@ import copy
 import functools
 import json
 import re
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from common.catalog import config_for
 from launcher.errors import ConfigError, MissingExtraError, PlanError
@@ -34,7 +34,8 @@ def require_torch():
 
 
 def _is_classifier(model: dict, config) -> bool:
-    return bool(model.get("num_labels")) or getattr(config, "model_type", "") == "bert"
+    kind = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", "")
+    return bool(model.get("num_labels")) or kind == "bert"
 
 
 def _build_meta(model: dict):
@@ -121,45 +122,29 @@ def json_cached(maxsize: int):
 
 @json_cached(maxsize=32)
 def count_parameters(model: dict, strategy: dict) -> dict:
-    """Exact total and trainable parameters, from the config on the meta device (no weights)."""
-    torch, _ = require_torch()
-    net, config = _build_meta(model)
-    base_total = sum(p.numel() for p in net.parameters())  # shared (tied) tensors count once
-    linears = linear_layers(net)
-    quantizable = sum(d_in * d_out for _, d_in, d_out in linears)
-    largest_layer = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in net.modules())
+    """Exact total and trainable parameters: by closed form from the config where the architecture
+    and the strategy allow (no torch: planner/closed_form.py), else from the config on the meta
+    device (no weights). Both give the same counts (tests/unit/test_closed_form.py)."""
     kind = strategy.get("type", "full")
     try:
         registered = get_strategy(kind)
     except KeyError:
         raise PlanError(f"strategy {kind!r} is unknown to the planner") from None
     spec = registered.parse(strategy)
-    classifier = _is_classifier(model, config)
+    shape = _closed_form_shape(model, strategy, registered, spec) or _meta_shape(model, strategy, registered, spec)
+    base_total, linears = shape["base_total"], shape["linears"]
     counts: dict[str, Any] = {"method": kind}
-    if registered.is_adapter:
-        task_type = ("SEQ_CLS" if model.get("num_labels") else
-                     "FEATURE_EXTRACTION" if classifier else "CAUSAL_LM")
-        try:
-            import peft
-        except ImportError:
-            raise MissingExtraError("peft", "train") from None
-
-        _check_targets(model, strategy, linears)
-        with torch.device("meta"):
-            try:
-                wrapped = peft.get_peft_model(net, registered.peft_config(spec, task_type))
-            except (ValueError, TypeError, KeyError) as exc:  # the job's get_peft_model would fail alike
-                raise ConfigError(
-                    f"strategy: peft cannot apply {kind} to model {model.get('source', 'tiny-llama')}: "
-                    f"{_first_line(exc)}; fix the strategy's module names or use the defaults"
-                ) from None
-        trainable, total = wrapped.get_nb_trainable_parameters()
-        if isinstance(spec, LoraStrategy):
-            counts["lora_closed_form"] = lora_closed_form(linears, spec.r, spec.target_modules)
+    if isinstance(spec, LoraStrategy):
+        counts["lora_closed_form"] = lora_closed_form(linears, spec.r, spec.target_modules)
+    if "trainable" in shape:  # an adapter, counted by peft on the meta device
+        total, trainable = shape["total"], shape["trainable"]
+    elif registered.is_adapter:  # LoRA by closed form; peft trains a classifier head in full beside it
+        trainable = counts["lora_closed_form"] + shape["head"]
+        total = base_total + trainable
     else:  # full and partial: the parameters the registration names (a schedule's peak: all it opens)
-        named = dict(net.named_parameters())
+        named = shape["named"]
         trained = registered.trained_names(spec, list(named))
-        total, trainable = base_total, sum(named[n].numel() for n in trained)
+        total, trainable = base_total, sum(named[n] for n in trained)
     # Linear shapes grouped by their last name: enough to re-estimate LoRA/QLoRA without torch.
     groups: dict[tuple, int] = {}
     for name, d_in, d_out in linears:
@@ -174,12 +159,70 @@ def count_parameters(model: dict, strategy: dict) -> dict:
         # base + adapter parameters instead, reported as percent_of_all.
         percent_trainable=round(100.0 * trainable / base_total, 4),
         percent_of_all=round(100.0 * trainable / total, 4),
-        quantizable=int(quantizable),
-        largest_layer=int(largest_layer),
+        quantizable=int(sum(d_in * d_out for _, d_in, d_out in linears)),
+        largest_layer=int(shape["largest_layer"]),
         linear_shapes=[[n, i, o, c] for (n, i, o), c in groups.items()],
-        dims=dims_of(net.config, num_labels=model.get("num_labels"), causal_lm=not classifier),
+        dims=dims_of(shape["config"], num_labels=model.get("num_labels"), causal_lm=not shape["classifier"]),
     )
     return counts
+
+
+def _closed_form_shape(model: dict, strategy: dict, registered, spec) -> Optional[dict]:
+    """The model's parameter names, linear layers and sizes from its config alone, or None where
+    the architecture is not tabled or the strategy's count needs peft (prompt, prefix, IA3, or
+    LoRA aimed at an output head)."""
+    from launcher.planner import closed_form
+
+    if registered.is_adapter and not isinstance(spec, LoraStrategy):
+        return None
+    config = closed_form.config_dict(model)
+    table = closed_form.table_for(config, model.get("num_labels")) if config else None
+    if table is None:
+        return None
+    if isinstance(spec, LoraStrategy) and isinstance(spec.target_modules, list) and any(
+            targets_match(name.rsplit(".", 1)[0], spec.target_modules) for name in table.head):
+        return None
+    _check_targets(model, strategy, table.linears)
+    return {"base_total": table.total, "named": dict(table.params), "linears": table.linears,
+            "largest_layer": max(table.modules),
+            # peft (SEQ_CLS) trains a classifier head in full beside the adapter: a copy of it
+            "head": sum(dict(table.params)[n] for n in table.head) if model.get("num_labels") else 0,
+            "config": config, "classifier": _is_classifier(model, config)}
+
+
+def _meta_shape(model: dict, strategy: dict, registered, spec) -> dict:
+    """The same facts from the model built on the meta device; adapters counted by peft itself."""
+    torch, _ = require_torch()
+    net, config = _build_meta(model)
+    linears = linear_layers(net)
+    classifier = _is_classifier(model, config)
+    shape = {"base_total": sum(p.numel() for p in net.parameters()),  # shared (tied) tensors count once
+             "named": {n: p.numel() for n, p in net.named_parameters()}, "linears": linears,
+             "largest_layer": max(sum(p.numel() for p in m.parameters(recurse=False)) for m in net.modules()),
+             "config": net.config, "classifier": classifier}
+    if registered.is_adapter:
+        task_type = ("SEQ_CLS" if model.get("num_labels") else
+                     "FEATURE_EXTRACTION" if classifier else "CAUSAL_LM")
+        try:
+            import peft
+        except ImportError:
+            raise MissingExtraError("peft", "train") from None
+
+        _check_targets(model, strategy, linears)
+        with torch.device("meta"):
+            try:
+                wrapped = peft.get_peft_model(net, registered.peft_config(spec, task_type))
+            except (ValueError, TypeError, KeyError) as exc:  # the job's get_peft_model would fail alike
+                raise ConfigError(
+                    f"strategy: peft cannot apply {kind_of(strategy)} to model {model.get('source', 'tiny-llama')}: "
+                    f"{_first_line(exc)}; fix the strategy's module names or use the defaults"
+                ) from None
+        shape["trainable"], shape["total"] = wrapped.get_nb_trainable_parameters()
+    return shape
+
+
+def kind_of(strategy: dict) -> str:
+    return strategy.get("type", "full")
 
 
 def dims_of(config, num_labels=None, causal_lm=True) -> dict:
