@@ -98,7 +98,10 @@ def test_planner_packs_when_one_gpu_per_adapter_does_not_fit(task_data, tmp_path
     spec = mt_spec(task_data, tmp_path, packing="auto", resources={"gpus_per_worker": 1, "cpus_per_worker": 1})
     job = plan(load_spec(spec), "ray", profile="a100-80g-1")  # 3 adapters, one GPU
     assert job.spec["packing"] is True and job.resources["workers"] == 1
-    assert any(w.startswith("packing: auto -> true") for w in job.warnings)
+    why = next(w for w in job.warnings if w.startswith("packing: auto -> "))
+    ratio = job.estimate["multitask"]["packed_vs_separate"]
+    assert why == ("packing: auto -> true: only 1 of the 3 adapter workers run at once; "
+                   f"packed fits in {ratio:.2f}x the memory") and ratio < 1
     forced = mt_spec(task_data, tmp_path, packing=False, resources={"gpus_per_worker": 1, "cpus_per_worker": 1})
     waves = plan(load_spec(forced), "ray", profile="a100-80g-1")  # one GPU: one adapter at a time
     assert waves.spec["packing"] is False
@@ -109,11 +112,23 @@ def test_planner_packs_when_one_gpu_per_adapter_does_not_fit(task_data, tmp_path
     small = {"cpus_per_worker": 0.4, "data_cpus_per_worker": 0.2}  # 3 x 0.6 CPU: all at once on 2 CPUs
     local = plan(load_spec(mt_spec(task_data, tmp_path, packing="auto", resources=small)), "local")
     assert local.spec["packing"] is False and local.resources["workers"] == 3
+    assert "packing: auto -> false: one base per worker fits, all 3 at once (packed fits in" in " ".join(local.warnings)
+    # Tasks the packed engine cannot stack (unequal micro-batches) are never packed by auto,
+    # and packing: true is refused for them at validate, naming the fix.
+    uneven = mt_spec(task_data, tmp_path, packing="auto", resources={"gpus_per_worker": 1, "cpus_per_worker": 1})
+    uneven["tasks"][0]["train"] = {"micro_batch": 4}
+    kept = plan(load_spec(uneven), "ray", profile="a100-80g-1")
+    assert kept.spec["packing"] is False
+    assert ("packing: auto -> false: the packed engine cannot run these tasks (packed training needs one equal "
+            "train.micro_batch for every task (got counting 4, alphabet 8, instruction 8)") in " ".join(kept.warnings)
+    uneven["packing"] = True
+    with pytest.raises(ConfigError, match="one equal train.micro_batch .* set one value; or set packing: false"):
+        load_spec(uneven)
 
 
 def test_a_multitask_job_that_cannot_fit_is_refused_with_fixes_it_can_take(task_data, tmp_path):
     """The per-task fixes come from the finetune planner: only those a multitask spec runs are
-    offered (never train.grad_checkpointing, which multitask refuses), with their overrides."""
+    offered (mode adapters runs train.grad_checkpointing; never train.precision), with their overrides."""
     big = {"source": "tiny-llama", "seq_len": 512, "config": {
         "hidden_size": 1024, "num_hidden_layers": 8, "intermediate_size": 4096,
         "num_attention_heads": 8, "num_key_value_heads": 8}}
@@ -123,8 +138,13 @@ def test_a_multitask_job_that_cannot_fit_is_refused_with_fixes_it_can_take(task_
         plan(load_spec(spec), "local")
     message = str(err.value)
     assert "3 adapter workers: does-not-fit on profile local-cpu" in message and "\n" not in message
-    assert "would fit: micro_batch=1: train.micro_batch=1" in message
-    assert "grad_checkpointing" not in message
+    assert message.endswith("would fit: gradient checkpointing + micro_batch=1: train.grad_checkpointing=true "
+                            "train.micro_batch=1; micro_batch=1: train.micro_batch=1")
+    assert "precision" not in message
+    # The fix it offers is one the job runs: gradient checkpointing in both layouts.
+    spec["train"].update(micro_batch=1, grad_checkpointing=True)
+    job = plan(load_spec(spec), "local")
+    assert job.estimate["memory_settings"]["grad_checkpointing"] is True
 
 
 # ---------------------------------------------------------------------------------------------
