@@ -24,10 +24,12 @@ import torch
 from common.runfolder import metrics_file
 from jobs import components as C
 from jobs import generate as G
+from jobs import precision as P
 from jobs import text as T
 from jobs.artifacts import RunDir, say
 from jobs.data.read import read_dataset, read_head
 from jobs.loop import Loop, progress_file, worker_scope
+from jobs.packed_lora import PackedLora
 from launcher import registry as R
 from launcher.kinds.multitask import TaskSettings, typed_task_settings
 from launcher.spec import DataSpec
@@ -244,15 +246,14 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
 
 
 @torch.no_grad()
-def eval_loss(model, batch: dict | None, device: str, adapter: str | None = None, bs: int = 16):
+def eval_loss(model, batch: dict | None, device: str, bs: int = 16):
     if batch is None:
         return None
     total, count = 0.0, 0
     for i in range(0, len(batch["input_ids"]), bs):
         part = {k: v[i:i + bs].to(device) for k, v in batch.items()}
-        kwargs = {"adapter_names": [adapter] * len(part["input_ids"])} if adapter else {}
         inputs = T.model_inputs(part, T.attention_of(model))
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **kwargs).logits
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
         loss, mask = token_losses(logits, part["labels"])
         total += float((loss * mask).sum())
         count += int(mask.sum())
@@ -298,6 +299,8 @@ def train_adapter(task: TaskSettings, base_path: str, stream, run_dir: str, seq_
     torch.manual_seed(train.seed)
     base, base_sha = load_base(base_path, device)
     model = get_peft_model(base, lora_config(task.lora), adapter_name=name)
+    if train.grad_checkpointing:
+        P.enable_checkpointing(model)
     params = adapter_params(model, name)
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     evals = eval_batch(task, seq_len, 16 * train.eval_batches)
@@ -345,12 +348,14 @@ def train_adapter(task: TaskSettings, base_path: str, stream, run_dir: str, seq_
 
 def train_packed(tasks: list[TaskSettings], base_path: str, streams: dict, run_dir: str, seq_len: int,
                  device: str = "cpu") -> dict:
-    """K adapters on one shared frozen base, one forward per step over all tasks' rows.
+    """K adapters on one shared frozen base, one forward and backward per step over all tasks' rows.
 
-    Each row is routed through its own task's adapter (peft's mixed-adapter forward); the loss
-    is the sum of each task's own mean token loss, so each adapter's gradient comes from its
-    task's rows only, exactly as if trained alone. A task whose steps are done drops out of the
-    batch, and its adapter then gets no gradient and no update at all.
+    The packed engine (jobs/packed_lora.py) runs each step's rows, one equal micro-batch per
+    task, through the base once and through each task's adapter as one batched matmul. The
+    loss is the sum of each task's own mean token loss, so each adapter's gradient comes from its
+    task's rows only; each adapter is clipped and scheduled by itself: its training is the same
+    as alone. A task whose steps are done drops out of the batch, and its adapter then gets no
+    gradient and no update at all.
     """
     from peft import get_peft_model
 
@@ -361,15 +366,15 @@ def train_packed(tasks: list[TaskSettings], base_path: str, streams: dict, run_d
     for t in rest:
         torch.manual_seed(t.train.seed)  # each adapter starts where it would alone
         model.add_adapter(t.name, lora_config(t.lora))
+    if any(t.train.grad_checkpointing for t in tasks):
+        P.enable_checkpointing(model)
     params = {t.name: adapter_params(model, t.name) for t in tasks}
     for group in params.values():
         for p in group:
             p.requires_grad_(True)
     optimizer = torch.optim.AdamW(
         [{"params": params[t.name], "lr": t.train.lr, "weight_decay": t.train.weight_decay} for t in tasks])
-    # peft routes rows by adapter name only outside train mode; dropout is 0 (validated), so
-    # eval mode changes nothing else, and autograd records the forward as usual.
-    model.eval()
+    model.train()
     evals = {t.name: eval_batch(t, seq_len, 16 * t.train.eval_batches) for t in tasks}
     names, by_name = [t.name for t in tasks], {t.name: t for t in tasks}
     # One loop per task (its records, its reports); one progress file for the whole pack.
@@ -377,37 +382,45 @@ def train_packed(tasks: list[TaskSettings], base_path: str, streams: dict, run_d
                           fields={"task": t.name}, progress=progress_file(run_dir, PACKED)) for t in tasks}
     steps, losses = {n: 0 for n in names}, {n: [] for n in names}
     saved = loops[names[0]].restore(lambda path: load_progress(path, model, optimizer, names))
-    if saved:  # an earlier attempt got this far: continue from its last report
-        steps, losses, before = saved["steps"], saved["losses"], saved["before"]
-    else:
-        before = {n: eval_loss(model, b, device, adapter=n) for n, b in evals.items()}
-    for n in names:
-        loops[n].truncate(steps[n])
-        loops[n].begin()
+    with PackedLora(model) as pack:
+        if saved:  # an earlier attempt got this far: continue from its last report
+            steps, losses, before = saved["steps"], saved["losses"], saved["before"]
+        else:
+            before = {n: packed_eval_loss(pack, n, b, device) for n, b in evals.items()}
+        for n in names:
+            loops[n].truncate(steps[n])
+            loops[n].begin()
 
-    def save(path):
-        save_progress(path, model, optimizer, names, steps, losses, before)
+        def save(path):
+            save_progress(path, model, optimizer, names, steps, losses, before)
 
-    iters = {n: _batches(streams[n]) for n in names}
-    done_at = {n: loops[n].started for n in names if loops[n].final(steps[n])}
-    while len(done_at) < len(tasks):
-        active = [n for n in steps if not loops[n].final(steps[n])]
-        for group, t in zip(optimizer.param_groups, tasks):  # each adapter's warmup by its own step
-            group["lr"] = t.train.lr * C.warmup(steps[t.name], t.train.warmup_steps)
-        losses_now = packed_step(model, optimizer, {n: next(iters[n]) for n in active}, params,
-                                 {n: by_name[n].train.grad_clip for n in active}, device)
-        for n, value in losses_now.items():
-            steps[n] += 1
-            losses[n].append(value)
-            if loops[n].due(steps[n]):
-                every = by_name[n].train.report_every
-                loops[n].report(loops[n].record(steps[n], loss=float(np.mean(losses[n][-every:]))), save=save)
-            if loops[n].final(steps[n]):
-                done_at[n] = time.time()
-    return {n: _export(model, n, run_dir, base_sha, steps[n], losses[n], before[n],
-                       eval_loss(model, evals[n], device, adapter=n), loops[n].started, packed=True,
-                       task=by_name[n], finished=done_at[n])
+        iters = {n: _batches(streams[n]) for n in names}
+        done_at = {n: loops[n].started for n in names if loops[n].final(steps[n])}
+        while len(done_at) < len(tasks):
+            active = [n for n in steps if not loops[n].final(steps[n])]
+            for group, t in zip(optimizer.param_groups, tasks):  # each adapter's warmup by its own step
+                group["lr"] = t.train.lr * C.warmup(steps[t.name], t.train.warmup_steps)
+            losses_now = packed_step(pack, optimizer, {n: next(iters[n]) for n in active}, params,
+                                     {n: by_name[n].train.grad_clip for n in active}, device)
+            for n, value in losses_now.items():
+                steps[n] += 1
+                losses[n].append(value)
+                if loops[n].due(steps[n]):
+                    every = by_name[n].train.report_every
+                    loops[n].report(loops[n].record(steps[n], loss=float(np.mean(losses[n][-every:]))), save=save)
+                if loops[n].final(steps[n]):
+                    done_at[n] = time.time()
+        after = {n: packed_eval_loss(pack, n, b, device) for n, b in evals.items()}
+    # Out of the pack: peft's own layers (holding the trained parameters) save each adapter.
+    return {n: _export(model, n, run_dir, base_sha, steps[n], losses[n], before[n], after[n], loops[n].started,
+                       packed=True, task=by_name[n], finished=done_at[n])
             for n in steps}
+
+
+def packed_eval_loss(pack: PackedLora, name: str, batch: dict | None, device: str):
+    """One adapter's eval loss on the packed model: every row is that adapter's."""
+    with pack.rows([name]):
+        return eval_loss(pack.model, batch, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,27 +454,28 @@ def discard_progress(run_dir, key: str) -> None:
     Path(progress_file(run_dir, key)).unlink(missing_ok=True)
 
 
-def packed_step(model, optimizer, batches: dict, params: dict, clips: dict, device: str = "cpu") -> dict:
-    """One packed update: the given tasks' rows in one forward; returns each task's loss."""
+def packed_step(pack: PackedLora, optimizer, batches: dict, params: dict, clips: dict, device: str = "cpu") -> dict:
+    """One packed update: the given tasks' rows (one equal micro-batch each, contiguous, in the
+    batches' order) in one forward and backward; returns each task's loss."""
     names = list(batches)
+    rows = [len(batches[n]["input_ids"]) for n in names]
+    if len(set(rows)) != 1:
+        raise ValueError(f"packed training needs one equal micro-batch per task (got {dict(zip(names, rows))} "
+                         "rows); set the same train.micro_batch for every task")
     # Packed and padded rows in one forward: each padded row is one example (segment 1).
     keys = T.PACKED_COLUMNS if any("segment_ids" in b for b in batches.values()) else C.TENSOR_COLUMNS
     cat = {k: torch.cat([T.as_packed(batches[n])[k] if keys is T.PACKED_COLUMNS else batches[n][k]
                          for n in names]).to(device) for k in keys}
-    rows = [len(batches[n]["input_ids"]) for n in names]
-    adapter_names = [n for n, r in zip(names, rows) for _ in range(r)]
-    inputs = T.model_inputs(cat, T.attention_of(model))
+    inputs = T.model_inputs(cat, T.attention_of(pack.model))
     inputs.pop("labels")
-    logits = model(**inputs, adapter_names=adapter_names).logits
-    loss_tok, mask = token_losses(logits, cat["labels"])
-    total, per_task, start = 0.0, {}, 0
-    for n, r in zip(names, rows):
-        lt, m = loss_tok[start:start + r], mask[start:start + r]
-        per_task[n] = (lt * m).sum() / m.sum().clamp(min=1)
-        total = total + per_task[n]
-        start += r
-    optimizer.zero_grad(set_to_none=True)  # absent tasks keep grad None: AdamW skips them
-    total.backward()
+    with pack.rows(names):  # the backward too: a checkpointed layer runs its forward again there
+        logits = pack.model(**inputs).logits
+        loss_tok, mask = token_losses(logits, cat["labels"])
+        # Each task's own mean over its own rows (views of the contiguous segments).
+        per_task = {n: (lt * m).sum() / m.sum().clamp(min=1)
+                    for n, lt, m in zip(names, loss_tok.split(rows[0]), mask.split(rows[0]))}
+        optimizer.zero_grad(set_to_none=True)  # absent tasks keep grad None: AdamW skips them
+        sum(per_task.values()).backward()
     for n in names:
         if clips.get(n):
             torch.nn.utils.clip_grad_norm_(params[n], clips[n])

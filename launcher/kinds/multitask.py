@@ -18,7 +18,14 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from common.units import size
 from launcher.errors import PlanError
 from launcher.kinds import Engine, Kind, check_datasets, layout, register_kind, resolve_data, resolve_model
-from launcher.kinds.multitask_adapters import MULTITASK_IGNORES, check_fit, task_settings, workers
+from launcher.kinds.multitask_adapters import (
+    ADAPTER_IGNORES,
+    MULTITASK_IGNORES,
+    check_fit,
+    packing_problem,
+    task_settings,
+    workers,
+)
 from launcher.kinds.multitask_joint import (
     DATA_ROLES,
     JOINT_DATA,
@@ -106,8 +113,9 @@ class MultitaskSpec(JobBase):
     train: TrainSpec = Field(default_factory=TrainSpec, description="what every task starts from")
     tasks: list[TaskSpec] = Field(min_length=1)
     packing: Union[bool, Literal["auto"]] = Field(
-        False, description="true: all adapters on one shared base in one worker; auto: the planner "
-        "packs when one base per worker does not fit")
+        False, description="true: all adapters on one shared base in one worker (the packed engine: one "
+        "equal micro_batch per task, lora dropout 0); auto: the planner packs where one base per worker "
+        "does not fit or would run in waves, and says why")
     resources: AdapterResources = Field(default_factory=AdapterResources)
 
     @field_validator("tasks")
@@ -127,16 +135,12 @@ class MultitaskSpec(JobBase):
         return self
 
     @model_validator(mode="after")
-    def _packed_without_dropout(self) -> "MultitaskSpec":
+    def _packable(self) -> "MultitaskSpec":
         if self.packing is True and self.mode == "adapters":
-            for task in self.tasks:
-                dropout = task.lora.dropout if task.lora.dropout is not None else self.strategy.dropout
-                if dropout:
-                    raise ValueError(
-                        f"tasks.{task.name}: packed training needs lora dropout 0 (got {dropout}); "
-                        "set strategy.dropout: 0 or packing: false")
+            problem = packing_problem(self.model_dump())
+            if problem:
+                raise ValueError(f"{problem}; or set packing: false")
         return self
-
 
 
 def adapter_problems(spec: MultitaskSpec) -> list[str]:
@@ -243,7 +247,7 @@ class Multitask(Kind):
     # are refused.
     # mode joint: jobs/joint.py, one Ray Train worker, plain fp32 steps (the same settings refused).
     engines = {"multitask": Engine("multitask", "jobs.multitask", tasks=MULTITASK_DATA,
-                                   sources=("tiny-llama", "hf:"), strategies=("lora",), ignores=MULTITASK_IGNORES),
+                                   sources=("tiny-llama", "hf:"), strategies=("lora",), ignores=ADAPTER_IGNORES),
                "joint": Engine("joint", "jobs.joint", tasks=JOINT_DATA, sources=("minilm", "hf:"),
                                strategies=JOINT_STRATEGIES, ignores=MULTITASK_IGNORES)}
     trains = "adapters (or, in mode: joint, heads)"

@@ -11,6 +11,9 @@ from launcher.errors import MissingExtraError, PlanError
 
 MULTITASK_IGNORES = ("train.precision", "train.grad_accumulation", "train.grad_checkpointing",
                      "model.attn_implementation")  # the torch engine's step settings, not run here
+# mode adapters runs gradient checkpointing (both layouts): on a large base it keeps the
+# activations from hiding what packing shares, the base's weights.
+ADAPTER_IGNORES = tuple(f for f in MULTITASK_IGNORES if f != "train.grad_checkpointing")
 
 
 def task_settings(spec: dict, task: dict) -> dict:
@@ -18,6 +21,21 @@ def task_settings(spec: dict, task: dict) -> dict:
     lora = {**spec["strategy"], **{k: v for k, v in task.get("lora", {}).items() if v is not None}}
     train = {**spec["train"], **{k: v for k, v in task.get("train", {}).items() if v is not None}}
     return {"name": task["name"], "data": task["data"], "lora": lora, "train": train}
+
+
+def packing_problem(spec: dict) -> Optional[str]:
+    """Why the packed engine (jobs/packed_lora.py) cannot train these tasks together, or None:
+    it stacks one equal micro-batch per adapter and has no dropout."""
+    settings = [task_settings(spec, t) for t in spec["tasks"]]
+    for s in settings:
+        if s["lora"].get("dropout"):
+            return (f"tasks.{s['name']}: packed training needs lora dropout 0 (got {s['lora']['dropout']}); "
+                    "set strategy.dropout: 0")
+    micro = {s["name"]: s["train"]["micro_batch"] for s in settings}
+    if len(set(micro.values())) > 1:
+        shown = ", ".join(f"{n} {m}" for n, m in micro.items())
+        return f"packed training needs one equal train.micro_batch for every task (got {shown}); set one value"
+    return None
 
 
 def _task_spec(spec: dict, task: dict, workers: int = 1) -> dict:
@@ -51,7 +69,8 @@ def check_fit(spec: dict, profile: Optional[str], strict: bool) -> tuple[Optiona
     settings = largest["memory_settings"]
     micro = sum(task_settings(spec, t)["train"]["micro_batch"] for t in spec["tasks"])
     packed_mem = memory_per_gpu(counts, None, "lora", workers=1, micro_batch=micro,
-                                seq_len=settings["seq_len"], precision=settings["precision"])
+                                seq_len=settings["seq_len"], precision=settings["precision"],
+                                grad_checkpointing=settings["grad_checkpointing"])
     one_worker = {**spec["resources"], "workers": 1}
     # The packed batch is the sum of the tasks' micro-batches: no one spec field sets it, so only
     # another profile is suggested for it (the fit re-measures from the memory's inputs).
@@ -62,16 +81,9 @@ def check_fit(spec: dict, profile: Optional[str], strict: bool) -> tuple[Optiona
 
     choice = spec["packing"]
     if choice == "auto":
-        too_few = at_once < k  # the workers would run in waves
-        choice = (separate_fit["verdict"] != "fits" or too_few) and packed_fit["verdict"] == "fits"
+        choice, why = auto_packing(spec, k, at_once, separate_fit, packed_fit,
+                                   packed_mem["total"] / max(separate_total, 1))
         spec["packing"] = choice
-        if separate_fit["verdict"] != "fits":
-            why = f"one base per worker does not fit ({separate_fit['reason']})"
-        elif too_few:
-            why = f"only {at_once} of the {k} adapter workers run at once"
-        else:
-            why = "one base per worker fits, all at once"
-        why += "; packed fits" if choice else ""
         if choice:
             warnings = [w for w in warnings if "waves" not in w]
         warnings.append(f"packing: auto -> {str(choice).lower()}: {why}")
@@ -81,7 +93,7 @@ def check_fit(spec: dict, profile: Optional[str], strict: bool) -> tuple[Optiona
         fixes = [] if choice or packed_fit["verdict"] != "fits" else ["packing: true"]
         # The finetune planner's fixes that a multitask spec can take, with their overrides.
         fixes += [f"{s['change']}: {s['args']}" for s in chosen.get("suggestions", [])
-                  if not any(o.split("=")[0] in MULTITASK_IGNORES for o in s.get("overrides", []))]
+                  if not any(o.split("=")[0] in ADAPTER_IGNORES for o in s.get("overrides", []))]
         fix = f"; would fit: {'; '.join(fixes)}" if fixes else ""
         message = f"{layout}: {chosen['verdict']} on profile {chosen['profile']}: {chosen['reason']}{fix}"
         if strict:
@@ -99,6 +111,28 @@ def check_fit(spec: dict, profile: Optional[str], strict: bool) -> tuple[Optiona
         "separate_fit": separate_fit["verdict"],
     }}
     return largest, warnings
+
+
+def auto_packing(spec: dict, k: int, at_once: int, separate_fit: dict, packed_fit: dict,
+                 ratio: float) -> tuple[bool, str]:
+    """`packing: auto`: pack only where the estimate says the pack wins, and say why.
+
+    It wins where one base per worker does not fit, or where the workers would run in waves
+    (the pack runs every adapter at once, on one base's memory). Where K separate workers fit
+    and run at once, they are kept: the pack's memory is smaller (`ratio` of theirs), but it does
+    the K workers' compute in one worker, which measured slower on CPU than K parallel workers
+    (bench B5, README)."""
+    problem = packing_problem(spec)
+    if problem:
+        return False, f"the packed engine cannot run these tasks ({problem})"
+    packed = f"packed fits in {ratio:.2f}x the memory" if packed_fit["verdict"] == "fits" else (
+        f"packed does not fit either ({packed_fit['reason']})")
+    if separate_fit["verdict"] != "fits":
+        return packed_fit["verdict"] == "fits", f"one base per worker does not fit ({separate_fit['reason']}); {packed}"
+    if at_once < k:
+        return packed_fit["verdict"] == "fits", f"only {at_once} of the {k} adapter workers run at once; {packed}"
+    return False, (f"one base per worker fits, all {k} at once ({packed}, but one worker doing "
+                   f"{k} adapters' compute is slower than {k} in parallel)")
 
 
 def schedule(spec: dict, profile: Optional[str], strict: bool) -> tuple[int, list[str]]:

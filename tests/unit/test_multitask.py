@@ -98,7 +98,10 @@ def test_planner_packs_when_one_gpu_per_adapter_does_not_fit(task_data, tmp_path
     spec = mt_spec(task_data, tmp_path, packing="auto", resources={"gpus_per_worker": 1, "cpus_per_worker": 1})
     job = plan(load_spec(spec), "ray", profile="a100-80g-1")  # 3 adapters, one GPU
     assert job.spec["packing"] is True and job.resources["workers"] == 1
-    assert any(w.startswith("packing: auto -> true") for w in job.warnings)
+    why = next(w for w in job.warnings if w.startswith("packing: auto -> "))
+    ratio = job.estimate["multitask"]["packed_vs_separate"]
+    assert why == ("packing: auto -> true: only 1 of the 3 adapter workers run at once; "
+                   f"packed fits in {ratio:.2f}x the memory") and ratio < 1
     forced = mt_spec(task_data, tmp_path, packing=False, resources={"gpus_per_worker": 1, "cpus_per_worker": 1})
     waves = plan(load_spec(forced), "ray", profile="a100-80g-1")  # one GPU: one adapter at a time
     assert waves.spec["packing"] is False
@@ -109,11 +112,23 @@ def test_planner_packs_when_one_gpu_per_adapter_does_not_fit(task_data, tmp_path
     small = {"cpus_per_worker": 0.4, "data_cpus_per_worker": 0.2}  # 3 x 0.6 CPU: all at once on 2 CPUs
     local = plan(load_spec(mt_spec(task_data, tmp_path, packing="auto", resources=small)), "local")
     assert local.spec["packing"] is False and local.resources["workers"] == 3
+    assert "packing: auto -> false: one base per worker fits, all 3 at once (packed fits in" in " ".join(local.warnings)
+    # Tasks the packed engine cannot stack (unequal micro-batches) are never packed by auto,
+    # and packing: true is refused for them at validate, naming the fix.
+    uneven = mt_spec(task_data, tmp_path, packing="auto", resources={"gpus_per_worker": 1, "cpus_per_worker": 1})
+    uneven["tasks"][0]["train"] = {"micro_batch": 4}
+    kept = plan(load_spec(uneven), "ray", profile="a100-80g-1")
+    assert kept.spec["packing"] is False
+    assert ("packing: auto -> false: the packed engine cannot run these tasks (packed training needs one equal "
+            "train.micro_batch for every task (got counting 4, alphabet 8, instruction 8)") in " ".join(kept.warnings)
+    uneven["packing"] = True
+    with pytest.raises(ConfigError, match="one equal train.micro_batch .* set one value; or set packing: false"):
+        load_spec(uneven)
 
 
 def test_a_multitask_job_that_cannot_fit_is_refused_with_fixes_it_can_take(task_data, tmp_path):
     """The per-task fixes come from the finetune planner: only those a multitask spec runs are
-    offered (never train.grad_checkpointing, which multitask refuses), with their overrides."""
+    offered (mode adapters runs train.grad_checkpointing; never train.precision), with their overrides."""
     big = {"source": "tiny-llama", "seq_len": 512, "config": {
         "hidden_size": 1024, "num_hidden_layers": 8, "intermediate_size": 4096,
         "num_attention_heads": 8, "num_key_value_heads": 8}}
@@ -123,8 +138,13 @@ def test_a_multitask_job_that_cannot_fit_is_refused_with_fixes_it_can_take(task_
         plan(load_spec(spec), "local")
     message = str(err.value)
     assert "3 adapter workers: does-not-fit on profile local-cpu" in message and "\n" not in message
-    assert "would fit: micro_batch=1: train.micro_batch=1" in message
-    assert "grad_checkpointing" not in message
+    assert message.endswith("would fit: gradient checkpointing + micro_batch=1: train.grad_checkpointing=true "
+                            "train.micro_batch=1; micro_batch=1: train.micro_batch=1")
+    assert "precision" not in message
+    # The fix it offers is one the job runs: gradient checkpointing in both layouts.
+    spec["train"].update(micro_batch=1, grad_checkpointing=True)
+    job = plan(load_spec(spec), "local")
+    assert job.estimate["memory_settings"]["grad_checkpointing"] is True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,6 +199,7 @@ def test_packed_step_updates_only_the_adapters_whose_rows_are_in_the_batch(train
     from peft import get_peft_model
 
     from jobs import multitask as M
+    from jobs.packed_lora import PackedLora
 
     tasks = trained["tasks"]
     base, _ = M.load_base(str(trained["packed_dir"] / "base"), "cpu")
@@ -191,42 +212,47 @@ def test_packed_step_updates_only_the_adapters_whose_rows_are_in_the_batch(train
         for p in group:
             p.requires_grad_(True)
     opt = torch.optim.AdamW([{"params": g, "lr": 0.05} for g in params.values()])
-    model.eval()
+    model.train()
     streams = {t.name: M._batches(M.arrow_stream(t, SEQ)) for t in tasks}
-    # Step 1 with every task: all three adapters get momentum. Step 2 without 'alphabet'.
-    M.packed_step(model, opt, {n: next(s) for n, s in streams.items()}, params, {}, "cpu")
-    snap = {n: [p.detach().clone() for p in g] for n, g in params.items()}
-    M.packed_step(model, opt, {n: next(streams[n]) for n in ("counting", "instruction")}, params, {}, "cpu")
-    assert all(p.grad is None for p in params["alphabet"])
-    assert all(torch.equal(a, b) for a, b in zip(params["alphabet"], snap["alphabet"]))  # bit-identical
-    for n in ("counting", "instruction"):
-        assert any(not torch.equal(a, b) for a, b in zip(params[n], snap[n])), n
+    with PackedLora(model) as pack:
+        # Step 1 with every task: all three adapters get momentum. Step 2 without 'alphabet'.
+        M.packed_step(pack, opt, {n: next(s) for n, s in streams.items()}, params, {}, "cpu")
+        snap = {n: [p.detach().clone() for p in g] for n, g in params.items()}
+        M.packed_step(pack, opt, {n: next(streams[n]) for n in ("counting", "instruction")}, params, {}, "cpu")
+        assert all(p.grad is None for p in params["alphabet"])
+        assert all(torch.equal(a, b) for a, b in zip(params["alphabet"], snap["alphabet"]))  # bit-identical
+        for n in ("counting", "instruction"):
+            assert any(not torch.equal(a, b) for a, b in zip(params[n], snap[n])), n
+        # Unequal micro-batches cannot share the stacked matmuls: refused, naming the fix.
+        short = {k: v[:4] for k, v in next(streams["alphabet"]).items()}
+        with pytest.raises(ValueError, match="one equal micro-batch per task"):
+            M.packed_step(pack, opt, {"counting": next(streams["counting"]), "alphabet": short}, params, {}, "cpu")
+
+        # A task's gradient depends on its own rows only: swapping the other task's rows changes nothing.
+        batch = {n: next(streams[n]) for n in ("counting", "instruction")}
+        other = next(streams["alphabet"])
+
+        def grads(batches):
+            opt.zero_grad(set_to_none=True)
+            cat = {k: torch.cat([b[k] for b in batches.values()]) for k in ("input_ids", "attention_mask", "labels")}
+            with pack.rows(list(batches)):
+                logits = model(input_ids=cat["input_ids"], attention_mask=cat["attention_mask"]).logits
+                loss, mask = M.token_losses(logits, cat["labels"])
+                start, total = 0, 0
+                for b in batches.values():
+                    r = len(b["input_ids"])
+                    total = total + (loss[start:start + r] * mask[start:start + r]).sum() / mask[start:start + r].sum()
+                    start += r
+                total.backward()
+            return [p.grad.clone() for p in params["counting"]]
+
+        with_instruction = grads(batch)
+        with_alphabet = grads({"counting": batch["counting"], "alphabet": other})
+    for a, b in zip(with_instruction, with_alphabet):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     base_now = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
                 for n, p in model.named_parameters() if "lora_" not in n}
     assert all(torch.equal(base_now[n], frozen[n]) for n in frozen)  # the shared base never moves
-
-    # A task's gradient depends on its own rows only: swapping the other task's rows changes nothing.
-    batch = {n: next(streams[n]) for n in ("counting", "instruction")}
-    other = next(streams["alphabet"])
-
-    def grads(batches):
-        opt.zero_grad(set_to_none=True)
-        cat = {k: torch.cat([b[k] for b in batches.values()]) for k in ("input_ids", "attention_mask", "labels")}
-        names = [n for n, b in batches.items() for _ in range(len(b["input_ids"]))]
-        logits = model(input_ids=cat["input_ids"], attention_mask=cat["attention_mask"], adapter_names=names).logits
-        loss, mask = M.token_losses(logits, cat["labels"])
-        start, total = 0, 0
-        for b in batches.values():
-            r = len(b["input_ids"])
-            total = total + (loss[start:start + r] * mask[start:start + r]).sum() / mask[start:start + r].sum()
-            start += r
-        total.backward()
-        return [p.grad.clone() for p in params["counting"]]
-
-    with_instruction = grads(batch)
-    with_alphabet = grads({"counting": batch["counting"], "alphabet": other})
-    for a, b in zip(with_instruction, with_alphabet):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------------------------
