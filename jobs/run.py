@@ -149,7 +149,7 @@ def main(argv=None) -> int:
 def run(plan: dict, spec, run_dir) -> int:
     from jobs.artifacts import versions
     from jobs.logs import resolve_env_refs
-    from jobs.watch import watch_pending
+    from jobs.watch import watch_job_status, watch_pending
 
     previous = run_dir.read_manifest()
     attempts = previous.get("attempts", []) + [
@@ -169,7 +169,8 @@ def run(plan: dict, spec, run_dir) -> int:
         connect()
         stop_on_sigterm(run_dir)  # after ray.init, which installs its own
         module = importlib.import_module(get_kind(plan["kind"]).job_module(plan["spec"]))
-        with watch_pending(spec.pending_timeout, run_dir):
+        with watch_pending(spec.pending_timeout, run_dir), \
+                watch_job_status(plan["submission_id"], os.environ.get(CLUSTER_ADDRESS_ENV), run_dir):
             summary = module.run(spec, plan, run_dir)
     except BaseException as exc:  # the manifest records every way a run ends
         stopped = isinstance(exc, (Stopped, KeyboardInterrupt)) or bool(_STOP_REQUESTED)

@@ -94,3 +94,61 @@ def progress(run_dir) -> tuple:
 def _resources(res: dict) -> str:
     keep = {k: v for k, v in res.items() if k in ("CPU", "GPU") or k.startswith("accelerator")}
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(keep.items())) + "}"
+
+
+# ---------------------------------------------------------------------------------------------
+# A driver that outlived its job
+
+
+TERMINAL = ("STOPPED", "FAILED", "SUCCEEDED")
+
+
+@contextlib.contextmanager
+def watch_job_status(submission_id: str | None, url: str | None, run_dir, poll: float = 3.0,
+                     end=lambda: os._exit(1)):
+    """End this driver when Ray reports its job ended while it still runs.
+
+    A stop that reaches Ray's job supervisor while it is still starting the driver marks the job
+    STOPPED, but the signal can miss the driver it just started (seen on CI: a driver ran 15
+    minutes after `ftlaunch stop`, holding the CPUs later jobs waited for). Ray then tracks
+    nothing, so the driver ends itself, recording what Ray said. `url`: the dashboard the job was
+    submitted to (the client puts it in the job's env); without it there is nothing to ask.
+    """
+    if not (submission_id and url):
+        yield
+        return
+    from ray.job_submission import JobSubmissionClient
+
+    from common.runfolder import ended
+
+    stop = threading.Event()
+
+    def watch():
+        client = None
+        while True:
+            try:
+                client = client or JobSubmissionClient(url)
+                status = str(client.get_job_status(submission_id)).split(".")[-1]
+            except Exception:  # the dashboard is best effort: a missed poll is not a verdict
+                status = None
+            if stop.is_set():
+                return
+            if status in TERMINAL:
+                final = "STOPPED" if status == "STOPPED" else "FAILED"
+                reason = (f"{'Stopped' if final == 'STOPPED' else 'Lost'}: Ray reports job {submission_id} "
+                          f"{status} while its driver (pid {os.getpid()}) still ran; the driver ended itself")
+                run_dir.update_manifest(**ended(run_dir.read_manifest(), final, reason),
+                                        artifacts=run_dir.artifacts())
+                print(f"[ftlaunch] {final}: {reason}", flush=True)
+                time.sleep(1.0)  # the log tee copies the line out before the process goes
+                end()
+                return
+            if stop.wait(poll):
+                return
+
+    thread = threading.Thread(target=watch, daemon=True, name="ftlaunch-job-status-watch")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()

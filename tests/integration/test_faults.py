@@ -136,6 +136,42 @@ def test_twenty_concurrent_submissions_are_twenty_jobs_and_a_resubmit_is_the_sam
     for h in handles:
         assert h.wait(timeout=180) in ("STOPPED", "SUCCEEDED", "FAILED")
         assert attach(h.submission_id, "ray", ray_head.address).status() == "STOPPED"
+    # A driver that started as its stop landed ends itself (jobs/watch.py): none runs on.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        running = [h.submission_id for h in handles if (Path(h.run_dir) / "manifest.json").exists()
+                   and json.loads((Path(h.run_dir) / "manifest.json").read_text())["status"] == "RUNNING"]
+        if not running:
+            break
+        time.sleep(1.0)
+    assert not running, f"drivers of stopped jobs still running: {running}"
+
+
+def test_a_driver_whose_job_ray_reports_stopped_ends_itself(ray_head, tiny_spec, tmp_path):
+    """Ray can mark a job STOPPED while the driver it was starting runs on: on CI a stop reached
+    the supervisor before the driver, and the driver trained 15 minutes unsupervised, holding the
+    CPUs the next tests waited for. The driver's guard asks Ray (the real Jobs API of this head)
+    for its job's status and ends itself once Ray says the job ended. The guard runs here in the
+    test's process: `end` stands for the driver's exit, the only part not real."""
+    import threading
+
+    from jobs.artifacts import RunDir
+    from jobs.watch import watch_job_status
+
+    tiny_spec["train"].update(max_steps=100000, report_every=5)
+    handle = launcher.submit(tiny_spec, "ray", address=ray_head.address, submission_id="ft-outlived")
+    wait_for_step(Path(handle.run_dir), 5)
+    scratch = RunDir(str(tmp_path / "driver-run"))
+    scratch.update_manifest(status="RUNNING", attempts=[{"submission_id": "ft-outlived", "status": "RUNNING"}])
+    ended = threading.Event()
+    with watch_job_status("ft-outlived", ray_head.address, scratch, poll=0.2, end=ended.set):
+        assert not ended.wait(3.0)  # the job runs: the guard leaves its driver alone
+        handle.stop()
+        assert handle.wait(timeout=60) == "STOPPED"
+        assert ended.wait(30.0), "the guard did not end a driver whose job Ray reports STOPPED"
+    manifest = scratch.read_manifest()
+    assert manifest["status"] == "STOPPED" and manifest["attempts"][-1]["status"] == "STOPPED", manifest
+    assert manifest["error"].startswith("Stopped: Ray reports job ft-outlived STOPPED while its driver"), manifest
 
 
 def test_secrets_come_from_env_references_and_are_written_nowhere(ray_head, tiny_spec, tmp_path):
