@@ -57,16 +57,18 @@ def watch_pending(timeout: float | None, run_dir, poll: float | None = None):
         thread.join(timeout=poll + 5)
 
 
-def give_up(run_dir, reason: str) -> None:
+def give_up(run_dir, reason: str, status: str = "FAILED", end=None) -> None:
     """Record the reason and end the driver now.
 
     The main thread sits in a blocking Ray call that no signal interrupts; exiting the process
     is what ends the job: Ray then removes its actors and placement groups and reports FAILED.
     """
-    run_dir.update_manifest(status="FAILED", finished=time.time(), error=reason, artifacts=run_dir.artifacts())
-    print(f"[ftlaunch] FAILED: {reason}", flush=True)
+    from common.runfolder import ended
+
+    run_dir.update_manifest(**ended(run_dir.read_manifest(), status, reason), artifacts=run_dir.artifacts())
+    print(f"[ftlaunch] {status}: {reason}", flush=True)
     time.sleep(1.0)  # the log tee copies the line out before the process goes
-    os._exit(1)
+    (end or (lambda: os._exit(1)))()
 
 
 def pending(job_id: str) -> list[str]:
@@ -104,8 +106,7 @@ TERMINAL = ("STOPPED", "FAILED", "SUCCEEDED")
 
 
 @contextlib.contextmanager
-def watch_job_status(submission_id: str | None, url: str | None, run_dir, poll: float = 3.0,
-                     end=lambda: os._exit(1)):
+def watch_job_status(submission_id: str | None, url: str | None, run_dir, poll: float = 3.0, end=None):
     """End this driver when Ray reports its job ended while it still runs.
 
     A stop that reaches Ray's job supervisor while it is still starting the driver marks the job
@@ -118,8 +119,6 @@ def watch_job_status(submission_id: str | None, url: str | None, run_dir, poll: 
         yield
         return
     from ray.job_submission import JobSubmissionClient
-
-    from common.runfolder import ended
 
     stop = threading.Event()
 
@@ -135,13 +134,9 @@ def watch_job_status(submission_id: str | None, url: str | None, run_dir, poll: 
                 return
             if status in TERMINAL:
                 final = "STOPPED" if status == "STOPPED" else "FAILED"
-                reason = (f"{'Stopped' if final == 'STOPPED' else 'Lost'}: Ray reports job {submission_id} "
-                          f"{status} while its driver (pid {os.getpid()}) still ran; the driver ended itself")
-                run_dir.update_manifest(**ended(run_dir.read_manifest(), final, reason),
-                                        artifacts=run_dir.artifacts())
-                print(f"[ftlaunch] {final}: {reason}", flush=True)
-                time.sleep(1.0)  # the log tee copies the line out before the process goes
-                end()
+                give_up(run_dir, f"{'Stopped' if final == 'STOPPED' else 'Lost'}: Ray reports job {submission_id} "
+                        f"{status} while its driver (pid {os.getpid()}) still ran; the driver ended itself",
+                        final, end)
                 return
             if stop.wait(poll):
                 return
