@@ -29,6 +29,7 @@ from jobs import text as T
 from jobs.artifacts import RunDir, say
 from jobs.data.read import read_dataset, read_head
 from jobs.loop import Loop, progress_file, worker_scope
+from jobs.multitask_progress import PACKED, discard_progress, load_progress, save_progress
 from jobs.packed_lora import PackedLora
 from launcher import registry as R
 from launcher.kinds.multitask import TaskSettings, typed_task_settings
@@ -421,37 +422,6 @@ def packed_eval_loss(pack: PackedLora, name: str, batch: dict | None, device: st
     """One adapter's eval loss on the packed model: every row is that adapter's."""
     with pack.rows([name]):
         return eval_loss(pack.model, batch, device)
-
-
-# ---------------------------------------------------------------------------------------------
-# Progress checkpoints: a worker that dies (or a stopped run) continues from its last report
-
-
-PACKED = "pack"  # progress keys: task-<name> (one adapter) or pack
-
-
-def save_progress(path: str, model, optimizer, names: list[str], steps: dict, losses: dict,
-                  before: dict) -> None:
-    """The adapters' weights, the optimizer, steps and losses so far (jobs/loop.py makes it atomic)."""
-    weights = {n: p.detach().cpu().clone() for n, p in model.named_parameters()
-               if any(n.endswith(f".{name}.weight") and ".lora_" in n for name in names)}
-    torch.save({"names": names, "weights": weights, "optimizer": optimizer.state_dict(),
-                "steps": dict(steps), "losses": {n: list(v) for n, v in losses.items()},
-                "before": dict(before)}, path)
-
-
-def load_progress(path: str, model, optimizer, names: list[str]) -> dict | None:
-    """Restore what `save_progress` kept for the same adapters, or None (start afresh)."""
-    state = torch.load(path, weights_only=False)
-    if state["names"] != names:  # another set of tasks shares the key: not this one's progress
-        return None
-    C.restore_trainable(model, state["weights"], optimizer, state["optimizer"])
-    print(f"[ftlaunch] {Path(path).stem}: continuing from step(s) {state['steps']}", flush=True)
-    return state
-
-
-def discard_progress(run_dir, key: str) -> None:
-    Path(progress_file(run_dir, key)).unlink(missing_ok=True)
 
 
 def packed_step(pack: PackedLora, optimizer, batches: dict, params: dict, clips: dict, device: str = "cpu") -> dict:

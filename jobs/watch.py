@@ -48,13 +48,8 @@ def watch_pending(timeout: float | None, run_dir, poll: float | None = None):
                     f"{_resources(ray.cluster_resources())} in all, {_resources(ray.available_resources())} free. "
                     "Lower resources, or raise pending_timeout to wait longer"))
 
-    thread = threading.Thread(target=watch, daemon=True, name="ftlaunch-pending-watch")
-    thread.start()
-    try:
+    with _background(watch, stop, "ftlaunch-pending-watch", join=poll + 5):
         yield
-    finally:
-        stop.set()
-        thread.join(timeout=poll + 5)
 
 
 def give_up(run_dir, reason: str, status: str = "FAILED", end=None) -> None:
@@ -141,9 +136,18 @@ def watch_job_status(submission_id: str | None, url: str | None, run_dir, poll: 
             if stop.wait(poll):
                 return
 
-    thread = threading.Thread(target=watch, daemon=True, name="ftlaunch-job-status-watch")
+    with _background(watch, stop, "ftlaunch-job-status-watch"):
+        yield
+
+
+@contextlib.contextmanager
+def _background(target, stop: threading.Event, name: str, join: float | None = None):
+    """Run `target` in a daemon thread for the block; `stop` tells it the block is over."""
+    thread = threading.Thread(target=target, daemon=True, name=name)
     thread.start()
     try:
         yield
     finally:
         stop.set()
+        if join:
+            thread.join(timeout=join)

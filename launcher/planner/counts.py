@@ -214,15 +214,12 @@ def _meta_shape(model: dict, strategy: dict, registered, spec) -> dict:
                 wrapped = peft.get_peft_model(net, registered.peft_config(spec, task_type))
             except (ValueError, TypeError, KeyError) as exc:  # the job's get_peft_model would fail alike
                 raise ConfigError(
-                    f"strategy: peft cannot apply {kind_of(strategy)} to model {model.get('source', 'tiny-llama')}: "
+                    f"strategy: peft cannot apply {strategy.get('type', 'full')} to model "
+                    f"{model.get('source', 'tiny-llama')}: "
                     f"{_first_line(exc)}; fix the strategy's module names or use the defaults"
                 ) from None
         shape["trainable"], shape["total"] = wrapped.get_nb_trainable_parameters()
     return shape
-
-
-def kind_of(strategy: dict) -> str:
-    return strategy.get("type", "full")
 
 
 def dims_of(config, num_labels=None, causal_lm=True) -> dict:
