@@ -21,6 +21,7 @@ from jobs import components as C
 from jobs import generate as G
 from jobs import text as T
 from jobs.artifacts import RunDir
+from jobs.data.ingest import Stream
 from jobs.loop import Loop, run_worker
 from jobs.precision import enable_checkpointing
 from launcher.dsconfig import ds_config
@@ -134,6 +135,8 @@ def _train_loop(spec, config: dict) -> None:
     loop = Loop(run_dir, train.max_steps, train.report_every, rank=ctx.get_world_rank(),
                 world=ctx.get_world_size(), every_rank_saves=True)
     torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
+    # The data stream starts now: its first read overlaps the model build and the before-eval.
+    stream = Stream(ray.train.get_dataset_shard("train"), train.micro_batch, spec.model.seq_len)
 
     eval_rows = C.load_split(data.eval, data, train.eval_batches * 16)
     retain_rows = C.load_split(data.retain, data, train.eval_batches * 16)
@@ -154,13 +157,11 @@ def _train_loop(spec, config: dict) -> None:
     if resuming:
         before = run_dir.read_manifest().get("before", {})
 
-    shard = ray.train.get_dataset_shard("train")
     seen = {"tokens": 0, "slots": 0}
     engine.train()
     loop.begin()
     while step < train.max_steps:
-        for batch in shard.iter_torch_batches(batch_size=train.micro_batch, drop_last=True,
-                                              dtypes=torch.long):
+        for batch in stream:
             real, slots = T.token_counts(batch)  # padding_fraction: this rank's share stands for all
             seen["tokens"], seen["slots"] = seen["tokens"] + real, seen["slots"] + slots
             loop.add(micro_step(engine, batch), real * loop.world)

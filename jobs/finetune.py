@@ -26,6 +26,7 @@ from jobs import strategies as S
 from jobs import tensorboard
 from jobs import text as T
 from jobs.artifacts import RunDir
+from jobs.data.ingest import Stream
 from jobs.data.read import read_dataset
 from jobs.loop import Loop, run_worker
 from launcher.strategies import get_strategy
@@ -125,6 +126,8 @@ def _train_loop(spec, config: dict) -> None:
                 rank=ctx.get_world_rank(), world=ctx.get_world_size())
     torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     rss_start, resuming = S.rss_mb(), loop.has_state()
+    # The data stream starts now: its first read overlaps the model build and the before-eval.
+    stream = Stream(ray.train.get_dataset_shard("train"), train.micro_batch, spec.model.seq_len)
     # A random-init base exists nowhere else: rank 0 keeps it, to go beside the adapter.
     pending = os.path.join(run_dir.path, ".base-pending")
     keep = (loop.rank == 0 and not resuming and spec.model.source in C.RANDOM_INIT_SOURCES
@@ -161,14 +164,12 @@ def _train_loop(spec, config: dict) -> None:
         if final and os.path.isdir(pending):
             shutil.move(pending, os.path.join(path, "base"))
 
-    shard = ray.train.get_dataset_shard("train")
     penalty, seen = None, {"replay": 0, "rows": 0, "tokens": 0, "slots": 0}
     attention = T.attention_of(model)
     model.train()
     loop.begin()
     while step < train.max_steps:
-        for batch in shard.iter_torch_batches(batch_size=train.micro_batch, drop_last=True,
-                                              dtypes=torch.long):
+        for batch in stream:
             opened = unfreezer.at(inner, step) if unfreezer else None
             if opened:
                 unfrozen_at[step] = opened

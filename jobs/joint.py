@@ -26,6 +26,7 @@ from common.runfolder import JOINT_EXPORT, dir_size, metrics_file
 from jobs import components as C
 from jobs import strategies as S
 from jobs.artifacts import RunDir
+from jobs.data.ingest import micro_batches
 from jobs.data.mix import weighted_schedule
 from jobs.data.read import read_dataset, read_head
 from jobs.loop import Loop, mean_loss, run_worker
@@ -84,7 +85,7 @@ def _train_loop(spec, config: dict) -> None:
 
     def shard_stream(name: str) -> Callable[[], Iterator[dict]]:
         shard = ray.train.get_dataset_shard(name)
-        return lambda: shard.iter_torch_batches(batch_size=micro, drop_last=True, dtypes=torch.long)
+        return lambda: micro_batches(shard, micro, spec.model.seq_len)
 
     train_joint(spec, {t.name: shard_stream(t.name) for t in spec.tasks}, config["run_dir"],
                 rank=ray.train.get_context().get_world_rank())

@@ -27,6 +27,7 @@ from jobs import generate as G
 from jobs import precision as P
 from jobs import text as T
 from jobs.artifacts import RunDir, say
+from jobs.data.ingest import micro_batches
 from jobs.data.read import read_dataset, read_head
 from jobs.loop import Loop, progress_file, worker_scope
 from jobs.multitask_progress import PACKED, discard_progress, load_progress, save_progress
@@ -207,8 +208,7 @@ def ray_data_stream(task: TaskSettings, seq_len: int, cpus: float) -> Callable[[
         ctx.use_datasource_v2 = False
         ds = read_dataset(data.train, columns=T.read_columns(data), num_cpus=cpus)  # every format
         ds = T.stream(ds, task.model, data, seq_len, num_cpus=cpus)
-        for batch in ds.iter_torch_batches(batch_size=micro, drop_last=True, dtypes=torch.long):
-            yield dict(batch)
+        yield from micro_batches(ds, micro, seq_len)
 
     return one_pass
 

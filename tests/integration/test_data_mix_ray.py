@@ -5,14 +5,6 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def ray_local(ray_head):
-    import ray
-
-    ray.init(address=ray_head.gcs_address, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
 
 def test_mix_datasets_old_share_and_determinism(ray_local):
     import ray.data

@@ -10,16 +10,8 @@ from launcher.datacheck import check_dataset
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def ray_client(ray_head):
-    import ray
 
-    ray.init(address=ray_head.gcs_address, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-def test_folder_glob_uri_and_ipc_read_the_checked_rows(ray_client, tmp_path):
+def test_folder_glob_uri_and_ipc_read_the_checked_rows(ray_local, tmp_path):
     from jobs.data.read import read_dataset
 
     for i in range(3):
@@ -32,7 +24,7 @@ def test_folder_glob_uri_and_ipc_read_the_checked_rows(ray_client, tmp_path):
     assert sorted(read_dataset(str(tmp_path)).to_pandas()["text"])[:1] == ["ipc-0"]
 
 
-def test_jsonl_gz_and_save_to_disk_stream_the_checked_rows(ray_client, tmp_path):
+def test_jsonl_gz_and_save_to_disk_stream_the_checked_rows(ray_local, tmp_path):
     from jobs.data.read import read_dataset
     from tests.unit.test_data_formats import ROWS, save_to_disk, write_jsonl
 
