@@ -61,6 +61,7 @@ def b1(address: str, work: Path, data: dict, repeats: int = 2) -> dict:
         assert _wait(address, sid) == "SUCCEEDED"
 
         mark = work / f"bare-{i}.jsonl"
+        mark.unlink(missing_ok=True)  # the script appends: an earlier run's mark is not this one's
         sid = f"b1-bare-{os.getpid()}-{i}"
         t0 = time.time()
         subprocess.run([str(BIN / "ray"), "job", "submit", "--no-wait", "--address", address,
