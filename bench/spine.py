@@ -76,7 +76,7 @@ def b1(address: str, work: Path, data: dict, repeats: int = 2) -> dict:
             "ratio": round(f / b, 3), "goal": "<= 1.05"}
 
 
-def b3(address: str, work: Path, data: dict, steps: int = 120) -> dict:
+def b3(address: str, work: Path, data: dict, steps: int = 240) -> dict:
     """Both sides: one worker, one thread, micro-batch 16, seq 48, same model, LoRA and data."""
     import launcher
 
