@@ -45,6 +45,7 @@ def validate_manifest(doc: Any) -> list[str]:
     schema = _raw_schema(kind)
     apply_defaults(doc, schema)
     problems += _schema_problems(doc, kind)
+    problems += list_key_problems(doc, schema)
     problems += _metadata_problems(doc.get("metadata"), kind)
     spec = doc.get("spec")
     if isinstance(spec, dict):
@@ -95,6 +96,46 @@ def apply_defaults(node: Any, schema: dict) -> None:
     elif isinstance(node, list) and isinstance(schema.get("items"), dict):
         for item in node:
             apply_defaults(item, schema["items"])
+
+
+def list_key_problems(node: Any, schema: dict, path: str = "(document)") -> list[str]:
+    """Lists the schema marks `x-kubernetes-list-type: map` (items unique by their
+    `x-kubernetes-list-map-keys`, each key present) or `set` (items unique), wherever they are:
+    the apiserver rejects a repeat that a plain JSON Schema check lets through (two containers
+    named alike, an env var given twice, two volumes mounted at one path)."""
+    problems = []
+    if isinstance(node, dict):
+        extra = schema.get("additionalProperties")
+        for key, value in node.items():
+            sub = schema.get("properties", {}).get(key, extra if isinstance(extra, dict) else None)
+            if isinstance(sub, dict):
+                problems += list_key_problems(value, sub, _join(path, key))
+    elif isinstance(node, list):
+        items = schema.get("items") if isinstance(schema.get("items"), dict) else {}
+        kind, keys = schema.get("x-kubernetes-list-type"), schema.get("x-kubernetes-list-map-keys") or []
+        seen: dict = {}
+        for i, item in enumerate(node):
+            where = f"{path}[{i}]"
+            if kind == "map" and isinstance(item, dict):
+                missing = [k for k in keys if k not in item]
+                if missing:
+                    problems.append(f"{where}: no {', '.join(missing)}; every item of {path} needs "
+                                    f"{' and '.join(keys)} (its key)")
+                    continue
+                identity = tuple(json.dumps(item[k], sort_keys=True) for k in keys)
+                said = ", ".join(f"{k}={_short(item[k])}" for k in keys)
+            elif kind == "set":
+                identity, said = json.dumps(item, sort_keys=True), _short(item)
+            else:
+                identity = None
+            if identity is not None:
+                if identity in seen:
+                    problems.append(f"{where}: {said} repeats {path}[{seen[identity]}]; items of {path} "
+                                    f"must be unique by {' and '.join(keys) or 'value'}: remove or rename one")
+                    continue
+                seen[identity] = i
+            problems += list_key_problems(item, items, where)
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,9 +347,17 @@ def _replica_problems(group: dict, path: str) -> list[str]:
     return problems
 
 
-def _runtime_env_problems(text: Any) -> list[str]:
-    if text is None:
+def _not_a_string(field: str, value: Any, written: str) -> list[str]:
+    """A mapping (or list, number) where the CRD wants one string that holds YAML or JSON."""
+    if value is None or isinstance(value, str):
         return []
+    return [f"{field}: a {type(value).__name__} given ({_short(value)}); the CRD wants it as one "
+            f"{written} string: write `{field.split('.')[-1]}: |` and indent the text under it"]
+
+
+def _runtime_env_problems(text: Any) -> list[str]:
+    if text is None or not isinstance(text, str):
+        return _not_a_string("spec.runtimeEnvYAML", text, "YAML")
     try:
         env = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -321,8 +370,8 @@ def _runtime_env_problems(text: Any) -> list[str]:
 
 
 def _entrypoint_resources_problems(text: Any) -> list[str]:
-    if text is None:
-        return []
+    if text is None or not isinstance(text, str):
+        return _not_a_string("spec.entrypointResources", text, "JSON")
     try:
         value = json.loads(text)
     except (TypeError, ValueError):

@@ -246,6 +246,10 @@ BAD = [
     ("runtime env not a mapping", "spec.runtimeEnvYAML", "- a\n- b\n", "runtimeEnvYAML: ['a', 'b'] is not a YAML mapping"),
     ("entrypointResources not JSON", "spec.entrypointResources", "{custom: 1}", "entrypointResources: '{custom: 1}' is not JSON"),
     ("entrypointResources not object", "spec.entrypointResources", "[1]", "not a JSON object of numbers"),
+    ("runtime env given as a mapping", "spec.runtimeEnvYAML", {"pip": ["x"]},
+     "runtimeEnvYAML: a dict given ({'pip': ['x']}); the CRD wants it as one YAML string"),
+    ("entrypointResources given as a mapping", "spec.entrypointResources", {"custom": 1},
+     "entrypointResources: a dict given"),
     ("managedBy", "spec.managedBy", "me", "spec.managedBy: 'me' is not allowed"),
     ("min > max", f"{W0}.minReplicas", 5, "minReplicas: 5 exceeds maxReplicas 4"),
     ("replicas out of range", f"{W0}.replicas", 9, "replicas: 9 is outside [minReplicas 2, maxReplicas 4]"),
@@ -295,6 +299,99 @@ def test_rules_between_fields():
     both = {"deletionRules": [{"policy": "DeleteCluster", "condition": {"jobStatus": "FAILED", "jobDeploymentStatus": "Failed"}}]}
     check(lambda s: s.update(deletionStrategy=both, shutdownAfterJobFinishes=False, ttlSecondsAfterFinished=0),
           "both of jobStatus and jobDeploymentStatus set")
+
+
+HEAD_POD = "spec.rayClusterSpec.headGroupSpec.template.spec"
+
+
+def _pod(doc, dotted=HEAD_POD):
+    node = doc
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+REPEATS = [  # (what, mutate the rendered job, expected line)
+    ("two containers named alike", lambda d: _pod(d)["containers"].append(copy.deepcopy(_pod(d)["containers"][0])),
+     "containers[1]: name='ray-head' repeats spec.rayClusterSpec.headGroupSpec.template.spec.containers[0]"),
+    ("an env var twice", lambda d: _pod(d)["containers"][0].setdefault("env", []).extend(
+        [{"name": "X", "value": "1"}, {"name": "X", "value": "2"}]), "name='X' repeats"),
+    ("two mounts at one path", lambda d: _pod(d)["containers"][0]["volumeMounts"].append(
+        dict(_pod(d)["containers"][0]["volumeMounts"][0], name="other")), "must be unique by mountPath"),
+    ("a port twice, protocol defaulted", lambda d: _pod(d)["containers"][0].__setitem__(
+        "ports", [{"containerPort": 6379}, {"containerPort": 6379, "protocol": "TCP"}]),
+     "containerPort=6379, protocol='TCP' repeats"),
+    ("two volumes named alike", lambda d: _pod(d)["volumes"].append(dict(_pod(d)["volumes"][0])),
+     "name='ray-logs' repeats"),
+    ("a map item without its key", lambda d: _pod(d)["containers"][0].setdefault("env", []).append({"value": "1"}),
+     "no name; every item of"),
+]
+
+
+@pytest.mark.parametrize("mutate,expected", [r[1:] for r in REPEATS], ids=[r[0] for r in REPEATS])
+def test_list_map_items_must_be_unique_by_their_keys(mutate, expected):
+    """x-kubernetes-list-type map/set, read from the v1.7.0 schema wherever it appears: what the
+    apiserver rejects and a JSON Schema check alone lets through."""
+    doc = _job()
+    assert validate_manifest(doc) == []
+    mutate(doc)
+    problems = validate_manifest(doc)
+    assert any(expected in p for p in problems), problems
+    assert all("\n" not in p and ":" in p for p in problems)
+
+
+def _keyed_lists(schema, path=()):
+    """Every (path, list schema) whose x-kubernetes-list-type is map or set, anywhere in a schema."""
+    if schema.get("x-kubernetes-list-type") in ("map", "set"):
+        yield path, schema
+    for name, sub in (schema.get("properties") or {}).items():
+        yield from _keyed_lists(sub, path + (name,))
+    if isinstance(schema.get("items"), dict):
+        yield from _keyed_lists(schema["items"], path + (0,))
+
+
+def _key_item(sub):
+    """An item of a keyed list: its map keys filled in (a set's: a value)."""
+    if sub["x-kubernetes-list-type"] == "set":
+        return "a" if sub["items"].get("type") == "string" else 1
+    return {k: 1 if sub["items"]["properties"][k].get("type") == "integer" else "a"
+            for k in sub.get("x-kubernetes-list-map-keys") or []}
+
+
+def _document_at(schema, path, leaf):
+    """The smallest document holding `leaf` at `path` (names: mappings; 0: one-item lists, whose
+    item carries its list's map keys where the list on the way is itself keyed)."""
+    if not path:
+        return leaf
+    head, rest = path[0], path[1:]
+    if head == 0:
+        item = _document_at(schema["items"], rest, leaf)
+        if schema.get("x-kubernetes-list-type") == "map" and isinstance(item, dict):
+            item = {**_key_item(schema), **item}
+        return [item]
+    return {head: _document_at(schema["properties"][head], rest, leaf)}
+
+
+@pytest.mark.parametrize("kind", ["RayJob", "RayCluster"])
+def test_every_keyed_list_in_the_schemas_rejects_a_repeat(kind):
+    """Not only the lists the samples use: each list-map and set of the v1.7.0 schema, found by
+    walking it, gets two items with the same key (or value), and the repeat is named."""
+    from launcher.k8s.validate import _raw_schema, list_key_problems
+
+    schema = _raw_schema(kind)
+    found = list(_keyed_lists(schema))
+    assert len(found) > 50  # containers, env, ports, volumes, ... in every pod template
+    for path, sub in found:
+        item = _key_item(sub)
+        problems = list_key_problems(_document_at(schema, path, [item, copy.deepcopy(item)]), schema)
+        assert len(problems) == 1 and "repeats" in problems[0], (path, problems)
+        assert list_key_problems(_document_at(schema, path, [item]), schema) == [], path
+
+
+def test_list_map_items_with_distinct_keys_pass():
+    doc = _job()
+    _pod(doc)["containers"][0]["ports"] = [{"containerPort": 6379}, {"containerPort": 6379, "protocol": "UDP"}]
+    assert validate_manifest(doc) == []
 
 
 def test_interactive_mode_and_own_submitter_command_need_no_entrypoint():
