@@ -38,12 +38,74 @@ def metrics_file(curve: str = "") -> str:
     return f"metrics-{curve}.jsonl" if curve else METRICS
 
 
-def write_json(path: PathLike, data: Any, indent: int = 1) -> None:
-    """Write JSON atomically: a reader never sees half a file, a failed write leaves the old one."""
+class NoSpaceError(OSError):
+    """A run-folder write that found its file system full: one line, with what it needed."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def no_space(path: PathLike, needed: Optional[int] = None) -> NoSpaceError:
+    """The one line of a full disk: the path, the bytes the write needed (when known), what is free."""
+    import errno
+    import shutil
+
+    try:
+        free = f"{shutil.disk_usage(Path(path).parent).free} bytes free"
+    except OSError:
+        free = None
+    said = ", ".join(x for x in (f"{needed} bytes needed" if needed is not None else None, free) if x)
+    return NoSpaceError(errno.ENOSPC, f"no space left on {path}" + (f": {said}" if said else "")
+                        + "; free space there (or point storage: elsewhere) and run `ftlaunch resume RUN`")
+
+
+def _is_no_space(exc: OSError) -> bool:
+    import errno
+
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def write_bytes_atomic(path: PathLike, data: bytes) -> None:
+    """Write a file atomically and durably: a temporary beside it, fsync, rename over it, fsync
+    the folder. A reader never sees half a file; a failed write (a full disk) leaves the old one
+    and no temporary, and raises NoSpaceError naming the file and the bytes it needed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=indent, default=str, sort_keys=False))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            _write(f, data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if _is_no_space(exc):
+            raise no_space(path, len(data)) from None
+        raise
+    _fsync_folder(path.parent)
+
+
+def _write(f, data: bytes) -> None:
+    """The one write call of the run folder's files (tests inject a full disk here)."""
+    f.write(data)
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a folder: the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json(path: PathLike, data: Any, indent: int = 1) -> None:
+    """Write JSON atomically (write_bytes_atomic)."""
+    write_bytes_atomic(path, json.dumps(data, indent=indent, default=str, sort_keys=False).encode())
 
 
 def read_json(path: PathLike, default: Any = None) -> Any:
@@ -63,10 +125,53 @@ def read_jsonl(path: PathLike) -> list[dict]:
 
 
 def write_jsonl(path: PathLike, records: Iterable[dict]) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, path)
+    write_bytes_atomic(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+
+
+def copy_tree_atomic(src: PathLike, dst: PathLike) -> None:
+    """Copy a folder (an export: adapter/, model/, base/) so that `dst` is either the old folder or
+    the whole new one: copied beside it, then renamed into place. A copy that fills the disk removes
+    its partial copy, leaves `dst` as it was and raises NoSpaceError with the bytes it needed."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    partial, old = dst.with_name(f".{dst.name}.partial"), dst.with_name(f".{dst.name}.old")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        shutil.copytree(src, partial, copy_function=_copy_file)
+    except (OSError, shutil.Error) as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        reasons = _copy_errors(exc) if isinstance(exc, shutil.Error) else [exc]
+        if any(_is_no_space(e) for e in reasons):
+            raise no_space(dst, dir_size(src)) from None
+        raise
+    if dst.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(partial, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, dst)
+    _fsync_folder(dst.parent)
+
+
+def _copy_file(src: str, dst: str) -> str:
+    """The one file copy of copy_tree_atomic (tests inject a full disk here)."""
+    import shutil
+
+    return shutil.copy2(src, dst)
+
+
+def _copy_errors(exc) -> list[OSError]:
+    """The OSErrors inside shutil.Error's (src, dst, why) list; why is a string there."""
+    import errno
+
+    out = []
+    for item in exc.args[0] if exc.args and isinstance(exc.args[0], list) else []:
+        why = str(item[-1])
+        if "No space left" in why or "[Errno 28]" in why:
+            out.append(OSError(errno.ENOSPC, why))
+    return out
 
 
 def dir_size(path: PathLike) -> int:

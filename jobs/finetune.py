@@ -18,7 +18,7 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from common.runfolder import EVENTS, dir_size
+from common.runfolder import EVENTS, copy_tree_atomic, dir_size
 from jobs import components as C
 from jobs import generate as G
 from jobs import precision as P
@@ -83,10 +83,10 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
     export_name = get_strategy(spec.strategy).export  # adapter/ for adapters, model/ otherwise
     target = run_dir.path / export_name
     with result.checkpoint.as_directory() as ckpt:
-        shutil.copytree(os.path.join(ckpt, "export"), target, dirs_exist_ok=True)
+        copy_tree_atomic(os.path.join(ckpt, "export"), target)  # whole or not at all: a full disk keeps the old
         base = os.path.join(ckpt, "base")
         if os.path.isdir(base):
-            shutil.copytree(base, run_dir.path / "base", dirs_exist_ok=True)
+            copy_tree_atomic(base, run_dir.path / "base")
     T.tokenizer_for(spec.model, spec.data).save_pretrained(run_dir.path / "tokenizer")  # with its chat template
 
     metrics = run_dir.read_jsonl("metrics.jsonl")

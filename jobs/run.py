@@ -8,16 +8,18 @@ its model and dispatches on the spec's kind; the job modules read the typed spec
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
+import re
 import signal
 import sys
 import time
 import traceback
 from pathlib import Path
 
-from common.runfolder import CLUSTER_ADDRESS_ENV, ended
+from common.runfolder import CLUSTER_ADDRESS_ENV, NoSpaceError, ended, no_space
 from launcher.errors import LauncherError, PlanError
 from launcher.kinds import get_kind
 from launcher.spec import load_spec, validate
@@ -41,6 +43,23 @@ def stop_on_sigterm(run_dir) -> None:
         raise Stopped("stopped by request (SIGTERM)")
 
     signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def failure_line(exc: BaseException) -> str:
+    """The one line a failed run's manifest keeps. A full disk is named as such wherever it was
+    met: a run-folder write (NoSpaceError), or Ray Train's checkpoint upload (its error, wrapped
+    in Ray's, carries the OSError's text)."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, NoSpaceError):
+            return str(seen)
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return no_space(seen.filename or "the run folder").strerror
+        seen = seen.__cause__ or seen.__context__
+    found = re.search(r"No space left on device: '([^']+)'", str(exc))
+    if found:
+        return no_space(found.group(1)).strerror
+    return f"{type(exc).__name__}: {exc}"
 
 
 def finish(run_dir, status: str, error: str | None = None, **fields) -> None:
@@ -174,8 +193,11 @@ def run(plan: dict, spec, run_dir) -> int:
             summary = module.run(spec, plan, run_dir)
     except BaseException as exc:  # the manifest records every way a run ends
         stopped = isinstance(exc, (Stopped, KeyboardInterrupt)) or bool(_STOP_REQUESTED)
-        error = "Stopped: stopped by request (SIGTERM)" if _STOP_REQUESTED else f"{type(exc).__name__}: {exc}"
-        finish(run_dir, "STOPPED" if stopped else "FAILED", error=error, artifacts=run_dir.artifacts())
+        error = "Stopped: stopped by request (SIGTERM)" if _STOP_REQUESTED else failure_line(exc)
+        try:
+            finish(run_dir, "STOPPED" if stopped else "FAILED", error=error, artifacts=run_dir.artifacts())
+        except OSError as full:  # the manifest's own write can find the disk full too: the log keeps the line
+            print(f"[ftlaunch] the manifest could not be written: {full}", flush=True)
         traceback.print_exc()
         print(f"[ftlaunch] {'STOPPED' if stopped else 'FAILED'}: {error}", flush=True)
         _report(plan, run_dir)
