@@ -1,4 +1,7 @@
-"""`ftlaunch plan SPEC`: print what submit would do. Pure: no network, no GPU."""
+"""`ftlaunch plan SPEC`: print what submit would do. Pure (no network, no GPU) unless `--address`
+names a Ray cluster: then its live nodes are read, as submit reads them (launcher/capacity.py)."""
+
+import dataclasses
 
 from launcher.cli.common import add_spec_args, add_target_args, print_json, target_of
 from launcher.jobplan import plan
@@ -19,6 +22,11 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     job = plan(load_spec(args.spec, tuple(args.overrides)), target_of(args),
                submission_id=args.submission_id, profile=args.profile)
+    if args.address and job.target in ("ray", "local"):
+        from launcher.targets.ray import live_capacity, resolve_address
+
+        live = live_capacity(resolve_address(args.address), job.resources)
+        job = dataclasses.replace(job, warnings=[*job.warnings, *live])
     if args.json:
         print_json(job.to_dict())
         return 0

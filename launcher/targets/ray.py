@@ -78,6 +78,18 @@ def _dashboard_url(address: str) -> Optional[str]:
     return url if ok else None
 
 
+def live_capacity(url: str, resources: dict) -> list[str]:
+    """launcher/capacity.py on the cluster the job goes to: refuses a job no node can ever place."""
+    from launcher import capacity
+
+    try:
+        cluster = capacity.read_cluster(url)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return [f"the cluster's nodes could not be read at {url} ({type(exc).__name__}); "
+                "whether it can place the job was not checked"]
+    return capacity.check(cluster, resources)
+
+
 def client(address: str):
     """A JobSubmissionClient, after probing that the cluster answers (before anything is spent)."""
     import logging
@@ -262,6 +274,8 @@ class RayTarget(Target):
             _same_spec(c, plan.submission_id, digest)
             handle.existing = True
             return handle
+        for warning in live_capacity(url, plan.resources):
+            sys.stderr.write(f"ftlaunch: warning: {warning}\n")
         try:
             _submit_with_retry(
                 c,

@@ -95,20 +95,42 @@ def test_a_killed_driver_resumes_from_the_checkpoint_and_its_logs_outlive_the_cl
     assert "--- worker-0.log" in logs.stdout and "--- worker-1.log" in logs.stdout
 
 
-def test_a_job_waiting_on_resources_past_pending_timeout_is_stopped_with_the_reason(ray_head, tiny_spec):
-    # 8 CPUs on a 2-CPU head: Ray would keep it PENDING forever (the planner only warns: a
-    # remote cluster may grow). The watchdog ends it.
+def test_a_job_no_node_can_place_is_refused_at_submit_with_the_clusters_shape(ray_head, tiny_spec, tmp_path):
+    # 8 CPUs a worker on a 2-CPU head with no autoscaler: it would wait pending_timeout for nothing.
     tiny_spec["resources"] = {"workers": 1, "cpus_per_worker": 8}
-    tiny_spec["pending_timeout"] = 8
-    started = time.monotonic()
-    handle = launcher.submit(tiny_spec, "ray", address=ray_head.address, submission_id="ft-pending")
-    assert handle.wait(timeout=180) == "FAILED"
-    assert time.monotonic() - started < 120
+    planned = cli("plan", str(write_spec(tiny_spec, tmp_path)), "--target", "ray", "--address", ray_head.address)
+    assert planned.returncode != 0 and "a worker asks {CPU: 8}" in planned.stderr, planned.stderr
+    assert len(planned.stderr.strip().splitlines()) == 1
+    with pytest.raises(launcher.PlanError) as err:
+        launcher.submit(tiny_spec, "ray", address=ray_head.address, submission_id="ft-never")
+    line = str(err.value)
+    assert "a worker asks {CPU: 8}" in line and "1 x {CPU: 2}" in line and "cpus_per_worker" in line
+    assert not any(j["submission_id"] == "ft-never" for j in list_jobs("ray", address=ray_head.address))
+
+
+def test_a_job_waiting_on_resources_past_pending_timeout_is_stopped_with_the_reason(ray_local, ray_head, tiny_spec):
+    # The job fits the head, but an actor holds both its CPUs: Ray keeps it PENDING; the watchdog ends it.
+    @ray_local.remote(num_cpus=2)
+    class Holder:
+        def ready(self):
+            return True
+
+    holder = Holder.remote()
+    ray_local.get(holder.ready.remote(), timeout=60)
+    try:
+        tiny_spec["resources"] = {"workers": 1, "cpus_per_worker": 1}
+        tiny_spec["pending_timeout"] = 8
+        started = time.monotonic()
+        handle = launcher.submit(tiny_spec, "ray", address=ray_head.address, submission_id="ft-pending")
+        assert handle.wait(timeout=180) == "FAILED"
+        assert time.monotonic() - started < 120
+    finally:
+        ray_local.kill(holder)
     error = handle.manifest()["error"]
     status = cli("status", "ft-pending", "--address", ray_head.address)
     assert f"error: {error}" in status.stdout
     assert error.startswith("PendingTimeout: stopped after waiting"), error
-    assert "pending_timeout 8s" in error and "{CPU: 8}" in error and "{CPU: 2} in all" in error
+    assert "pending_timeout 8s" in error and "{CPU: 1}" in error and "{CPU: 2} in all" in error
 
 
 def test_twenty_concurrent_submissions_are_twenty_jobs_and_a_resubmit_is_the_same_job(ray_head, tiny_spec):

@@ -1,0 +1,96 @@
+"""The live cluster's shape at submit: a job no node can ever place is refused before it waits
+`pending_timeout` for nothing; one that must wait for busy resources is warned about.
+
+The plan's fit is checked against a resource profile; this reads the cluster the job goes to
+(Ray's state API, `/api/v0/nodes`, and the autoscaler's report, `/api/cluster_status`, on the
+dashboard the Jobs API is served from). A cluster that cannot be read is not refused: the check
+is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Optional
+
+from launcher.errors import PlanError
+
+READ_TIMEOUT_S = 5.0
+
+
+@dataclass
+class Cluster:
+    url: str
+    nodes: list[dict]  # per alive node: its total resources ({"CPU": 2.0, "GPU": 1.0, ...})
+    free: dict = field(default_factory=dict)  # the cluster's unreserved resources now
+    autoscales: bool = False  # worker node types the autoscaler may still launch
+
+    def shape(self) -> str:
+        """`2 x {CPU: 4, GPU: 1}, 1 x {CPU: 8}`: the line a refusal shows."""
+        counts: dict[str, int] = {}
+        for node in self.nodes:
+            key = _bundle(node)
+            counts[key] = counts.get(key, 0) + 1
+        return ", ".join(f"{n} x {key}" for key, n in counts.items()) or "no alive node"
+
+
+def read_cluster(url: str, headers: Optional[dict] = None) -> Cluster:
+    """The alive nodes' total resources, what is free now and whether an autoscaler may add nodes."""
+    nodes = _get(url, "/api/v0/nodes?detail=true&limit=10000", headers)["data"]["result"]["result"]
+    alive = [{k: v for k, v in (n.get("resources_total") or {}).items() if k in ("CPU", "GPU", "memory")}
+             for n in nodes if n.get("state") == "ALIVE"]
+    free, autoscales = {}, False
+    try:
+        status = _get(url, "/api/cluster_status", headers)["data"]
+        usage = ((status.get("clusterStatus") or {}).get("loadMetricsReport") or {}).get("usage") or {}
+        free = {k: total - used for k, (used, total) in usage.items() if k in ("CPU", "GPU", "memory")}
+        # `ray start` clusters list no worker node types; an autoscaling one lists those it may launch
+        types = (status.get("autoscalingStatus") or "").partition("Worker node types:")[2]
+        autoscales = bool(types.strip())
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return Cluster(url, alive, free, autoscales)
+
+
+def check(cluster: Cluster, resources: dict) -> list[str]:
+    """Refuse (PlanError) a job no node can place, or more workers at once than the cluster holds
+    when no autoscaler can add nodes; return warnings for a job that must wait for busy resources.
+    `resources`: the plan's (workers, cpus_per_worker, gpus_per_worker, at_once for multitask)."""
+    ask = {"CPU": float(resources.get("cpus_per_worker") or 0), "GPU": float(resources.get("gpus_per_worker") or 0)}
+    at_once = int(resources.get("at_once") or resources.get("workers") or 1)
+    per_node = [_fits(node, ask) for node in cluster.nodes]
+    worker = _bundle(ask)
+    if cluster.autoscales:
+        return []  # a node type not yet launched may hold it: Ray waits, pending_timeout bounds the wait
+    if not any(per_node):
+        raise PlanError(f"resources: a worker asks {worker}, and no node of the cluster at {cluster.url} "
+                        f"has that ({cluster.shape()}); lower resources.cpus_per_worker / gpus_per_worker "
+                        "or add a node that big")
+    if sum(per_node) < at_once:
+        raise PlanError(f"resources: {at_once} workers of {worker} at once, and the cluster at {cluster.url} "
+                        f"holds at most {sum(per_node)} ({cluster.shape()}); lower resources.workers to "
+                        f"{sum(per_node)} or add nodes")
+    if cluster.free and _fits(cluster.free, ask) < at_once:
+        busy = _bundle({k: v for k, v in cluster.free.items() if k in ask})
+        return [f"the cluster at {cluster.url} has {busy} free now: the job waits for busy resources "
+                "(up to pending_timeout)"]
+    return []
+
+
+def _fits(have: dict, ask: dict) -> int:
+    """How many bundles of `ask` fit in `have`."""
+    counts = [math.floor(have.get(k, 0) / v + 1e-9) for k, v in ask.items() if v > 0]
+    return min(counts) if counts else 1 << 30
+
+
+def _bundle(resources: dict) -> str:
+    shown = {k: resources[k] for k in ("CPU", "GPU") if resources.get(k)}
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in shown.items()) + "}"
+
+
+def _get(url: str, path: str, headers: Optional[dict]) -> dict:
+    request = urllib.request.Request(url.rstrip("/") + path, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=READ_TIMEOUT_S) as response:
+        return json.loads(response.read())
