@@ -2,8 +2,9 @@
 
 Ray Data pays a fixed cost for every batch it hands out (its collate, the iterator's bookkeeping:
 about half a millisecond here, bench/b2_ingest.py), which at a micro-batch of 8 rows is most of
-the time spent on data. So rows are fetched in batches of about FETCH_BYTES as numpy arrays,
-turned into tensors once (moved to the training device once) and cut into micro-batches as views.
+the time spent on data. So rows are fetched in batches of about FETCH_BYTES as Arrow tables,
+turned into tensors without a copy where the types allow (moved to the training device once) and
+cut into micro-batches as views.
 The micro-batches are those of `iter_torch_batches(batch_size=micro, drop_last=True)` on the same
 iterator, in the same order: only cheaper (tests/integration/test_ingest.py).
 """
