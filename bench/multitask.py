@@ -102,6 +102,7 @@ def b4_fanout(work: Path, k: int, steps: int, micro: int, seq_len: int) -> dict:
         ray.get([remote.remote([t], warm) for t in tasks])  # warm: worker processes, imports
 
         finished: dict = {"sequential": [], "parallel": []}
+        phases: dict = {"sequential": {}, "parallel": {}}  # summed over the K workers, per phase
 
         def timed(phase, groups):
             ctx = fresh(phase)
@@ -113,6 +114,9 @@ def b4_fanout(work: Path, k: int, steps: int, micro: int, seq_len: int) -> dict:
                     finished[phase].append(round(time.perf_counter() - t0, 2))
                     result = ray.get(done[0])
                     assert all(r["status"] == "SUCCEEDED" for r in result.values()), result
+                    for r in result.values():
+                        for what, seconds in r["entry"].get("phases_s", {}).items():
+                            phases[phase][what] = round(phases[phase].get(what, 0.0) + seconds, 2)
             return time.perf_counter() - t0
 
         sequential = timed("sequential", [[t] for t in tasks])
@@ -129,7 +133,11 @@ def b4_fanout(work: Path, k: int, steps: int, micro: int, seq_len: int) -> dict:
             "parallel_efficiency": round(eff, 3), "goal": ">= 0.9", "met": eff >= 0.9,
             # what the K cores were spent on while the K ran at once (shares of k x parallel_s)
             "cpu_share_during_parallel": shares, "idle_share_during_parallel": round(1 - sum(shares.values()), 3),
-            "task_ends_s": finished, "machine_k_process_efficiency": machine_scaling(k)}
+            "task_ends_s": finished, "machine_k_process_efficiency": machine_scaling(k),
+            "machine_k_process_efficiency_training": machine_scaling(k, "train", (base, 4, micro, seq_len)),
+            # inside the workers: base load, waits on the data stream, forward/backward/step,
+            # reports, export (seconds summed over the K); what grows from sequential to parallel
+            "worker_phases_s": phases}
 
 
 def _matmul_seconds(rounds: int = 20) -> float:
@@ -144,20 +152,58 @@ def _matmul_seconds(rounds: int = 20) -> float:
     return time.perf_counter() - t
 
 
-def _matmul_child(queue) -> None:
-    queue.put(_matmul_seconds())
+def _train_seconds(base: str, steps: int, micro: int, seq_len: int, barrier=None) -> float:
+    """The fan-out worker's compute, no Ray and no data stream: LoRA steps (all-linear r 8,
+    gradient checkpointing, one thread) on the bench base, random token rows."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from jobs import multitask as M
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model, _ = M.load_base(base, "cpu")
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, model.config.vocab_size, (micro, seq_len))
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm
+    if barrier is not None:
+        barrier.wait()  # the K start their timed steps together
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return time.perf_counter() - t
 
 
-def machine_scaling(k: int) -> float:
-    """This machine's own K-process efficiency, no Ray: one thread's kernel time alone over the
-    slowest of K running it at once. B4's anchor is linear; this is what the cores give."""
+def _scaling_child(queue, barrier, kind, args) -> None:
+    queue.put(_matmul_seconds() if kind == "matmul" else _train_seconds(*args, barrier=barrier))
+
+
+def machine_scaling(k: int, kind: str = "matmul", args: tuple = ()) -> float:
+    """This machine's own K-process efficiency, no Ray: one process's time alone over the slowest
+    of K running the same at once. `matmul`: a cache-resident kernel (what the cores give);
+    `train`: the fan-out worker's own LoRA steps (what the cores and the memory give this
+    workload: B4's ceiling here). B4's anchor is linear."""
     import multiprocessing as mp
 
     spawn = mp.get_context("spawn")
-    _matmul_seconds(2)
-    alone = _matmul_seconds()
-    queue = spawn.Queue()
-    procs = [spawn.Process(target=_matmul_child, args=(queue,)) for _ in range(k)]
+    if kind == "matmul":
+        _matmul_seconds(2)
+        alone = _matmul_seconds()
+    else:
+        alone = _train_seconds(*args)
+    queue, barrier = spawn.Queue(), spawn.Barrier(k)
+    procs = [spawn.Process(target=_scaling_child, args=(queue, barrier, kind, args)) for _ in range(k)]
     for proc in procs:
         proc.start()
     each = [queue.get() for _ in procs]

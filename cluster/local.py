@@ -33,6 +33,9 @@ HEAD_ENV = {
 }
 
 
+WORKERS_KEPT_PER_CPU = 4  # idle Ray worker processes the embedded head keeps warm, per CPU
+
+
 def home() -> Path:
     """Where the embedded head keeps its state and temp dir (FTLAUNCH_HOME, else ~/.ftlaunch)."""
     return Path(os.environ.get("FTLAUNCH_HOME", Path.home() / ".ftlaunch"))
@@ -113,6 +116,11 @@ def up(num_cpus: Optional[int] = None, timeout: float = 90.0) -> Head:
         "--disable-usage-stats",
     ]
     env = {**os.environ, **HEAD_ENV, "RAY_AUTH_MODE": auth_mode()}
+    # Ray keeps as many idle task workers as the head has CPUs and kills the rest after a second
+    # idle. K adapter workers beside their K data streams need more than that, and a data task
+    # that finds none waits for a fresh process to start and import its libraries while the K
+    # workers hold the cores: 16% of B4's cores sat idle so (bench/results/b4_fanout.json).
+    env.setdefault("RAY_num_workers_soft_limit", str(WORKERS_KEPT_PER_CPU * num_cpus))
     # Jobs run `python`: make it this environment's interpreter.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     log = base / "head.log"

@@ -298,6 +298,14 @@ def train_adapter(task: TaskSettings, base_path: str, stream, run_dir: str, seq_
 
     name, train = task.name, task.train
     torch.manual_seed(train.seed)
+    phases, mark = {}, time.perf_counter()
+
+    def phase(what: str) -> None:  # seconds per phase, in the entry: where a worker's time went
+        nonlocal mark
+        now = time.perf_counter()
+        phases[what] = round(phases.get(what, 0.0) + now - mark, 3)
+        mark = now
+
     base, base_sha = load_base(base_path, device)
     model = get_peft_model(base, lora_config(task.lora), adapter_name=name)
     if train.grad_checkpointing:
@@ -323,8 +331,10 @@ def train_adapter(task: TaskSettings, base_path: str, stream, run_dir: str, seq_
 
     model.train()
     batches = _batches(stream)
+    phase("load")
     while step < train.max_steps:
         batch = {k: v.to(device) for k, v in next(batches).items()}
+        phase("data_wait")
         for group in optimizer.param_groups:  # by the adapter's own step: a resumed run goes on warming up
             group["lr"] = train.lr * C.warmup(step, train.warmup_steps)
         inputs = T.model_inputs(batch, T.attention_of(model))
@@ -339,12 +349,16 @@ def train_adapter(task: TaskSettings, base_path: str, stream, run_dir: str, seq_
         optimizer.step()
         step += 1
         losses.append(float(loss.detach()))
+        phase("compute")
         if loop.due(step):
             loop.report(loop.record(step, loss=float(np.mean(losses[-train.report_every:]))), save=save)
+            phase("report")
     after = eval_loss(model, evals, device)
     exact.update({f"eval_{k}_after": v for k, v in G.evaluate(model, task.model, task.data, pairs).items()})
-    return _export(model, name, run_dir, base_sha, step, losses, before, after, loop.started,
-                   packed=False, task=task, exact=exact)
+    entry = _export(model, name, run_dir, base_sha, step, losses, before, after, loop.started,
+                    packed=False, task=task, exact=exact)
+    phase("export")
+    return {**entry, "phases_s": phases}
 
 
 def train_packed(tasks: list[TaskSettings], base_path: str, streams: dict, run_dir: str, seq_len: int,
