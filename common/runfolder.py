@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
@@ -70,7 +71,9 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> None:
     the folder. A reader never sees half a file; a failed write (a full disk) leaves the old one
     and no temporary, and raises NoSpaceError naming the file and the bytes it needed."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    # A temporary of this writer's own: the client and the job write one manifest at once (a stop
+    # recorded by both), and a shared temporary interleaves their bytes into a file that is no JSON.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as f:
             _write(f, data)
