@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Optional
@@ -18,6 +19,7 @@ from typing import Optional
 from launcher.errors import PlanError
 
 READ_TIMEOUT_S = 5.0
+NODES_WAIT_S = 10.0  # for a just-started head's own node to show in the state API
 
 
 @dataclass
@@ -38,9 +40,14 @@ class Cluster:
 
 def read_cluster(url: str, headers: Optional[dict] = None) -> Cluster:
     """The alive nodes' total resources, what is free now and whether an autoscaler may add nodes."""
-    nodes = _get(url, "/api/v0/nodes?detail=true&limit=10000", headers)["data"]["result"]["result"]
-    alive = [{k: v for k, v in (n.get("resources_total") or {}).items() if k in ("CPU", "GPU", "memory")}
-             for n in nodes if n.get("state") == "ALIVE"]
+    deadline = time.monotonic() + NODES_WAIT_S
+    while True:  # a head that just started answers before its own node has registered
+        nodes = _get(url, "/api/v0/nodes?detail=true&limit=10000", headers)["data"]["result"]["result"]
+        alive = [{k: v for k, v in (n.get("resources_total") or {}).items() if k in ("CPU", "GPU", "memory")}
+                 for n in nodes if n.get("state") == "ALIVE"]
+        if alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     free, autoscales = {}, False
     try:
         status = _get(url, "/api/cluster_status", headers)["data"]
@@ -64,6 +71,9 @@ def check(cluster: Cluster, resources: dict) -> list[str]:
     worker = _bundle(ask)
     if cluster.autoscales:
         return []  # a node type not yet launched may hold it: Ray waits, pending_timeout bounds the wait
+    if not cluster.nodes:  # every cluster has its head: the state API has not seen it yet
+        return [f"the cluster at {cluster.url} reports no alive node yet; whether it can place the job "
+                "was not checked"]
     if not any(per_node):
         raise PlanError(f"resources: a worker asks {worker}, and no node of the cluster at {cluster.url} "
                         f"has that ({cluster.shape()}); lower resources.cpus_per_worker / gpus_per_worker "

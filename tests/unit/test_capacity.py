@@ -94,3 +94,10 @@ def test_read_cluster_takes_alive_nodes_free_resources_and_the_autoscaler(dashbo
         check(cluster, job(gpus=8))  # the dead 8-GPU node does not count
     answers["/api/cluster_status"] = status("\n - gpu-workers: 0/10")
     assert read_cluster(url).autoscales
+
+
+def test_a_cluster_reporting_no_alive_node_yet_is_a_warning_not_a_refusal():
+    # A head that just started answers its state API before its own node registers (seen on a
+    # fresh session head: `total: 0` for about a second); every cluster has at least its head.
+    warnings = check(Cluster(URL, []), job(cpus=0.5))
+    assert warnings and "reports no alive node yet" in warnings[0]
