@@ -21,6 +21,7 @@ from jobs import components as C
 from jobs import generate as G
 from jobs import text as T
 from jobs.artifacts import RunDir
+from jobs.data.badrows import BAD_ROWS_DIR, skipped_rows, train_guard
 from jobs.data.ingest import Stream
 from jobs.loop import Loop, run_worker
 from jobs.precision import enable_checkpointing
@@ -97,6 +98,7 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
         "digests_after": C.frozen_and_trainable_digests(model),
         "export": export_name,
         "export_bytes": dir_size(target),
+        "bad_rows_skipped": skipped_rows(run_dir.path / BAD_ROWS_DIR),
     }
 
 
@@ -136,7 +138,8 @@ def _train_loop(spec, config: dict) -> None:
                 world=ctx.get_world_size(), every_rank_saves=True)
     torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     # The data stream starts now: its first read overlaps the model build and the before-eval.
-    stream = Stream(ray.train.get_dataset_shard("train"), train.micro_batch, spec.model.seq_len)
+    stream = Stream(ray.train.get_dataset_shard("train"), train.micro_batch, spec.model.seq_len,
+                    guard=train_guard(data, run_dir.path, loop.rank, C.read_columns(data)))
 
     eval_rows = C.load_split(data.eval, data, train.eval_batches * 16)
     retain_rows = C.load_split(data.retain, data, train.eval_batches * 16)

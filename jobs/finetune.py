@@ -26,6 +26,7 @@ from jobs import strategies as S
 from jobs import tensorboard
 from jobs import text as T
 from jobs.artifacts import RunDir
+from jobs.data.badrows import BAD_ROWS_DIR, skipped_rows, train_guard
 from jobs.data.ingest import Stream
 from jobs.data.read import read_dataset
 from jobs.loop import Loop, run_worker
@@ -111,7 +112,8 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
     summary.update({k: final.get(k) for k in (
         "trainable_params", "total_params", "digests_before", "digests_after", "lr_groups",
         "unfrozen_at", "ewc_penalty_last", "replay_share", "padding_fraction", "rss_start_mb", "peak_rss_mb")})
-    summary.update(export=export_name, export_bytes=dir_size(target))
+    summary.update(export=export_name, export_bytes=dir_size(target),
+                   bad_rows_skipped=skipped_rows(run_dir.path / BAD_ROWS_DIR))
     return summary
 
 
@@ -127,7 +129,8 @@ def _train_loop(spec, config: dict) -> None:
     torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     rss_start, resuming = S.rss_mb(), loop.has_state()
     # The data stream starts now: its first read overlaps the model build and the before-eval.
-    stream = Stream(ray.train.get_dataset_shard("train"), train.micro_batch, spec.model.seq_len)
+    stream = Stream(ray.train.get_dataset_shard("train"), train.micro_batch, spec.model.seq_len,
+                    guard=train_guard(data, run_dir.path, loop.rank, C.read_columns(data)))
     # A random-init base exists nowhere else: rank 0 keeps it, to go beside the adapter.
     pending = os.path.join(run_dir.path, ".base-pending")
     keep = (loop.rank == 0 and not resuming and spec.model.source in C.RANDOM_INIT_SOURCES

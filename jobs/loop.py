@@ -222,9 +222,14 @@ def worker_scope(env: dict, run_dir, name: str | None = None):
 def run_worker(body: Callable, config: dict) -> None:
     """A Ray Train worker: `body(spec, config)` with the spec validated back into its model
     (it travels as JSON in `config["spec"]`), in the worker scope, Ray Train's chatter quieted."""
+    from jobs.watch import NoRetry, record_fatal
     from launcher.spec import validate
 
     quiet_ray_train()
     spec = validate(config["spec"])
     with worker_scope(spec.env, config["run_dir"]):
-        body(spec, config)
+        try:
+            body(spec, config)
+        except NoRetry as exc:  # the driver ends the job with its line (jobs/watch.py watch_fatal)
+            record_fatal(config["run_dir"], str(exc))
+            raise

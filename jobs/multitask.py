@@ -27,6 +27,7 @@ from jobs import generate as G
 from jobs import precision as P
 from jobs import text as T
 from jobs.artifacts import RunDir, say
+from jobs.data.badrows import BAD_ROWS_DIR, skipped_rows, train_guard
 from jobs.data.ingest import micro_batches
 from jobs.data.read import read_dataset, read_head
 from jobs.loop import Loop, progress_file, worker_scope
@@ -120,7 +121,7 @@ def _status(result: dict) -> dict:
         return {"status": result["status"], "error": result.get("error")}
     entry = result["entry"]
     return {"status": "SUCCEEDED", "steps": entry["steps"], "eval": entry["eval"],
-            "wall_time_s": entry["wall_time_s"]}
+            "wall_time_s": entry["wall_time_s"], "bad_rows_skipped": entry.get("bad_rows_skipped", 0)}
 
 
 def _error_line(exc: BaseException) -> str:
@@ -172,7 +173,8 @@ def _worker(tasks: list[TaskSettings], context: dict) -> dict:
     torch.set_num_threads(max(1, int(context["cpus"])))
     device = "cuda" if context["gpus"] > 0 and torch.cuda.is_available() else "cpu"
     seq_len = context["model"].seq_len
-    streams = {t.name: ray_data_stream(t, seq_len, context["data_cpus"]) for t in tasks}  # t.model: the base's
+    # t.model: the base's
+    streams = {t.name: ray_data_stream(t, seq_len, context["data_cpus"], context["run_dir"]) for t in tasks}
     log = f"task-{tasks[0].name}" if len(tasks) == 1 else "packed"
     try:
         with worker_scope(context["env"], context["run_dir"], log):
@@ -189,7 +191,7 @@ def _worker(tasks: list[TaskSettings], context: dict) -> dict:
     return {name: {"status": "SUCCEEDED", "entry": {**entry, **span}} for name, entry in entries.items()}
 
 
-def ray_data_stream(task: TaskSettings, seq_len: int, cpus: float) -> Callable[[], Iterator[dict]]:
+def ray_data_stream(task: TaskSettings, seq_len: int, cpus: float, run_dir: str) -> Callable[[], Iterator[dict]]:
     """One pass over a task's train split, streamed through Ray Data, as tensor batches.
 
     Its read and tokenize tasks ask `cpus` each (resources.data_cpus_per_worker): the planner
@@ -198,6 +200,7 @@ def ray_data_stream(task: TaskSettings, seq_len: int, cpus: float) -> Callable[[
     import ray.data
 
     data, micro = task.data, task.train.micro_batch
+    guard = train_guard(data, run_dir, 0, T.read_columns(data), ledger=f"{BAD_ROWS_DIR}/{task.name}")
 
     def one_pass():
         ctx = ray.data.DataContext.get_current()
@@ -208,7 +211,7 @@ def ray_data_stream(task: TaskSettings, seq_len: int, cpus: float) -> Callable[[
         ctx.use_datasource_v2 = False
         ds = read_dataset(data.train, columns=T.read_columns(data), num_cpus=cpus)  # every format
         ds = T.stream(ds, task.model, data, seq_len, num_cpus=cpus)
-        yield from micro_batches(ds, micro, seq_len)
+        yield from micro_batches(ds, micro, seq_len, guard=guard)
 
     return one_pass
 
@@ -491,4 +494,5 @@ def _export(model, name, run_dir, base_sha, steps, losses, before, after, starte
                  **(exact or {})},
         "wall_time_s": round((finished or time.time()) - started, 2),
         "trainable_params": sum(p.numel() for p in adapter_params(model, name)),
+        "bad_rows_skipped": skipped_rows(Path(run_dir) / BAD_ROWS_DIR / name),
     }

@@ -20,6 +20,7 @@ import traceback
 from pathlib import Path
 
 from common.runfolder import CLUSTER_ADDRESS_ENV, NoSpaceError, ended, no_space
+from jobs.data.badrows import BadRowsError
 from launcher.errors import LauncherError, PlanError
 from launcher.kinds import get_kind
 from launcher.spec import load_spec, validate
@@ -48,10 +49,10 @@ def stop_on_sigterm(run_dir) -> None:
 def failure_line(exc: BaseException) -> str:
     """The one line a failed run's manifest keeps. A full disk is named as such wherever it was
     met: a run-folder write (NoSpaceError), or Ray Train's checkpoint upload (its error, wrapped
-    in Ray's, carries the OSError's text)."""
+    in Ray's, carries the OSError's text); so is a bad row a worker's stream met (BadRowsError)."""
     seen = exc
     while seen is not None:
-        if isinstance(seen, NoSpaceError):
+        if isinstance(seen, (NoSpaceError, BadRowsError)):
             return str(seen)
         if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
             return no_space(seen.filename or "the run folder").strerror
@@ -59,6 +60,9 @@ def failure_line(exc: BaseException) -> str:
     found = re.search(r"No space left on device: '([^']+)'", str(exc))
     if found:
         return no_space(found.group(1)).strerror
+    found = re.search(r"BadRowsError: (.+)", str(exc))  # a worker's, in Ray Train's error text
+    if found:
+        return found.group(1).strip()
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -168,7 +172,7 @@ def main(argv=None) -> int:
 def run(plan: dict, spec, run_dir) -> int:
     from jobs.artifacts import versions
     from jobs.logs import resolve_env_refs
-    from jobs.watch import watch_job_status, watch_pending
+    from jobs.watch import watch_fatal, watch_job_status, watch_pending
 
     previous = run_dir.read_manifest()
     attempts = previous.get("attempts", []) + [
@@ -188,7 +192,7 @@ def run(plan: dict, spec, run_dir) -> int:
         connect()
         stop_on_sigterm(run_dir)  # after ray.init, which installs its own
         module = importlib.import_module(get_kind(plan["kind"]).job_module(plan["spec"]))
-        with watch_pending(spec.pending_timeout, run_dir), \
+        with watch_pending(spec.pending_timeout, run_dir), watch_fatal(run_dir), \
                 watch_job_status(plan["submission_id"], os.environ.get(CLUSTER_ADDRESS_ENV), run_dir):
             summary = module.run(spec, plan, run_dir)
     except BaseException as exc:  # the manifest records every way a run ends

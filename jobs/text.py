@@ -16,6 +16,7 @@ import numpy as np
 from common import hfsource
 from common.catalog import minilm_dir
 from common.chat import CHAT_TEMPLATES, PLAIN_TEMPLATE, to_messages
+from jobs.data.badrows import BAD_COLUMN
 from launcher.spec import DataSpec, ModelSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json", "tokenizer_config.json")
@@ -183,15 +184,42 @@ def encode_examples(batch: dict, model: ModelSpec | dict, data: DataSpec | dict,
     return encode_conversations(tok, conversations, seq_len), tok
 
 
-def encode(batch: dict, model: ModelSpec | dict, data: DataSpec | dict, seq_len: int) -> dict:
+def encode(batch: dict, model: ModelSpec | dict, data: DataSpec | dict, seq_len: int,
+           mark_bad: bool = False) -> dict:
     """Ray Data `map_batches` function for every causal-LM text task: rows -> input_ids,
     attention_mask, labels padded to seq_len; unpadded (ragged) examples with `data.packing`,
-    for pack() to fill rows with."""
+    for pack() to fill rows with. `mark_bad`: a row that cannot be trained on (jobs/data/badrows.py)
+    becomes a marker row in its place (BAD_COLUMN 1, no tokens) for the consumer to count."""
+    data = DataSpec.model_validate(data)
+    marked = batch.pop(BAD_COLUMN, None)  # lines the JSON lines reader could not make rows of
+    bad = bad_rows(batch, data) if mark_bad or marked is not None else None
+    if marked is not None:
+        bad |= np.asarray(marked, dtype=bool)
+    if bad is not None and bad.any():
+        batch = {k: [v for v, b in zip(values, bad) if not b] for k, values in batch.items()}
     examples, tok = encode_examples(batch, model, data, seq_len)
-    if DataSpec.model_validate(data).packing:
-        return {"input_ids": _ragged([ids for ids, _ in examples]),
-                "labels": _ragged([labels for _, labels in examples])}
-    return padded(examples, seq_len, tok.pad_token_id)
+    if bad is not None and bad.any():  # the markers back in their rows' places
+        good = iter(examples)
+        examples = [([], []) if b else next(good) for b in bad]
+    if data.packing:
+        out = {"input_ids": _ragged([ids for ids, _ in examples]),
+               "labels": _ragged([labels for _, labels in examples])}
+    else:
+        out = padded(examples, seq_len, tok.pad_token_id)
+    if bad is not None:
+        out[BAD_COLUMN] = bad.astype(np.int64)
+    return out
+
+
+def bad_rows(batch: dict, data: DataSpec) -> np.ndarray:
+    """Per row of a batch: whether it cannot be trained on (badrows.row_problem)."""
+    from jobs.data.badrows import _text_problem, row_problem
+
+    if data.task == "causal_lm":
+        column = data.columns.get("text", "text")
+        return np.array([_text_problem(v, column, data.max_row_chars) is not None for v in batch[column]],
+                        dtype=bool)
+    return np.array([row_problem(row, data) is not None for row in rows_of(batch)], dtype=bool)
 
 
 def _ragged(lists: list[list[int]]) -> np.ndarray:
@@ -227,6 +255,7 @@ def pack(batch: dict, seq_len: int, pad_id: int) -> dict:
     rows: list[list[int]] = []  # example indices per row
     free: list[int] = []
     lengths = [len(x) for x in batch["input_ids"]]
+    markers = int(np.sum(batch[BAD_COLUMN])) if BAD_COLUMN in batch else None
     for i, length in enumerate(lengths):
         if length == 0:
             continue
@@ -256,7 +285,19 @@ def pack(batch: dict, seq_len: int, pad_id: int) -> dict:
             out["position_ids"][r, at:at + k] = np.arange(k)
             at += k
         out["position_ids"][r, at:] = np.arange(seq_len - at)  # padding: a segment of its own
+    if markers is not None:  # the bad examples (empty) as marker rows after the packed ones
+        out[BAD_COLUMN] = np.zeros(n, dtype=np.int64)
+        if markers:
+            out = {k: np.concatenate([v, np.repeat(_empty_row(k, seq_len, pad_id), markers, axis=0)])
+                   for k, v in out.items()}
+            out[BAD_COLUMN][n:] = 1
     return out
+
+
+def _empty_row(column: str, seq_len: int, pad_id: int) -> np.ndarray:
+    """One row with no tokens in it, in a packed column."""
+    value = {"input_ids": pad_id, "labels": IGNORE, "position_ids": 0}.get(column, 0)
+    return np.full((1, seq_len), value, dtype=np.int64) if column != BAD_COLUMN else np.zeros(1, np.int64)
 
 
 def stream(ds, model: ModelSpec | dict, data: DataSpec | dict, seq_len: int, **map_kwargs):
@@ -264,7 +305,7 @@ def stream(ds, model: ModelSpec | dict, data: DataSpec | dict, seq_len: int, **m
     `data.packing` (PACK_ROWS examples per packing batch)."""
     model, data = ModelSpec.model_validate(model), DataSpec.model_validate(data)
     kw = {"model": model.model_dump(mode="json"), "data": data.model_dump(mode="json"), "seq_len": seq_len}
-    ds = ds.map_batches(encode, fn_kwargs=kw, batch_format="numpy", **map_kwargs)
+    ds = ds.map_batches(encode, fn_kwargs={**kw, "mark_bad": True}, batch_format="numpy", **map_kwargs)
     if data.packing:
         pad_id = tokenizer_for(model, data).pad_token_id
         ds = ds.map_batches(pack, fn_kwargs={"seq_len": seq_len, "pad_id": pad_id}, batch_size=PACK_ROWS,

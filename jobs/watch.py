@@ -140,6 +140,44 @@ def watch_job_status(submission_id: str | None, url: str | None, run_dir, poll: 
         yield
 
 
+FATAL = ".fatal"  # in the run folder: the line of an error no retry gets past
+
+
+class NoRetry(Exception):
+    """An error a retry would meet again (a bad row of the data): the worker records it in the run
+    folder and the driver ends the job with its line, rather than Ray Train starting the workers
+    over (FailureConfig counts every error alike) to fail at the same row, or not, by chance."""
+
+
+def record_fatal(run_path, line: str) -> None:
+    from common.runfolder import write_bytes_atomic
+
+    write_bytes_atomic(os.path.join(run_path, FATAL), line.encode())
+
+
+@contextlib.contextmanager
+def watch_fatal(run_dir, poll: float = 1.0, end=None):
+    """End this driver with the line a worker recorded (record_fatal) during this attempt."""
+    path = os.path.join(run_dir.path, FATAL)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # an earlier attempt's: the resume after the fix starts clean
+    stop = threading.Event()
+
+    def watch():
+        while not stop.wait(poll):
+            try:
+                with open(path) as f:
+                    line = f.read().strip()
+            except FileNotFoundError:
+                continue
+            if line and not stop.is_set():
+                give_up(run_dir, line, "FAILED", end)
+                return
+
+    with _background(watch, stop, "ftlaunch-fatal-watch"):
+        yield
+
+
 @contextlib.contextmanager
 def _background(target, stop: threading.Event, name: str, join: float | None = None):
     """Run `target` in a daemon thread for the block; `stop` tells it the block is over."""

@@ -230,7 +230,7 @@ def _jsonl_rows(fs, path: str):
 
     import pyarrow as pa
 
-    rows, sample = 0, []
+    rows, sample, numbers = 0, [], []
     with fs.open_input_stream(path) as stream:  # pyarrow decompresses .gz by the file's ending
         try:
             for number, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8"), start=1):
@@ -245,13 +245,43 @@ def _jsonl_rows(fs, path: str):
                 rows += 1
                 if len(sample) < JSONL_SCHEMA_ROWS:
                     sample.append(record)
+                    numbers.append(number)
         except (UnicodeDecodeError, OSError, EOFError, pa.ArrowException) as e:
             raise ValueError(f"is not readable UTF-8 JSON lines ({str(e).splitlines()[0][:80]})") from None
     try:
         schema = pa.Table.from_pylist(sample).schema if sample else pa.schema([])
     except (pa.ArrowException, TypeError) as e:
-        raise ValueError(f"has rows whose columns change type ({str(e).splitlines()[0][:80]})") from None
+        odd = _odd_type(sample)
+        where = f"line {numbers[odd[0]]}: {odd[1]}" if odd else str(e).splitlines()[0][:80]
+        raise ValueError(f"has rows whose columns change type ({where})") from None
     return rows, schema
+
+
+def _odd_type(rows: list[dict]):
+    """(index, what) of the first row with a value whose JSON type is not its column's usual one."""
+    odd = odd_types(rows)
+    if not odd:
+        return None
+    i, column, kind, usual = odd[0]
+    return i, f"{column} is a {kind} where the other rows have a {usual}"
+
+
+def odd_types(rows: list[dict]) -> list[tuple[int, str, str, str]]:
+    """(row index, column, its kind, the column's usual kind) for each value of `rows` (JSON
+    objects) whose JSON type is not the one most of its column's values have."""
+    def kind(v):
+        return "number" if isinstance(v, (int, float)) and not isinstance(v, bool) else {
+            str: "string", bool: "boolean", list: "list", dict: "object"}.get(type(v), type(v).__name__)
+
+    counts: dict = {}
+    for row in rows:
+        for k, v in row.items():
+            if v is not None:
+                counts.setdefault(k, {}).setdefault(kind(v), 0)
+                counts[k][kind(v)] += 1
+    usual = {k: max(c, key=c.get) for k, c in counts.items()}
+    return [(i, k, kind(v), usual[k]) for i, row in enumerate(rows) for k, v in row.items()
+            if v is not None and kind(v) != usual[k]]
 
 
 def sample_rows(path_or_uri: str, n: int = 256, role: str = "train") -> list[dict]:

@@ -164,10 +164,10 @@ def with_runtime_env(draft: JobPlan, env: dict, estimate: Optional[dict] = None)
     return dataclasses.replace(draft, runtime_env=runtime_env, estimate=estimate)
 
 
-# What a resume may change: how long it runs, how it reports, what it may retry. The rest (the
-# model, strategy, data, batch, resources) is what the run's checkpoints and data positions are of.
+# What a resume may change: how long it runs, how it reports, what it may retry or skip. The rest
+# (the model, strategy, data, batch, resources) is what the run's checkpoints and data positions are of.
 RESUMABLE = ("train.max_steps", "train.lr", "train.report_every", "train.eval_batches",
-             "train.eval_generate", "train.max_failures", "pending_timeout", "env.*")
+             "train.eval_generate", "train.max_failures", "data.skip_bad_rows", "pending_timeout", "env.*")
 
 
 def resumed_spec(spec: dict, overrides: tuple[str, ...] = ()) -> dict:

@@ -101,6 +101,11 @@ class DataSpec(Strict):
     packing: bool = Field(False, description="concatenate examples into seq_len rows (no attention "
                           "or loss across an example's boundary)")
     force: bool = Field(False, description="run even when the dataset is far too small")
+    skip_bad_rows: int = Field(0, ge=0, le=10**9, description="rows of the train split that cannot be "
+                               "used (null or non-string text, over max_row_chars, a malformed chat) "
+                               "skipped and counted before the job fails on one")
+    max_row_chars: int = Field(1_000_000, gt=0, description="a row with more characters is bad: "
+                               "most likely a file whose lines are not rows (seq_len cuts every row)")
 
 
 # Ray Train's FailureConfig.max_failures for every kind that trains through Ray Train.

@@ -16,7 +16,10 @@ import warnings
 from typing import Iterator, Optional
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
+
+from jobs.data.badrows import BAD_COLUMN, FIX, BadRowsError, RowGuard
 
 FETCH_BYTES = 4 << 20  # per fetched batch: Ray's per-batch cost is then a few percent of the copy
 ROW_COLUMNS = 5  # model rows carry up to five int64 columns (ids, labels, mask, segments, positions)
@@ -29,14 +32,16 @@ def fetch_rows(micro: int, seq_len: int) -> int:
 
 
 def micro_batches(it, micro: int, seq_len: int, *, dtype: Optional[torch.dtype] = torch.long,
-                  device="auto", prefetch: int = 2) -> Iterator[dict]:
+                  device="auto", prefetch: int = 2, guard: Optional[RowGuard] = None) -> Iterator[dict]:
     """One pass over `it` (a Ray DataIterator or Dataset) as dicts of tensors of `micro` rows; the
     last partial micro-batch is dropped. `dtype`: what integer columns become (None: as read);
-    `device`: "auto" is Ray Train's device for this worker (the CPU outside Ray Train)."""
+    `device`: "auto" is Ray Train's device for this worker (the CPU outside Ray Train). `guard`:
+    the bad rows' counter (jobs/data/badrows.py; None: the first marker row ends the pass)."""
     device = _train_device() if device == "auto" else device
+    if guard is not None:
+        guard.begin_pass()
     leftover: dict = {}
-    for table in it.iter_batches(batch_size=fetch_rows(micro, seq_len), batch_format="pyarrow",
-                                 prefetch_batches=prefetch, drop_last=False):
+    for table in _fetches(it, fetch_rows(micro, seq_len), prefetch, guard):
         batch = {k: _tensor(_numpy(table.column(k)), dtype, device) for k in table.column_names}
         if leftover:  # the rows the last fetch could not fill a micro-batch with come first
             batch = {k: torch.cat([leftover[k], batch[k]]) for k in batch}
@@ -45,6 +50,39 @@ def micro_batches(it, micro: int, seq_len: int, *, dtype: Optional[torch.dtype] 
         for i in range(0, whole, micro):
             yield {k: v[i:i + micro] for k, v in batch.items()}
         leftover = {k: v[whole:] for k, v in batch.items()} if whole < n else {}
+
+
+def _fetches(it, rows: int, prefetch: int, guard: Optional[RowGuard]) -> Iterator:
+    """The fetched Arrow tables, bad rows dropped and counted; a read that failed on bytes that
+    do not decode raised as the one line that names them."""
+    batches = iter(it.iter_batches(batch_size=rows, batch_format="pyarrow", prefetch_batches=prefetch,
+                                   drop_last=False))
+    try:
+        while True:
+            try:
+                table = next(batches)
+            except StopIteration:
+                return
+            except Exception as exc:
+                named = guard.decode_failure(exc) if guard is not None else None
+                if named is None:
+                    raise
+                raise named from exc
+            error = None
+            if guard is not None:
+                table, error = guard.take(table)
+            elif BAD_COLUMN in table.column_names:
+                if pc.sum(table.column(BAD_COLUMN)).as_py():
+                    raise BadRowsError(f"a bad row in the stream; {FIX}")
+                table = table.drop_columns([BAD_COLUMN])
+            if table.num_rows:
+                yield table
+            if error is not None:  # after the good rows before it
+                raise error
+    finally:  # now, not when collected (by then Ray may be gone): Ray's iterator ends its execution
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
 
 
 class Stream:

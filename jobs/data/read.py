@@ -10,7 +10,8 @@ from typing import Optional
 
 import ray.data
 
-from launcher.datacheck import ARROW_IPC, is_jsonl, list_files
+from jobs.data.badrows import BAD_COLUMN
+from launcher.datacheck import ARROW_IPC, is_jsonl, list_files, odd_types
 
 
 def read_dataset(path: str, columns: Optional[list[str]] = None, role: str = "train",
@@ -25,13 +26,87 @@ def read_dataset(path: str, columns: Optional[list[str]] = None, role: str = "tr
     if parquet:
         parts.append(ray.data.read_parquet(parquet, filesystem=fs, columns=columns, **asks))
     if jsonl:
-        # pyarrow's JSON reader (Ray's default) reads one object per line, streamed by block.
-        ds = ray.data.read_json(jsonl, filesystem=fs, **asks)
-        parts.append(ds.select_columns(columns) if columns else ds)
+        parts.append(read_jsonl(fs, jsonl, columns, asks))
     if ipc:
         # Ray Data has no streaming Arrow IPC reader: IPC files are read whole, one block each.
         parts.append(ray.data.from_arrow([read_ipc(fs, f, columns) for f in ipc]))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+
+
+JSONL_CHUNK = 8 << 20  # bytes of whole lines parsed at once
+
+
+def read_jsonl(fs, files: list[str], columns: Optional[list[str]], asks: dict) -> ray.data.Dataset:
+    """JSON lines files, one read task each, streamed in blocks of about JSONL_CHUNK. pyarrow's JSON
+    reader parses each block (Ray's read_json does the same); a block it refuses (a line that is
+    not JSON, a column whose type changes) is parsed line by line, and a line that cannot be a row
+    becomes a marker row (BAD_COLUMN 1, its columns null) in its place, so one bad line is one bad
+    row for the consumer to skip or name (jobs/data/badrows.py), not a failed read of the file."""
+    ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+    return ds.map_batches(_jsonl_blocks, batch_size=1, batch_format="pyarrow",
+                          fn_kwargs={"fs": fs, "columns": columns}, **asks)
+
+
+def _jsonl_blocks(batch, fs, columns):
+    for path in batch.column("path").to_pylist():
+        with fs.open_input_stream(path) as src:  # .gz decompressed by the file's ending
+            rest = b""
+            while True:
+                chunk = src.read(JSONL_CHUNK)
+                data = rest + chunk
+                if not chunk:
+                    if data.strip():
+                        yield _jsonl_table(data, columns)
+                    break
+                cut = data.rfind(b"\n") + 1
+                data, rest = data[:cut], data[cut:]
+                if data.strip():
+                    yield _jsonl_table(data, columns)
+
+
+def _jsonl_table(data: bytes, columns):
+    import io
+    import json
+
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    try:
+        table = pj.read_json(io.BytesIO(data))
+        bad = [0] * table.num_rows
+    except pa.ArrowException:
+        rows, bad = [], []
+        for line in data.splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            ok = isinstance(row, dict)
+            rows.append(row if ok else {})
+            bad.append(0 if ok else 1)
+        table = _rows_table(rows, bad)
+    if columns:
+        table = table.select([c for c in columns if c in table.column_names])
+        for c in columns:
+            if c not in table.column_names:  # every row of the block a marker: no such column
+                table = table.append_column(c, pa.nulls(table.num_rows))
+    return table.append_column(BAD_COLUMN, pa.array(bad, pa.int64()))
+
+
+def _rows_table(rows: list[dict], bad: list[int]):
+    """Rows as a table; a value whose type differs from its column's (a number among strings)
+    marks its row bad, so the rest keep their types."""
+    import pyarrow as pa
+
+    try:
+        return pa.Table.from_pylist(rows)
+    except (pa.ArrowException, TypeError):
+        pass
+    for i in {i for i, *_ in odd_types(rows)}:
+        rows[i], bad[i] = {}, 1
+    return pa.Table.from_pylist(rows)
 
 
 def read_ipc(fs, path: str, columns: Optional[list[str]] = None):
