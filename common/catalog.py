@@ -174,6 +174,11 @@ def arrcoc_config(model: dict) -> dict:
         if key in ("vision", "llm") and isinstance(value, dict):
             cfg[key].update(value)
         elif key in cfg:
+            default = cfg[key]
+            if isinstance(default, int) and not isinstance(default, bool) and (
+                    not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise PlanError(f"model.config.{key} {value!r} is not a positive whole number; "
+                                f"use e.g. {default} (the {source} default)")
             cfg[key] = value
         else:
             raise PlanError(f"model.config.{key} is not an ARR-COC setting; use one of {', '.join(cfg)}")

@@ -202,3 +202,13 @@ def test_on_the_vqa_set_k_random_patches_mostly_miss_the_named_shape():
     random = np.take_along_axis(share, drawn, 1)
     assert np.isclose(best.sum(1), share.sum(1)).mean() > 0.9  # four patches hold all of it (measured 1-4)
     assert (random > 0).any(1).mean() < 0.3  # four random ones miss it entirely in most images (measured 17%)
+
+
+@pytest.mark.parametrize("value", [None, "256", 0, True, 2.5])
+def test_an_arrcoc_size_that_is_not_a_positive_whole_number_is_one_line(value):
+    # Found by the spec fuzzer: top_k: null reached a comparison and raised TypeError.
+    from common.catalog import arrcoc_config
+    from launcher.errors import PlanError
+
+    with pytest.raises(PlanError, match=r"model.config.top_k .* is not a positive whole number; use e.g. 256"):
+        arrcoc_config({"source": "arrcoc-7b", "config": {"top_k": value}})
