@@ -2,8 +2,10 @@
 
 The head runs as `ray start --head --block` in a process group of its own, so stopping it kills
 exactly the processes this module started and never anyone else's (no `ray stop`).
-Token authentication is off on purpose: every port is bound to 127.0.0.1 and the head is a
-single user's. Set FTLAUNCH_RAY_AUTH_MODE=token to turn Ray's token auth on.
+Ray's token authentication is on: loopback is shared by every account of the machine, and a head
+that takes jobs from anyone runs their code as its owner. The token lives in FTLAUNCH_HOME
+(`auth_token`, mode 0600), made at the first `up`; every ftlaunch client of the head passes it
+(RAY_AUTH_TOKEN_PATH). FTLAUNCH_RAY_AUTH_MODE=disabled turns it off, with a warning.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,7 +45,52 @@ def home() -> Path:
 
 
 def auth_mode() -> str:
-    return os.environ.get("FTLAUNCH_RAY_AUTH_MODE", "disabled")
+    """"token" (the default) or "disabled" (FTLAUNCH_RAY_AUTH_MODE=disabled: anyone on the machine
+    can submit code to the head)."""
+    mode = os.environ.get("FTLAUNCH_RAY_AUTH_MODE", "token").strip().lower()
+    if mode not in ("token", "disabled"):
+        raise ClusterError(f"FTLAUNCH_RAY_AUTH_MODE={mode!r} is not token or disabled; unset it (token)")
+    return mode
+
+
+def token_path() -> Path:
+    return home() / "auth_token"
+
+
+def ensure_token() -> Path:
+    """The head's token file, made (random, mode 0600) when there is none."""
+    import secrets
+
+    path = token_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return path
+
+
+def auth_env() -> dict:
+    """What a process needs in its environment to talk to the embedded head."""
+    if auth_mode() == "disabled":
+        return {"RAY_AUTH_MODE": "disabled"}
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path())}
+
+
+def auth_headers() -> dict:
+    """The Authorization header of this process's Ray token (RAY_AUTH_TOKEN, else the file
+    RAY_AUTH_TOKEN_PATH names), when RAY_AUTH_MODE is token; {} otherwise."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token and os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        try:
+            token = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+        except OSError:
+            token = ""
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 @dataclass
@@ -85,11 +133,17 @@ def client_env() -> None:
     """Make this process a well-behaved client of the embedded head."""
     for key, value in HEAD_ENV.items():
         os.environ.setdefault(key, value)
-    os.environ["RAY_AUTH_MODE"] = auth_mode()
+    if auth_mode() == "disabled":
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    elif token_path().is_file():  # none yet: no head of this FTLAUNCH_HOME to talk to (up makes it)
+        os.environ.update(auth_env())
 
 
 def up(num_cpus: Optional[int] = None, timeout: float = 90.0) -> Head:
     """Start the embedded head, or return the one already running."""
+    if auth_mode() == "token":
+        ensure_token()
     client_env()
     running = status()
     if running:
@@ -115,7 +169,11 @@ def up(num_cpus: Optional[int] = None, timeout: float = 90.0) -> Head:
         f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}", "--num-gpus=0",
         "--disable-usage-stats",
     ]
-    env = {**os.environ, **HEAD_ENV, "RAY_AUTH_MODE": auth_mode()}
+    if auth_mode() == "disabled":
+        sys.stderr.write("ftlaunch: warning: the embedded head runs without token authentication "
+                         "(FTLAUNCH_RAY_AUTH_MODE=disabled): any user of this machine can submit code "
+                         "to it, which runs as you\n")
+    env = {**os.environ, **HEAD_ENV, **auth_env()}
     # Ray keeps as many idle task workers as the head has CPUs and kills the rest after a second
     # idle. K adapter workers beside their K data streams need more than that, and a data task
     # that finds none waits for a fresh process to start and import its libraries while the K
@@ -196,6 +254,8 @@ def _dashboard_up(address: str) -> bool:
     try:
         with urllib.request.urlopen(f"{address}/api/version", timeout=2) as resp:
             return resp.status == 200
+    except urllib.error.HTTPError as exc:  # it answers: up (a 401 asks for the token it checks)
+        return exc.code in (401, 403)
     except OSError:
         return False
 

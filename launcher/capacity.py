@@ -101,6 +101,8 @@ def _bundle(resources: dict) -> str:
 
 
 def _get(url: str, path: str, headers: Optional[dict]) -> dict:
-    request = urllib.request.Request(url.rstrip("/") + path, headers=headers or {})
+    from cluster.local import auth_headers  # this process's Ray token, where it has one
+
+    request = urllib.request.Request(url.rstrip("/") + path, headers={**auth_headers(), **(headers or {})})
     with urllib.request.urlopen(request, timeout=READ_TIMEOUT_S) as response:
         return json.loads(response.read())

@@ -3,30 +3,41 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# Before anything imports Ray: no usage stats, loopback stays loopback, auth decided explicitly.
+# The session's FTLAUNCH_HOME, and in it the token of the session's head: Ray's token auth is on,
+# as for every user. Set before anything imports Ray, which reads its auth mode once per process
+# (a test process that first used Ray with auth off would never send the token later).
+_HOME = Path(tempfile.mkdtemp(prefix="ftlaunch-home-"))
 os.environ.update({
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-    "RAY_AUTH_MODE": "disabled",
     "HF_HUB_OFFLINE": "1",
+    "FTLAUNCH_HOME": str(_HOME),
 })
+os.environ.pop("FTLAUNCH_RAY_AUTH_MODE", None)
+sys.path.insert(0, str(ROOT))
+from cluster import local as _local  # noqa: E402
+
+_local.ensure_token()
+os.environ.update(_local.auth_env())
 # A credential the session's head inherits (as a user's exported token would be): tests check
 # jobs can read it through an env: reference and that its value is written nowhere.
 os.environ.setdefault("FTL_TEST_SECRET", "ftl-secret-" + os.urandom(12).hex())
 
 
 @pytest.fixture(scope="session")
-def ftl_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("ftlaunch-home")
-    os.environ["FTLAUNCH_HOME"] = str(home)
-    return home
+def ftl_home():
+    os.environ["FTLAUNCH_HOME"] = str(_HOME)
+    yield _HOME
+    shutil.rmtree(_HOME, ignore_errors=True)
 
 
 class SessionHead:
