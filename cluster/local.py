@@ -117,6 +117,14 @@ def _state_file() -> Path:
     return home() / "head.json"
 
 
+def recorded() -> Optional[Head]:
+    """The head this FTLAUNCH_HOME recorded, alive or not (no request is made)."""
+    try:
+        return Head(**json.loads(_state_file().read_text()))
+    except (FileNotFoundError, ValueError, TypeError):
+        return None
+
+
 def status() -> Optional[Head]:
     """The recorded head if it is still running, else None (a stale record is removed)."""
     try:

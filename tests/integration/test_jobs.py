@@ -215,8 +215,11 @@ def test_ctrl_c_while_attached_leaves_the_job_running_and_stop_on_interrupt_stop
 
     def interrupt(*extra):
         """Follow the job, Ctrl-C once it reports a step; return (exit code, stdout, seconds to exit)."""
+        # SIGINT as a terminal delivers it: a test run started in the background by a shell
+        # (`cmd &`) inherits SIGINT ignored, and the client would then follow on past the Ctrl-C.
         proc = subprocess.Popen([*ftlaunch_cli(), *args, *extra], cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+                                stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         seen = []
         for line in proc.stdout:
             seen.append(line)
