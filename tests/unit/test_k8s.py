@@ -376,7 +376,7 @@ def _document_at(schema, path, leaf):
 def test_every_keyed_list_in_the_schemas_rejects_a_repeat(kind):
     """Not only the lists the samples use: each list-map and set of the v1.7.0 schema, found by
     walking it, gets two items with the same key (or value), and the repeat is named."""
-    from launcher.k8s.validate import _raw_schema, list_key_problems
+    from launcher.k8s.schema import _raw_schema, list_key_problems
 
     schema = _raw_schema(kind)
     found = list(_keyed_lists(schema))
