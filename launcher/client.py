@@ -11,7 +11,7 @@ from common.runfolder import MANIFEST, find_run, latest_attempt, read_json, run_
 from launcher.errors import ClusterError, LauncherError, SubmissionError
 from launcher.jobplan import JobPlan
 from launcher.jobplan import plan as make_plan
-from launcher.runs import UNKNOWN, job_row, reconcile, run_row
+from launcher.runs import GONE, LIVE, UNKNOWN, job_row, reconcile, run_row
 from launcher.spec import load_spec
 from launcher.targets import Handle, get_target
 from launcher.targets.ray import JobHandle
@@ -140,13 +140,53 @@ def _reconciled(folder: Path, manifest: dict, address: Optional[str], cache: dic
         try:  # the Ray Jobs API at that address: what the `ray` target talks to
             cache[where] = {j["submission_id"]: j for j in get_target("ray").list(where)}
         except ClusterError:
-            cache[where] = None  # not reachable now: the manifest stands
+            # Nothing listening on loopback is a verdict (that head is gone: `cluster down`, the
+            # machine restarted); a remote head that does not answer may be a network's fault.
+            cache[where] = GONE if _refused_on_loopback(where) else None
     if cache[where] is None:
         return manifest
+    if cache[where] == GONE:
+        return reconcile(folder, manifest, GONE)
     found = cache[where].get(job)
     return reconcile(folder, manifest, found["status"] if found else UNKNOWN,
                      (found or {}).get("message") or "")
 
 
-__all__ = ["Handle", "JobHandle", "LauncherError", "attach", "find_run", "list_jobs", "list_runs", "resume",
-           "run_status", "submit"]
+def embedded_head_down() -> tuple[bool, list[dict]]:
+    """`ftlaunch cluster down`: stop the embedded head; the runs it was running are marked LOST
+    (their checkpoints stay in their folders: `ftlaunch resume` continues them on any head).
+    Returns whether a head was running and the manifests of the runs marked."""
+    from cluster import local
+    from launcher.runs import mark_lost
+
+    head, live = local.recorded(), []
+    if head is not None:
+        try:
+            live = [j for j in get_target("ray").list(head.address) if j["status"] in LIVE and j.get("run_dir")]
+        except ClusterError:
+            live = []  # a head that no longer answers runs nothing this could mark
+    stopped = local.down()
+    why = f"its Ray head {head.address if head else ''} was stopped (ftlaunch cluster down)"
+    lost = [m for j in live if (m := mark_lost(Path(j["run_dir"]), j["submission_id"], why))]
+    return stopped, lost
+
+
+def _refused_on_loopback(url: str) -> bool:
+    """Whether `url` is a loopback address whose port refuses connections (no process there)."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url if "://" in url else f"http://{url}")
+    if parsed.hostname not in ("127.0.0.1", "localhost", "::1") or not parsed.port:
+        return False
+    try:
+        socket.create_connection((parsed.hostname, parsed.port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+__all__ = ["Handle", "JobHandle", "LauncherError", "attach", "embedded_head_down", "find_run", "list_jobs",
+           "list_runs", "resume", "run_status", "submit"]

@@ -13,29 +13,52 @@ from common.runfolder import MANIFEST, METRICS, ended, latest_attempt, read_json
 
 LIVE = ("PENDING", "RUNNING")
 UNKNOWN = None  # what a reachable cluster says of a job it has no record of
+GONE = "GONE"  # nothing listens at the attempt's loopback address any more: its head is gone
+LOST = "LOST"  # the run's status when its head went away under it (UNKNOWN or GONE)
 
 
 def reconcile(folder: Path, manifest: dict, job_status: Optional[str], message: str = "") -> dict:
     """The manifest after the cluster's word on its latest attempt's job (`UNKNOWN`: the cluster
-    answered but has no such job). Only a RUNNING manifest is corrected (a driver that ended
-    without recording why: killed, its head gone), and the correction is written with its reason."""
+    answered but has no such job; `GONE`: nothing answers at its loopback address). Only a RUNNING
+    manifest is corrected (a driver that ended without recording why: killed, its head gone), and
+    the correction is written with its reason and time (`finished`: when a client saw it)."""
     if manifest.get("status") != "RUNNING" or job_status in LIVE:
         return manifest
-    job = latest_attempt(manifest).get("submission_id")
+    attempt = latest_attempt(manifest)
+    job, where = attempt.get("submission_id"), attempt.get("address") or "its address"
     resume = f"continue it with: ftlaunch resume {folder}"
+    now = time.time()
+    seen = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
     if job_status is UNKNOWN:
-        status, why = "FAILED", (f"Lost: job {job} is unknown to its cluster (its head was stopped or "
-                                 f"restarted); {resume}")
+        status, why = LOST, (f"Lost: job {job} is unknown to the cluster at {where} (its head was "
+                             f"stopped or restarted), seen {seen}; {resume}")
+    elif job_status == GONE:
+        status, why = LOST, (f"Lost: the Ray head at {where} that ran job {job} is gone (nothing "
+                             f"listens there), seen {seen}; {resume}")
     elif job_status == "STOPPED":
         status, why = "STOPPED", f"Stopped: the cluster reports job {job} STOPPED"
     else:
         said = f": {message.strip().splitlines()[-1]}" if message and message.strip() else ""
         status, why = "FAILED", (f"Killed: job {job} ended {job_status} without the driver recording "
                                  f"why{said}; {resume}")
-    fields = ended(manifest, status, why)
+    fields = ended(manifest, status, why, when=now)
     if not (folder / MANIFEST).exists():
         return {**manifest, **fields}
     return update_manifest(folder, **fields)
+
+
+def mark_lost(folder: Path, job: str, why: str) -> Optional[dict]:
+    """Record LOST for the run in `folder` whose latest attempt `job` was running on a head that
+    was just stopped under it (`ftlaunch cluster down`): its driver, signalled with the rest of the
+    head, may have taken that for a stop request and recorded STOPPED. None: not that run's job."""
+    manifest = read_json(Path(folder) / MANIFEST)
+    if (not manifest or latest_attempt(manifest).get("submission_id") != job
+            or manifest.get("status") not in ("RUNNING", "STOPPED")):
+        return None
+    now = time.time()
+    seen = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+    return update_manifest(folder, **ended(manifest, LOST, f"Lost: {why} at {seen} while job {job} ran; "
+                                                           f"continue it with: ftlaunch resume {folder}", when=now))
 
 
 def record_stop(folder: Optional[str], job: str) -> None:

@@ -64,6 +64,15 @@ class SessionHead:
     def __getattr__(self, name):
         return getattr(self.head, name)
 
+    def restart(self) -> list[dict]:
+        """Stop the head as `ftlaunch cluster down` does and start a new one on new ports (a test
+        that loses its head on purpose); the manifests of the runs it marked LOST."""
+        from launcher.client import embedded_head_down
+
+        _, lost = embedded_head_down()
+        self.head = self._up()
+        return lost
+
     def ensure_alive(self) -> None:
         from cluster import local
 

@@ -18,7 +18,12 @@ def run(args) -> int:
         print(f"local Ray head up: {head.address} (pid {head.pid}); stop it with: ftlaunch cluster down")
         return 0
     if args.action == "down":
-        print("local Ray head stopped" if local.down() else "no local Ray head was running")
+        from launcher.client import embedded_head_down
+
+        stopped, lost = embedded_head_down()
+        print("local Ray head stopped" if stopped else "no local Ray head was running")
+        for manifest in lost:
+            print(f"run {manifest['run_id']} was running on it: LOST; {manifest['error'].split('; ', 1)[-1]}")
         return 0
     head = local.status()
     if args.json:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from common.runfolder import find_run
 from launcher.cli.main import main
 from launcher.errors import ConfigError, SubmissionError
 from launcher.jobplan import resumed_spec
-from launcher.runs import UNKNOWN, list_lines, reconcile, record_stop, run_row, status_lines
+from launcher.runs import GONE, UNKNOWN, list_lines, reconcile, record_stop, run_row, status_lines
 from tests.conftest import ROOT, ftlaunch_cli
 
 SPEC = {"kind": "finetune", "name": "demo", "model": {"source": "tiny-llama", "seq_len": 40},
@@ -59,15 +60,18 @@ def test_a_finished_run_has_no_eta_and_its_duration_ends_when_it_finished(tmp_pa
     ("FAILED", "FAILED", "Killed: job job-1 ended FAILED without the driver recording why: exit 137; "
                          "continue it with: ftlaunch resume {folder}"),
     ("STOPPED", "STOPPED", "Stopped: the cluster reports job job-1 STOPPED"),
-    (UNKNOWN, "FAILED", "Lost: job job-1 is unknown to its cluster (its head was stopped or restarted); "
-                        "continue it with: ftlaunch resume {folder}"),
+    (UNKNOWN, "LOST", "Lost: job job-1 is unknown to the cluster at its address (its head was stopped or "
+                      "restarted), seen {seen}; continue it with: ftlaunch resume {folder}"),
+    (GONE, "LOST", "Lost: the Ray head at its address that ran job job-1 is gone (nothing listens there), "
+                   "seen {seen}; continue it with: ftlaunch resume {folder}"),
 ])
 def test_a_running_manifest_whose_job_ended_is_marked_so_with_the_reason(tmp_path, job, status, reason):
     folder, manifest = make_run(tmp_path, "demo-1", "RUNNING")
     out = reconcile(folder, manifest, job, "Job failed\nexit 137")
     on_disk = json.loads((folder / "manifest.json").read_text())
     assert on_disk["status"] == out["status"] == status
-    assert on_disk["error"] == reason.format(folder=folder)
+    seen = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(on_disk["finished"]))
+    assert on_disk["error"] == reason.format(folder=folder, seen=seen)
     assert on_disk["attempts"][-1]["status"] == status and on_disk["finished"]
 
 
@@ -164,3 +168,26 @@ def test_the_client_records_a_stop_it_asked_for_only_on_that_jobs_run(tmp_path):
     assert manifest["attempts"][-1]["status"] == "STOPPED"
     record_stop(str(tmp_path / "on-the-cluster"), "job-1")  # a folder this machine cannot see: nothing
     assert not (tmp_path / "on-the-cluster").exists()
+
+
+def test_a_running_run_whose_loopback_head_is_gone_is_lost_when_read(tmp_path):
+    # The attempt's head answered on a loopback port where nothing listens now (the head was
+    # SIGKILLed, the machine restarted): no cluster is left to ask, and that is the verdict.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free once closed
+    folder, manifest = make_run(tmp_path, "demo-1", "RUNNING", steps=(10,))
+    manifest["attempts"][-1]["address"] = f"http://127.0.0.1:{port}"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    from launcher.client import run_status
+
+    row = run_status(str(folder), "ray", storage=str(tmp_path))
+    assert row["status"] == "LOST"
+    assert row["error"].startswith(f"Lost: the Ray head at http://127.0.0.1:{port} that ran job job-1 is gone")
+    assert json.loads((folder / "manifest.json").read_text())["status"] == "LOST"
+    # A remote head that does not answer may be the network's fault: no verdict (no connection tried).
+    from launcher.client import _refused_on_loopback
+
+    assert not _refused_on_loopback("http://192.0.2.1:8265")
