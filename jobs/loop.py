@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from common.runfolder import EVENTS, METRICS, PROGRESS
+from jobs import preempt
 from jobs.artifacts import RunDir
 
 
@@ -54,6 +55,7 @@ class Loop:
         self.every_rank_saves = every_rank_saves
         self.started = self._window_start = time.time()
         self.total, self._window, self._losses = 0, 0, []
+        self.preempting = False
 
     def begin(self) -> None:
         """The clock starts here: after the setup, as the first batch is asked for."""
@@ -62,8 +64,12 @@ class Loop:
     # -- when ----------------------------------------------------------------------------------
 
     def due(self, step: int) -> bool:
-        """A report (and checkpoint) after this step: every `report_every` steps, and the last."""
-        return step % self.report_every == 0 or step >= self.total_steps
+        """A report (and checkpoint) after this step: every `report_every` steps, the last, and the
+        step at which the ranks learn of a preemption notice (jobs/preempt.py: every rank asks at
+        every step, so the question is here; `report` then ends the attempt)."""
+        notice = preempt.current()
+        self.preempting = bool(notice and notice.agreed(self.world)) and step < self.total_steps
+        return self.preempting or step % self.report_every == 0 or step >= self.total_steps
 
     def final(self, step: int) -> bool:
         return step >= self.total_steps
@@ -104,6 +110,8 @@ class Loop:
         """Rank 0 appends `record` to the metrics file; `save(path)` writes the state at `path`
         (a fresh folder for Ray Train, a file for a progress file); Ray Train gets the record
         plus `extra` (what only the driver reads) with the checkpoint. The window then restarts."""
+        if self.preempting:
+            record = {**record, "preempted": True}
         if self.rank == 0:
             self.run_dir.append(self.metrics, record)
         if self.progress is not None:
@@ -126,6 +134,9 @@ class Loop:
             else:
                 ray.train.report(reported)
         self._losses, self._window, self._window_start = [], 0, time.time()
+        if self.preempting:
+            raise preempt.Preempted(f"Preempted: a worker was told to stop (SIGTERM); checkpoint at step "
+                                    f"{record['step']}, where the retry (or ftlaunch resume) continues")
 
     def has_state(self) -> bool:
         """Whether an earlier attempt left a checkpoint (or progress file) to continue from."""
@@ -193,18 +204,22 @@ def plain_errors():
     """
     try:
         yield
+    except preempt.Preempted:
+        raise  # plain already, and what the multitask worker and Ray Train's retry look for
     except Exception as exc:
         traceback.print_exc()
         raise RuntimeError(f"{type(exc).__name__}: {exc}") from None
 
 
 @contextlib.contextmanager
-def worker_scope(env: dict, run_dir, name: str | None = None):
+def worker_scope(env: dict, run_dir, name: str | None = None, grace_s: float | None = None):
     """How every training process starts: its output teed into `<run_dir>/logs/<name>.log`
     (secrets redacted), the spec's `env:` references resolved from the cluster's environment,
-    and worker errors made plain. `name` defaults to `worker-<rank>` of the Ray Train run.
+    worker errors made plain, and SIGTERM taken as a preemption notice (`grace_s`: jobs/preempt.py).
+    `name` defaults to `worker-<rank>` of the Ray Train run.
     """
     from jobs.logs import Tee, resolve_env_refs, secret_values
+    from jobs.preempt import listen
 
     if name is None:
         import ray.train
@@ -216,6 +231,8 @@ def worker_scope(env: dict, run_dir, name: str | None = None):
     log = Path(str(run_dir)) / "logs" / f"{name}.log"
     with Tee(log, secret_values(env), header=f"{name} pid {os.getpid()}"):
         with plain_errors():
+            if grace_s is not None:
+                listen(grace_s)
             yield
 
 
@@ -227,7 +244,8 @@ def run_worker(body: Callable, config: dict) -> None:
 
     quiet_ray_train()
     spec = validate(config["spec"])
-    with worker_scope(spec.env, config["run_dir"]):
+    train = getattr(spec, "train", None)
+    with worker_scope(spec.env, config["run_dir"], grace_s=getattr(train, "preemption_grace_s", None)):
         try:
             body(spec, config)
         except NoRetry as exc:  # the driver ends the job with its line (jobs/watch.py watch_fatal)

@@ -33,6 +33,7 @@ from jobs.data.read import read_dataset, read_head
 from jobs.loop import Loop, progress_file, worker_scope
 from jobs.multitask_progress import PACKED, discard_progress, load_progress, save_progress
 from jobs.packed_lora import PackedLora
+from jobs.preempt import GRACE_EXIT, Preempted
 from launcher import registry as R
 from launcher.kinds.multitask import TaskSettings, typed_task_settings
 from launcher.spec import DataSpec
@@ -58,7 +59,8 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
     res = spec.resources
     context = {"model": spec.model, "base": base, "run_dir": str(run_dir.path),
                "cpus": res.cpus_per_worker, "gpus": res.gpus_per_worker,
-               "data_cpus": res.data_cpus_per_worker, "env": spec.env}
+               "data_cpus": res.data_cpus_per_worker, "env": spec.env,
+               "preemption_grace_s": spec.train.preemption_grace_s}
 
     started = time.time()
     # One worker per adapter (or one for the pack); results are collected as each one ends, so
@@ -177,12 +179,16 @@ def _worker(tasks: list[TaskSettings], context: dict) -> dict:
     streams = {t.name: ray_data_stream(t, seq_len, context["data_cpus"], context["run_dir"]) for t in tasks}
     log = f"task-{tasks[0].name}" if len(tasks) == 1 else "packed"
     try:
-        with worker_scope(context["env"], context["run_dir"], log):
+        with worker_scope(context["env"], context["run_dir"], log, grace_s=context["preemption_grace_s"]):
             if len(tasks) == 1:
                 entries = {tasks[0].name: train_adapter(
                     tasks[0], context["base"], streams[tasks[0].name], context["run_dir"], seq_len, device)}
             else:
                 entries = train_packed(tasks, context["base"], streams, context["run_dir"], seq_len, device)
+    except Preempted:
+        # Its progress file holds this step: end as the SIGTERM would have, and Ray starts the
+        # task again (max_retries counts a dead process, not an exception), continuing from it.
+        os._exit(GRACE_EXIT)
     except Exception as exc:
         if len(tasks) > 1:
             raise

@@ -126,6 +126,9 @@ class TrainSpec(Strict):
     eval_batches: int = Field(4, ge=0, le=MAX_STEPS, description="batches of the eval split at each report")
     seed: int = 0
     max_failures: MaxFailures = 1
+    preemption_grace_s: float = Field(30, gt=0, le=3600, description="after a SIGTERM (a spot reclaim, a "
+                                      "drain), seconds a worker has to checkpoint at its next step before "
+                                      "it exits; the retry or a resume continues from that step")
     precision: Optional[Literal["bf16", "fp16", "fp32"]] = Field(
         None, description="default: bf16 on GPUs, fp32 on CPU (bf16 autocast runs on CPU; fp16 needs a GPU)")
     grad_accumulation: int = Field(1, gt=0, le=MAX_BATCH, description="micro-batches per optimizer step "

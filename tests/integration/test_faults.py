@@ -238,3 +238,35 @@ def test_secrets_come_from_env_references_and_are_written_nowhere(ray_head, tiny
 
 
 ROOT_CWD = Path(__file__).resolve().parent.parent.parent
+
+
+def test_a_preempted_worker_checkpoints_at_its_next_step_and_the_retry_redoes_no_step(ray_head, tiny_spec):
+    from ray.util.state import list_actors
+
+    every = 20
+    tiny_spec["train"].update(max_steps=STEPS, report_every=every)
+    handle = launcher.submit(tiny_spec, "ray", address=ray_head.address, submission_id="ft-preempt")
+    run_dir = Path(handle.run_dir)
+    wait_for_step(run_dir, every)
+    workers = list_actors(address=ray_head.address, detail=True, raise_on_missing_output=False,
+                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    assert len(workers) == 2, workers
+    noticed_after = steps_of(run_dir)[-1]
+    os.kill(workers[1].pid, signal.SIGTERM)  # a spot reclaim's notice, to a worker of this test's job
+
+    assert handle.wait(timeout=300) == "SUCCEEDED", handle.logs()[-3000:]
+    manifest = handle.manifest()
+    assert manifest["status"] == "SUCCEEDED" and manifest["summary"]["steps"] == STEPS
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    preempted = [r["step"] for r in records if r.get("preempted")]
+    assert len(preempted) == 1, records
+    at = preempted[0]
+    # The checkpoint came at the step after the notice, before the next scheduled report, and
+    # the retry continued from it: that record survived (a retry from the last scheduled
+    # checkpoint would have truncated it), and every step was reported once.
+    assert noticed_after < at < STEPS and at < (noticed_after // every + 2) * every, (noticed_after, at)
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(list(range(every, STEPS + every, every)) + [at])), steps
+    worker_logs = "".join(p.read_text() for p in (run_dir / "logs").glob("worker-*.log"))
+    assert "SIGTERM" in worker_logs and "checkpointing at the next step" in worker_logs, worker_logs[-2000:]
+    assert f"Preempted: a worker was told to stop (SIGTERM); checkpoint at step {at}" in handle.logs()

@@ -1,0 +1,94 @@
+"""Preemption: a training process told to stop (SIGTERM: a spot node's reclaim notice, a node
+drain, the kubelet stopping a pod) writes a checkpoint at its next step and ends, instead of
+training on until it is killed and losing every step since its last report.
+
+`listen(grace_s)` replaces the process's SIGTERM handler (Ray's own raises SystemExit at once) with
+one that raises a flag; `Loop.due` asks `agreed()` at every step, so every rank of a Ray Train
+run checkpoints at the same step (the flag is all-reduced: one rank's notice is every rank's), and
+`Loop.report` then raises `Preempted`. Ray Train's retry (train.max_failures) or `ftlaunch resume`
+continues from that checkpoint: no step is redone. A process that has not checkpointed within
+`grace_s` of the signal exits (143), as it would have without this.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Optional
+
+GRACE_EXIT = 128 + signal.SIGTERM
+
+
+class Preempted(RuntimeError):
+    """Raised by every rank after the checkpoint its notice asked for."""
+
+
+class Notice:
+    def __init__(self, grace_s: float):
+        self.grace_s = grace_s
+        self.flag = threading.Event()
+        self.signalled_at: Optional[float] = None
+
+    def on_sigterm(self, signum, frame) -> None:
+        if self.flag.is_set():
+            return
+        self.signalled_at = time.time()
+        self.flag.set()
+        sys.stderr.write(f"[ftlaunch] SIGTERM (pid {os.getpid()}): checkpointing at the next step, "
+                         f"then ending (grace {self.grace_s:g} s)\n")
+        timer = threading.Timer(self.grace_s, os._exit, (GRACE_EXIT,))
+        timer.daemon = True
+        timer.start()
+
+    def agreed(self, world: int) -> bool:
+        """Whether any rank has had its notice: all-reduced over the run's process group (every
+        rank calls this at every step, so all of them agree on the step)."""
+        mine = self.flag.is_set()
+        if world <= 1:
+            return mine
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            return mine
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([1.0 if mine else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+_CURRENT: list = []
+
+
+def current() -> Optional[Notice]:
+    return _CURRENT[0] if _CURRENT else None
+
+
+def listen(grace_s: float) -> Notice:
+    """This process's notice, its SIGTERM handler installed on the main thread (Python runs
+    handlers there only). A Ray Train worker runs its training function in a thread of its actor:
+    the handler goes in through the actor, whose methods run on the main thread."""
+    notice = Notice(grace_s)
+    _CURRENT[:] = [notice]
+    if threading.current_thread() is threading.main_thread():
+        _install(None)
+        return notice
+    import ray
+
+    # Both functions travel by reference (module and name), so the main thread's handler finds
+    # this same notice in this module.
+    ray.get(ray.get_runtime_context().current_actor.__ray_call__.remote(_install))
+    return notice
+
+
+def _on_sigterm(signum, frame) -> None:
+    notice = current()
+    if notice is not None:
+        notice.on_sigterm(signum, frame)
+
+
+def _install(_actor) -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
