@@ -214,6 +214,9 @@ def latest_attempt(manifest: dict) -> dict:
     return (manifest.get("attempts") or [{}])[-1]
 
 
+DRIVER_STOPPED = "Stopped: stopped by request (SIGTERM)"  # the driver's record of a SIGTERM (jobs/run.py)
+
+
 def ended(manifest: dict, status: str, error: Optional[str] = None, when: Optional[float] = None) -> dict:
     """The manifest fields that end a run's latest attempt: the run's status is that attempt's."""
     when = time.time() if when is None else when

@@ -231,9 +231,12 @@ def worker_scope(env: dict, run_dir, name: str | None = None, grace_s: float | N
     log = Path(str(run_dir)) / "logs" / f"{name}.log"
     with Tee(log, secret_values(env), header=f"{name} pid {os.getpid()}"):
         with plain_errors():
-            if grace_s is not None:
-                listen(grace_s)
-            yield
+            notice = listen(grace_s) if grace_s is not None else None
+            try:
+                yield
+            finally:
+                if notice is not None:
+                    notice.armed = False
 
 
 def run_worker(body: Callable, config: dict) -> None:

@@ -31,8 +31,12 @@ class Notice:
         self.grace_s = grace_s
         self.flag = threading.Event()
         self.signalled_at: Optional[float] = None
+        self.armed = True  # worker_scope disarms it once the training function is done
 
     def on_sigterm(self, signum, frame) -> None:
+        if not self.armed:  # the training is over (Ray Train ends its workers so): exit as before
+            _previous(signum, frame)
+            return
         if self.flag.is_set():
             return
         self.signalled_at = time.time()
@@ -84,11 +88,27 @@ def listen(grace_s: float) -> Notice:
     return notice
 
 
+_PREVIOUS: list = []  # the handler listen() replaced (Ray's: SystemExit)
+
+
+def _previous(signum, frame) -> None:
+    handler = _PREVIOUS[0] if _PREVIOUS else signal.SIG_DFL
+    if callable(handler):
+        handler(signum, frame)
+    elif handler != signal.SIG_IGN:
+        raise SystemExit(GRACE_EXIT)
+
+
 def _on_sigterm(signum, frame) -> None:
     notice = current()
-    if notice is not None:
+    if notice is None:
+        _previous(signum, frame)
+    else:
         notice.on_sigterm(signum, frame)
 
 
 def _install(_actor) -> None:
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is not _on_sigterm:
+        _PREVIOUS[:] = [previous]
     signal.signal(signal.SIGTERM, _on_sigterm)

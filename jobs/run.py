@@ -19,7 +19,7 @@ import time
 import traceback
 from pathlib import Path
 
-from common.runfolder import CLUSTER_ADDRESS_ENV, NoSpaceError, ended, no_space
+from common.runfolder import CLUSTER_ADDRESS_ENV, DRIVER_STOPPED, NoSpaceError, ended, no_space
 from jobs.data.badrows import BadRowsError
 from launcher.errors import LauncherError, PlanError
 from launcher.kinds import get_kind
@@ -40,7 +40,7 @@ def stop_on_sigterm(run_dir) -> None:
 
     def on_sigterm(signum, frame):
         _STOP_REQUESTED.append(time.time())
-        finish(run_dir, "STOPPED", error="Stopped: stopped by request (SIGTERM)")
+        finish(run_dir, "STOPPED", error=DRIVER_STOPPED)
         raise Stopped("stopped by request (SIGTERM)")
 
     signal.signal(signal.SIGTERM, on_sigterm)
@@ -197,7 +197,7 @@ def run(plan: dict, spec, run_dir) -> int:
             summary = module.run(spec, plan, run_dir)
     except BaseException as exc:  # the manifest records every way a run ends
         stopped = isinstance(exc, (Stopped, KeyboardInterrupt)) or bool(_STOP_REQUESTED)
-        error = "Stopped: stopped by request (SIGTERM)" if _STOP_REQUESTED else failure_line(exc)
+        error = DRIVER_STOPPED if _STOP_REQUESTED else failure_line(exc)
         try:
             finish(run_dir, "STOPPED" if stopped else "FAILED", error=error, artifacts=run_dir.artifacts())
         except OSError as full:  # the manifest's own write can find the disk full too: the log keeps the line

@@ -9,7 +9,16 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from common.runfolder import MANIFEST, METRICS, ended, latest_attempt, read_json, read_jsonl, update_manifest
+from common.runfolder import (
+    DRIVER_STOPPED,
+    MANIFEST,
+    METRICS,
+    ended,
+    latest_attempt,
+    read_json,
+    read_jsonl,
+    update_manifest,
+)
 
 LIVE = ("PENDING", "RUNNING")
 UNKNOWN = None  # what a reachable cluster says of a job it has no record of
@@ -52,9 +61,12 @@ def mark_lost(folder: Path, job: str, why: str) -> Optional[dict]:
     was just stopped under it (`ftlaunch cluster down`): its driver, signalled with the rest of the
     head, may have taken that for a stop request and recorded STOPPED. None: not that run's job."""
     manifest = read_json(Path(folder) / MANIFEST)
-    if (not manifest or latest_attempt(manifest).get("submission_id") != job
-            or manifest.get("status") not in ("RUNNING", "STOPPED")):
+    if not manifest or latest_attempt(manifest).get("submission_id") != job:
         return None
+    driver_took_it_for_a_stop = (manifest.get("status") == "STOPPED"
+                                 and (manifest.get("error") or "").startswith(DRIVER_STOPPED))
+    if manifest.get("status") != "RUNNING" and not driver_took_it_for_a_stop:
+        return None  # ended before, or stopped by someone who asked (ftlaunch stop records that)
     now = time.time()
     seen = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
     return update_manifest(folder, **ended(manifest, LOST, f"Lost: {why} at {seen} while job {job} ran; "

@@ -191,3 +191,22 @@ def test_a_running_run_whose_loopback_head_is_gone_is_lost_when_read(tmp_path):
     from launcher.client import _refused_on_loopback
 
     assert not _refused_on_loopback("http://192.0.2.1:8265")
+
+
+@pytest.mark.parametrize("status, error, marked", [
+    ("RUNNING", None, True),
+    ("STOPPED", "Stopped: stopped by request (SIGTERM)", True),  # the driver took the head's SIGTERM for a stop
+    ("STOPPED", "Stopped: ftlaunch stop job-1", False),  # a stop someone asked for stays one
+    ("FAILED", "ValueError: x", False),
+])
+def test_cluster_down_marks_lost_the_runs_it_was_running_and_no_other(tmp_path, status, error, marked):
+    from launcher.runs import mark_lost
+
+    folder, _ = make_run(tmp_path, "demo-1", status, error=error)
+    out = mark_lost(folder, "job-1", "its Ray head http://127.0.0.1:1 was stopped (ftlaunch cluster down)")
+    on_disk = json.loads((folder / "manifest.json").read_text())
+    assert (out is not None) == marked and (on_disk["status"] == "LOST") == marked
+    if marked:
+        assert on_disk["error"].startswith("Lost: its Ray head http://127.0.0.1:1 was stopped (ftlaunch cluster "
+                                           "down) at ") and on_disk["error"].endswith(f"ftlaunch resume {folder}")
+    assert mark_lost(folder, "job-2", "x") is None  # not that run's latest job
