@@ -60,3 +60,20 @@ def test_readme_command(line, scratch, monkeypatch, capsys):
         return
     args, extra = parser().parse_known_args(argv)  # a bad flag or a missing argument exits here
     assert all("=" in e and hasattr(args, "overrides") for e in extra), (line, extra)
+
+
+def test_every_test_the_failure_modes_table_names_exists():
+    """The README's "Failure modes" table names the test of each fault: each file exists, and
+    each `file::name` is a test function in it (the table cannot point at a renamed test)."""
+    import re
+
+    from tests.readme import README
+
+    text = README.read_text()
+    table = text[text.index("### Failure modes"):text.index("### Details")]
+    named = re.findall(r"`(tests/[\w/]+\.py)(?:::(\w+))?`", table)
+    assert len(named) >= 12, named
+    root = README.parent
+    for path, name in named:
+        source = (root / path).read_text()
+        assert not name or f"def {name}(" in source, f"{path}::{name} is not a test there"
