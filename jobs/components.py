@@ -262,9 +262,27 @@ def load_split(path: Optional[str], data: DataSpec, limit: int) -> Optional[dict
 
     table = read_head(path, read_columns(data), limit)
     if data.task != "classification":
-        return {c: table.column(c).to_pylist() for c in table.column_names}
+        return split_without_bad_rows({c: table.column(c).to_pylist() for c in table.column_names}, path, data)
     text_col, label = data.columns.get("text", "text"), data.columns.get("label", "label")
     return {"text": table.column(text_col).to_pylist(), "label": table.column(label).to_pylist()}
+
+
+def split_without_bad_rows(columns: dict, path: str, data: DataSpec) -> dict:
+    """An in-memory split ({column: values}) without the rows a causal-LM task cannot use (a null
+    or non-string text, an over-long row): up to data.skip_bad_rows are dropped; one more raises
+    BadRowsError naming the file's row and the fix (a null would otherwise be trained as "None")."""
+    from jobs.data.badrows import FIX, BadRowsError, row_problem
+
+    names = list(columns)
+    rows = [dict(zip(names, values)) for values in zip(*columns.values())]
+    bad = [(i, problem) for i, row in enumerate(rows) if (problem := row_problem(row, data))]
+    if len(bad) > data.skip_bad_rows:
+        i, problem = bad[data.skip_bad_rows]
+        raise BadRowsError(f"{path} row {i + 1}: {problem}; {FIX}")
+    if not bad:
+        return columns
+    drop = {i for i, _ in bad}
+    return {c: [v for i, v in enumerate(values) if i not in drop] for c, values in columns.items()}
 
 
 @torch.no_grad()

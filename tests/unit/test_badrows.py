@@ -162,3 +162,14 @@ def test_the_plan_names_the_line_whose_type_differs_among_the_rows_it_infers_the
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a", "b", 3.5, "c"]))
     with pytest.raises(ValueError, match=r"change type \(line 3: text is a number where the other rows have a string\)"):
         _jsonl_rows(fs.LocalFileSystem(), str(path))
+
+
+def test_an_eval_split_with_a_null_text_is_refused_by_row_or_skipped_within_the_limit(tmp_path):
+    from jobs import components as C
+
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["good one", None, "good two"]))
+    with pytest.raises(BadRowsError, match=r"eval.jsonl row 2: text is null; fix or remove it"):
+        C.load_split(str(path), data(path), 16)
+    kept = C.load_split(str(path), data(path, skip_bad_rows=1), 16)
+    assert kept == {"text": ["good one", "good two"]}  # not the string "None" in the null's place
