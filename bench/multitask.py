@@ -158,11 +158,11 @@ def _train_seconds(base: str, steps: int, micro: int, seq_len: int, barrier=None
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from jobs import multitask as M
+    from jobs import adapter_train as A
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model, _ = M.load_base(base, "cpu")
+    model, _ = A.load_base(base, "cpu")
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
@@ -246,6 +246,7 @@ def _measure(layout: str, k: int, steps: int, micro: int, seq_len: int, work: st
 
     import torch
 
+    from jobs import adapter_train as A
     from jobs import multitask as M
 
     torch.set_num_threads(threads)
@@ -263,9 +264,9 @@ def _measure(layout: str, k: int, steps: int, micro: int, seq_len: int, work: st
         baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
     if layout == "packed":
-        M.train_packed(tasks, base, streams, str(run_dir), seq_len, device)
+        A.train_packed(tasks, base, streams, str(run_dir), seq_len, device)
     else:
-        M.train_adapter(tasks[0], base, streams[tasks[0].name], str(run_dir), seq_len, device)
+        A.train_adapter(tasks[0], base, streams[tasks[0].name], str(run_dir), seq_len, device)
     seconds = time.perf_counter() - t0
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated()

@@ -26,7 +26,7 @@ from common.runfolder import JOINT_EXPORT, dir_size, metrics_file
 from jobs import components as C
 from jobs import strategies as S
 from jobs.artifacts import RunDir
-from jobs.data.ingest import micro_batches
+from jobs.data.ingest import endless, micro_batches
 from jobs.data.mix import weighted_schedule
 from jobs.data.read import read_dataset, read_head
 from jobs.loop import Loop, mean_loss, run_worker
@@ -155,16 +155,6 @@ def evaluate(model: JointNet, task: str, rows: dict | None, model_spec: ModelSpe
     return {"loss": total / n, "accuracy": correct / n}
 
 
-def _endless(stream: Callable[[], Iterator[dict]], task: str) -> Iterator[dict]:
-    """Pass after pass over a task's rows: the mix asks a task as often as its weight says."""
-    while True:
-        empty = True
-        for batch in stream():
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError(f"tasks.{task}: the train split yields no full micro-batch; lower train.micro_batch")
-
 
 def _check_labels(task: str, labels: torch.Tensor, num_labels: int) -> None:
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
@@ -207,7 +197,7 @@ def train_joint(spec, streams: dict, run_dir, *, rank: int = 0, progress: str | 
 
     # The schedule goes on where it stopped: the mix is exact over the whole run, resumed or not.
     schedule = weighted_schedule([tasks[n].weight for n in names], skip=step)
-    iters = {n: _endless(streams[n], n) for n in names}
+    iters = {n: endless(streams[n], n) for n in names}
     window, final_fields = {n: [] for n in names}, {}
     model.train()
     loop.begin()

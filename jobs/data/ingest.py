@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import pyarrow.compute as pc
@@ -50,6 +50,19 @@ def micro_batches(it, micro: int, seq_len: int, *, dtype: Optional[torch.dtype] 
         for i in range(0, whole, micro):
             yield {k: v[i:i + micro] for k, v in batch.items()}
         leftover = {k: v[whole:] for k, v in batch.items()} if whole < n else {}
+
+
+def endless(stream: Callable[[], Iterator[dict]], task: Optional[str] = None) -> Iterator[dict]:
+    """Pass after pass over a task's batches (`stream()` starts a pass): a multitask worker or
+    mix asks a task for as many batches as its steps or weight say."""
+    while True:
+        empty = True
+        for batch in stream():
+            empty = False
+            yield batch
+        if empty:
+            where = f"tasks.{task}: " if task else ""
+            raise ValueError(f"{where}the train split yields no full micro-batch; lower train.micro_batch")
 
 
 def _fetches(it, rows: int, prefetch: int, guard: Optional[RowGuard]) -> Iterator:

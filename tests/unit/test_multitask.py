@@ -154,6 +154,7 @@ def test_a_multitask_job_that_cannot_fit_is_refused_with_fixes_it_can_take(task_
 @pytest.fixture(scope="module")
 def trained(task_data, tmp_path_factory):
     """Each task trained alone (its own base copy) and all packed on one base, same data."""
+    from jobs import adapter_train as A
     from jobs import multitask as M
     from jobs.artifacts import RunDir
 
@@ -163,9 +164,9 @@ def trained(task_data, tmp_path_factory):
     alone_dir, packed_dir = RunDir(str(root / "alone")), RunDir(str(root / "packed"))
     base = M.prepare_base(spec, alone_dir)
     M.prepare_base(spec, packed_dir)
-    alone = {t.name: M.train_adapter(t, base, M.arrow_stream(t, SEQ), str(alone_dir.path), SEQ)
+    alone = {t.name: A.train_adapter(t, base, M.arrow_stream(t, SEQ), str(alone_dir.path), SEQ)
              for t in tasks}
-    packed = M.train_packed(tasks, str(packed_dir.path / "base"),
+    packed = A.train_packed(tasks, str(packed_dir.path / "base"),
                             {t.name: M.arrow_stream(t, SEQ) for t in tasks}, str(packed_dir.path), SEQ)
     for name, entry in alone.items():
         R.register(alone_dir.path, name, entry, M.base_record(spec, base), M.TOKENIZER_DIR)
@@ -198,27 +199,29 @@ def test_each_adapter_learns_its_task_and_packed_equals_alone(trained):
 def test_packed_step_updates_only_the_adapters_whose_rows_are_in_the_batch(trained):
     from peft import get_peft_model
 
+    from jobs import adapter_train as A
     from jobs import multitask as M
+    from jobs.data.ingest import endless
     from jobs.packed_lora import PackedLora
 
     tasks = trained["tasks"]
-    base, _ = M.load_base(str(trained["packed_dir"] / "base"), "cpu")
+    base, _ = A.load_base(str(trained["packed_dir"] / "base"), "cpu")
     frozen = {n: p.clone() for n, p in base.named_parameters()}
-    model = get_peft_model(base, M.lora_config(tasks[0].lora), adapter_name=tasks[0].name)
+    model = get_peft_model(base, A.lora_config(tasks[0].lora), adapter_name=tasks[0].name)
     for t in tasks[1:]:
-        model.add_adapter(t.name, M.lora_config(t.lora))
-    params = {t.name: M.adapter_params(model, t.name) for t in tasks}
+        model.add_adapter(t.name, A.lora_config(t.lora))
+    params = {t.name: A.adapter_params(model, t.name) for t in tasks}
     for group in params.values():
         for p in group:
             p.requires_grad_(True)
     opt = torch.optim.AdamW([{"params": g, "lr": 0.05} for g in params.values()])
     model.train()
-    streams = {t.name: M._batches(M.arrow_stream(t, SEQ)) for t in tasks}
+    streams = {t.name: endless(M.arrow_stream(t, SEQ)) for t in tasks}
     with PackedLora(model) as pack:
         # Step 1 with every task: all three adapters get momentum. Step 2 without 'alphabet'.
-        M.packed_step(pack, opt, {n: next(s) for n, s in streams.items()}, params, {}, "cpu")
+        A.packed_step(pack, opt, {n: next(s) for n, s in streams.items()}, params, {}, "cpu")
         snap = {n: [p.detach().clone() for p in g] for n, g in params.items()}
-        M.packed_step(pack, opt, {n: next(streams[n]) for n in ("counting", "instruction")}, params, {}, "cpu")
+        A.packed_step(pack, opt, {n: next(streams[n]) for n in ("counting", "instruction")}, params, {}, "cpu")
         assert all(p.grad is None for p in params["alphabet"])
         assert all(torch.equal(a, b) for a, b in zip(params["alphabet"], snap["alphabet"]))  # bit-identical
         for n in ("counting", "instruction"):
@@ -226,7 +229,7 @@ def test_packed_step_updates_only_the_adapters_whose_rows_are_in_the_batch(train
         # Unequal micro-batches cannot share the stacked matmuls: refused, naming the fix.
         short = {k: v[:4] for k, v in next(streams["alphabet"]).items()}
         with pytest.raises(ValueError, match="one equal micro-batch per task"):
-            M.packed_step(pack, opt, {"counting": next(streams["counting"]), "alphabet": short}, params, {}, "cpu")
+            A.packed_step(pack, opt, {"counting": next(streams["counting"]), "alphabet": short}, params, {}, "cpu")
 
         # A task's gradient depends on its own rows only: swapping the other task's rows changes nothing.
         batch = {n: next(streams[n]) for n in ("counting", "instruction")}
@@ -237,7 +240,7 @@ def test_packed_step_updates_only_the_adapters_whose_rows_are_in_the_batch(train
             cat = {k: torch.cat([b[k] for b in batches.values()]) for k in ("input_ids", "attention_mask", "labels")}
             with pack.rows(list(batches)):
                 logits = model(input_ids=cat["input_ids"], attention_mask=cat["attention_mask"]).logits
-                loss, mask = M.token_losses(logits, cat["labels"])
+                loss, mask = A.token_losses(logits, cat["labels"])
                 start, total = 0, 0
                 for b in batches.values():
                     r = len(b["input_ids"])
@@ -336,6 +339,7 @@ def _dies_after(stream, batches: int):
 def test_a_task_that_dies_continues_from_its_last_report(trained, tmp_path, packed):
     """Killed after step 4 (reports every 3): the rerun restores step 3's adapter and optimizer,
     keeps the step-3 record, and ends at the planned steps with each report once."""
+    from jobs import adapter_train as A
     from jobs import multitask as M
 
     tasks = [t for t in trained["tasks"] if t.name != "instruction"]  # 6 steps each, report every 3
@@ -346,8 +350,8 @@ def test_a_task_that_dies_continues_from_its_last_report(trained, tmp_path, pack
 
     def train(s):
         if packed:
-            return M.train_packed(tasks, base, s, run, SEQ)
-        return {tasks[0].name: M.train_adapter(tasks[0], base, s[tasks[0].name], run, SEQ)}
+            return A.train_packed(tasks, base, s, run, SEQ)
+        return {tasks[0].name: A.train_adapter(tasks[0], base, s[tasks[0].name], run, SEQ)}
 
     with pytest.raises(RuntimeError, match="worker died"):
         train({n: _dies_after(s, 4) for n, s in streams.items()})
@@ -374,6 +378,7 @@ def test_warmup_raises_each_adapters_lr_linearly_and_continues_after_a_restart(t
                                                                                 packed):
     """train.warmup_steps is honoured per adapter (finetune's linear warmup), by the adapter's own
     step: a worker that restarts from its progress file goes on where the warmup was."""
+    from jobs import adapter_train as A
     from jobs import multitask as M
 
     counting, alphabet = (t for t in trained["tasks"] if t.name in ("counting", "alphabet"))
@@ -393,8 +398,8 @@ def test_warmup_raises_each_adapters_lr_linearly_and_continues_after_a_restart(t
 
     def train(s):
         if packed:
-            return M.train_packed(tasks, base, s, run, SEQ)
-        return M.train_adapter(tasks[0], base, s[tasks[0].name], run, SEQ)
+            return A.train_packed(tasks, base, s, run, SEQ)
+        return A.train_adapter(tasks[0], base, s[tasks[0].name], run, SEQ)
 
     with pytest.raises(RuntimeError, match="worker died"):  # dies in step 4, after the step-2 report
         train({n: _dies_after(s, 3) for n, s in streams.items()})

@@ -28,9 +28,9 @@ def _base():
 
 
 def _config(name):
-    from jobs import multitask as M
+    from jobs import adapter_train as A
 
-    return M.lora_config(LoraStrategy(type="lora", dropout=0.0, **ADAPTERS[name]["lora"]))
+    return A.lora_config(LoraStrategy(type="lora", dropout=0.0, **ADAPTERS[name]["lora"]))
 
 
 def _batches(name):
@@ -47,7 +47,7 @@ def _alone(name, checkpointing=False):
     """One adapter on its own base copy, the plain peft forward: its per-step losses and model."""
     from peft import get_peft_model
 
-    from jobs import multitask as M
+    from jobs import adapter_train as A
     from jobs import precision as P
 
     spec = ADAPTERS[name]
@@ -57,11 +57,11 @@ def _alone(name, checkpointing=False):
     if checkpointing:
         P.enable_checkpointing(model)
     model.train()
-    params = M.adapter_params(model, name)
+    params = A.adapter_params(model, name)
     opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.01)
     losses = []
     for batch in _batches(name):
-        loss_tok, mask = M.token_losses(model(input_ids=batch["input_ids"],
+        loss_tok, mask = A.token_losses(model(input_ids=batch["input_ids"],
                                               attention_mask=batch["attention_mask"]).logits, batch["labels"])
         loss = (loss_tok * mask).sum() / mask.sum()
         opt.zero_grad(set_to_none=True)
@@ -78,7 +78,7 @@ def _packed(checkpointing=False):
     model (peft's layers back in place) and the engine."""
     from peft import get_peft_model
 
-    from jobs import multitask as M
+    from jobs import adapter_train as A
     from jobs import precision as P
     from jobs.packed_lora import PackedLora
 
@@ -92,7 +92,7 @@ def _packed(checkpointing=False):
     if checkpointing:
         P.enable_checkpointing(model)
     model.train()
-    params = {n: M.adapter_params(model, n) for n in names}
+    params = {n: A.adapter_params(model, n) for n in names}
     for group in params.values():
         for p in group:
             p.requires_grad_(True)
@@ -101,7 +101,7 @@ def _packed(checkpointing=False):
     losses = {n: [] for n in names}
     with PackedLora(model) as pack:
         for step in range(STEPS):
-            got = M.packed_step(pack, opt, {n: batches[n][step] for n in names}, params,
+            got = A.packed_step(pack, opt, {n: batches[n][step] for n in names}, params,
                                 {n: ADAPTERS[n]["clip"] for n in names})
             for n, v in got.items():
                 losses[n].append(v)
@@ -152,9 +152,9 @@ def test_packed_adapters_train_exactly_as_each_alone_and_save_as_plain_peft_adap
 def test_the_engine_refuses_what_it_cannot_run_in_one_line():
     from peft import get_peft_model
 
-    from jobs import multitask as M
+    from jobs import adapter_train as A
     from jobs.packed_lora import PackedLora
 
-    model = get_peft_model(_base(), M.lora_config(LoraStrategy(type="lora", r=4, dropout=0.1)), adapter_name="t1")
+    model = get_peft_model(_base(), A.lora_config(LoraStrategy(type="lora", r=4, dropout=0.1)), adapter_name="t1")
     with pytest.raises(ValueError, match="adapter t1 has lora dropout"):
         PackedLora(model)
