@@ -135,6 +135,13 @@ class Loop:
                 ray.train.report(reported)
         self._losses, self._window, self._window_start = [], 0, time.time()
         if self.preempting:
+            if self.progress is None:
+                # Ray Train registers a checkpoint once every rank's report of it is taken. Rank 0
+                # uploads it while the others' reports are already queued: a rank that ended now
+                # could be seen failed first, and the retry would start from the checkpoint
+                # before. So each rank waits until its report is taken, then for the others.
+                _await_report_taken()
+                preempt.barrier(self.world)
             raise preempt.Preempted(f"Preempted: a worker was told to stop (SIGTERM); checkpoint at step "
                                     f"{record['step']}, where the retry (or ftlaunch resume) continues")
 
@@ -172,6 +179,17 @@ class Loop:
         step = self.restore(load) or 0
         self.truncate(step)
         return step
+
+
+def _await_report_taken(timeout_s: float = 60.0) -> None:
+    """Wait until Ray Train's controller has polled this rank's last report off its queue
+    (Ray Train 2.60 keeps it in the worker's execution context; its poll marks it done)."""
+    from ray.train.v2._internal.execution.context import get_train_context
+
+    queue = get_train_context().execution_context.result_queue
+    deadline = time.monotonic() + timeout_s
+    while queue.unfinished_tasks and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def progress_file(run_dir, key: str) -> str:

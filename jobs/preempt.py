@@ -50,18 +50,26 @@ class Notice:
     def agreed(self, world: int) -> bool:
         """Whether any rank has had its notice: all-reduced over the run's process group (every
         rank calls this at every step, so all of them agree on the step)."""
-        mine = self.flag.is_set()
-        if world <= 1:
-            return mine
-        import torch
-        import torch.distributed as dist
+        return _max_over_ranks(1.0 if self.flag.is_set() else 0.0, world) > 0
 
-        if not dist.is_available() or not dist.is_initialized():
-            return mine
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        flag = torch.tensor([1.0 if mine else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+
+def barrier(world: int) -> None:
+    """Every rank of the run's process group waits here until all have come."""
+    _max_over_ranks(0.0, world)
+
+
+def _max_over_ranks(value: float, world: int) -> float:
+    if world <= 1:
+        return value
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return value
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([value], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return float(flag.item())
 
 
 _CURRENT: list = []
