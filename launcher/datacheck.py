@@ -188,11 +188,32 @@ def is_jsonl(path: str) -> bool:
     return path.lower().endswith(JSONL)
 
 
+def shown_uri(path_or_uri: str) -> str:
+    """A path or URI as error lines name it: a URI without its ?options (endpoints, regions)."""
+    return path_or_uri.split("?", 1)[0] if "://" in path_or_uri else path_or_uri
+
+
 def list_files(path_or_uri: str, role: str = "train") -> tuple[object, list[str]]:
     """The filesystem and the data files a path, folder, glob or URI names (what jobs read)."""
-    where = f"data.{role}"
+    where, shown = f"data.{role}", shown_uri(str(path_or_uri))
     fs, path = _filesystem(str(path_or_uri), where)
-    return fs, _data_files(fs, path, str(path_or_uri), where)
+    _check_bucket(fs, path, shown, where)
+    return fs, _data_files(fs, path, shown, where)
+
+
+def _check_bucket(fs, path: str, shown: str, where: str) -> None:
+    """An object store's missing bucket, named as such (not as a missing file)."""
+    import pyarrow.fs as pafs
+
+    if getattr(fs, "type_name", "") not in ("s3", "gcs"):
+        return
+    bucket = path.split("/", 1)[0]
+    try:
+        missing = fs.get_file_info(bucket).type == pafs.FileType.NotFound
+    except OSError:
+        return  # unreachable, or no right to look: the listing's own line says which
+    if missing:
+        raise ConfigError(f"{where}: the bucket {bucket} of {shown} does not exist; create it or fix the URI")
 
 
 def _footer(fs, path: str):
@@ -342,8 +363,7 @@ def check_dataset(
             f"data.columns: {', '.join(unknown)} is not a column of task {task}; use {', '.join(roles)}"
         )
     mapping = {r: columns.get(r, r) for r in roles}
-    fs, path = _filesystem(str(path_or_uri), where)
-    files = _data_files(fs, path, str(path_or_uri), where)
+    fs, files = list_files(str(path_or_uri), role)
 
     problems: list[str] = []
     rows, first_schema = 0, None

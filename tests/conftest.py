@@ -31,6 +31,11 @@ os.environ.update(_local.auth_env())
 # A credential the session's head inherits (as a user's exported token would be): tests check
 # jobs can read it through an env: reference and that its value is written nowhere.
 os.environ.setdefault("FTL_TEST_SECRET", "ftl-secret-" + os.urandom(12).hex())
+# The S3 tests' credentials, in the environment the session's head inherits, as a cluster's would
+# be (the README: export AWS_* before ftlaunch cluster up). The loopback S3 server takes any key;
+# the EC2 metadata lookup stays off (it would leave loopback).
+os.environ.update({"AWS_ACCESS_KEY_ID": "ftlaunch-test", "AWS_SECRET_ACCESS_KEY": "ftlaunch-test-secret",
+                   "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"})
 
 
 @pytest.fixture(scope="session")
@@ -124,6 +129,16 @@ def _head_alive_for_test():
     if _SESSION_HEAD:
         _SESSION_HEAD[0].ensure_alive()
     yield
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API server (moto's) on a free loopback port for the session, stopped by its pid."""
+    from tests.s3server import S3Server
+
+    server = S3Server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")
