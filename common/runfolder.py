@@ -184,22 +184,37 @@ def dir_size(path: PathLike) -> int:
 
 def update_manifest(folder: PathLike, **fields: Any) -> dict:
     """Merge `fields` into a run's manifest (atomically) and return it: the client's records of a
-    run (a stop it asked for, what the cluster says of a job) go in the same file the job writes."""
+    run (a stop it asked for, what the cluster says of a job) go in the same file the job writes
+    (for a run in object storage, the cache's copy, pushed back)."""
+    from common.runstore import push_back
+
     path = Path(folder) / MANIFEST
     manifest = {**read_json(path), **fields, "updated": time.time()}
     write_json(path, manifest)
+    push_back(folder, MANIFEST)
     return manifest
 
 
 def run_path(run: PathLike, storage: PathLike = "./runs") -> Path:
     """`run` as a run folder: the folder itself when it exists or is written as a path
-    (`runs/x`, `./x`), else a run id under `storage`."""
+    (`runs/x`, `./x`), else a run id under `storage`. A run in object storage (a URI, or a run
+    id under a storage URI) is its local cache, pulled now (common/runstore.py)."""
+    from common.runstore import is_remote, join, local_run
+
+    if is_remote(str(run)):
+        return local_run(str(run))
     path = Path(run)
-    return path if path.is_dir() or len(path.parts) > 1 or str(run).startswith(".") else Path(storage) / str(run)
+    if path.is_dir() or len(path.parts) > 1 or str(run).startswith("."):
+        return path
+    return local_run(join(str(storage), str(run))) if is_remote(str(storage)) else Path(storage) / str(run)
 
 
 def run_folders(storage: PathLike = "./runs") -> list[tuple[Path, dict]]:
     """Every run folder under `storage` with its manifest, oldest first."""
+    from common.runstore import is_remote, list_remote_runs
+
+    if is_remote(str(storage)):
+        return sorted(list_remote_runs(str(storage)), key=lambda r: r[1].get("started") or 0)
     runs = []
     for path in sorted(Path(storage).glob(f"*/{MANIFEST}")):
         try:

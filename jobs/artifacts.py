@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import threading
 import time
@@ -14,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from common import runstore
 from common.runfolder import MANIFEST, METRICS, PROGRESS, read_json, read_jsonl, write_json, write_jsonl
 from jobs import tensorboard
 
@@ -31,15 +33,71 @@ def versions() -> dict:
     return found
 
 
+_MIRRORS: dict = {}  # one Mirror per run URI per process: its record of what it pushed
+
+
 class RunDir:
+    """A run folder. `path` is a folder, or a URI in object storage (common/runstore.py): then
+    `self.path` is this node's local mirror of it, `self.remote` the URI, and `sync()` pushes."""
+
     def __init__(self, path: str, label: str = ""):
-        if "://" in path:
-            raise NotImplementedError(
-                f"storage {path!r}: only local or shared-filesystem paths are supported so far"
-            )
-        self.path = Path(path)
+        self.remote: str | None = None
+        if runstore.is_remote(path):
+            self.remote, self.path = path, runstore.mirror_path(path)
+        else:
+            self.path = Path(path)
+            uri = os.environ.get(runstore.RUN_URI_ENV)  # a worker of a run in object storage
+            if uri and runstore.mirror_path(uri) == self.path:
+                self.remote = uri
         self.path.mkdir(parents=True, exist_ok=True)
         self.label = label  # names this run's progress lines (a compare's variant)
+        if self.remote and not self.manifest_path.exists():
+            self._pull_once()  # a worker on another node than the driver's: the run so far
+
+    # -- object storage ------------------------------------------------------------------------
+
+    @property
+    def mirror(self):
+        if self.remote not in _MIRRORS:
+            _MIRRORS[self.remote] = runstore.Mirror(self.remote, self.path)
+        return _MIRRORS[self.remote]
+
+    def _pull_once(self) -> None:
+        import fcntl
+
+        with open(self.path.parent / f".{self.path.name}.pull.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the node's other workers wait for this one's pull
+            if not self.manifest_path.exists():
+                self.mirror.pull()
+
+    def fresh_mirror(self) -> None:
+        """The driver's start: this node's mirror is what the store holds (a resume continues
+        from the store's files, not from a stale mirror an earlier attempt left here)."""
+        import shutil
+
+        if self.remote:
+            shutil.rmtree(self.path, ignore_errors=True)
+            _MIRRORS.pop(self.remote, None)
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.mirror.pull()
+
+    def sync(self) -> None:
+        """Push what this process changed to the store (nothing for a local run folder)."""
+        if self.remote:
+            self.mirror.push()
+
+    def start_sync(self, every_s: float = 2.0):
+        """The driver's pusher (a thread; its `stop()` pushes once more), or None for a local run."""
+        return runstore.Pusher(self.mirror, every_s).start() if self.remote else None
+
+    def ray_storage(self, inside: bool = False) -> dict:
+        """Ray Train's storage_path (and storage_filesystem for a store) for runs named after
+        this run (`inside`: runs in the run folder, a pipeline's stages)."""
+        if not self.remote:
+            return {"storage_path": str(self.path if inside else self.path.parent)}
+        fs, path = runstore.filesystem(self.remote)
+        return {"storage_path": path.rstrip("/") if inside else path.rstrip("/").rsplit("/", 1)[0],
+                "storage_filesystem": fs}
 
     @property
     def manifest_path(self) -> Path:
@@ -88,7 +146,7 @@ class RunDir:
 
         doomed = [p for p in self.path.rglob("checkpoint_*") if p.is_dir()]
         doomed += [p for p in self.path.rglob(PROGRESS) if p.exists()]
-        freed = 0
+        freed = self._prune_remote_checkpoints() if self.remote else 0
         for path in doomed:
             files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
             freed += sum(f.stat().st_size for f in files)
@@ -97,6 +155,18 @@ class RunDir:
             else:
                 path.unlink(missing_ok=True)
         return freed
+
+    def _prune_remote_checkpoints(self) -> int:
+        """Ray Train's checkpoints in the store (written there, never mirrored) and the progress
+        files' copies there."""
+        mirror = self.mirror
+        import pyarrow.fs as pafs
+
+        infos = mirror.fs.get_file_info(pafs.FileSelector(mirror.root, recursive=True, allow_not_found=True))
+        doomed = sorted({i.path[len(mirror.root):].lstrip("/") for i in infos if i.type == pafs.FileType.Directory
+                         and (i.base_name.startswith(runstore.CHECKPOINT_PREFIX) or i.base_name == PROGRESS)})
+        doomed = [d for d in doomed if not any(d.startswith(o + "/") for o in doomed)]  # outermost only
+        return sum(mirror.delete(rel) for rel in doomed)
 
     @contextlib.contextmanager
     def progress(self, totals: int | dict[str, int], every: float = 0.5, unit: str = "tok/s"):

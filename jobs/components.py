@@ -37,10 +37,11 @@ def data_of(spec) -> DataSpec:
     return DataSpec.model_validate({"train": "in-process", **spec["data"]})
 
 
-def ray_train_configs(res: ResourcesSpec, name: str, storage_path: str, max_failures: int) -> dict:
+def ray_train_configs(res: ResourcesSpec, name: str, storage: dict, max_failures: int) -> dict:
     """The ScalingConfig and RunConfig of every ftlaunch Ray Train run: one rank per worker with
     the spec's CPUs and GPUs; a run named so that a rerun of the name resumes from its last
-    checkpoint (two kept); `max_failures` dead workers recovered from it."""
+    checkpoint (two kept); `max_failures` dead workers recovered from it. `storage`: RunDir's
+    `ray_storage()` (a folder, or a bucket path and its filesystem)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     return {
@@ -48,7 +49,7 @@ def ray_train_configs(res: ResourcesSpec, name: str, storage_path: str, max_fail
             num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
             resources_per_worker={"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker},
         ),
-        "run_config": RunConfig(name=name, storage_path=storage_path,
+        "run_config": RunConfig(name=name, **storage,
                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                                 failure_config=FailureConfig(max_failures=max_failures)),
     }

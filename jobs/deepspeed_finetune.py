@@ -50,7 +50,7 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
         train_loop_config={"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir.path)},
         torch_config=TorchConfig(backend="nccl" if res.gpus_per_worker > 0 else "gloo"),
         datasets={"train": train_ds},
-        **C.ray_train_configs(res, plan["run_id"], str(run_dir.path.parent), train.max_failures),
+        **C.ray_train_configs(res, plan["run_id"], run_dir.ray_storage(), train.max_failures),
     )
     # Exact match of greedy answers (instruction and chat tasks): the workers hold ZeRO shards, so
     # the driver answers the eval prompts, with the base before training, the export after.

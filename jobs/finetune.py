@@ -74,7 +74,7 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
         train_loop_config={"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir.path),
                            "steps_per_epoch": steps_per_epoch},
         datasets={"train": train_ds},
-        **C.ray_train_configs(res, plan["run_id"], str(run_dir.path.parent), train.max_failures),
+        **C.ray_train_configs(res, plan["run_id"], run_dir.ray_storage(), train.max_failures),
     )
     started = time.time()
     with run_dir.progress(train.max_steps):

@@ -46,7 +46,7 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
     trainer = TorchTrainer(
         train_loop, train_loop_config={"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir.path)},
         datasets=datasets,
-        **C.ray_train_configs(one_worker, plan["run_id"], str(run_dir.path.parent), spec.train.max_failures))
+        **C.ray_train_configs(one_worker, plan["run_id"], run_dir.ray_storage(), spec.train.max_failures))
     started = time.time()
     with run_dir.progress(spec.train.max_steps):
         result = trainer.fit()

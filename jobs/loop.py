@@ -134,6 +134,7 @@ class Loop:
             else:
                 ray.train.report(reported)
         self._losses, self._window, self._window_start = [], 0, time.time()
+        self.run_dir.sync()  # a run in object storage: this process's records reach the store now
         if self.preempting:
             if self.progress is None:
                 # Ray Train registers a checkpoint once every rank's report of it is taken. Rank 0
@@ -246,15 +247,19 @@ def worker_scope(env: dict, run_dir, name: str | None = None, grace_s: float | N
     env = env or {}
     with plain_errors():
         resolve_env_refs(env)
-    log = Path(str(run_dir)) / "logs" / f"{name}.log"
-    with Tee(log, secret_values(env), header=f"{name} pid {os.getpid()}"):
-        with plain_errors():
-            notice = listen(grace_s) if grace_s is not None else None
-            try:
-                yield
-            finally:
-                if notice is not None:
-                    notice.armed = False
+    folder = RunDir(str(run_dir))
+    log = folder.path / "logs" / f"{name}.log"
+    try:
+        with Tee(log, secret_values(env), header=f"{name} pid {os.getpid()}"):
+            with plain_errors():
+                notice = listen(grace_s) if grace_s is not None else None
+                try:
+                    yield
+                finally:
+                    if notice is not None:
+                        notice.armed = False
+    finally:
+        folder.sync()  # a run in object storage: this worker's log and files, whole
 
 
 def run_worker(body: Callable, config: dict) -> None:

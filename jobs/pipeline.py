@@ -114,7 +114,7 @@ def run_stage(spec, plan: dict, run_dir: RunDir, index: int, previous: str | Non
                            "run_dir": str(run_dir.path)},
         datasets={"train": train_ds},
         # Same name and storage on a rerun: Ray Train resumes the stage from its last checkpoint.
-        **ray_train_configs(res, f"{plan['run_id']}-{stage.name}", str(run_dir.path),
+        **ray_train_configs(res, f"{plan['run_id']}-{stage.name}", run_dir.ray_storage(inside=True),
                             spec.train.max_failures),
     )
     with run_dir.progress(stage.steps, unit="rows/s"):  # a stage's throughput is in rows

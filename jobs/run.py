@@ -20,6 +20,7 @@ import traceback
 from pathlib import Path
 
 from common.runfolder import CLUSTER_ADDRESS_ENV, DRIVER_STOPPED, NoSpaceError, ended, no_space
+from common.runstore import RUN_URI_ENV
 from jobs.data.badrows import BadRowsError
 from launcher.errors import LauncherError, PlanError
 from launcher.kinds import get_kind
@@ -162,11 +163,17 @@ def main(argv=None) -> int:
     from jobs.logs import Tee, secret_values
 
     run_dir = RunDir(plan["run_dir"])
+    run_dir.fresh_mirror()  # a run in object storage: this node's mirror starts as the store's copy
+    pusher = run_dir.start_sync()
     attempt = len(run_dir.read_manifest().get("attempts", [])) + 1
-    # The driver's log goes into the run folder as it is written: it outlives the cluster.
-    with Tee(run_dir.path / "logs" / "driver.log", secret_values(spec.env),
-             header=f"attempt {attempt} submission {plan['submission_id']} pid {os.getpid()}"):
-        return run(plan, spec, run_dir)
+    try:
+        # The driver's log goes into the run folder as it is written: it outlives the cluster.
+        with Tee(run_dir.path / "logs" / "driver.log", secret_values(spec.env),
+                 header=f"attempt {attempt} submission {plan['submission_id']} pid {os.getpid()}"):
+            return run(plan, spec, run_dir)
+    finally:
+        if pusher is not None:
+            pusher.stop()  # the last push: the manifest's end, the whole driver log
 
 
 def run(plan: dict, spec, run_dir) -> int:
@@ -189,7 +196,7 @@ def run(plan: dict, spec, run_dir) -> int:
     print(f"[ftlaunch] run {plan['run_id']} ({plan['kind']}) -> {run_dir.path}", flush=True)
     try:
         run_dir.update_manifest(env_from_cluster=resolve_env_refs(spec.env))
-        connect()
+        connect({RUN_URI_ENV: run_dir.remote} if run_dir.remote else {})
         stop_on_sigterm(run_dir)  # after ray.init, which installs its own
         module = importlib.import_module(get_kind(plan["kind"]).job_module(plan["spec"]))
         with watch_pending(spec.pending_timeout, run_dir), watch_fatal(run_dir), \
@@ -214,7 +221,7 @@ def run(plan: dict, spec, run_dir) -> int:
     return 0
 
 
-def connect() -> str:
+def connect(worker_env: dict | None = None) -> str:
     """Connect this driver to the head it runs on, by that head's address, never "auto".
 
     The job supervisor sets RAY_ADDRESS to its head's GCS address. The job's workers get it too
@@ -230,7 +237,8 @@ def connect() -> str:
             f"RAY_ADDRESS={address or '(unset)'} is not a Ray head's GCS address (HOST:PORT); "
             "run the job through the Ray Jobs API (ftlaunch submit, or ray job submit), which sets it"
         )
-    ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": {"RAY_ADDRESS": address}})
+    env = {"RAY_ADDRESS": address, **(worker_env or {})}  # worker_env: the run's URI in object storage
+    ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env})
     return address
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from common.runfolder import MANIFEST, find_run, latest_attempt, read_json, run_folders
+from common.runstore import local_run
 from launcher.errors import ClusterError, LauncherError, SubmissionError
 from launcher.jobplan import JobPlan
 from launcher.jobplan import plan as make_plan
@@ -95,7 +96,7 @@ def run_status(run: str, target: str = "local", address: Optional[str] = None,
         manifest = handle.manifest()
         if not manifest:
             return None
-        folder = Path(handle.run_dir)
+        folder = local_run(handle.run_dir)
     return run_row(folder, _reconciled(folder, manifest, address, {}))
 
 
@@ -114,7 +115,7 @@ def list_runs(target: str = "local", address: Optional[str] = None, storage: str
         jobs, note = [], f"{exc}; showing the run folders under {storage} as last recorded"
     others = {}
     for job in jobs:
-        folder = Path(job["run_dir"]) if job.get("run_dir") else None
+        folder = local_run(job["run_dir"], only=(MANIFEST,)) if job.get("run_dir") else None
         key = str(folder.resolve()) if folder else job["submission_id"]
         if key in folders:
             continue
@@ -167,7 +168,7 @@ def embedded_head_down() -> tuple[bool, list[dict]]:
             live = []  # a head that no longer answers runs nothing this could mark
     stopped = local.down()
     why = f"its Ray head {head.address if head else ''} was stopped (ftlaunch cluster down)"
-    lost = [m for j in live if (m := mark_lost(Path(j["run_dir"]), j["submission_id"], why))]
+    lost = [m for j in live if (m := mark_lost(local_run(j["run_dir"], only=(MANIFEST,)), j["submission_id"], why))]
     return stopped, lost
 
 

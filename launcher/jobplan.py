@@ -92,13 +92,14 @@ def plan(
     # The target's rules: where relative paths point, the storage, env references, the profile.
     base = Path(base_dir or rules.base_dir())
     storage = resolved["storage"]
-    if _is_uri(storage):  # jobs/artifacts.py RunDir writes with local file I/O only
-        raise PlanError(
-            f"storage {storage}: a {storage.split('://')[0]}:// URI is not supported yet (run folders are "
-            "written with local file I/O); use a folder, on a shared filesystem for a multi-node cluster"
-        )
-    storage = resolved["storage"] = str((base / storage).resolve())
-    warnings += rules.check_storage(storage)
+    if storage.startswith("file://"):
+        storage = storage[len("file://"):]
+    if _is_uri(storage):  # object storage: common/runstore.py
+        check_remote_storage(storage, target)
+    else:
+        storage = str((base / storage).resolve())
+        warnings += rules.check_storage(storage)
+    resolved["storage"] = storage
     for key, value in resolved.get("env", {}).items():  # secret references fit their target
         rules.check_env_ref(key, value)
 
@@ -210,9 +211,38 @@ def package_dirs() -> list[str]:
     return [str(root / name) for name in ("common", "launcher", "jobs", "cluster")]
 
 
+def check_remote_storage(uri: str, target: str) -> None:
+    """A run folder in object storage: the bucket opens and exists, from here (credentials from
+    the environment; the cluster's nodes need them too)."""
+    import pyarrow.fs as pafs
+
+    from common.runstore import plain
+
+    shown = plain(uri)
+    if target == "k8s":
+        raise PlanError(f"storage {shown}: object storage is not rendered for --target k8s yet; "
+                        "use a folder on the cluster's volume (or submit to the RayCluster with --target ray)")
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    except Exception as exc:  # unknown scheme, an option pyarrow does not take
+        raise PlanError(f"storage {shown}: cannot open it ({exc}); fix the URI "
+                        "(s3://bucket/prefix?endpoint_override=HOST:PORT&scheme=http for MinIO)") from None
+    bucket = path.split("/", 1)[0]
+    try:
+        info = fs.get_file_info(bucket)
+    except OSError as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise PlanError(f"storage {shown}: cannot reach the bucket {bucket} ({reason}); check the endpoint "
+                        "and the AWS_* credentials in this environment and the cluster's") from None
+    if info.type == pafs.FileType.NotFound:
+        raise PlanError(f"storage {shown}: the bucket {bucket} does not exist; create it or fix the URI")
+
+
 def _is_uri(value: str) -> bool:
     return "://" in value
 
 
 def _join(base: str, name: str) -> str:
-    return f"{base.rstrip('/')}/{name}"
+    from common.runstore import join
+
+    return join(base, name)  # a URI keeps its ?options after the run id

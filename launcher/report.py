@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from common.runfolder import median_throughput
+from common.runstore import push_back
 from common.units import metric as _f
 from common.units import pct as _pct
 from common.units import size as _size
@@ -67,6 +68,7 @@ def write_report(run: str, storage: str = "./runs") -> list[Path]:
     md, page = out / "report.md", out / "report.html"
     md.write_text(to_markdown(blocks))
     page.write_text(to_html(blocks, out, manifest.get("run_id", run_dir.name)))
+    push_back(run_dir, "report")  # a run in object storage: its report goes there too
     return [md, page, *sorted(out.glob("*.png"))]
 
 

@@ -19,6 +19,7 @@ from common.runfolder import (
     read_jsonl,
     update_manifest,
 )
+from common.runstore import is_remote, local_run, shown_run
 
 LIVE = ("PENDING", "RUNNING")
 UNKNOWN = None  # what a reachable cluster says of a job it has no record of
@@ -35,7 +36,7 @@ def reconcile(folder: Path, manifest: dict, job_status: Optional[str], message: 
         return manifest
     attempt = latest_attempt(manifest)
     job, where = attempt.get("submission_id"), attempt.get("address") or "its address"
-    resume = f"continue it with: ftlaunch resume {folder}"
+    resume = f"continue it with: ftlaunch resume {shown_run(folder)}"
     now = time.time()
     seen = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
     if job_status is UNKNOWN:
@@ -69,12 +70,14 @@ def mark_lost(folder: Path, job: str, why: str) -> Optional[dict]:
         return None  # ended before, or stopped by someone who asked (ftlaunch stop records that)
     now = time.time()
     seen = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-    return update_manifest(folder, **ended(manifest, LOST, f"Lost: {why} at {seen} while job {job} ran; "
-                                                           f"continue it with: ftlaunch resume {folder}", when=now))
+    line = f"Lost: {why} at {seen} while job {job} ran; continue it with: ftlaunch resume {shown_run(folder)}"
+    return update_manifest(folder, **ended(manifest, LOST, line, when=now))
 
 
 def record_stop(folder: Optional[str], job: str) -> None:
     """The client's record of a stop it asked for (the driver records its own, when it gets to)."""
+    if folder and is_remote(folder):
+        folder = str(local_run(folder, only=(MANIFEST,)))
     if not folder or not (Path(folder) / MANIFEST).exists():
         return  # the run folder is on the cluster's storage, not visible here
     manifest = read_json(Path(folder) / MANIFEST)

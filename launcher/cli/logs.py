@@ -4,6 +4,7 @@ gone or no longer knows the job, from the run folder (`<run>/logs/`, written whi
 import sys
 from pathlib import Path
 
+from common.runstore import local_run
 from launcher.cli.common import add_k8s_args, add_target_args, echo, target_of, target_options
 from launcher.client import attach, find_run
 from launcher.console import Console
@@ -44,7 +45,7 @@ def run(args) -> int:
     else:
         echo(handle.logs())
     if args.workers and handle.run_dir:
-        echo(stored_logs(Path(handle.run_dir), workers=True, driver=False))
+        echo(stored_logs(local_run(handle.run_dir), workers=True, driver=False))
     return 0
 
 

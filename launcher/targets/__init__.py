@@ -16,6 +16,7 @@ from typing import Callable, Optional
 from common import refs
 from common.registry import add, import_package_modules
 from common.runfolder import MANIFEST, read_json
+from common.runstore import local_run
 from launcher.errors import PlanError
 
 
@@ -61,7 +62,7 @@ class Handle(abc.ABC):
         if not self.run_dir:
             return {}
         try:
-            return read_json(Path(self.run_dir) / MANIFEST)
+            return read_json(local_run(self.run_dir, only=(MANIFEST,)) / MANIFEST)
         except ValueError:
             return {}
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from common.runfolder import CLUSTER_ADDRESS_ENV, latest_attempt
+from common.runstore import local_run
 from launcher.errors import ClusterError, PlanError, SubmissionError
 from launcher.runs import reconcile, record_stop
 from launcher.targets import Handle, Target, env_ref, register_target
@@ -199,7 +200,7 @@ class JobHandle(Handle):
         """A job that ended without its driver recording why: say so in its manifest."""
         manifest = self.manifest()
         if manifest.get("status") == "RUNNING" and latest_attempt(manifest).get("submission_id") == self.submission_id:
-            reconcile(Path(self.run_dir), manifest, status, self.info().message or "")
+            reconcile(local_run(self.run_dir, only=("manifest.json",)), manifest, status, self.info().message or "")
 
     def row(self) -> dict:
         info = self.info()

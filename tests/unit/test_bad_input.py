@@ -100,11 +100,12 @@ def test_storage_that_cannot_hold_a_run_folder_is_refused_before_submit(tmp_path
         f"{a_file}/runs": f"storage {a_file}/runs is under {a_file}, a file, not a folder; {fix}",
         "/proc/ftl": "storage /proc/ftl: cannot create a run folder in /proc (a virtual filesystem, like "
                      "/proc); point storage at a writable folder (e.g. ./runs)",
-        "ftp://x": "storage ftp://x: a ftp:// URI is not supported yet (run folders are written with local "
-                   "file I/O); use a folder, on a shared filesystem for a multi-node cluster",
-        "s3://bucket/runs": "storage s3://bucket/runs: a s3:// URI is not supported yet (run folders are "
-                            "written with local file I/O); use a folder, on a shared filesystem for a "
-                            "multi-node cluster",
+        "ftp://x": "storage ftp://x: cannot open it (Unrecognized filesystem type in URI: ftp://x); fix the URI "
+                   "(s3://bucket/prefix?endpoint_override=HOST:PORT&scheme=http for MinIO)",
+        # An option pyarrow does not take (a bucket that is not there: tests/integration/test_s3.py).
+        "s3://bucket/runs?endpoint=x": "storage s3://bucket/runs: cannot open it (Unexpected query parameter in "
+                                       "S3 URI: 'endpoint'); fix the URI (s3://bucket/prefix?endpoint_override="
+                                       "HOST:PORT&scheme=http for MinIO)",
     }
     for storage, expected in cases.items():
         spec = spec_file(tmp_path, storage=storage)
