@@ -22,6 +22,8 @@ from typing import Optional
 RUN_URI_ENV = "FTLAUNCH_RUN_URI"
 MIRROR_ROOT_ENV = "FTLAUNCH_SCRATCH"  # where the job's processes keep their mirrors (default: /tmp)
 REMOTE_MARK = ".ftlaunch-remote"  # in a mirror or cache folder: the URI it mirrors
+PULL_INDEX = ".ftlaunch-pulled.json"  # in a mirror or cache folder: what each pulled file was there
+DRIVER_MARK = ".ftlaunch-driver"  # in the driver node's mirror: its pusher pushes it, its workers need not
 CHECKPOINT_PREFIX = "checkpoint_"  # Ray Train's, written to the bucket by Ray Train itself
 
 
@@ -58,6 +60,12 @@ def mirror_path(uri: str) -> Path:
     return root / _key(uri) / plain(uri).rstrip("/").rsplit("/", 1)[-1]
 
 
+def is_mirror_of(path: Path, uri: str) -> bool:
+    """Whether `path` is a mirror of `uri` on some node (the driver's, passed to its workers):
+    each node keeps its own, under its own FTLAUNCH_SCRATCH."""
+    return path.parent.name == _key(uri) and path.name == mirror_path(uri).name
+
+
 def cache_path(uri: str) -> Path:
     """The client's cache of a run folder URI (under FTLAUNCH_HOME)."""
     home = Path(os.environ.get("FTLAUNCH_HOME", Path.home() / ".ftlaunch"))  # cluster/local.py's home
@@ -80,7 +88,9 @@ def shown_run(folder) -> str:
 
 def _skipped(rel: str) -> bool:
     parts = rel.split("/")
-    return rel == REMOTE_MARK or any(p.startswith(CHECKPOINT_PREFIX) for p in parts) or parts[-1].endswith(".tmp")
+    if rel in (REMOTE_MARK, PULL_INDEX, DRIVER_MARK) or parts[-1].endswith(".tmp"):
+        return True
+    return any(p.startswith(CHECKPOINT_PREFIX) for p in parts)
 
 
 class Mirror:
@@ -127,8 +137,8 @@ class Mirror:
                 sent += 1
             return sent
 
-    def remote_files(self) -> list[tuple[str, int]]:
-        """(relative path, size) of the run folder's remote files, checkpoints aside."""
+    def remote_files(self) -> list[tuple[str, tuple[int, int]]]:
+        """(relative path, (size, mtime ns)) of the run folder's remote files, checkpoints aside."""
         import pyarrow.fs as pafs
 
         infos = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True, allow_not_found=True))
@@ -138,7 +148,7 @@ class Mirror:
                 continue
             rel = info.path[len(self.root):].lstrip("/")
             if not _skipped(rel):
-                files.append((rel, info.size))
+                files.append((rel, (info.size or 0, info.mtime_ns or 0)))
         return files
 
     def exists(self, rel: str) -> bool:
@@ -147,14 +157,22 @@ class Mirror:
         return self.fs.get_file_info(f"{self.root}/{rel}").type == pafs.FileType.File
 
     def pull(self, only: Optional[tuple[str, ...]] = None) -> int:
-        """Download the remote files (those under `only`'s prefixes, if given) that differ in size
-        from the local ones or are missing; returns the number downloaded."""
+        """Download the remote files (those under `only`'s prefixes, if given) that are missing
+        here or changed there since this folder's last pull (its index: remote size and time);
+        returns the number downloaded."""
+        import json
+
+        index_path = self.local / PULL_INDEX
+        try:
+            index = json.loads(index_path.read_text())
+        except (FileNotFoundError, ValueError):
+            index = {}
         got = 0
-        for rel, size in self.remote_files():
+        for rel, sig in self.remote_files():
             if only is not None and not rel.startswith(only):
                 continue
             target = self.local / rel
-            if target.is_file() and target.stat().st_size == size and rel not in _ALWAYS:
+            if target.is_file() and index.get(rel) == list(sig):
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             with self.fs.open_input_stream(f"{self.root}/{rel}") as src:
@@ -164,7 +182,12 @@ class Mirror:
             os.replace(tmp, target)
             stat = target.stat()
             self._pushed[rel] = (stat.st_size, stat.st_mtime_ns)  # as the remote has it: nothing to push
+            index[rel] = list(sig)
             got += 1
+        if got:
+            tmp = index_path.with_name(f"{PULL_INDEX}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(index))
+            os.replace(tmp, index_path)
         return got
 
     def delete(self, rel: str) -> int:
@@ -184,8 +207,6 @@ class Mirror:
         return held
 
 
-# Files whose size may stay the same while their content changes: always fetched.
-_ALWAYS = ("manifest.json",)
 
 
 class Pusher:

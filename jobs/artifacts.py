@@ -46,9 +46,11 @@ class RunDir:
             self.remote, self.path = path, runstore.mirror_path(path)
         else:
             self.path = Path(path)
-            uri = os.environ.get(runstore.RUN_URI_ENV)  # a worker of a run in object storage
-            if uri and runstore.mirror_path(uri) == self.path:
-                self.remote = uri
+            # A worker of a run in object storage is given the driver's mirror: it keeps its own,
+            # on its node (the same folder where it is the driver's node).
+            uri = os.environ.get(runstore.RUN_URI_ENV)
+            if uri and runstore.is_mirror_of(self.path, uri):
+                self.remote, self.path = uri, runstore.mirror_path(uri)
         self.path.mkdir(parents=True, exist_ok=True)
         self.label = label  # names this run's progress lines (a compare's variant)
         if self.remote and not self.manifest_path.exists():
@@ -73,22 +75,31 @@ class RunDir:
     def fresh_mirror(self) -> None:
         """The driver's start: this node's mirror is what the store holds (a resume continues
         from the store's files, not from a stale mirror an earlier attempt left here)."""
+        if self.remote:
+            self.drop_mirror()
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.mirror.pull()
+
+    def drop_mirror(self) -> None:
+        """Remove this node's mirror of a run in object storage (after the driver's last push)."""
         import shutil
 
         if self.remote:
             shutil.rmtree(self.path, ignore_errors=True)
             _MIRRORS.pop(self.remote, None)
-            self.path.mkdir(parents=True, exist_ok=True)
-            self.mirror.pull()
 
     def sync(self) -> None:
-        """Push what this process changed to the store (nothing for a local run folder)."""
-        if self.remote:
+        """A worker's push to the store of what changed in its node's mirror; nothing on the
+        driver's node (its pusher pushes that mirror) or for a local run folder."""
+        if self.remote and not (self.path / runstore.DRIVER_MARK).exists():
             self.mirror.push()
 
     def start_sync(self, every_s: float = 2.0):
         """The driver's pusher (a thread; its `stop()` pushes once more), or None for a local run."""
-        return runstore.Pusher(self.mirror, every_s).start() if self.remote else None
+        if not self.remote:
+            return None
+        (self.path / runstore.DRIVER_MARK).write_text(str(os.getpid()))
+        return runstore.Pusher(self.mirror, every_s).start()
 
     def ray_storage(self, inside: bool = False) -> dict:
         """Ray Train's storage_path (and storage_filesystem for a store) for runs named after

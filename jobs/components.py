@@ -48,6 +48,7 @@ def ray_train_configs(res: ResourcesSpec, name: str, storage: dict, max_failures
         "scaling_config": ScalingConfig(
             num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
             resources_per_worker={"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker},
+            placement_strategy=res.placement.upper(),
         ),
         "run_config": RunConfig(name=name, **storage,
                                 checkpoint_config=CheckpointConfig(num_to_keep=2),

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 
 from common.runfolder import EVENTS, METRICS, PROGRESS
 from jobs import preempt
-from jobs.artifacts import RunDir
+from jobs.artifacts import RunDir, say
 
 
 def mean_loss(losses: list) -> Optional[float]:
@@ -179,6 +179,8 @@ class Loop:
         past it; 0 on a fresh start."""
         step = self.restore(load) or 0
         self.truncate(step)
+        if step and self.rank == 0:
+            say(f"[ftlaunch] resumed at step {step} from the last checkpoint")
         return step
 
 
@@ -269,6 +271,7 @@ def run_worker(body: Callable, config: dict) -> None:
     from launcher.spec import validate
 
     quiet_ray_train()
+    config = {**config, "run_dir": str(RunDir(config["run_dir"]).path)}  # this node's mirror of a run in a store
     spec = validate(config["spec"])
     train = getattr(spec, "train", None)
     with worker_scope(spec.env, config["run_dir"], grace_s=getattr(train, "preemption_grace_s", None)):

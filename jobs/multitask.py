@@ -165,6 +165,7 @@ def base_record(spec, base_path: str) -> dict:
 def _worker(tasks: list[TaskSettings], context: dict) -> dict:
     """Runs in its own Ray worker process; returns {task: {"status", "entry" | "error"}}."""
     began = time.time()
+    context = {**context, "run_dir": str(RunDir(context["run_dir"]).path)}  # this node's mirror of a run in a store
     torch.set_num_threads(max(1, int(context["cpus"])))
     device = "cuda" if context["gpus"] > 0 and torch.cuda.is_available() else "cpu"
     seq_len = context["model"].seq_len

@@ -20,7 +20,7 @@ import traceback
 from pathlib import Path
 
 from common.runfolder import CLUSTER_ADDRESS_ENV, DRIVER_STOPPED, NoSpaceError, ended, no_space
-from common.runstore import RUN_URI_ENV
+from common.runstore import RUN_URI_ENV, plain
 from jobs.data.badrows import BadRowsError
 from launcher.errors import LauncherError, PlanError
 from launcher.kinds import get_kind
@@ -166,14 +166,22 @@ def main(argv=None) -> int:
     run_dir.fresh_mirror()  # a run in object storage: this node's mirror starts as the store's copy
     pusher = run_dir.start_sync()
     attempt = len(run_dir.read_manifest().get("attempts", [])) + 1
+    code = 1
     try:
         # The driver's log goes into the run folder as it is written: it outlives the cluster.
         with Tee(run_dir.path / "logs" / "driver.log", secret_values(spec.env),
                  header=f"attempt {attempt} submission {plan['submission_id']} pid {os.getpid()}"):
-            return run(plan, spec, run_dir)
+            code = run(plan, spec, run_dir)
     finally:
         if pusher is not None:
-            pusher.stop()  # the last push: the manifest's end, the whole driver log
+            try:
+                pusher.stop()  # the last push: the manifest's end, the whole driver log
+                run_dir.drop_mirror()  # all of it is in the store now
+            except OSError as exc:
+                print(f"ftlaunch: error: the run could not be pushed to {plain(run_dir.remote)} "
+                      f"({exc}); this node keeps it in {run_dir.path}", file=sys.stderr)
+                code = 1
+    return code
 
 
 def run(plan: dict, spec, run_dir) -> int:

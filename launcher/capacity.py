@@ -89,6 +89,18 @@ def check(cluster: Cluster, resources: dict) -> list[str]:
     return []
 
 
+def check_storage(cluster: Cluster, storage: str, shared: bool) -> None:
+    """Refuse a run folder on a local path for a cluster of several nodes (unless the spec says
+    every node mounts it): a worker on another node would write its records and checkpoints
+    where neither the driver nor this client reads them."""
+    if "://" in storage or shared or len(cluster.nodes) <= 1:
+        return
+    raise PlanError(f"storage {storage} is a local folder, and the cluster at {cluster.url} has "
+                    f"{len(cluster.nodes)} nodes ({cluster.shape()}): a worker on another node would write "
+                    "the run where no one reads it; use storage: s3://bucket/prefix, or set "
+                    "storage_shared: true if every node mounts that folder")
+
+
 def _fits(have: dict, ask: dict) -> int:
     """How many bundles of `ask` fit in `have`."""
     counts = [math.floor(have.get(k, 0) / v + 1e-9) for k, v in ask.items() if v > 0]

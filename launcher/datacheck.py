@@ -110,8 +110,12 @@ def _filesystem(path_or_uri: str, where: str):
 
 
 def _data_files(fs, path: str, shown: str, where: str) -> list[str]:
+    import pyarrow as pa
+
     try:
         return _find_files(fs, path, shown, where)
+    except pa.ArrowInvalid as e:  # a path this filesystem cannot name
+        raise ConfigError(f"{where}: {shown} is not a path here ({str(e).splitlines()[0][:160]}); fix it") from None
     except OSError as e:  # permissions, a name too long, an unreachable bucket
         reason = os.strerror(e.errno) if e.errno else (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise ConfigError(f"{where}: cannot list {shown} ({reason}); fix the path or its permissions") from None
@@ -197,6 +201,8 @@ def list_files(path_or_uri: str, role: str = "train") -> tuple[object, list[str]
     """The filesystem and the data files a path, folder, glob or URI names (what jobs read)."""
     where, shown = f"data.{role}", shown_uri(str(path_or_uri))
     fs, path = _filesystem(str(path_or_uri), where)
+    if "://" in str(path_or_uri) and not path.strip("/"):
+        raise ConfigError(f"{where}: {shown} names no bucket or folder; use e.g. s3://bucket/path/train.parquet")
     _check_bucket(fs, path, shown, where)
     return fs, _data_files(fs, path, shown, where)
 
@@ -216,7 +222,7 @@ def _check_bucket(fs, path: str, shown: str, where: str) -> None:
         raise ConfigError(f"{where}: the bucket {bucket} of {shown} does not exist; create it or fix the URI")
 
 
-def _footer(fs, path: str):
+def _footer(fs, path: str, skip_bad_rows: int = 0):
     """(rows, arrow schema) of a data file, without reading its rows where the format allows
     (Parquet footer, Arrow IPC file footer); raises ValueError with the reason."""
     import pyarrow as pa
@@ -224,7 +230,7 @@ def _footer(fs, path: str):
     import pyarrow.parquet as pq
 
     if is_jsonl(path):
-        return _jsonl_rows(fs, path)
+        return _jsonl_rows(fs, path, skip_bad_rows)
     with fs.open_input_file(path) as f:
         try:
             if path.lower().endswith(ARROW_IPC):
@@ -243,9 +249,11 @@ def _footer(fs, path: str):
             raise ValueError(f"is not a readable {kind} file ({reason})") from e
 
 
-def _jsonl_rows(fs, path: str):
+def _jsonl_rows(fs, path: str, skip_bad_rows: int = 0):
     """Rows and schema of a JSON-lines file: every line must be a JSON object (a line that is not
-    names its number); the schema is inferred from the first rows, as a JSON reader would."""
+    names its number); the schema is inferred from the first rows, as a JSON reader would. Rows
+    among them whose values change their column's type are bad rows: up to `skip_bad_rows` of
+    them are left out of the schema (the job skips them, data.skip_bad_rows), more are refused."""
     import io
     import json
 
@@ -272,6 +280,10 @@ def _jsonl_rows(fs, path: str):
     try:
         schema = pa.Table.from_pylist(sample).schema if sample else pa.schema([])
     except (pa.ArrowException, TypeError) as e:
+        bad = {i for i, *_ in odd_types(sample)}
+        if bad and len(bad) <= skip_bad_rows:
+            kept = [r for i, r in enumerate(sample) if i not in bad]
+            return rows, pa.Table.from_pylist(kept).schema if kept else pa.schema([])
         odd = _odd_type(sample)
         where = f"line {numbers[odd[0]]}: {odd[1]}" if odd else str(e).splitlines()[0][:80]
         raise ValueError(f"has rows whose columns change type ({where})") from None
@@ -347,7 +359,8 @@ def sample_rows(path_or_uri: str, n: int = 256, role: str = "train") -> list[dic
 
 
 def check_dataset(
-    path_or_uri: str, task: str, *, role: str = "train", columns: dict[str, str] | None = None
+    path_or_uri: str, task: str, *, role: str = "train", columns: dict[str, str] | None = None,
+    skip_bad_rows: int = 0,
 ) -> DatasetInfo:
     """Check that `path_or_uri` (a file, folder, glob, or pyarrow.fs URI) holds rows with the
     columns `task` needs; `columns` maps a task role to another column name ({"text": "body"}).
@@ -369,7 +382,7 @@ def check_dataset(
     rows, first_schema = 0, None
     for f in files:
         try:
-            n, schema = _footer(fs, f)
+            n, schema = _footer(fs, f, skip_bad_rows)
         except ValueError as e:
             fix = "fix that line or remove the file" if str(e).startswith("line ") else "rewrite the file or remove it"
             problems.append(f"{where}: {f} {e}; {fix} from the dataset")

@@ -95,7 +95,7 @@ def plan(
     if storage.startswith("file://"):
         storage = storage[len("file://"):]
     if _is_uri(storage):  # object storage: common/runstore.py
-        check_remote_storage(storage, target)
+        warnings += check_remote_storage(storage, target, resolved.get("env", {}))
     else:
         storage = str((base / storage).resolve())
         warnings += rules.check_storage(storage)
@@ -211,31 +211,40 @@ def package_dirs() -> list[str]:
     return [str(root / name) for name in ("common", "launcher", "jobs", "cluster")]
 
 
-def check_remote_storage(uri: str, target: str) -> None:
-    """A run folder in object storage: the bucket opens and exists, from here (credentials from
-    the environment; the cluster's nodes need them too)."""
+def check_remote_storage(uri: str, target: str, env: dict) -> list[str]:
+    """A run folder in object storage: the bucket opens and exists, seen from here (credentials
+    from the environment; the cluster's nodes need them too). On Kubernetes the pods' credentials
+    are Secrets (`env: AWS_*: secret:NAME/KEY`), and a bucket this machine cannot reach (an
+    in-cluster endpoint) is a warning."""
     import pyarrow.fs as pafs
 
     from common.runstore import plain
 
-    shown = plain(uri)
-    if target == "k8s":
-        raise PlanError(f"storage {shown}: object storage is not rendered for --target k8s yet; "
-                        "use a folder on the cluster's volume (or submit to the RayCluster with --target ray)")
+    shown, warnings = plain(uri), []
+    if target == "k8s" and uri.startswith("s3://") and not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(env):
+        warnings.append(f"storage {shown}: the pods get no S3 credentials from the spec; add env: "
+                        "AWS_ACCESS_KEY_ID: secret:NAME/KEY and AWS_SECRET_ACCESS_KEY: secret:NAME/KEY "
+                        "(or give the pods' service account a role that reaches the bucket)")
     try:
         fs, path = pafs.FileSystem.from_uri(uri)
     except Exception as exc:  # unknown scheme, an option pyarrow does not take
         raise PlanError(f"storage {shown}: cannot open it ({exc}); fix the URI "
                         "(s3://bucket/prefix?endpoint_override=HOST:PORT&scheme=http for MinIO)") from None
     bucket = path.split("/", 1)[0]
+    if not bucket:
+        raise PlanError(f"storage {shown} names no bucket; use e.g. s3://bucket/runs")
     try:
         info = fs.get_file_info(bucket)
     except OSError as exc:
         reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        if target == "k8s":  # the endpoint may be the cluster's own (a MinIO service)
+            return [*warnings, f"storage {shown}: the bucket {bucket} is not reachable from here ({reason}); "
+                    "not checked before submit, and ftlaunch status and report need it from here"]
         raise PlanError(f"storage {shown}: cannot reach the bucket {bucket} ({reason}); check the endpoint "
                         "and the AWS_* credentials in this environment and the cluster's") from None
     if info.type == pafs.FileType.NotFound:
         raise PlanError(f"storage {shown}: the bucket {bucket} does not exist; create it or fix the URI")
+    return warnings
 
 
 def _is_uri(value: str) -> bool:

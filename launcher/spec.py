@@ -142,6 +142,9 @@ class ResourcesSpec(Strict):
     workers: int = Field(2, gt=0, le=4096)
     cpus_per_worker: float = Field(0.5, gt=0, le=MAX_CPUS)
     gpus_per_worker: float = Field(0, ge=0, le=MAX_GPUS)
+    placement: Literal["pack", "spread"] = Field(
+        "pack", description="pack: the workers on as few nodes as hold them; spread: one per node where "
+        "the cluster has enough nodes (Ray Train's placement strategy)")
 
 
 # Environment names that hold credentials: their values must be references, never literals.
@@ -150,7 +153,10 @@ SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|CRE
 
 class JobBase(Strict):
     name: str = Field(pattern=NAME_PATTERN, description="lower-case letters, digits and '-'")
-    storage: PathStr = "./runs"
+    storage: PathStr = Field("./runs", description="where run folders go: a folder, or s3://bucket/prefix "
+                             "(pyarrow's options after ?)")
+    storage_shared: bool = Field(False, description="storage is a folder every node of the cluster mounts "
+                                 "(NFS, a shared volume): allowed on a multi-node cluster")
     env: dict[EnvName, EnvValue] = Field(
         default_factory=dict, description="environment for the job; secrets only as references: "
         "env:NAME (read from the cluster's environment) or secret:SECRET/KEY (Kubernetes)")

@@ -284,7 +284,8 @@ def check_datasets(entries, target: str) -> tuple[dict, list[str]]:
             continue
         if path not in seen:
             try:
-                info = check_dataset(path, data["task"], role=role, columns=data.get("columns"))
+                info = check_dataset(path, data["task"], role=role, columns=data.get("columns"),
+                                     skip_bad_rows=int(data.get("skip_bad_rows") or 0))
             except Exception as exc:
                 if not prefix:
                     raise

@@ -82,8 +82,9 @@ def _dashboard_url(address: str) -> Optional[str]:
     return url if ok else None
 
 
-def live_capacity(url: str, resources: dict) -> list[str]:
-    """launcher/capacity.py on the cluster the job goes to: refuses a job no node can ever place."""
+def live_capacity(url: str, resources: dict, spec: Optional[dict] = None) -> list[str]:
+    """launcher/capacity.py on the cluster the job goes to: refuses a job no node can ever place,
+    and a local storage folder on a cluster of several nodes (unless `storage_shared`)."""
     from launcher import capacity
 
     try:
@@ -91,6 +92,8 @@ def live_capacity(url: str, resources: dict) -> list[str]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return [f"the cluster's nodes could not be read at {url} ({type(exc).__name__}); "
                 "whether it can place the job was not checked"]
+    if spec is not None:
+        capacity.check_storage(cluster, spec.get("storage", ""), bool(spec.get("storage_shared")))
     return capacity.check(cluster, resources)
 
 
@@ -256,7 +259,8 @@ class RayTarget(Target):
         if self.embedded:  # the run folder is made on this machine
             check_local_storage(path)
             return []
-        return [f"storage {path} is a local path: the cluster's nodes must see it (a shared filesystem)"]
+        return [f"storage {path} is a local path: the cluster's nodes must see it (a shared filesystem; "
+                "submit refuses it for a cluster of several nodes unless storage_shared: true)"]
 
     def check_env_ref(self, key: str, value: str) -> None:
         ref = env_ref(key, value)
@@ -278,7 +282,7 @@ class RayTarget(Target):
             _same_spec(c, plan.submission_id, digest)
             handle.existing = True
             return handle
-        for warning in live_capacity(url, plan.resources):
+        for warning in live_capacity(url, plan.resources, plan.spec):
             sys.stderr.write(f"ftlaunch: warning: {warning}\n")
         try:
             _submit_with_retry(

@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import pytest
 
 
@@ -9,3 +12,16 @@ def ray_local(ray_head):
     ray.init(address=ray_head.gcs_address, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_data(s3_server, demo_data, tmp_path_factory):
+    """The demo splits in a bucket (Parquet), and the train split again as JSON lines."""
+    import pyarrow.parquet as pq
+
+    bucket = s3_server.bucket("ftl-data")
+    uris = {role: s3_server.upload(path, bucket, f"demo/{Path(path).name}") for role, path in demo_data.items()}
+    jsonl = tmp_path_factory.mktemp("jsonl") / "train.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in pq.read_table(demo_data["train"]).to_pylist()))
+    uris["train_jsonl"] = s3_server.upload(jsonl, bucket, "jsonl/train.jsonl")
+    return uris

@@ -19,19 +19,6 @@ from launcher.errors import ConfigError
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def s3_data(s3_server, demo_data, tmp_path_factory):
-    """The demo splits in a bucket (Parquet), and the train split again as JSON lines."""
-    import pyarrow.parquet as pq
-
-    bucket = s3_server.bucket("ftl-data")
-    uris = {role: s3_server.upload(path, bucket, f"demo/{Path(path).name}") for role, path in demo_data.items()}
-    jsonl = tmp_path_factory.mktemp("jsonl") / "train.jsonl"
-    jsonl.write_text("".join(json.dumps(r) + "\n" for r in pq.read_table(demo_data["train"]).to_pylist()))
-    uris["train_jsonl"] = s3_server.upload(jsonl, bucket, "jsonl/train.jsonl")
-    return uris
-
-
 def test_plan_reads_s3_data_where_it_is_and_names_a_missing_object_or_bucket(s3_server, s3_data, demo_data):
     for role in ("train", "eval", "retain"):
         assert check_dataset(s3_data[role], "causal_lm").rows == check_dataset(demo_data[role], "causal_lm").rows
@@ -60,8 +47,65 @@ def test_plan_names_a_storage_bucket_that_is_not_there_and_keeps_the_uri_options
     tiny_spec["storage"] = s3_server.uri(s3_server.bucket("ftl-plan"), "runs")
     plan = launcher.plan(validate(tiny_spec), "ray", submission_id="p1", preflight=False)
     assert plan.run_dir == s3_server.uri("ftl-plan", "runs/p1")  # the endpoint stays with the run's URI
-    with pytest.raises(launcher.PlanError, match="not rendered for --target k8s yet"):
-        launcher.plan(validate(tiny_spec), "k8s", preflight=False)
+
+
+def test_a_mirror_pushes_what_changed_removes_what_it_removed_and_a_pull_sees_same_size_changes(
+        s3_server, tmp_path):
+    from common.runstore import Mirror
+
+    uri = s3_server.uri(s3_server.bucket("ftl-mirror"), "runs/r1")
+    here = Mirror(uri, tmp_path / "mirror")
+    (here.local / "logs").mkdir()
+    (here.local / "manifest.json").write_text('{"status": "RUNNING"}')
+    (here.local / "logs" / "driver.log").write_text("line 1\n")
+    (here.local / ".base-pending").mkdir()
+    (here.local / ".base-pending" / "config.json").write_text("{}")
+    (here.local / "checkpoint_000000").mkdir()  # Ray Train's own, never mirrored
+    (here.local / "checkpoint_000000" / "state.pt").write_text("x")
+    assert here.push() == 3 and here.push() == 0  # nothing changed: nothing sent again
+    (here.local / ".base-pending").rename(here.local / "base")  # a temporary renamed into place
+    assert here.push() == 1
+    assert sorted(_remote_files(s3_server, "ftl-mirror", "runs/r1")) == [
+        "base/config.json", "logs/driver.log", "manifest.json"]
+
+    there = Mirror(uri, tmp_path / "cache")
+    assert there.pull() == 3 and there.pull() == 0
+    (here.local / "manifest.json").write_text('{"status": "STOPPED"}')  # the same size, new content
+    time.sleep(1.1)  # S3 keeps a second's resolution
+    here.push()
+    assert there.pull(only=("manifest.json",)) == 1
+    assert json.loads((there.local / "manifest.json").read_text()) == {"status": "STOPPED"}
+
+
+def test_render_k8s_with_s3_storage_mounts_no_volume_and_gives_every_pod_its_credentials_by_secret(
+        s3_server, s3_data, tmp_path, capsys):
+    import yaml
+
+    from launcher.cli.main import main
+    from launcher.k8s.validate import mount_problems, security_problems, validate_manifest
+
+    storage = s3_server.uri(s3_server.bucket("ftl-k8s"), "runs")
+    common = [str(Path(__file__).resolve().parents[2] / "configs" / "tiny" / "lora.yaml"), f"storage={storage}",
+              f"data.train={s3_data['train']}", f"data.eval={s3_data['eval']}", "--profile", "cpu-8",
+              "--image", "registry.example/ftlaunch:1"]
+    out = tmp_path / "bare.yaml"
+    assert main(["render", "k8s", *common, "--out", str(out)]) == 0
+    assert "the pods get no S3 credentials from the spec; add env: AWS_ACCESS_KEY_ID: secret:NAME/KEY" in (
+        capsys.readouterr().err)
+    out = tmp_path / "rayjob.yaml"
+    assert main(["render", "k8s", *common, "env.AWS_ACCESS_KEY_ID=secret:s3-creds/access-key",
+                 "env.AWS_SECRET_ACCESS_KEY=secret:s3-creds/secret-key", "--out", str(out)]) == 0
+    assert "S3 credentials" not in capsys.readouterr().err
+    doc = yaml.safe_load(out.read_text())
+    assert validate_manifest(doc) == [] and security_problems(doc) == [] and mount_problems(doc) == []
+    assert doc["metadata"]["annotations"]["ftlaunch/run-dir"].startswith("s3://ftl-k8s/runs/tiny-lora-")
+    cluster = doc["spec"]["rayClusterSpec"]
+    for template in (cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]):
+        assert "persistentVolumeClaim" not in json.dumps(template)  # no PVC: the run goes to the bucket
+        env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
+        assert env["AWS_ACCESS_KEY_ID"]["valueFrom"] == {"secretKeyRef": {"name": "s3-creds", "key": "access-key"}}
+        assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
+    assert "ftlaunch-test-secret" not in out.read_text()  # this environment's key is written nowhere
 
 
 def _remote_files(s3_server, bucket: str, prefix: str) -> dict[str, int]:

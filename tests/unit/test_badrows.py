@@ -162,6 +162,13 @@ def test_the_plan_names_the_line_whose_type_differs_among_the_rows_it_infers_the
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a", "b", 3.5, "c"]))
     with pytest.raises(ValueError, match=r"change type \(line 3: text is a number where the other rows have a string\)"):
         _jsonl_rows(fs.LocalFileSystem(), str(path))
+    # With data.skip_bad_rows the job skips that row (jobs/data/read.py marks it): plan takes
+    # the schema from the rows that agree, and refuses again past the limit.
+    rows, schema = _jsonl_rows(fs.LocalFileSystem(), str(path), skip_bad_rows=1)
+    assert rows == 4 and str(schema.field("text").type) == "string"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a", 1, 3.5, "c", "d"]))
+    with pytest.raises(ValueError, match=r"change type \(line 2: text is a number"):
+        _jsonl_rows(fs.LocalFileSystem(), str(path), skip_bad_rows=1)
 
 
 def test_an_eval_split_with_a_null_text_is_refused_by_row_or_skipped_within_the_limit(tmp_path):

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from launcher.capacity import Cluster, check, read_cluster
+from launcher.capacity import Cluster, check, check_storage, read_cluster
 from launcher.errors import PlanError
 
 URL = "http://head:8265"
@@ -27,6 +27,19 @@ def test_a_worker_no_node_can_hold_is_refused_with_the_cluster_shape():
     assert "a worker asks {CPU: 4, GPU: 2}" in line and "2 x {CPU: 8}, 1 x {CPU: 16, GPU: 1}" in line
     assert "lower resources.cpus_per_worker / gpus_per_worker" in line and "\n" not in line
     assert check(cluster, job(gpus=1, cpus=4)) == []
+
+
+def test_a_local_storage_folder_on_a_cluster_of_several_nodes_is_refused_unless_it_is_shared():
+    two = Cluster(URL, [{"CPU": 8.0}, {"CPU": 8.0, "GPU": 1.0}])
+    with pytest.raises(PlanError) as err:
+        check_storage(two, "/home/me/runs", shared=False)
+    assert str(err.value) == (
+        f"storage /home/me/runs is a local folder, and the cluster at {URL} has 2 nodes (1 x {{CPU: 8}}, "
+        "1 x {CPU: 8, GPU: 1}): a worker on another node would write the run where no one reads it; use "
+        "storage: s3://bucket/prefix, or set storage_shared: true if every node mounts that folder")
+    check_storage(two, "/mnt/nfs/runs", shared=True)  # the spec says every node mounts it
+    check_storage(two, "s3://bucket/runs?endpoint_override=minio:9000", shared=False)
+    check_storage(Cluster(URL, [{"CPU": 8.0}]), "/home/me/runs", shared=False)  # one node: its own disk
 
 
 def test_more_workers_at_once_than_the_nodes_hold_is_refused_without_an_autoscaler():
