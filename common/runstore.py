@@ -95,7 +95,8 @@ def _skipped(rel: str) -> bool:
 
 class Mirror:
     """A local folder and the run folder URI it mirrors. `push` uploads the files changed since
-    this object's last push (never deletes); `pull` downloads the remote files (checkpoints aside)."""
+    this object's last push and removes what it pushed or pulled and is gone here; `pull`
+    downloads the remote files (checkpoints aside)."""
 
     def __init__(self, uri: str, local: Path):
         self.uri, self.local = uri, Path(local)
@@ -115,7 +116,8 @@ class Mirror:
         with self._lock:
             sent = 0
             for rel in [r for r in self._pushed if not (self.local / r).is_file()]:
-                self.fs.delete_file(f"{self.root}/{rel}") if self.exists(rel) else None
+                if self.exists(rel):
+                    self.fs.delete_file(f"{self.root}/{rel}")
                 del self._pushed[rel]
             for path in sorted(self.local.rglob("*")):
                 rel = path.relative_to(self.local).as_posix()

@@ -58,6 +58,24 @@ class RunDir:
 
     # -- object storage ------------------------------------------------------------------------
 
+    def _with_stored(self, manifest: dict) -> dict:
+        """A run in object storage has a manifest writer on each node with a worker that records
+        something (rank 0's `before`). Its fields are only ever added or set, so: on the driver's
+        node the store's copy fills the fields missing here; elsewhere the store's copy (the
+        driver's) is newer than this node's pulled one."""
+        if not self.remote:
+            return manifest
+        import json
+
+        try:
+            with self.mirror.fs.open_input_stream(f"{self.mirror.root}/{MANIFEST}") as src:
+                stored = json.loads(src.read())
+        except (FileNotFoundError, OSError, ValueError):
+            return manifest
+        if (self.path / runstore.DRIVER_MARK).exists():
+            return {**stored, **manifest}
+        return {**manifest, **stored}
+
     @property
     def mirror(self):
         if self.remote not in _MIRRORS:
@@ -118,7 +136,7 @@ class RunDir:
         return read_json(self.manifest_path)
 
     def update_manifest(self, **fields: Any) -> dict:
-        manifest = {**self.read_manifest(), **fields, "updated": time.time()}
+        manifest = {**self._with_stored(self.read_manifest()), **fields, "updated": time.time()}
         write_json(self.manifest_path, manifest)  # atomic: a reader never sees half a manifest
         return manifest
 

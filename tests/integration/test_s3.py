@@ -156,6 +156,9 @@ def test_a_run_in_s3_is_written_stopped_resumed_and_read_there_with_no_local_run
     # Every verb reads it there: status, report (written back to the bucket), infer.
     out = cli("status", "ft-s3-run", "--target", "ray", "--address", ray_head.address, "--storage", storage)
     assert out.returncode == 0 and "SUCCEEDED" in out.stdout, out.stdout + out.stderr
+    out = cli("list", "--target", "ray", "--address", ray_head.address, "--storage", storage)
+    rows = [line for line in out.stdout.splitlines() if "ft-s3-run" in line]
+    assert out.returncode == 0 and len(rows) == 1 and "SUCCEEDED" in rows[0], out.stdout + out.stderr
     out = cli("report", "ft-s3-run", "--storage", storage)
     assert out.returncode == 0, out.stderr
     assert "report/report.md" in _remote_files(s3_server, "ftl-runs", "team/runs/ft-s3-run")

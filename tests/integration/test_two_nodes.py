@@ -115,6 +115,8 @@ def test_a_run_spread_over_two_nodes_survives_losing_one_from_its_checkpoint_in_
     run = local_run(handle.run_dir)
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["summary"]["steps"] == 60 and len(manifest["attempts"]) == 1
+    # Rank 0's record in the manifest (it may have run on either node) survived the driver's writes.
+    assert "eval_loss_before" in manifest.get("before", {}), sorted(manifest)
     assert steps_of(run) == list(range(10, 70, 10))  # every report once: none lost, none twice
     # Ray Train restarted the worker group from the bucket's checkpoint, not from step 0.
     resumed = [line for line in handle.logs().splitlines() if "[ftlaunch] resumed at step" in line]
