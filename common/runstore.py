@@ -18,6 +18,8 @@ import threading
 from pathlib import Path
 from typing import Optional
 
+from common.runfolder import MANIFEST
+
 # The run folder's URI, in the environment of the job's workers (set by the driver's ray.init).
 RUN_URI_ENV = "FTLAUNCH_RUN_URI"
 MIRROR_ROOT_ENV = "FTLAUNCH_SCRATCH"  # where the job's processes keep their mirrors (default: /tmp)
@@ -133,11 +135,14 @@ class Mirror:
                     data = path.read_bytes()
                 except FileNotFoundError:  # replaced or removed while we looked
                     continue
-                with self.fs.open_output_stream(f"{self.root}/{rel}") as out:
-                    out.write(data)
+                self.upload(rel, data)
                 self._pushed[rel] = sig
                 sent += 1
             return sent
+
+    def upload(self, rel: str, data: bytes) -> None:
+        with self.fs.open_output_stream(f"{self.root}/{rel}") as out:
+            out.write(data)
 
     def remote_files(self) -> list[tuple[str, tuple[int, int]]]:
         """(relative path, (size, mtime ns)) of the run folder's remote files, checkpoints aside."""
@@ -256,8 +261,7 @@ def push_back(folder, *rels: str) -> None:
         path = Path(folder) / rel
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
         for f in files:
-            with mirror.fs.open_output_stream(f"{mirror.root}/{f.relative_to(folder).as_posix()}") as out:
-                out.write(f.read_bytes())
+            mirror.upload(f.relative_to(folder).as_posix(), f.read_bytes())
 
 
 def list_remote_runs(storage: str) -> list[tuple[Path, dict]]:
@@ -273,9 +277,9 @@ def list_remote_runs(storage: str) -> list[tuple[Path, dict]]:
         if info.type != pafs.FileType.Directory:
             continue
         uri = join(storage, info.base_name)
-        folder = local_run(uri, only=("manifest.json",))
+        folder = local_run(uri, only=(MANIFEST,))
         try:
-            runs.append((folder, json.loads((folder / "manifest.json").read_text())))
+            runs.append((folder, json.loads((folder / MANIFEST).read_text())))
         except (OSError, ValueError):  # not a run's folder, or one being written
             continue
     return runs

@@ -53,8 +53,8 @@ class RunDir:
                 self.remote, self.path = uri, runstore.mirror_path(uri)
         self.path.mkdir(parents=True, exist_ok=True)
         self.label = label  # names this run's progress lines (a compare's variant)
-        if self.remote and not self.manifest_path.exists():
-            self._pull_once()  # a worker on another node than the driver's: the run so far
+        if self.remote and path != self.remote and not self.manifest_path.exists():
+            self._pull_once()  # a worker on another node than the driver's (which pulls in fresh_mirror)
 
     # -- object storage ------------------------------------------------------------------------
 
@@ -65,12 +65,10 @@ class RunDir:
         driver's) is newer than this node's pulled one."""
         if not self.remote:
             return manifest
-        import json
-
         try:
             with self.mirror.fs.open_input_stream(f"{self.mirror.root}/{MANIFEST}") as src:
                 stored = json.loads(src.read())
-        except (FileNotFoundError, OSError, ValueError):
+        except (OSError, ValueError):  # not written yet, or the store is away: this node's own
             return manifest
         if (self.path / runstore.DRIVER_MARK).exists():
             return {**stored, **manifest}
@@ -188,9 +186,9 @@ class RunDir:
     def _prune_remote_checkpoints(self) -> int:
         """Ray Train's checkpoints in the store (written there, never mirrored) and the progress
         files' copies there."""
-        mirror = self.mirror
         import pyarrow.fs as pafs
 
+        mirror = self.mirror
         infos = mirror.fs.get_file_info(pafs.FileSelector(mirror.root, recursive=True, allow_not_found=True))
         doomed = sorted({i.path[len(mirror.root):].lstrip("/") for i in infos if i.type == pafs.FileType.Directory
                          and (i.base_name.startswith(runstore.CHECKPOINT_PREFIX) or i.base_name == PROGRESS)})

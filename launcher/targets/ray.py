@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from common.runfolder import CLUSTER_ADDRESS_ENV, latest_attempt
+from common.runfolder import CLUSTER_ADDRESS_ENV, MANIFEST, latest_attempt
 from common.runstore import local_run
 from launcher.errors import ClusterError, PlanError, SubmissionError
 from launcher.runs import reconcile, record_stop
@@ -203,7 +203,7 @@ class JobHandle(Handle):
         """A job that ended without its driver recording why: say so in its manifest."""
         manifest = self.manifest()
         if manifest.get("status") == "RUNNING" and latest_attempt(manifest).get("submission_id") == self.submission_id:
-            reconcile(local_run(self.run_dir, only=("manifest.json",)), manifest, status, self.info().message or "")
+            reconcile(local_run(self.run_dir, only=(MANIFEST,)), manifest, status, self.info().message or "")
 
     def row(self) -> dict:
         info = self.info()
