@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 FTLAUNCH ?= $(BIN)/ftlaunch
 STAMP  := $(VENV)/.ftlaunch-installed
-EXTRAS ?= train,deepspeed,qlora,k8s,report,dev
+EXTRAS ?= train,deepspeed,qlora,k8s,report,tracking,dev
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-unit lint bench install clean

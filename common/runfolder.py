@@ -39,6 +39,18 @@ def metrics_file(curve: str = "") -> str:
     return f"metrics-{curve}.jsonl" if curve else METRICS
 
 
+def curve_of(rel: str, record: dict) -> str:
+    """The curve a metrics record of the run folder's file `rel` belongs to: a compare's variant
+    (`variants/<v>/metrics.jsonl`), a multitask task (`metrics-<task>.jsonl`), a pipeline's stage
+    (its record's `stage`); "" for a run's one curve (a finetune's)."""
+    parts = rel.split("/")
+    if len(parts) == 3 and parts[0] == "variants":
+        return parts[1]
+    if parts[-1].startswith("metrics-"):
+        return parts[-1][len("metrics-"):].removesuffix(".jsonl")
+    return str(record.get("stage") or "")
+
+
 class NoSpaceError(OSError):
     """A run-folder write that found its file system full: one line, with what it needed."""
 

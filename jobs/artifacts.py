@@ -34,6 +34,7 @@ def versions() -> dict:
 
 
 _MIRRORS: dict = {}  # one Mirror per run URI per process: its record of what it pushed
+_MANIFEST_LOCK = threading.RLock()  # one read-merge-write of a manifest at a time in a process
 
 
 class RunDir:
@@ -134,8 +135,9 @@ class RunDir:
         return read_json(self.manifest_path)
 
     def update_manifest(self, **fields: Any) -> dict:
-        manifest = {**self._with_stored(self.read_manifest()), **fields, "updated": time.time()}
-        write_json(self.manifest_path, manifest)  # atomic: a reader never sees half a manifest
+        with _MANIFEST_LOCK:  # the driver's threads (tracking, a stop) write it too
+            manifest = {**self._with_stored(self.read_manifest()), **fields, "updated": time.time()}
+            write_json(self.manifest_path, manifest)  # atomic: a reader never sees half a manifest
         return manifest
 
     def append(self, name: str, record: dict) -> None:

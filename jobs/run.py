@@ -187,6 +187,8 @@ def main(argv=None) -> int:
 def run(plan: dict, spec, run_dir) -> int:
     from jobs.artifacts import versions
     from jobs.logs import resolve_env_refs
+    from jobs.tracking import Tracking
+    from jobs.tracking import end as end_tracking
     from jobs.watch import watch_fatal, watch_job_status, watch_pending
 
     previous = run_dir.read_manifest()
@@ -202,8 +204,10 @@ def run(plan: dict, spec, run_dir) -> int:
         versions=versions(),
     )
     print(f"[ftlaunch] run {plan['run_id']} ({plan['kind']}) -> {run_dir.path}", flush=True)
+    tracker = None
     try:
         run_dir.update_manifest(env_from_cluster=resolve_env_refs(spec.env))
+        tracker = Tracking.start(spec, plan, run_dir, attempt=len(attempts))
         connect({RUN_URI_ENV: run_dir.remote} if run_dir.remote else {})
         stop_on_sigterm(run_dir)  # after ray.init, which installs its own
         module = importlib.import_module(get_kind(plan["kind"]).job_module(plan["spec"]))
@@ -220,12 +224,14 @@ def run(plan: dict, spec, run_dir) -> int:
         traceback.print_exc()
         print(f"[ftlaunch] {'STOPPED' if stopped else 'FAILED'}: {error}", flush=True)
         _report(plan, run_dir)
+        end_tracking(tracker, "STOPPED" if stopped else "FAILED")
         return 1
     if not spec.keep_checkpoints:
         summary = {**summary, "checkpoints_removed_bytes": run_dir.prune_checkpoints()}
     finish(run_dir, "SUCCEEDED", summary=summary, artifacts=run_dir.artifacts())
     print("[ftlaunch] summary " + json.dumps(summary, default=str), flush=True)
-    _report(plan, run_dir)
+    _report(plan, run_dir, tracked=tracker is not None)
+    end_tracking(tracker, "SUCCEEDED", summary)
     return 0
 
 
@@ -250,11 +256,11 @@ def connect(worker_env: dict | None = None) -> str:
     return address
 
 
-def _report(plan: dict, run_dir) -> None:
-    """The run's report, for kinds whose report is their result (a compare's table): what the
-    client's `ftlaunch report` writes, from the finished run folder. A report that cannot be
-    drawn is a warning, never the run's failure."""
-    if not get_kind(plan["kind"]).report_on_finish:
+def _report(plan: dict, run_dir, tracked: bool = False) -> None:
+    """The run's report, for kinds whose report is their result (a compare's table) and for a
+    tracked run (one of its artifacts): what the client's `ftlaunch report` writes, from the
+    finished run folder. A report that cannot be drawn is a warning, never the run's failure."""
+    if not (tracked or get_kind(plan["kind"]).report_on_finish):
         return
     try:
         from launcher.report import write_report

@@ -12,6 +12,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from common.runfolder import curve_of
+
 # The record fields drawn as scalars (x = the record's step); bookkeeping fields are not.
 SCALARS = ("loss", "eval_loss", "eval_accuracy", "eval_exact_match", "accuracy", "retain_loss",
            "retain_accuracy", "lr", "tokens_per_s", "ewc_penalty")
@@ -24,14 +26,12 @@ _missing = False
 
 
 def logdir(run_path: Path, name: str, record: dict) -> Path:
-    """Where a record of `run_path/name` goes: `<run>/tensorboard/<curve>`."""
-    if name.startswith("metrics-"):  # multitask: metrics-<task>.jsonl
-        return run_path / "tensorboard" / name[len("metrics-"):].removesuffix(".jsonl")
-    if record.get("stage"):  # pipeline: one metrics.jsonl, a stage per record
-        return run_path / "tensorboard" / str(record["stage"])
+    """Where a record of `run_path/name` goes: `<run>/tensorboard/<curve>` (`train` for a run's
+    one curve)."""
+    top, rel = run_path, name
     if run_path.parent.name == "variants":  # compare: each variant is a finetune in variants/<name>
-        return run_path.parent.parent / "tensorboard" / run_path.name
-    return run_path / "tensorboard" / "train"
+        top, rel = run_path.parent.parent, f"variants/{run_path.name}/{name}"
+    return top / "tensorboard" / (curve_of(rel, record) or "train")
 
 
 def write(run_path: Path, name: str, record: dict) -> None:

@@ -19,6 +19,7 @@ import launcher
 from launcher.errors import PlanError
 from launcher.kinds import get_kind, path_resolver
 from launcher.targets import get_target
+from launcher.tracking import check_tracking
 
 PLAN_ENV = "FTLAUNCH_PLAN"
 # Environment every job runs with: quiet Ray Data, no hub access, and a short Train health-check
@@ -102,6 +103,7 @@ def plan(
     resolved["storage"] = storage
     for key, value in resolved.get("env", {}).items():  # secret references fit their target
         rules.check_env_ref(key, value)
+    warnings += check_tracking(resolved["tracking"], target, resolved.get("env", {}))
 
     kind.resolve_paths(resolved, path_resolver(base))
     engine_config, lint = kind.prepare(resolved)  # lints the engine settings, fills their defaults

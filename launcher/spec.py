@@ -39,6 +39,7 @@ from launcher.fields import (  # noqa: F401  (re-exported: the spec's building b
     Strict,
 )
 from launcher.strategies import STRATEGIES as STRATEGY_REGISTRY
+from launcher.tracking import Tracking
 
 TASKS = ("causal_lm", "instruction", "chat", "classification", "ner", "vqa")
 
@@ -164,6 +165,8 @@ class JobBase(Strict):
         900, gt=0, description="seconds the job may wait for resources before it is stopped (null: no limit)")
     keep_checkpoints: bool = Field(False, description="keep the training checkpoints after the run succeeds "
                                    "(default: removed then; the export is the result)")
+    tracking: Tracking = Field(default_factory=Tracking, description="log the run to MLflow and/or W&B: "
+                               "params, every metrics record, summary, artifacts; a resume continues the same run")
 
     @field_validator("env")
     @classmethod
@@ -365,7 +368,8 @@ def _key(part: Any) -> str:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    """The bad value as an error line shows it: cut at 60 characters, a URI's credentials hidden."""
+    text = re.sub(r"(?<=://)[^/@\s]+@", "***@", repr(value))
     return text if len(text) <= 60 else text[:57] + "..."
 
 

@@ -36,6 +36,10 @@ os.environ.setdefault("FTL_TEST_SECRET", "ftl-secret-" + os.urandom(12).hex())
 # the EC2 metadata lookup stays off (it would leave loopback).
 os.environ.update({"AWS_ACCESS_KEY_ID": "ftlaunch-test", "AWS_SECRET_ACCESS_KEY": "ftlaunch-test-secret",
                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"})
+# The trackers' clients stay on loopback (no usage telemetry) and write their caches and staged
+# artifacts under the session's home, not the user's.
+os.environ.update({"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "WANDB_SILENT": "true",
+                   **{f"WANDB_{d}_DIR": str(_HOME / "wandb" / d.lower()) for d in ("DATA", "CACHE", "CONFIG")}})
 
 
 @pytest.fixture(scope="session")
@@ -137,6 +141,17 @@ def s3_server():
     from tests.s3server import S3Server
 
     server = S3Server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (sqlite store, its own folder) on a free loopback port for the
+    session, stopped by its pid."""
+    from tests.mlflowserver import MlflowServer
+
+    server = MlflowServer.start(tmp_path_factory.mktemp("mlflow"))
     yield server
     server.stop()
 

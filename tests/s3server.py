@@ -3,14 +3,11 @@ loopback port. Tests reach it through pyarrow URIs (`S3Server.uri`), as a user's
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
+
+from tests.servers import free_port, stop_group, wait_until_up
 
 
 class S3Server:
@@ -20,31 +17,15 @@ class S3Server:
 
     @classmethod
     def start(cls, timeout: float = 60) -> "S3Server":
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        server, deadline = cls(proc, port), time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the S3 server (moto) exited with {proc.returncode}")
-            try:
-                urllib.request.urlopen(f"{server.endpoint}/moto-api/", timeout=2).close()
-                return server
-            except OSError:
-                time.sleep(0.2)
-        server.stop()
-        raise RuntimeError(f"the S3 server (moto) did not answer on {server.endpoint} in {timeout:g} s")
+        server = cls(proc, port)
+        wait_until_up(proc, f"{server.endpoint}/moto-api/", "S3 server (moto)", timeout)
+        return server
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc)
 
     # -- what tests use ------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from launcher.cli.common import add_spec_args, add_target_args, print_json, targ
 from launcher.jobplan import plan
 from launcher.kinds import get_kind
 from launcher.spec import load_spec
+from launcher.tracking import describe as tracking_lines
 
 
 def add_parser(sub) -> None:
@@ -48,6 +49,7 @@ def describe(job) -> str:
     ]
     lines += kind.data_lines(job.data)
     lines += kind.describe(job.spec, job.estimate)
+    lines += tracking_lines(job.spec.get("tracking") or {})
     lines += [f"warning       {w}" for w in job.warnings]
     if job.estimate:
         lines += ["", kind.format_estimate(job.estimate)]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import launcher
+from common.runfolder import read_jsonl
 from launcher.inference import AdapterSet
 from launcher.registry import load_registry
 from tests.conftest import ROOT, ftlaunch_cli
@@ -105,10 +106,11 @@ def test_fanout_isolates_a_failing_task_and_resume_retrains_only_it(ray_head, mt
     assert infer.stdout == "".join(f"{a}\n" for a in answers)  # the answers only, as the Python API gives them
 
 
-def test_packed_job_trains_every_adapter_on_one_base_in_one_worker(ray_head, mt_data, tmp_path):
+def test_packed_job_trains_every_adapter_on_one_base_in_one_worker(ray_head, mt_data, mlflow_server, tmp_path):
     spec = spec_for(mt_data, tmp_path, packing=True)
     spec["tasks"] = spec["tasks"][:2]
     spec["tasks"][1]["train"] = {"max_steps": 8}  # alphabet drops out of the pack half-way
+    spec["tracking"] = {"mlflow": {"uri": mlflow_server.uri, "experiment": "mt-packed"}}
     handle = launcher.submit(spec, "ray", address=ray_head.address, submission_id="it-mt-packed")
     assert handle.wait(timeout=400) == "SUCCEEDED", handle.logs()[-3000:]
     manifest = handle.manifest()
@@ -118,6 +120,16 @@ def test_packed_job_trains_every_adapter_on_one_base_in_one_worker(ray_head, mt_
         "counting": (16, True), "alphabet": (8, True)}
     for entry in registry.values():
         assert entry["eval"]["eval_loss"] < entry["eval"]["eval_loss_before"]
+
+    # Tracked: each task is a child run of the job's MLflow run, its loss at its steps.
+    client, parent = mlflow_server.client(), manifest["tracking"]["mlflow"]["run_id"]
+    runs = client.search_runs([manifest["tracking"]["mlflow"]["experiment_id"]], "tags.`ftlaunch.run_id` = 'it-mt-packed'")
+    children = {r.data.tags["ftlaunch.curve"]: r.info.run_id for r in runs if r.info.run_id != parent}
+    assert sorted(children) == ["alphabet", "counting"] and len(runs) == 3
+    for task, child in children.items():
+        kept = [(r["step"], r["loss"]) for r in read_jsonl(Path(handle.run_dir) / f"metrics-{task}.jsonl")]
+        assert sorted((m.step, m.value) for m in client.get_metric_history(child, "loss")) == kept
+    assert "adapters" in {f.path for f in client.list_artifacts(parent)}
 
 
 def test_a_killed_adapter_worker_is_retried_and_continues_from_its_progress(ray_head, mt_data, tmp_path):

@@ -116,7 +116,8 @@ def _remote_files(s3_server, bucket: str, prefix: str) -> dict[str, int]:
 
 
 def test_a_run_in_s3_is_written_stopped_resumed_and_read_there_with_no_local_run_folder(
-        ray_head, tiny_spec, s3_server, s3_data, tmp_path, monkeypatch):
+        ray_head, tiny_spec, s3_server, s3_data, mlflow_server, tmp_path, monkeypatch):
+    from common.runfolder import read_jsonl
     from common.runstore import local_run
     from tests.integration.test_faults import steps_of
     from tests.integration.test_jobs import cli
@@ -127,6 +128,9 @@ def test_a_run_in_s3_is_written_stopped_resumed_and_read_there_with_no_local_run
     tiny_spec.update(storage=storage, data={"train": s3_data["train_jsonl"], "eval": s3_data["eval"],
                                             "retain": s3_data["retain"]})
     tiny_spec["train"].update(max_steps=30, report_every=10)
+    # Tracked in MLflow (the session's server) and W&B offline (its files go in the run folder).
+    tiny_spec["tracking"] = {"mlflow": {"uri": mlflow_server.uri, "experiment": "s3-run"},
+                             "wandb": {"project": "ftl", "mode": "offline"}}
     handle = launcher.submit(tiny_spec, "ray", address=ray_head.address, submission_id="ft-s3-run")
     uri = handle.run_dir
     assert uri.startswith("s3://ftl-runs/team/runs/ft-s3-run?"), uri
@@ -152,6 +156,24 @@ def test_a_run_in_s3_is_written_stopped_resumed_and_read_there_with_no_local_run
     # Ray Train's checkpoint folders were pruned from the bucket; no temporary was left there.
     assert not [k for k in done if k.startswith("checkpoint_0") or "pending" in k or k.startswith(".adapter")], done
     assert done["adapter/adapter_model.safetensors"] > 0 and "logs/worker-0.log" in done
+
+    # The resume continued the same MLflow run: one run, its loss at every step as metrics.jsonl
+    # has it, the export among its artifacts; W&B's offline run: one id, a file per attempt.
+    client = mlflow_server.client()
+    experiment = client.get_experiment_by_name("s3-run")
+    runs = client.search_runs([experiment.experiment_id], "tags.`ftlaunch.run_id` = 'ft-s3-run'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", [r.info for r in runs]
+    assert runs[0].info.run_id == manifest["tracking"]["mlflow"]["run_id"]
+    records = read_jsonl(local_run(uri) / "metrics.jsonl")
+    for key in ("loss", "eval_loss"):
+        logged = [(m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, key)]
+        assert sorted(logged) == [(r["step"], r[key]) for r in records], key
+    assert "adapter" in {f.path for f in client.list_artifacts(runs[0].info.run_id)}
+    from tests.wandbfile import history, offline_runs
+
+    offline = offline_runs(local_run(uri))
+    assert list(offline) == ["ft-s3-run"] and len(offline["ft-s3-run"]) == 2, offline
+    assert [row["_step"] for f in offline["ft-s3-run"] for row in history(f)] == [10, 20, 30]
 
     # Every verb reads it there: status, report (written back to the bucket), infer.
     out = cli("status", "ft-s3-run", "--target", "ray", "--address", ray_head.address, "--storage", storage)
