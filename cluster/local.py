@@ -53,6 +53,14 @@ def auth_mode() -> str:
     return mode
 
 
+def auth_warning() -> str | None:
+    """The line `cluster up` prints when the head will take any client: FTLAUNCH_RAY_AUTH_MODE=disabled."""
+    if auth_mode() != "disabled":
+        return None
+    return ("ftlaunch: warning: the embedded head runs without token authentication "
+            "(FTLAUNCH_RAY_AUTH_MODE=disabled): any user of this machine can submit code to it, which runs as you")
+
+
 def token_path() -> Path:
     return home() / "auth_token"
 
@@ -177,10 +185,9 @@ def up(num_cpus: Optional[int] = None, timeout: float = 90.0) -> Head:
         f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}", "--num-gpus=0",
         "--disable-usage-stats",
     ]
-    if auth_mode() == "disabled":
-        sys.stderr.write("ftlaunch: warning: the embedded head runs without token authentication "
-                         "(FTLAUNCH_RAY_AUTH_MODE=disabled): any user of this machine can submit code "
-                         "to it, which runs as you\n")
+    warning = auth_warning()
+    if warning:
+        sys.stderr.write(warning + "\n")
     env = {**os.environ, **HEAD_ENV, **auth_env()}
     # Ray keeps as many idle task workers as the head has CPUs and kills the rest after a second
     # idle. K adapter workers beside their K data streams need more than that, and a data task

@@ -249,7 +249,9 @@ def _cluster_spec(profile, replicas, min_replicas, max_replicas, *, image, stora
         "rayStartParams": {},
         "template": worker,
     }
-    spec = {"rayVersion": RAY_VERSION, "enableInTreeAutoscaling": autoscale}
+    # Token authentication, Ray's own default since 2.52: KubeRay makes the cluster's token Secret
+    # and gives every pod (and the RayJob's submitter) RAY_AUTH_MODE and the token.
+    spec = {"rayVersion": RAY_VERSION, "enableInTreeAutoscaling": autoscale, "authOptions": {"mode": "token"}}
     if autoscale:
         spec["autoscalerOptions"] = {
             "upscalingMode": "Default",

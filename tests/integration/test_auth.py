@@ -66,11 +66,27 @@ def test_ftlaunch_passes_the_token_from_a_shell_that_has_none(ray_head):
     assert "401" not in out.stderr and "token" not in out.stderr.lower()
 
 
+def test_a_rendered_kuberay_cluster_authenticates_by_token():
+    # No Kubernetes API server here: the rendered RayJob is checked offline against the v1.7.0 schema.
+    import yaml
+
+    from launcher.k8s.validate import validate_manifest
+    from tests.conftest import ROOT
+
+    doc = yaml.safe_load((ROOT / "k8s" / "rayjob-finetune.yaml").read_text())
+    assert doc["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    assert validate_manifest(doc) == []
+
+
 def test_auth_modes(monkeypatch):
     monkeypatch.delenv("FTLAUNCH_RAY_AUTH_MODE", raising=False)
     assert local.auth_env() == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(local.token_path())}
+    assert local.auth_warning() is None
     monkeypatch.setenv("FTLAUNCH_RAY_AUTH_MODE", "disabled")
     assert local.auth_env() == {"RAY_AUTH_MODE": "disabled"}
+    # The opt-out is named in the warning `cluster up` prints, with what it lets others do.
+    assert "FTLAUNCH_RAY_AUTH_MODE=disabled" in local.auth_warning()
+    assert "any user of this machine can submit code" in local.auth_warning()
     monkeypatch.setenv("FTLAUNCH_RAY_AUTH_MODE", "tokn")
     with pytest.raises(local.ClusterError, match="FTLAUNCH_RAY_AUTH_MODE='tokn' is not token or disabled"):
         local.auth_mode()
