@@ -62,10 +62,15 @@ def mirror_path(uri: str) -> Path:
     return root / _key(uri) / plain(uri).rstrip("/").rsplit("/", 1)[-1]
 
 
-def is_mirror_of(path: Path, uri: str) -> bool:
-    """Whether `path` is a mirror of `uri` on some node (the driver's, passed to its workers):
-    each node keeps its own, under its own FTLAUNCH_SCRATCH."""
-    return path.parent.name == _key(uri) and path.name == mirror_path(uri).name
+def in_mirror(path, uri: str) -> Optional[str]:
+    """Where `path` is inside a mirror of `uri` on some node (the driver's, passed to its workers;
+    each node keeps its own, under its own FTLAUNCH_SCRATCH): "" for the mirror itself, e.g.
+    "stages/sft" for a folder in it; None when it is in none."""
+    parts, key, name = Path(path).parts, _key(uri), mirror_path(uri).name
+    for i in range(len(parts) - 1):
+        if parts[i] == key and parts[i + 1] == name:
+            return "/".join(parts[i + 2:])
+    return None
 
 
 def cache_path(uri: str) -> Path:
@@ -89,8 +94,8 @@ def shown_run(folder) -> str:
 
 
 def _skipped(rel: str) -> bool:
-    parts = rel.split("/")
-    if rel in (REMOTE_MARK, PULL_INDEX, DRIVER_MARK) or parts[-1].endswith(".tmp"):
+    parts = rel.split("/")  # a mark may be in a folder's own mirror too (a stage's, on its node)
+    if parts[-1] in (REMOTE_MARK, PULL_INDEX, DRIVER_MARK) or parts[-1].endswith((".tmp", ".pull.lock")):
         return True
     return any(p.startswith(CHECKPOINT_PREFIX) for p in parts)
 
@@ -163,10 +168,11 @@ class Mirror:
 
         return self.fs.get_file_info(f"{self.root}/{rel}").type == pafs.FileType.File
 
-    def pull(self, only: Optional[tuple[str, ...]] = None) -> int:
+    def pull(self, only: Optional[tuple[str, ...]] = None, missing_only: bool = False) -> int:
         """Download the remote files (those under `only`'s prefixes, if given) that are missing
         here or changed there since this folder's last pull (its index: remote size and time);
-        returns the number downloaded."""
+        `missing_only`: only those missing here (the driver's mirror, whose own files may be
+        newer than the store's copies). Returns the number downloaded."""
         import json
 
         index_path = self.local / PULL_INDEX
@@ -179,7 +185,7 @@ class Mirror:
             if only is not None and not rel.startswith(only):
                 continue
             target = self.local / rel
-            if target.is_file() and index.get(rel) == list(sig):
+            if target.is_file() and (missing_only or index.get(rel) == list(sig)):
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             with self.fs.open_input_stream(f"{self.root}/{rel}") as src:

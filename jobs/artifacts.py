@@ -45,13 +45,17 @@ class RunDir:
         self.remote: str | None = None
         if runstore.is_remote(path):
             self.remote, self.path = path, runstore.mirror_path(path)
+            self.root = self.path  # the run's mirror on this node
         else:
-            self.path = Path(path)
-            # A worker of a run in object storage is given the driver's mirror: it keeps its own,
-            # on its node (the same folder where it is the driver's node).
+            self.path = self.root = Path(path)
+            # A worker of a run in object storage is given the driver's mirror (or a folder in it:
+            # a pipeline's stage, a compare's variant): it keeps its own, on its node (the same
+            # folder where it is the driver's node).
             uri = os.environ.get(runstore.RUN_URI_ENV)
-            if uri and runstore.is_mirror_of(self.path, uri):
-                self.remote, self.path = uri, runstore.mirror_path(uri)
+            sub = runstore.in_mirror(self.path, uri) if uri else None
+            if sub is not None:
+                self.root = runstore.mirror_path(uri)
+                self.remote, self.path = runstore.join(uri, sub), self.root / sub
         self.path.mkdir(parents=True, exist_ok=True)
         self.label = label  # names this run's progress lines (a compare's variant)
         if self.remote and path != self.remote and not self.manifest_path.exists():
@@ -71,7 +75,7 @@ class RunDir:
                 stored = json.loads(src.read())
         except (OSError, ValueError):  # not written yet, or the store is away: this node's own
             return manifest
-        if (self.path / runstore.DRIVER_MARK).exists():
+        if (self.root / runstore.DRIVER_MARK).exists():
             return {**stored, **manifest}
         return {**manifest, **stored}
 
@@ -108,7 +112,7 @@ class RunDir:
     def sync(self) -> None:
         """A worker's push to the store of what changed in its node's mirror; nothing on the
         driver's node (its pusher pushes that mirror) or for a local run folder."""
-        if self.remote and not (self.path / runstore.DRIVER_MARK).exists():
+        if self.remote and not (self.root / runstore.DRIVER_MARK).exists():
             self.mirror.push()
 
     def start_sync(self, every_s: float = 2.0):
@@ -226,6 +230,19 @@ class RunDir:
         finally:
             stop.set()
             thread.join(timeout=5)
+
+
+def on_this_node(path: str) -> str:
+    """A path inside the driver's mirror of a run in object storage (an earlier stage's export,
+    an adapter a worker saved) as this node's: mapped into this node's mirror, and the files of
+    it this node lacks pulled from the store (written on another node). Any other path as it is."""
+    uri = os.environ.get(runstore.RUN_URI_ENV)
+    sub = runstore.in_mirror(path, uri) if uri else None
+    if sub is None:
+        return path
+    local = runstore.mirror_path(uri) / sub
+    runstore.Mirror(runstore.join(uri, sub), local).pull(missing_only=True)
+    return str(local)
 
 
 def say(line: str) -> None:

@@ -264,6 +264,20 @@ def worker_scope(env: dict, run_dir, name: str | None = None, grace_s: float | N
         folder.sync()  # a run in object storage: this worker's log and files, whole
 
 
+def _here(spec: dict) -> dict:
+    """The spec with the model and adapter it starts from as this node's copies, when they are in
+    the run's folder in object storage (an earlier stage's export, written on another node)."""
+    from jobs.artifacts import on_this_node
+
+    spec = dict(spec)
+    source = (spec.get("model") or {}).get("source", "")
+    if source.startswith("hf:"):
+        spec["model"] = {**spec["model"], "source": "hf:" + on_this_node(source[len("hf:"):])}
+    if spec.get("init_adapter"):
+        spec["init_adapter"] = on_this_node(spec["init_adapter"])
+    return spec
+
+
 def run_worker(body: Callable, config: dict) -> None:
     """A Ray Train worker: `body(spec, config)` with the spec validated back into its model
     (it travels as JSON in `config["spec"]`), in the worker scope, Ray Train's chatter quieted."""
@@ -272,7 +286,7 @@ def run_worker(body: Callable, config: dict) -> None:
 
     quiet_ray_train()
     config = {**config, "run_dir": str(RunDir(config["run_dir"]).path)}  # this node's mirror of a run in a store
-    spec = validate(config["spec"])
+    spec = validate(_here(config["spec"]))
     train = getattr(spec, "train", None)
     with worker_scope(spec.env, config["run_dir"], grace_s=getattr(train, "preemption_grace_s", None)):
         try:

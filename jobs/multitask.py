@@ -22,7 +22,7 @@ from common.runfolder import metrics_file
 from jobs import components as C
 from jobs import text as T
 from jobs.adapter_train import train_adapter, train_packed
-from jobs.artifacts import RunDir, say
+from jobs.artifacts import RunDir, on_this_node, say
 from jobs.data.badrows import BAD_ROWS_DIR, train_guard
 from jobs.data.ingest import micro_batches
 from jobs.data.read import read_dataset, read_head
@@ -82,6 +82,7 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
             for name, result in results.items():
                 outcomes[name] = result
                 if result["status"] == "SUCCEEDED":
+                    on_this_node(str(run_dir.path / result["entry"]["path"]))  # saved on another node
                     R.register(run_dir.path, name, result["entry"], base_record(spec, base), TOKENIZER_DIR)
                     discard_progress(run_dir.path, f"task-{name}")
                 say(f"[ftlaunch] task {name}: {result['status']}"

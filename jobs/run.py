@@ -208,6 +208,8 @@ def run(plan: dict, spec, run_dir) -> int:
     try:
         run_dir.update_manifest(env_from_cluster=resolve_env_refs(spec.env))
         tracker = Tracking.start(spec, plan, run_dir, attempt=len(attempts))
+        if run_dir.remote:  # the driver's folders in the run (a stage's) are its mirror's, as its workers' are
+            os.environ[RUN_URI_ENV] = run_dir.remote
         connect({RUN_URI_ENV: run_dir.remote} if run_dir.remote else {})
         stop_on_sigterm(run_dir)  # after ray.init, which installs its own
         module = importlib.import_module(get_kind(plan["kind"]).job_module(plan["spec"]))

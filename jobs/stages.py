@@ -23,7 +23,7 @@ import ray
 from common.runfolder import PIPELINE as MANIFEST
 from common.runfolder import dir_size, read_json, write_json
 from jobs import finetune
-from jobs.artifacts import RunDir
+from jobs.artifacts import RunDir, on_this_node
 from launcher import stages as chain
 from launcher.spec import validate
 
@@ -95,7 +95,8 @@ def _train(ft: dict, plan: dict, run_dir: RunDir, name: str) -> dict:
     data = {role.split(".", 1)[1]: info for role, info in (plan.get("data") or {}).items()
             if role.startswith(f"{name}.")}
     summary = finetune.run(validate(ft), {"run_id": name, "data": data}, sub)
-    tokenizer, model = sub.path / "tokenizer", sub.path / "model"
+    # Rank 0 saved them, maybe on another node (a run in object storage): here, they are pulled.
+    tokenizer, model = Path(on_this_node(str(sub.path / "tokenizer"))), Path(on_this_node(str(sub.path / "model")))
     if model.is_dir():  # the next stage loads model/ as an hf: folder: its tokenizer goes with it
         shutil.copytree(tokenizer, model, dirs_exist_ok=True)
     return summary
@@ -132,8 +133,16 @@ def score(ft: dict, merge_folder: str | None, handoff: tuple, routes: dict, spli
     """Merge the stage's adapter into its base when asked (into `<folder>/merged`), then score the
     model the next stage starts from on every stage's eval split, except the splits of stages
     whose adapter was set aside (`routes`): those with that adapter on its base."""
-    if merge_folder:
-        _merge(ft, Path(merge_folder))
+    if merge_folder:  # this node's copy of the stage's folder (its adapter, tokenizer pulled)
+        folder = RunDir(merge_folder)
+        for part in ("adapter", "tokenizer"):
+            on_this_node(str(Path(merge_folder) / part))
+        _merge(ft, folder.path)
+        folder.sync()  # merged/ into the store, from a node other than the driver's
+    handoff = (_here_source(handoff[0]), on_this_node(handoff[1]) if handoff[1] else None)
+    routes = {k: {**r, "source": _here_source(r["source"]),
+                  "adapter": on_this_node(r["adapter"]) if r.get("adapter") else r.get("adapter")}
+              for k, r in routes.items()}
     here = {"source": handoff[0], "adapter": handoff[1], "strategy": ft["strategy"]}
     models = {}
     for split in splits:
@@ -146,6 +155,10 @@ def score(ft: dict, merge_folder: str | None, handoff: tuple, routes: dict, spli
         if entry["split"] in routes:
             entry["kept_adapter"] = True
     return sorted(out, key=lambda e: [s["split"] for s in splits].index(e["split"]))
+
+
+def _here_source(source: str) -> str:
+    return "hf:" + on_this_node(source[len("hf:"):]) if source.startswith("hf:") else source
 
 
 def _score_on(ft: dict, route: dict, splits: list[dict], after: str) -> list[dict]:

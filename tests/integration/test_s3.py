@@ -77,6 +77,49 @@ def test_a_mirror_pushes_what_changed_removes_what_it_removed_and_a_pull_sees_sa
     assert json.loads((there.local / "manifest.json").read_text()) == {"status": "STOPPED"}
 
 
+def test_a_folder_of_a_run_in_s3_is_each_nodes_own_and_what_another_node_wrote_is_pulled_where_it_is_read(
+        s3_server, tmp_path, monkeypatch):
+    # Two nodes in one process: each is its own FTLAUNCH_SCRATCH (its local disk); the store is
+    # the real S3 server. What a pipeline's stages and a multitask's driver do on several nodes.
+    from common import runstore
+    from jobs import artifacts
+    from jobs.artifacts import RunDir, on_this_node
+
+    uri = s3_server.uri(s3_server.bucket("ftl-nodes"), "runs/pipe-1")
+    monkeypatch.setenv("FTLAUNCH_SCRATCH", str(tmp_path / "node-a"))
+    driver = RunDir(uri)
+    driver.fresh_mirror()
+    pusher = driver.start_sync(every_s=60)
+    (driver.path / "stages" / "sft" / "model").mkdir(parents=True)
+    (driver.path / "stages" / "sft" / "model" / "config.json").write_text('{"from": "node a"}')
+    pusher.stop()  # its last push: stage sft's export is in the store
+    a_path = driver.path
+
+    # Node B: a worker given the driver's paths keeps its own copies on its disk.
+    monkeypatch.setenv("FTLAUNCH_SCRATCH", str(tmp_path / "node-b"))
+    monkeypatch.setenv(runstore.RUN_URI_ENV, uri)
+    monkeypatch.setattr(artifacts, "_MIRRORS", {})
+    source = Path(on_this_node(str(a_path / "stages" / "sft" / "model")))
+    assert source == tmp_path / "node-b" / a_path.relative_to(tmp_path / "node-a") / "stages" / "sft" / "model"
+    assert json.loads((source / "config.json").read_text()) == {"from": "node a"}  # pulled from the store
+    stage = RunDir(str(a_path / "stages" / "dpo"))  # the next stage's folder, trained on node B
+    assert stage.path.is_relative_to(tmp_path / "node-b") and stage.remote == runstore.join(uri, "stages/dpo")
+    stage.append("metrics.jsonl", {"step": 10, "loss": 1.0})
+    stage.sync()
+    remote = _remote_files(s3_server, "ftl-nodes", "runs/pipe-1")
+    assert "stages/dpo/metrics.jsonl" in remote and not any(runstore.REMOTE_MARK in k for k in remote), remote
+
+    # Node A again: the driver reads what node B wrote; its own newer files are not overwritten.
+    monkeypatch.setenv("FTLAUNCH_SCRATCH", str(tmp_path / "node-a"))
+    monkeypatch.setattr(artifacts, "_MIRRORS", {})
+    (a_path / "stages" / "dpo").mkdir(parents=True, exist_ok=True)
+    (a_path / "stages" / "dpo" / "events.jsonl").write_text("mine\n")
+    s3_server.filesystem().open_output_stream("ftl-nodes/runs/pipe-1/stages/dpo/events.jsonl").close()
+    assert Path(on_this_node(str(a_path / "stages" / "dpo"))) == a_path / "stages" / "dpo"
+    assert (a_path / "stages" / "dpo" / "metrics.jsonl").read_text() == '{"step": 10, "loss": 1.0}\n'
+    assert (a_path / "stages" / "dpo" / "events.jsonl").read_text() == "mine\n"
+
+
 def test_render_k8s_with_s3_storage_mounts_no_volume_and_gives_every_pod_its_credentials_by_secret(
         s3_server, s3_data, tmp_path, capsys):
     import yaml
