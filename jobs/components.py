@@ -254,25 +254,39 @@ def causal_lm_loss(model, rows, spec=None, batch_size: int = 16) -> Optional[flo
     return total / count if count else None
 
 
-def load_split(path: Optional[str], data: DataSpec, limit: int) -> Optional[dict]:
+def load_split(path: Optional[str], data: DataSpec, limit: int, skipped: Optional[dict] = None) -> Optional[dict]:
     """The first `limit` rows of an eval/retain split, from any format the data checks accept
     (Parquet, Arrow IPC, JSON lines, a save_to_disk folder): {column: values}; classification's
-    keyed by role (text, label)."""
+    keyed by role (text, label). Bad rows are dropped as `split_without_bad_rows` says, and
+    counted in `skipped[path]`."""
     if not path:
         return None
     from jobs.data.read import read_head
 
     table = read_head(path, read_columns(data), limit)
+    columns = split_without_bad_rows({c: table.column(c).to_pylist() for c in table.column_names}, path, data,
+                                     skipped)
     if data.task != "classification":
-        return split_without_bad_rows({c: table.column(c).to_pylist() for c in table.column_names}, path, data)
+        return columns
     text_col, label = data.columns.get("text", "text"), data.columns.get("label", "label")
-    return {"text": table.column(text_col).to_pylist(), "label": table.column(label).to_pylist()}
+    return {"text": columns[text_col], "label": columns[label]}
 
 
-def split_without_bad_rows(columns: dict, path: str, data: DataSpec) -> dict:
-    """An in-memory split ({column: values}) without the rows a causal-LM task cannot use (a null
-    or non-string text, an over-long row): up to data.skip_bad_rows are dropped; one more raises
-    BadRowsError naming the file's row and the fix (a null would otherwise be trained as "None")."""
+SPLIT_SKIPS = ("eval_bad_rows_skipped", "retain_bad_rows_skipped")  # summary keys: load_split's drops
+
+
+def split_skips(skipped: dict, data: DataSpec) -> dict:
+    """The eval and retain splits' bad rows skipped (load_split's `skipped`), as the before-record
+    (and then the summary) keeps them."""
+    return {f"{split}_bad_rows_skipped": skipped.get(path, 0)
+            for split, path in (("eval", data.eval), ("retain", data.retain)) if path}
+
+
+def split_without_bad_rows(columns: dict, path: str, data: DataSpec, skipped: Optional[dict] = None) -> dict:
+    """An in-memory split ({column: values}) without the rows its task cannot use (a null or
+    non-string text, a null label, an over-long row): up to data.skip_bad_rows are dropped (their
+    count in `skipped[path]`, and a line); one more raises BadRowsError naming the file's row and
+    the fix (a null would otherwise be trained as "None")."""
     from jobs.data.badrows import FIX, BadRowsError, row_problem
 
     names = list(columns)
@@ -283,6 +297,10 @@ def split_without_bad_rows(columns: dict, path: str, data: DataSpec) -> dict:
         raise BadRowsError(f"{path} row {i + 1}: {problem}; {FIX}")
     if not bad:
         return columns
+    if skipped is not None:
+        skipped[path] = len(bad)
+    print(f"[ftlaunch] {path}: {len(bad)} bad row(s) skipped (data.skip_bad_rows {data.skip_bad_rows}); "
+          f"the first, row {bad[0][0] + 1}: {bad[0][1]}", flush=True)
     drop = {i for i, _ in bad}
     return {c: [v for i, v in enumerate(values) if i not in drop] for c, values in columns.items()}
 

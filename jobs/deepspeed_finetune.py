@@ -99,6 +99,7 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
         "export": export_name,
         "export_bytes": dir_size(target),
         "bad_rows_skipped": skipped_rows(run_dir.path / BAD_ROWS_DIR),
+        **{k: final[k] for k in C.SPLIT_SKIPS if k in final},
     }
 
 
@@ -141,8 +142,9 @@ def _train_loop(spec, config: dict) -> None:
     stream = Stream(ray.train.get_dataset_shard("train"), train.micro_batch, spec.model.seq_len,
                     guard=train_guard(data, run_dir.path, loop.rank, C.read_columns(data)))
 
-    eval_rows = C.load_split(data.eval, data, train.eval_batches * 16)
-    retain_rows = C.load_split(data.retain, data, train.eval_batches * 16)
+    dropped: dict = {}  # the eval and retain splits' bad rows skipped, by path
+    eval_rows = C.load_split(data.eval, data, train.eval_batches * 16, dropped)
+    retain_rows = C.load_split(data.retain, data, train.eval_batches * 16, dropped)
 
     # Model, strategy, engine. The "before" figures come from the plain model, before any update.
     model = build_model(spec)
@@ -153,6 +155,7 @@ def _train_loop(spec, config: dict) -> None:
             "eval_loss_before": C.causal_lm_loss(model, eval_rows, spec),
             "retain_loss_before": C.causal_lm_loss(model, retain_rows, spec),
             "digests_before": C.frozen_and_trainable_digests(model),
+            **C.split_skips(dropped, data),
         }
         run_dir.update_manifest(before=before)
     engine = build_engine(model, spec, loop.world)

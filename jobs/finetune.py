@@ -114,6 +114,7 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
         "unfrozen_at", "ewc_penalty_last", "replay_share", "padding_fraction", "rss_start_mb", "peak_rss_mb")})
     summary.update(export=export_name, export_bytes=dir_size(target),
                    bad_rows_skipped=skipped_rows(run_dir.path / BAD_ROWS_DIR))
+    summary.update({k: final[k] for k in C.SPLIT_SKIPS if k in final})
     return summary
 
 
@@ -137,8 +138,9 @@ def _train_loop(spec, config: dict) -> None:
             and get_strategy(spec.strategy).is_adapter)
     model, optimizer, trained, unfreezer, ewc = _build(spec, config["steps_per_epoch"], keep and pending)
     trainable, total = C.parameter_counts(model)
-    eval_rows = C.load_split(data.eval, data, train.eval_batches * 16)
-    retain_rows = C.load_split(data.retain, data, train.eval_batches * 16)
+    dropped: dict = {}  # the eval and retain splits' bad rows skipped, by path
+    eval_rows = C.load_split(data.eval, data, train.eval_batches * 16, dropped)
+    retain_rows = C.load_split(data.retain, data, train.eval_batches * 16, dropped)
     generated = G.eval_pairs(data.eval, data, train.eval_generate) if loop.rank == 0 and G.enabled(data, train) else []
 
     step, before = loop.resume(lambda path: C.load_checkpoint(path, model, optimizer)), {}
@@ -149,6 +151,7 @@ def _train_loop(spec, config: dict) -> None:
                   for k, v in C.evaluate(model, rows, spec).items()}
         before.update({f"eval_{k}_before": v for k, v in G.evaluate(model, spec.model, data, generated).items()})
         before["digests_before"] = C.frozen_and_trainable_digests(model, trained)
+        before.update(C.split_skips(dropped, data))
         run_dir.update_manifest(before=before)
         tensorboard.before(run_dir.path, before)
     # On resume: the groups already open by then.

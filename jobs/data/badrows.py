@@ -41,10 +41,17 @@ class BadRowsError(NoRetry, ValueError):
 
 
 def row_problem(row: dict, data: DataSpec) -> Optional[str]:
-    """Why a decoded row of a causal-LM text task cannot be trained on; None when it can."""
+    """Why a decoded row of a text task (causal LM, instruction, chat, classification) cannot be
+    trained on; None when it can."""
     from common.chat import instruction_messages, normalise, messages_column
 
     cols, limit = data.columns, data.max_row_chars
+    if data.task == "classification":
+        label = cols.get("label", "label")
+        if row.get(label) is None:
+            return f"{label} is null"
+        column = cols.get("text", "text")
+        return _text_problem(row.get(column), column, limit)
     if data.task == "causal_lm":
         column = cols.get("text", "text")
         return _text_problem(row.get(column), column, limit)

@@ -123,10 +123,13 @@ def test_a_job_skips_bad_rows_up_to_skip_bad_rows_and_counts_them_in_the_summary
     jsonl(path, [*rows[:100], None, *rows[100:300], 3.5, *rows[300:400], "x" * 5000, *rows[400:]])
     spec = one_worker(tiny_spec, str(path))
     spec["data"].update(skip_bad_rows=3, max_row_chars=4000)
+    # The eval split's bad rows are dropped (not evaluated as "None") and counted on their own.
+    spec["data"]["eval"] = jsonl(tmp_path / "eval.jsonl", [*rows[:20], None, *rows[20:40]])
     handle = launcher.submit(spec, "ray", address=ray_head.address, submission_id="bad-rows-skipped")
     assert handle.wait(timeout=300) == "SUCCEEDED", handle.logs()[-3000:]
     summary = handle.manifest()["summary"]
     assert summary["bad_rows_skipped"] == 3 and summary["steps"] == 60
+    assert summary["eval_bad_rows_skipped"] == 1
 
 
 def test_a_job_whose_parquet_row_group_does_not_decode_fails_naming_it(ray_head, tiny_spec, demo_data, tmp_path):

@@ -180,3 +180,21 @@ def test_an_eval_split_with_a_null_text_is_refused_by_row_or_skipped_within_the_
         C.load_split(str(path), data(path), 16)
     kept = C.load_split(str(path), data(path, skip_bad_rows=1), 16)
     assert kept == {"text": ["good one", "good two"]}  # not the string "None" in the null's place
+    skipped = {}
+    C.load_split(str(path), data(path, skip_bad_rows=1), 16, skipped)
+    assert skipped == {str(path): 1}  # what the summary's eval_bad_rows_skipped reports
+
+
+def test_a_classification_split_with_a_null_label_or_text_is_refused_by_row_or_skipped(tmp_path):
+    from jobs import components as C
+
+    path = tmp_path / "eval.jsonl"
+    rows = [{"text": "fine", "label": 1}, {"text": "no label", "label": None}, {"text": None, "label": 0},
+            {"text": "also fine", "label": 0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = DataSpec(task="classification", train=str(path), eval=str(path))
+    with pytest.raises(BadRowsError, match=r"eval.jsonl row 2: label is null; fix or remove it"):
+        C.load_split(str(path), spec, 16)
+    skipped = {}
+    kept = C.load_split(str(path), spec.model_copy(update={"skip_bad_rows": 2}), 16, skipped)
+    assert kept == {"text": ["fine", "also fine"], "label": [1, 0]} and skipped == {str(path): 2}
