@@ -188,7 +188,8 @@ def test_a_run_in_s3_is_written_stopped_resumed_and_read_there_with_no_local_run
     # Resume by run id under the storage URI (the CLI, as a user would): the run continues from
     # its checkpoint in the bucket; every step is reported once.
     out = cli("resume", "ft-s3-run", "--target", "ray", "--address", ray_head.address, "--storage", storage)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:] + (
+        local_run(uri) / "logs" / "driver.log").read_text()[-8000:]
     manifest = json.loads((local_run(uri) / "manifest.json").read_text())
     assert manifest["status"] == "SUCCEEDED" and len(manifest["attempts"]) == 2, manifest.get("error")
     assert steps_of(local_run(uri)) == [10, 20, 30]
