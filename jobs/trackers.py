@@ -142,33 +142,45 @@ class Wandb:
 
         self.config, self.state, self.folder = config, state, folder
         self.runs: dict = {}
+        self.done: dict = {}  # curve -> the last step this run has durably (on W&B's side or on disk)
+        # W&B logs asynchronously: a row it was given may never reach its file or server (the
+        # driver killed at a stop). So each attempt starts from what W&B has, not from a count.
+        state["logged"] = {}
 
-    def _init(self, run_id: str, name: str, job_type: str, config: Optional[dict] = None):
+    def _init(self, curve: str, run_id: str, name: str, job_type: str, config: Optional[dict] = None):
         import wandb
+
+        from jobs.wandbfile import last_step
 
         settings = wandb.Settings(console="off", silent=True, save_code=False, disable_git=True,
                                   x_disable_stats=True)
-        return wandb.init(project=self.config["project"], entity=self.config.get("entity"),
-                          mode=self.config["mode"], dir=str(self.folder), id=run_id, name=name,
-                          group=self.group, job_type=job_type, config=config, resume="allow",
-                          reinit="create_new", settings=settings)
+        run = wandb.init(project=self.config["project"], entity=self.config.get("entity"),
+                         mode=self.config["mode"], dir=str(self.folder), id=run_id, name=name,
+                         group=self.group, job_type=job_type, config=config, resume="allow",
+                         reinit="create_new", settings=settings)
+        # Online: the server's next step for a resumed run; offline: the rows in its earlier files.
+        online = (getattr(run, "step", 0) or 0) - 1
+        self.done[curve] = max(online, last_step(self.folder, run_id) if self.config["mode"] == "offline" else -1)
+        return run
 
     def open(self, run: dict) -> None:
         self.group = run["run_id"]
         self.state.setdefault("run_id", wandb_id(run["run_id"]))
-        self.runs[""] = self._init(self.state["run_id"], run["run_id"], run["kind"], config=run["spec"])
+        self.runs[""] = self._init("", self.state["run_id"], run["run_id"], run["kind"], config=run["spec"])
 
     def _run_of(self, curve: str):
         if curve not in self.runs:
             children = self.state.setdefault("children", {})
             children.setdefault(curve, wandb_id(self.state["run_id"], curve))
-            self.runs[curve] = self._init(children[curve], f"{self.group}/{curve}", curve)
+            self.runs[curve] = self._init(curve, children[curve], f"{self.group}/{curve}", curve)
         return self.runs[curve]
 
     def log(self, curve: str, records: list[dict]) -> None:
         run = self._run_of(curve)
         for r in records:
-            run.log(numeric(r), step=int(r["step"]))
+            if int(r["step"]) > self.done[curve]:  # W&B's steps only go up: a row it has is not sent again
+                run.log(numeric(r), step=int(r["step"]))
+                self.done[curve] = int(r["step"])
 
     def close(self, status: str, summary: Optional[dict], folder: Optional[Path]) -> None:
         import wandb

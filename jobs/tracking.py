@@ -8,7 +8,8 @@ its summary, its status and its artifacts (the export, the report). A curve othe
 own (a pipeline's stage, a multitask task, a compare's variant) is a child run.
 
 The trackers' ids, and how many records of each file each has logged, are kept in the
-manifest (`tracking`): a resume continues the same runs and logs no record twice. A tracker that
+manifest (`tracking`): a resume continues the same runs and logs no record twice (W&B, which
+logs asynchronously, is asked instead which steps it has: jobs/trackers.py). A tracker that
 fails is a warning and training goes on; the records it missed are tried again at the next poll.
 """
 

@@ -213,7 +213,7 @@ def test_a_run_in_s3_is_written_stopped_resumed_and_read_there_with_no_local_run
         logged = [(m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, key)]
         assert sorted(logged) == [(r["step"], r[key]) for r in records], key
     assert "adapter" in {f.path for f in client.list_artifacts(runs[0].info.run_id)}
-    from tests.wandbfile import history, offline_runs
+    from jobs.wandbfile import history, offline_runs
 
     offline = offline_runs(local_run(uri))
     assert list(offline) == ["ft-s3-run"] and len(offline["ft-s3-run"]) == 2, offline

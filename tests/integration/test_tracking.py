@@ -14,7 +14,7 @@ import pytest
 
 from jobs.artifacts import RunDir
 from jobs.tracking import Tracking
-from tests.wandbfile import history, offline_runs, run_record
+from jobs.wandbfile import history, offline_runs, run_record
 
 pytestmark = pytest.mark.integration
 

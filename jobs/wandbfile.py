@@ -1,4 +1,5 @@
-"""Read back a W&B offline run's `run-<id>.wandb` file: its records, as the tests check them.
+"""Read back a W&B offline run's `run-<id>.wandb` file: its records. The tracker asks it which
+steps of a run are on disk (a resume logs the rest); the tests read what was logged.
 
 The file is a log of protobuf `Record`s in 32 KiB blocks: a 7-byte file header (":W&B", magic,
 version), then per chunk a 7-byte header (CRC-32, length, type: full, first, middle, last) and
@@ -19,7 +20,8 @@ def records(path: Path) -> list:
 
     data = Path(path).read_bytes()
     ident, magic, version = struct.unpack("<4sHB", data[:HEADER])
-    assert ident == b":W&B" and magic == 0xBEE1, f"{path} is not a W&B run file"
+    if ident != b":W&B" or magic != 0xBEE1:
+        raise ValueError(f"{path} is not a W&B run file")
     out, pos, pending = [], HEADER, b""
     while pos + HEADER <= len(data):
         left = BLOCK - pos % BLOCK
@@ -43,7 +45,10 @@ def records(path: Path) -> list:
         else:
             pending += chunk
         record = pb.Record()
-        record.ParseFromString(pending)
+        try:
+            record.ParseFromString(pending)
+        except Exception:  # noqa: BLE001  (a last record cut short: its writer was killed)
+            break
         out.append(record)
         pending = b""
     return out
@@ -73,3 +78,15 @@ def offline_runs(folder: Path) -> dict[str, list[Path]]:
     for f in sorted(Path(folder).glob("wandb/offline-run-*/run-*.wandb")):
         found.setdefault(f.stem[len("run-"):], []).append(f)
     return found
+
+
+def last_step(folder: Path, run_id: str) -> int:
+    """The highest step of the run's history rows on disk under `folder`, over all its attempts'
+    offline files; -1 when none."""
+    steps = [-1]
+    for f in offline_runs(folder).get(run_id, []):
+        try:
+            steps += [int(row["_step"]) for row in history(f) if "_step" in row]
+        except (OSError, ValueError):
+            continue
+    return max(steps)
