@@ -13,7 +13,7 @@ import threading
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from common import runstore
 from common.runfolder import MANIFEST, METRICS, PROGRESS, read_json, read_jsonl, write_json, write_jsonl
@@ -163,43 +163,57 @@ class RunDir:
         if name.startswith("metrics") and removed:
             tensorboard.truncated(self.path, name, removed)
 
-    def artifacts(self) -> dict:
-        """Every file under the run folder with its size, relative paths."""
+    def artifacts(self, leaving: tuple[Path, ...] = ()) -> dict:
+        """Every file under the run folder with its size, relative paths (`leaving`: folders and
+        files about to be removed, left out)."""
         return {
             str(f.relative_to(self.path)): f.stat().st_size
             for f in sorted(self.path.rglob("*"))
-            if f.is_file() and f.name != MANIFEST
+            if f.is_file() and f.name != MANIFEST and not any(f == p or p in f.parents for p in leaving)
         }
 
-    def prune_checkpoints(self) -> int:
-        """Remove the training checkpoints (Ray Train's `checkpoint_*` folders, multitask's
-        progress files) once the run has succeeded: the export is its result, and they hold
-        the optimizer too (several times the model). Returns the bytes freed."""
+    def checkpoints(self) -> tuple[list[Path], list[str], int]:
+        """The training checkpoints a succeeded run no longer needs (Ray Train's `checkpoint_*`
+        folders, multitask's progress files; the export is its result, and they hold the
+        optimizer too, several times the model): the local ones, the store's (relative paths),
+        and the bytes they hold."""
+        local = [p for p in self.path.rglob("checkpoint_*") if p.is_dir()]
+        local += [p for p in self.path.rglob(PROGRESS) if p.exists()]
+        held = sum(f.stat().st_size for path in local
+                   for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file())
+        remote, remote_bytes = self._remote_checkpoints() if self.remote else ([], 0)
+        return local, remote, held + remote_bytes
+
+    def prune_checkpoints(self, found: Optional[tuple[list[Path], list[str], int]] = None) -> int:
+        """Remove the checkpoints `checkpoints()` found (found now if not given); returns the
+        bytes freed. Run after the run's SUCCEEDED is recorded: a stop that lands mid-way leaves
+        a succeeded run with some checkpoints over, never a stopped one without them."""
         import shutil
 
-        doomed = [p for p in self.path.rglob("checkpoint_*") if p.is_dir()]
-        doomed += [p for p in self.path.rglob(PROGRESS) if p.exists()]
-        freed = self._prune_remote_checkpoints() if self.remote else 0
-        for path in doomed:
-            files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
-            freed += sum(f.stat().st_size for f in files)
+        local, remote, held = found or self.checkpoints()
+        for rel in remote:
+            self.mirror.delete(rel)
+        for path in local:
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
-        return freed
+        return held
 
-    def _prune_remote_checkpoints(self) -> int:
-        """Ray Train's checkpoints in the store (written there, never mirrored) and the progress
-        files' copies there."""
+    def _remote_checkpoints(self) -> tuple[list[str], int]:
+        """Ray Train's checkpoint folders in the store (written there, never mirrored) and the
+        progress files' copies there: outermost paths, and the bytes under them."""
         import pyarrow.fs as pafs
 
         mirror = self.mirror
         infos = mirror.fs.get_file_info(pafs.FileSelector(mirror.root, recursive=True, allow_not_found=True))
-        doomed = sorted({i.path[len(mirror.root):].lstrip("/") for i in infos if i.type == pafs.FileType.Directory
-                         and (i.base_name.startswith(runstore.CHECKPOINT_PREFIX) or i.base_name == PROGRESS)})
+        rels = {i.path[len(mirror.root):].lstrip("/"): i for i in infos}
+        doomed = sorted(rel for rel, i in rels.items() if i.type == pafs.FileType.Directory
+                        and (i.base_name.startswith(runstore.CHECKPOINT_PREFIX) or i.base_name == PROGRESS))
         doomed = [d for d in doomed if not any(d.startswith(o + "/") for o in doomed)]  # outermost only
-        return sum(mirror.delete(rel) for rel in doomed)
+        held = sum(i.size or 0 for rel, i in rels.items() if i.type == pafs.FileType.File
+                   and any(rel.startswith(d + "/") for d in doomed))
+        return doomed, held
 
     @contextlib.contextmanager
     def progress(self, totals: int | dict[str, int], every: float = 0.5, unit: str = "tok/s"):

@@ -40,9 +40,17 @@ def data_of(spec) -> DataSpec:
 def ray_train_configs(res: ResourcesSpec, name: str, storage: dict, max_failures: int) -> dict:
     """The ScalingConfig and RunConfig of every ftlaunch Ray Train run: one rank per worker with
     the spec's CPUs and GPUs; a run named so that a rerun of the name resumes from its last
-    checkpoint (two kept); `max_failures` dead workers recovered from it. `storage`: RunDir's
+    checkpoint (two kept) that is still whole (jobs/checkpoints.py repairs the run snapshot of
+    one gone or cut short); `max_failures` dead workers recovered from it. `storage`: RunDir's
     `ray_storage()` (a folder, or a bucket path and its filesystem)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+
+    from jobs import checkpoints
+
+    gone = checkpoints.repair(storage, name)
+    if gone:
+        print(f"[ftlaunch] checkpoint {', '.join(gone)} of {name} is gone or cut short (a stop or a "
+              "prune killed mid-way); the run continues from the last whole one, or from the start", flush=True)
 
     return {
         "scaling_config": ScalingConfig(

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from common.runfolder import EVENTS, METRICS, PROGRESS
-from jobs import preempt
+from jobs import checkpoints, preempt
 from jobs.artifacts import RunDir, say
 
 
@@ -128,6 +128,7 @@ class Loop:
                 path = tempfile.mkdtemp(prefix="ftl-ckpt-")
                 try:
                     save(path)
+                    checkpoints.write_listing(path, self.rank, self.world if self.every_rank_saves else 1)
                     ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(path))
                 finally:  # Ray Train copied it into the run's storage
                     shutil.rmtree(path, ignore_errors=True)

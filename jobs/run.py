@@ -32,6 +32,7 @@ class Stopped(BaseException):
 
 
 _STOP_REQUESTED: list = []  # set once SIGTERM came: whatever the job raises then is the stop's
+_SUCCEEDED: list = []  # set once SUCCEEDED is recorded: a stop after it (mid-prune) changes nothing
 
 
 def stop_on_sigterm(run_dir) -> None:
@@ -40,6 +41,9 @@ def stop_on_sigterm(run_dir) -> None:
     the job then need not be `Stopped`: Ray Train may wrap it, or fail on the teardown it began."""
 
     def on_sigterm(signum, frame):
+        if _SUCCEEDED:  # the run's result is recorded: the rest (pruning, the report) may be cut short
+            print("[ftlaunch] stop requested after the run SUCCEEDED; it stays SUCCEEDED", flush=True)
+            return
         _STOP_REQUESTED.append(time.time())
         finish(run_dir, "STOPPED", error=DRIVER_STOPPED)
         raise Stopped("stopped by request (SIGTERM)")
@@ -228,9 +232,16 @@ def run(plan: dict, spec, run_dir) -> int:
         _report(plan, run_dir)
         end_tracking(tracker, "STOPPED" if stopped else "FAILED")
         return 1
-    if not spec.keep_checkpoints:
-        summary = {**summary, "checkpoints_removed_bytes": run_dir.prune_checkpoints()}
-    finish(run_dir, "SUCCEEDED", summary=summary, artifacts=run_dir.artifacts())
+    # SUCCEEDED is recorded before the checkpoints go: a stop landing while they are removed
+    # leaves a succeeded run with some over, never a stopped one whose resume finds them gone.
+    doomed = None if spec.keep_checkpoints else run_dir.checkpoints()
+    if doomed is not None:
+        summary = {**summary, "checkpoints_removed_bytes": doomed[2]}
+    leaving = tuple(doomed[0]) if doomed else ()
+    finish(run_dir, "SUCCEEDED", summary=summary, artifacts=run_dir.artifacts(leaving=leaving))
+    _SUCCEEDED.append(time.time())
+    if doomed is not None:
+        run_dir.prune_checkpoints(doomed)
     print("[ftlaunch] summary " + json.dumps(summary, default=str), flush=True)
     _report(plan, run_dir, tracked=tracker is not None)
     end_tracking(tracker, "SUCCEEDED", summary)

@@ -95,6 +95,32 @@ def test_a_killed_driver_resumes_from_the_checkpoint_and_its_logs_outlive_the_cl
     assert "--- worker-0.log" in logs.stdout and "--- worker-1.log" in logs.stdout
 
 
+def test_a_resume_whose_last_checkpoint_was_cut_short_continues_from_the_whole_one_before(ray_head, tiny_spec):
+    # Ray Train refuses a run folder whose snapshot names a checkpoint that is gone ("corrupted");
+    # on CI a stop that landed while a succeeded run pruned its checkpoints left one so. Here the
+    # stopped run's latest checkpoint loses a file, as a prune or upload killed mid-way leaves it.
+    tiny_spec["train"].update(max_steps=STEPS, report_every=10)
+    handle = launcher.submit(tiny_spec, "ray", address=ray_head.address, submission_id="ft-cut-short")
+    run_dir = Path(handle.run_dir)
+    wait_for_step(run_dir, 20)
+    assert handle.stop() and handle.wait(timeout=120) == "STOPPED"
+    snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    earlier, latest = snapshot["checkpoint_results"][-2:]  # Ray Train keeps two
+    cut = run_dir / latest["checkpoint_dir_name"]
+    assert (cut / ".ftl-checkpoint-rank0.json").exists()
+    next(f for f in sorted(cut.rglob("*")) if f.is_file() and not f.name.startswith(".")).unlink()
+
+    out = cli("resume", str(run_dir), "--address", ray_head.address)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    driver_log = (run_dir / "logs" / "driver.log").read_text()
+    assert f"checkpoint {latest['checkpoint_dir_name']} of ft-cut-short is gone or cut short" in driver_log
+    worker_log = "".join(p.read_text() for p in (run_dir / "logs").glob("worker-0*.log"))
+    assert f"resumed at step {earlier['metrics']['step']} from the last checkpoint" in worker_log, worker_log[-3000:]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "SUCCEEDED" and manifest["summary"]["steps"] == STEPS
+    assert steps_of(run_dir) == list(range(10, STEPS + 10, 10))  # each once: the redone steps replaced
+
+
 def test_a_job_no_node_can_place_is_refused_at_submit_with_the_clusters_shape(ray_head, tiny_spec, tmp_path):
     # 8 CPUs a worker on a 2-CPU head with no autoscaler: it would wait pending_timeout for nothing.
     tiny_spec["resources"] = {"workers": 1, "cpus_per_worker": 8}

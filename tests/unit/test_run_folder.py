@@ -12,7 +12,11 @@ def test_a_succeeded_run_keeps_its_export_and_loses_its_checkpoints(tmp_path):
     for name, n in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x" * n)
-    assert RunDir(str(tmp_path)).prune_checkpoints() == 300 + 500 + 70 + 40
+    run = RunDir(str(tmp_path))
+    found = run.checkpoints()
+    # What SUCCEEDED records (before the checkpoints go) lists none of them.
+    assert sorted(run.artifacts(leaving=tuple(found[0]))) == ["adapter/adapter_model.safetensors", "metrics.jsonl"]
+    assert run.prune_checkpoints(found) == 300 + 500 + 70 + 40
     left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert left == ["adapter/adapter_model.safetensors", "metrics.jsonl"]
 
