@@ -49,7 +49,7 @@ def main(argv=None) -> int:
 
 
 def benches(head, data) -> dict:
-    from bench import b6_memory, b7_packing, b8_precision, spine
+    from bench import b6_memory, b7_packing, b8_precision, load, spine
 
     def b2():
         from bench import b2_ingest
@@ -73,6 +73,7 @@ def benches(head, data) -> dict:
         "b6_memory": lambda: b6_memory.run(),
         "b7_packing": lambda: b7_packing.run(WORK),
         "b8_precision": lambda: b8_precision.run(data["train"]),
+        "load": lambda: load.run(head.address, WORK, data),
         "b4_fanout": lambda: multitask(lambda r: {
             **r["b4_fanout"], "ratio": r["b4_fanout"]["parallel_efficiency"], "goal": ">= 0.9"}),
         # B5's headline is K = 2 (K = 4 beside it: on 2 cores its separate workers time-share them)

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from launcher.capacity import DRIVER_SLOT
 from launcher.errors import ClusterError
 
 HOST = "127.0.0.1"
@@ -33,10 +34,20 @@ HEAD_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
     "HF_HUB_OFFLINE": "1",
+    # Jobs queued for a driver slot wait in Ray's job manager as PENDING; Ray fails a job pending
+    # past this (default 900 s). A queue of submissions may wait behind hours of training.
+    "RAY_JOB_START_TIMEOUT_SECONDS": str(7 * 24 * 3600),
 }
 
 
 WORKERS_KEPT_PER_CPU = 4  # idle Ray worker processes the embedded head keeps warm, per CPU
+MIN_DRIVER_SLOTS = 4  # ftlaunch drivers the embedded head runs at once: its CPUs, at least this
+
+
+def driver_slots(num_cpus: int) -> int:
+    """How many jobs' drivers the embedded head runs at once (FTLAUNCH_DRIVER_SLOTS, else its
+    CPUs, at least MIN_DRIVER_SLOTS); the others wait PENDING with no process of their own."""
+    return int(os.environ.get("FTLAUNCH_DRIVER_SLOTS") or 0) or max(MIN_DRIVER_SLOTS, num_cpus)
 
 
 def home() -> Path:
@@ -183,6 +194,7 @@ def up(num_cpus: Optional[int] = None, timeout: float = 90.0) -> Head:
         f"--dashboard-agent-listen-port={agent_port}", f"--dashboard-agent-grpc-port={agent_grpc}",
         f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
         f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+        f"--resources={json.dumps({DRIVER_SLOT: driver_slots(num_cpus)})}",
         "--disable-usage-stats",
     ]
     warning = auth_warning()

@@ -18,6 +18,11 @@ from typing import Optional
 
 from launcher.errors import PlanError
 
+# A head that queues drivers has this custom resource (the embedded head: cluster/local.py; any
+# cluster: `ray start --resources='{"ftlaunch_driver": N}'` on its head). Each ftlaunch job's
+# driver then takes one, so N run at once and the rest wait PENDING in Ray's job manager with no
+# process (a started driver holds ~400 MB before its first step).
+DRIVER_SLOT = "ftlaunch_driver"
 READ_TIMEOUT_S = 5.0
 NODES_WAIT_S = 10.0  # for a just-started head's own node to show in the state API
 
@@ -28,6 +33,7 @@ class Cluster:
     nodes: list[dict]  # per alive node: its total resources ({"CPU": 2.0, "GPU": 1.0, ...})
     free: dict = field(default_factory=dict)  # the cluster's unreserved resources now
     autoscales: bool = False  # worker node types the autoscaler may still launch
+    driver_slots: float = 0  # the head's DRIVER_SLOT total (0: drivers are not queued)
 
     def shape(self) -> str:
         """`2 x {CPU: 4, GPU: 1}, 1 x {CPU: 8}`: the line a refusal shows."""
@@ -43,22 +49,26 @@ def read_cluster(url: str, headers: Optional[dict] = None) -> Cluster:
     deadline = time.monotonic() + NODES_WAIT_S
     while True:  # a head that just started answers before its own node has registered
         nodes = _get(url, "/api/v0/nodes?detail=true&limit=10000", headers)["data"]["result"]["result"]
-        alive = [{k: v for k, v in (n.get("resources_total") or {}).items() if k in ("CPU", "GPU", "memory")}
-                 for n in nodes if n.get("state") == "ALIVE"]
+        nodes = [n.get("resources_total") or {} for n in nodes if n.get("state") == "ALIVE"]
+        alive = [{k: v for k, v in n.items() if k in ("CPU", "GPU", "memory")} for n in nodes]
         if alive or time.monotonic() > deadline:
             break
         time.sleep(0.5)
+    slots = sum(float(n.get(DRIVER_SLOT, 0)) for n in nodes)
     free, autoscales = {}, False
     try:
         status = _get(url, "/api/cluster_status", headers)["data"]
         usage = ((status.get("clusterStatus") or {}).get("loadMetricsReport") or {}).get("usage") or {}
-        free = {k: total - used for k, (used, total) in usage.items() if k in ("CPU", "GPU", "memory")}
+        # the dashboard writes custom resources' names in camel case (ftlaunchDriver)
+        names = {"CPU": "CPU", "GPU": "GPU", "memory": "memory", DRIVER_SLOT: DRIVER_SLOT,
+                 _camel(DRIVER_SLOT): DRIVER_SLOT}
+        free = {names[k]: total - used for k, (used, total) in usage.items() if k in names}
         # `ray start` clusters list no worker node types; an autoscaling one lists those it may launch
         types = (status.get("autoscalingStatus") or "").partition("Worker node types:")[2]
         autoscales = bool(types.strip())
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    return Cluster(url, alive, free, autoscales)
+    return Cluster(url, alive, free, autoscales, slots)
 
 
 def check(cluster: Cluster, resources: dict) -> list[str]:
@@ -69,8 +79,12 @@ def check(cluster: Cluster, resources: dict) -> list[str]:
     at_once = int(resources.get("at_once") or resources.get("workers") or 1)
     per_node = [_fits(node, ask) for node in cluster.nodes]
     worker = _bundle(ask)
+    queued = []
+    if cluster.driver_slots and cluster.free.get(DRIVER_SLOT, cluster.driver_slots) < 1:
+        queued = [f"the head at {cluster.url} runs {cluster.driver_slots:g} ftlaunch drivers at once and "
+                  "every one is taken: the job waits PENDING (no process) until one ends"]
     if cluster.autoscales:
-        return []  # a node type not yet launched may hold it: Ray waits, pending_timeout bounds the wait
+        return queued  # a node type not yet launched may hold it: Ray waits, pending_timeout bounds the wait
     if not cluster.nodes:  # every cluster has its head: the state API has not seen it yet
         return [f"the cluster at {cluster.url} reports no alive node yet; whether it can place the job "
                 "was not checked"]
@@ -83,10 +97,15 @@ def check(cluster: Cluster, resources: dict) -> list[str]:
                         f"holds at most {sum(per_node)} ({cluster.shape()}); lower resources.workers to "
                         f"{sum(per_node)} or add nodes")
     if cluster.free and _fits(cluster.free, ask) < at_once:
-        busy = _bundle({k: v for k, v in cluster.free.items() if k in ask})
-        return [f"the cluster at {cluster.url} has {busy} free now: the job waits for busy resources "
-                "(up to pending_timeout)"]
-    return []
+        busy = "{" + ", ".join(f"{k}: {cluster.free.get(k, 0):g}" for k, v in ask.items() if v) + "}"
+        return queued + [f"the cluster at {cluster.url} has {busy} free now: the job waits for busy resources "
+                         "(up to pending_timeout)"]
+    return queued
+
+
+def entrypoint_resources(cluster: Cluster) -> dict:
+    """What a job's driver asks of the cluster: a driver slot where the head has them."""
+    return {DRIVER_SLOT: 1} if cluster.driver_slots else {}
 
 
 def check_storage(cluster: Cluster, storage: str, shared: bool) -> None:
@@ -99,6 +118,11 @@ def check_storage(cluster: Cluster, storage: str, shared: bool) -> None:
                     f"{len(cluster.nodes)} nodes ({cluster.shape()}): a worker on another node would write "
                     "the run where no one reads it; use storage: s3://bucket/prefix, or set "
                     "storage_shared: true if every node mounts that folder")
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.capitalize() for part in rest)
 
 
 def _fits(have: dict, ask: dict) -> int:

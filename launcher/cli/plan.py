@@ -26,7 +26,7 @@ def run(args) -> int:
     if args.address and job.target in ("ray", "local"):
         from launcher.targets.ray import live_capacity, resolve_address
 
-        live = live_capacity(resolve_address(args.address), job.resources, job.spec)
+        live, _ = live_capacity(resolve_address(args.address), job.resources, job.spec)
         job = dataclasses.replace(job, warnings=[*job.warnings, *live])
     if args.json:
         print_json(job.to_dict())

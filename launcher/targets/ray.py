@@ -82,19 +82,20 @@ def _dashboard_url(address: str) -> Optional[str]:
     return url if ok else None
 
 
-def live_capacity(url: str, resources: dict, spec: Optional[dict] = None) -> list[str]:
+def live_capacity(url: str, resources: dict, spec: Optional[dict] = None) -> tuple[list[str], dict]:
     """launcher/capacity.py on the cluster the job goes to: refuses a job no node can ever place,
-    and a local storage folder on a cluster of several nodes (unless `storage_shared`)."""
+    and a local storage folder on a cluster of several nodes (unless `storage_shared`). Returns
+    the warnings and the driver's entrypoint resources (a driver slot where the head has them)."""
     from launcher import capacity
 
     try:
         cluster = capacity.read_cluster(url)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return [f"the cluster's nodes could not be read at {url} ({type(exc).__name__}); "
-                "whether it can place the job was not checked"]
+                "whether it can place the job was not checked"], {}
     if spec is not None:
         capacity.check_storage(cluster, spec.get("storage", ""), bool(spec.get("storage_shared")))
-    return capacity.check(cluster, resources)
+    return capacity.check(cluster, resources), capacity.entrypoint_resources(cluster)
 
 
 def client(address: str):
@@ -113,8 +114,8 @@ def client(address: str):
         if parts.hostname and parts.port:
             socket.create_connection((parts.hostname, parts.port), timeout=CONNECT_TIMEOUT_S).close()
         # Ray's client prefers RAY_ADDRESS (and RAY_API_SERVER_ADDRESS) over the address it is
-        # given: hide them while it is made, so the address we resolved is the one used.
-        with _without_env("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        # given: made under _as_given, the address we resolved is the one used.
+        with _as_given():
             return JobSubmissionClient(address)
     except socket.timeout:
         raise ClusterError(
@@ -128,17 +129,31 @@ def client(address: str):
         ) from None
 
 
-_ENV_LOCK = threading.Lock()  # the environment is the process's: threads submitting at once take turns
+_GIVEN = threading.local()  # set in a thread making a client: its address is used as given
 
 
 @contextlib.contextmanager
-def _without_env(*names: str):
-    with _ENV_LOCK:
-        saved = {n: os.environ.pop(n) for n in names if n in os.environ}
-        try:
-            yield
-        finally:
-            os.environ.update(saved)
+def _as_given():
+    """While a thread makes a JobSubmissionClient, Ray's address lookup (which lets RAY_ADDRESS
+    override the address given) returns an http(s) URL as given, for that thread only. Hiding
+    the variables instead changed the process's environment under other threads: one copying it
+    at that moment failed with KeyError: 'RAY_ADDRESS' (found by bench/load.py)."""
+    from ray.dashboard.modules.job import sdk
+
+    lookup = sdk.get_address_for_submission_client
+    if not getattr(lookup, "ftlaunch", False):
+        def as_given(address):
+            if getattr(_GIVEN, "on", False) and address and address.startswith(("http://", "https://")):
+                return address
+            return lookup(address)
+
+        as_given.ftlaunch = True
+        sdk.get_address_for_submission_client = as_given
+    _GIVEN.on = True
+    try:
+        yield
+    finally:
+        _GIVEN.on = False
 
 
 @dataclass
@@ -282,7 +297,8 @@ class RayTarget(Target):
             _same_spec(c, plan.submission_id, digest)
             handle.existing = True
             return handle
-        for warning in live_capacity(url, plan.resources, plan.spec):
+        warnings, driver_resources = live_capacity(url, plan.resources, plan.spec)
+        for warning in warnings:
             sys.stderr.write(f"ftlaunch: warning: {warning}\n")
         try:
             _submit_with_retry(
@@ -291,6 +307,7 @@ class RayTarget(Target):
                 submission_id=plan.submission_id,
                 runtime_env=_with_cluster_env(plan.runtime_env, url),
                 entrypoint_num_cpus=plan.entrypoint_num_cpus,
+                entrypoint_resources=driver_resources or None,
                 metadata={
                     "ftlaunch_run_id": plan.run_id,
                     "ftlaunch_kind": plan.kind,

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 import launcher
+from bench.load import Calls
+from launcher import capacity
 from launcher.client import attach, list_jobs
 from tests.integration.test_jobs import cli, write_spec
 
@@ -178,6 +180,24 @@ def test_twenty_concurrent_submissions_are_twenty_jobs_and_a_resubmit_is_the_sam
         tracked = {j["submission_id"]: j for j in list_jobs("ray", ray_head.address)}
         assert set(ids) <= set(tracked)
         assert {tracked[i]["run_dir"] for i in ids} == {h.run_dir for h in handles}
+        # The head runs as many drivers at once as it has driver slots (4 on this 2-CPU head); the
+        # rest wait PENDING in Ray's job manager, with no process (a driver holds ~400 MB).
+        slots = capacity.read_cluster(ray_head.address).driver_slots
+        assert slots == 4
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            statuses = [j["status"] for j in list_jobs("ray", ray_head.address) if j["submission_id"] in ids]
+            if statuses.count("RUNNING") == slots:
+                break
+            time.sleep(1.0)
+        assert statuses.count("RUNNING") == slots and statuses.count("PENDING") == 20 - slots, statuses
+        # 10 clients at once calling status, list and logs on them for 10 s: none fails (the full
+        # load, 50 submissions and 60 s, with each call's latency: bench/load.py, make bench).
+        calls = Calls()
+        calls.hammer(ray_head.address, ids, Path(tiny_spec["storage"]), seconds=10, threads=10)
+        assert not calls.errors, calls.errors[:3]
+        assert min(len(v) for k, v in calls.latencies.items() if k != "submit") >= 10, calls.latencies
+        assert calls.most_running <= slots
         again = submit(ids[7])  # the same id again: that job, not a new one
         assert again.existing and again.run_dir == handles[7].run_dir
         assert sum(1 for j in list_jobs("ray", ray_head.address) if j["submission_id"] == ids[7]) == 1

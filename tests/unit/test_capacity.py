@@ -114,3 +114,27 @@ def test_a_cluster_reporting_no_alive_node_yet_is_a_warning_not_a_refusal():
     # fresh session head: `total: 0` for about a second); every cluster has at least its head.
     warnings = check(Cluster(URL, []), job(cpus=0.5))
     assert warnings and "reports no alive node yet" in warnings[0]
+
+
+def test_a_head_with_driver_slots_queues_drivers_and_says_so_when_every_slot_is_taken(dashboard):
+    from launcher.capacity import entrypoint_resources
+
+    url, answers = dashboard
+    assert read_cluster(url).driver_slots == 0 and entrypoint_resources(read_cluster(url)) == {}
+    answers["/api/v0/nodes"] = {"data": {"result": {"result": [
+        {"state": "ALIVE", "resources_total": {"CPU": 2.0, "ftlaunch_driver": 4.0}}]}}}
+    usage = answers["/api/cluster_status"]["data"]["clusterStatus"]["loadMetricsReport"]["usage"]
+    usage["ftlaunchDriver"] = [3.0, 4.0]  # the dashboard's camel case of the custom resource
+    cluster = read_cluster(url)
+    assert cluster.driver_slots == 4 and cluster.free["ftlaunch_driver"] == 1.0
+    assert entrypoint_resources(cluster) == {"ftlaunch_driver": 1}
+    assert not [w for w in check(cluster, job(cpus=0.5)) if "drivers at once" in w]
+    usage["ftlaunchDriver"] = [4.0, 4.0]
+    warnings = check(read_cluster(url), job(cpus=0.5))
+    assert any("runs 4 ftlaunch drivers at once and every one is taken: the job waits PENDING" in w
+               for w in warnings), warnings
+
+
+def test_a_busy_resource_at_zero_is_named_with_its_zero():
+    warnings = check(Cluster(URL, [{"CPU": 2.0}], free={"CPU": 0.0}), job(cpus=0.5))
+    assert "has {CPU: 0} free now" in warnings[0]
