@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from common.runfolder import run_folders
+from common.runstore import is_remote, join, local_run
 from common.units import size
 from launcher.cli.common import print_json
 from launcher.registry import FILE, load_registry, resolve_run
@@ -17,8 +19,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    runs = [resolve_run(args.run, args.storage)] if args.run else sorted(
-        p.parent for p in Path(args.storage).glob(f"*/{FILE}"))
+    runs = [resolve_run(args.run, args.storage)] if args.run else _registered(args.storage)
     rows = [{"run": r.name, "task": task, **entry}
             for r in runs for task, entry in sorted(load_registry(r)["adapters"].items())]
     if args.json:
@@ -35,3 +36,12 @@ def run(args) -> int:
         print(f"{row['run'][:34]:<34} {row['task']:<14} {loss:>19} {row.get('steps', '-'):>5} "
               f"{size(row['bytes']):>10}  {row['sha256'][:12]:<12} {row['created']}")
     return 0
+
+
+def _registered(storage: str) -> list[Path]:
+    """The run folders under `storage` that hold a registry (a bucket's: its cache, the manifest
+    and registry pulled)."""
+    if not is_remote(storage):
+        return sorted(p.parent for p in Path(storage).glob(f"*/{FILE}"))
+    pulled = [local_run(join(storage, folder.name), only=(FILE,)) for folder, _ in run_folders(storage)]
+    return sorted(folder for folder in pulled if (folder / FILE).is_file())

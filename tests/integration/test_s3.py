@@ -236,3 +236,36 @@ def test_a_run_in_s3_is_written_stopped_resumed_and_read_there_with_no_local_run
     expected = RunModel(local_run(uri)).generate(["letters from c: c"], max_new_tokens=4)
     assert out.returncode == 0 and out.stdout == f"{expected[0]}\n", out.stderr  # the bucket's adapter
     assert not local_storage.exists()  # nothing was written to a local runs/ folder
+
+
+def test_adapters_list_and_stored_logs_read_the_runs_in_a_bucket(s3_server, tmp_path):
+    # A multitask run's folder as its driver pushes it (manifest, registry, adapter, logs), the
+    # registry written by the job's own writer; the client reads it by the storage URI alone.
+    from common.runstore import Mirror
+    from launcher.registry import register
+    from tests.integration.test_jobs import cli
+
+    storage = s3_server.uri(s3_server.bucket("ftl-registry"), "runs")
+    run = Mirror(s3_server.uri("ftl-registry", "runs/mt-1"), tmp_path / "driver" / "mt-1")
+    (run.local / "manifest.json").write_text(json.dumps({"run_id": "mt-1", "kind": "multitask", "started": 1}))
+    (run.local / "adapters" / "alphabet").mkdir(parents=True)
+    (run.local / "adapters" / "alphabet" / "adapter_model.safetensors").write_bytes(b"w" * 64)
+    register(run.local, "alphabet", {"path": "adapters/alphabet", "steps": 30}, {"id": "tiny"}, "tokenizer")
+    (run.local / "logs").mkdir()
+    (run.local / "logs" / "driver.log").write_text("=== attempt 1 submission mt-1\n[ftlaunch] step 30/30\n")
+    (run.local / "logs" / "worker-0.log").write_text("=== worker-0 pid 7\n")
+    plain = Mirror(s3_server.uri("ftl-registry", "runs/ft-1"), tmp_path / "driver" / "ft-1")
+    (plain.local / "manifest.json").write_text(json.dumps({"run_id": "ft-1", "kind": "finetune", "started": 2}))
+    assert run.push() == 5 and plain.push() == 1
+
+    out = cli("adapters", "list", "--storage", storage, "--json", env={"FTLAUNCH_HOME": str(tmp_path / "client")})
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert [(r["run"], r["task"], r["steps"], r["bytes"]) for r in rows] == [("mt-1", "alphabet", 30, 64)]
+    out = cli("adapters", "list", "mt-1", "--storage", storage, env={"FTLAUNCH_HOME": str(tmp_path / "client")})
+    assert out.returncode == 0 and "alphabet" in out.stdout, out.stderr
+    # The cluster is gone: `logs` reads the run's stored logs from the bucket.
+    out = cli("logs", "mt-1", "--storage", storage, "--address", "http://127.0.0.1:9", "--workers",
+              env={"FTLAUNCH_HOME": str(tmp_path / "client")})
+    assert out.returncode == 0 and "cannot reach a Ray cluster" in out.stderr, out.stderr
+    assert "[ftlaunch] step 30/30" in out.stdout and "--- worker-0.log\n=== worker-0 pid 7" in out.stdout
