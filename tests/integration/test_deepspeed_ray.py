@@ -72,7 +72,9 @@ def test_zero3_stop_then_resume_loads_the_deepspeed_checkpoint(ray_head, tiny_sp
 
     spec = {**tiny_spec, "name": "t-zero3-resume", "engine": "deepspeed", "deepspeed": {"zero_stage": 3},
             "strategy": {"type": "full"},
-            "train": {**tiny_spec["train"], "max_steps": 40, "report_every": 5, "lr": 3e-3}}
+            "train": {**tiny_spec["train"], "max_steps": 120, "report_every": 10, "lr": 3e-3}}
+    # Long enough that the stop lands mid-training even on a loaded machine: a stop after the
+    # last step keeps the run SUCCEEDED (jobs/run.py), and there would be nothing to resume.
     handle = launcher.submit(spec, "ray", address=ray_head.address, submission_id="it-zero3-resume")
     run_dir = Path(handle.run_dir)
     deadline = time.monotonic() + 240
@@ -84,14 +86,14 @@ def test_zero3_stop_then_resume_loads_the_deepspeed_checkpoint(ray_head, tiny_sp
     handle.stop()
     assert handle.wait(timeout=60) == "STOPPED"
     stopped_at = steps[-1]
-    assert stopped_at < 40
+    assert stopped_at < 120
 
     out = cli("resume", str(run_dir), "--address", ray_head.address)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["status"] == "SUCCEEDED" and manifest["summary"]["steps"] == 40
+    assert manifest["status"] == "SUCCEEDED" and manifest["summary"]["steps"] == 120
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == list(range(5, 45, 5))  # none lost, none repeated
+    assert [m["step"] for m in metrics] == list(range(10, 130, 10))  # none lost, none repeated
     # The resumed run continued from the weights it stopped with, not from scratch: its first
     # report after the checkpoint has a loss near the one before, far below the untrained 5.5.
     assert manifest["summary"]["eval_loss_after"] < manifest["summary"]["eval_loss_before"] - 0.5
