@@ -34,6 +34,7 @@ def versions() -> dict:
 
 
 _MIRRORS: dict = {}  # one Mirror per run URI per process: its record of what it pushed
+_PULLED: set = set()  # the run URIs this worker process has pulled into its node's mirror
 _MANIFEST_LOCK = threading.RLock()  # one read-merge-write of a manifest at a time in a process
 
 
@@ -58,7 +59,7 @@ class RunDir:
                 self.remote, self.path = runstore.join(uri, sub), self.root / sub
         self.path.mkdir(parents=True, exist_ok=True)
         self.label = label  # names this run's progress lines (a compare's variant)
-        if self.remote and path != self.remote and not self.manifest_path.exists():
+        if self.remote and path != self.remote and self._stale():
             self._pull_once()  # a worker on another node than the driver's (which pulls in fresh_mirror)
 
     # -- object storage ------------------------------------------------------------------------
@@ -85,13 +86,22 @@ class RunDir:
             _MIRRORS[self.remote] = runstore.Mirror(self.remote, self.path)
         return _MIRRORS[self.remote]
 
+    def _stale(self) -> bool:
+        """A worker's mirror on a node other than the driver's is what an earlier worker group
+        there pulled: a restarted or resized group (rank 0 now on this node, the node that wrote
+        the records since gone) pulls the store's files once per worker process first."""
+        if not self.manifest_path.exists():
+            return True
+        return not (self.root / runstore.DRIVER_MARK).exists() and self.remote not in _PULLED
+
     def _pull_once(self) -> None:
         import fcntl
 
         with open(self.path.parent / f".{self.path.name}.pull.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # the node's other workers wait for this one's pull
-            if not self.manifest_path.exists():
+            if self._stale():
                 self.mirror.pull()
+                _PULLED.add(self.remote)
 
     def fresh_mirror(self) -> None:
         """The driver's start: this node's mirror is what the store holds (a resume continues

@@ -53,15 +53,23 @@ def ray_train_configs(res: ResourcesSpec, name: str, storage: dict, max_failures
               "prune killed mid-way); the run continues from the last whole one, or from the start", flush=True)
 
     return {
-        "scaling_config": ScalingConfig(
-            num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
-            resources_per_worker={"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker},
+        "scaling_config": ScalingConfig(  # elastic: Ray Train runs min..max, as many as the cluster holds
+            num_workers=(res.min_workers, res.workers) if res.min_workers else res.workers,
+            use_gpu=res.gpus_per_worker > 0,
+            resources_per_worker={"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker, **res.custom_per_worker},
             placement_strategy=res.placement.upper(),
         ),
         "run_config": RunConfig(name=name, **storage,
                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                                 failure_config=FailureConfig(max_failures=max_failures)),
     }
+
+
+def accumulation_for(accumulation: int, workers: int, world: int) -> int:
+    """Micro-batches per optimizer step on `world` ranks, so that the global batch is that of
+    `workers` ranks accumulating `accumulation` (elastic workers); rounded up where it does not
+    divide (the records say the global batch each size ran)."""
+    return max(1, -(-accumulation * workers // world))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -162,8 +162,12 @@ def _train_loop(spec, config: dict) -> None:
     start = step
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: C.warmup(start + s, train.warmup_steps))
     # Precision, accumulation and clipping: max_steps and every report count optimizer steps.
+    # Elastic workers: fewer ranks accumulate more micro-batches, so the global batch stays.
+    accumulation = C.accumulation_for(train.grad_accumulation, spec.resources.workers, loop.world)
+    sized = {"workers": loop.world, "global_batch": train.micro_batch * accumulation * loop.world} \
+        if spec.resources.min_workers else {}
     stepper = P.Stepper(model, optimizer, precision=P.resolve(train.precision, spec.resources.gpus_per_worker),
-                        accumulation=train.grad_accumulation, grad_clip=train.grad_clip)
+                        accumulation=accumulation, grad_clip=train.grad_clip)
 
     def save(path, final):
         C.save_checkpoint(path, model, optimizer, step, export=final)
@@ -198,7 +202,7 @@ def _train_loop(spec, config: dict) -> None:
             loop.stepped(step)
             if loop.due(step):
                 final, extra = loop.final(step), None
-                record = loop.record(step, lr=scheduler.get_last_lr()[0], **loop.throughput())
+                record = loop.record(step, lr=scheduler.get_last_lr()[0], **loop.throughput(), **sized)
                 if penalty is not None:
                     record["ewc_penalty"] = float(penalty.detach())
                 if loop.rank == 0:

@@ -35,11 +35,12 @@ class Cluster:
     autoscales: bool = False  # worker node types the autoscaler may still launch
     driver_slots: float = 0  # the head's DRIVER_SLOT total (0: drivers are not queued)
 
-    def shape(self) -> str:
-        """`2 x {CPU: 4, GPU: 1}, 1 x {CPU: 8}`: the line a refusal shows."""
+    def shape(self, custom: tuple = ()) -> str:
+        """`2 x {CPU: 4, GPU: 1}, 1 x {CPU: 8}`: the line a refusal shows (`custom`: those custom
+        resources too)."""
         counts: dict[str, int] = {}
         for node in self.nodes:
-            key = _bundle(node)
+            key = _bundle(node, custom)
             counts[key] = counts.get(key, 0) + 1
         return ", ".join(f"{n} x {key}" for key, n in counts.items()) or "no alive node"
 
@@ -50,7 +51,8 @@ def read_cluster(url: str, headers: Optional[dict] = None) -> Cluster:
     while True:  # a head that just started answers before its own node has registered
         nodes = _get(url, "/api/v0/nodes?detail=true&limit=10000", headers)["data"]["result"]["result"]
         nodes = [n.get("resources_total") or {} for n in nodes if n.get("state") == "ALIVE"]
-        alive = [{k: v for k, v in n.items() if k in ("CPU", "GPU", "memory")} for n in nodes]
+        alive = [{k: v for k, v in n.items() if not k.startswith("node:")
+                  and k not in ("object_store_memory", DRIVER_SLOT)} for n in nodes]  # custom ones kept
         if alive or time.monotonic() > deadline:
             break
         time.sleep(0.5)
@@ -75,10 +77,13 @@ def check(cluster: Cluster, resources: dict) -> list[str]:
     """Refuse (PlanError) a job no node can place, or more workers at once than the cluster holds
     when no autoscaler can add nodes; return warnings for a job that must wait for busy resources.
     `resources`: the plan's (workers, cpus_per_worker, gpus_per_worker, at_once for multitask)."""
-    ask = {"CPU": float(resources.get("cpus_per_worker") or 0), "GPU": float(resources.get("gpus_per_worker") or 0)}
-    at_once = int(resources.get("at_once") or resources.get("workers") or 1)
+    ask = {"CPU": float(resources.get("cpus_per_worker") or 0), "GPU": float(resources.get("gpus_per_worker") or 0),
+           **{k: float(v) for k, v in (resources.get("custom_per_worker") or {}).items()}}
+    # elastic workers: the job runs once min_workers are placed
+    at_once = int(resources.get("at_once") or resources.get("min_workers") or resources.get("workers") or 1)
     per_node = [_fits(node, ask) for node in cluster.nodes]
-    worker = _bundle(ask)
+    custom = tuple(k for k in ask if k not in ("CPU", "GPU"))
+    worker = _bundle(ask, custom)
     queued = []
     if cluster.driver_slots and cluster.free.get(DRIVER_SLOT, cluster.driver_slots) < 1:
         queued = [f"the head at {cluster.url} runs {cluster.driver_slots:g} ftlaunch drivers at once and "
@@ -90,14 +95,15 @@ def check(cluster: Cluster, resources: dict) -> list[str]:
                 "was not checked"]
     if not any(per_node):
         raise PlanError(f"resources: a worker asks {worker}, and no node of the cluster at {cluster.url} "
-                        f"has that ({cluster.shape()}); lower resources.cpus_per_worker / gpus_per_worker "
-                        "or add a node that big")
+                        f"has that ({cluster.shape(custom)}); lower resources.cpus_per_worker / gpus_per_worker"
+                        f"{' / custom_per_worker' if custom else ''} or add a node that big")
     if sum(per_node) < at_once:
         raise PlanError(f"resources: {at_once} workers of {worker} at once, and the cluster at {cluster.url} "
-                        f"holds at most {sum(per_node)} ({cluster.shape()}); lower resources.workers to "
+                        f"holds at most {sum(per_node)} ({cluster.shape(custom)}); lower resources.workers to "
                         f"{sum(per_node)} or add nodes")
-    if cluster.free and _fits(cluster.free, ask) < at_once:
-        busy = "{" + ", ".join(f"{k}: {cluster.free.get(k, 0):g}" for k, v in ask.items() if v) + "}"
+    plain = {k: v for k, v in ask.items() if k in ("CPU", "GPU")}  # the dashboard's usage renames the custom ones
+    if cluster.free and _fits(cluster.free, plain) < at_once:
+        busy = "{" + ", ".join(f"{k}: {cluster.free.get(k, 0):g}" for k, v in plain.items() if v) + "}"
         return queued + [f"the cluster at {cluster.url} has {busy} free now: the job waits for busy resources "
                          "(up to pending_timeout)"]
     return queued
@@ -131,8 +137,8 @@ def _fits(have: dict, ask: dict) -> int:
     return min(counts) if counts else 1 << 30
 
 
-def _bundle(resources: dict) -> str:
-    shown = {k: resources[k] for k in ("CPU", "GPU") if resources.get(k)}
+def _bundle(resources: dict, custom: tuple = ()) -> str:
+    shown = {k: resources[k] for k in ("CPU", "GPU", *custom) if resources.get(k)}
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in shown.items()) + "}"
 
 

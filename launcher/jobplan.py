@@ -120,6 +120,9 @@ def plan(
     # After the data (a missing dataset is missing on every target), before the estimate (a
     # model this target cannot run is refused for that, not for its memory).
     warnings += kind.check_target(resolved, target)
+    if target == "k8s" and (resolved.get("resources") or {}).get("custom_per_worker"):
+        raise PlanError("resources.custom_per_worker: the rendered RayCluster's pods have no custom "
+                        "resources, so the job would wait for them forever; remove it for --target k8s")
     if preflight:
         if profile is None:
             profile = rules.default_profile(resolved.get("resources", {}).get("gpus_per_worker", 0))

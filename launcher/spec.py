@@ -18,9 +18,11 @@ import yaml
 from pydantic import (
     BaseModel,
     Field,
+    StringConstraints,
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from common.chat import CHAT_TEMPLATE_NAMES
@@ -140,12 +142,43 @@ class TrainSpec(Strict):
 
 
 class ResourcesSpec(Strict):
-    workers: int = Field(2, gt=0, le=4096)
+    workers: int = Field(2, gt=0, le=4096, description="Ray Train workers (ranks); {min: N, max: M}: elastic, "
+                         "from N to M as the cluster has them (finetune, torch engine)")
+    min_workers: Optional[int] = Field(None, gt=0, le=4096, description="elastic workers' least (workers is "
+                                       "the most); the global batch stays that of `workers` ranks")
     cpus_per_worker: float = Field(0.5, gt=0, le=MAX_CPUS)
     gpus_per_worker: float = Field(0, ge=0, le=MAX_GPUS)
+    custom_per_worker: dict[Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_:.\-]{0,63}$")],
+                            Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]] = Field(
+        default_factory=dict, description="custom Ray resources each worker asks, e.g. {spot: 1} on nodes "
+        "started with --resources='{\"spot\": 4}' (not CPU, GPU or memory)")
     placement: Literal["pack", "spread"] = Field(
         "pack", description="pack: the workers on as few nodes as hold them; spread: one per node where "
         "the cluster has enough nodes (Ray Train's placement strategy)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _range(cls, data: Any) -> Any:
+        """`workers: {min: N, max: M}` is min_workers N, workers M."""
+        if isinstance(data, dict) and isinstance(data.get("workers"), dict):
+            span = data["workers"]
+            if set(span) != {"min", "max"}:
+                raise ValueError(f"workers: {span!r} is not {{min: N, max: M}}; give both, or one number")
+            data = {**data, "workers": span["max"], "min_workers": span["min"]}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ResourcesSpec":
+        if self.min_workers is not None and self.min_workers > self.workers:
+            raise ValueError(f"workers: min {self.min_workers} is above max {self.workers}; "
+                             "swap them, or give one number")
+        if self.min_workers == self.workers:
+            self.min_workers = None  # one size: not elastic
+        named = sorted(set(self.custom_per_worker) & {"CPU", "GPU", "memory"})
+        if named:
+            instead = {"CPU": "cpus_per_worker", "GPU": "gpus_per_worker"}.get(named[0], "no such key")
+            raise ValueError(f"custom_per_worker: {named[0]} is not a custom resource; use {instead}")
+        return self
 
 
 # Environment names that hold credentials: their values must be references, never literals.

@@ -43,7 +43,8 @@ def describe(job) -> str:
         f"run id        {job.run_id}",
         f"kind          {job.kind} ({kind.label(job.spec)})",
         f"target        {job.target}",
-        f"workers       {r['workers']} x ({r['cpus_per_worker']} CPU{gpus})",
+        f"workers       {_workers(job)} x ({r['cpus_per_worker']} CPU{gpus})",
+        *_elastic(job),
         f"entrypoint    {job.entrypoint}",
         f"artifacts     {job.run_dir}",
     ]
@@ -58,3 +59,22 @@ def describe(job) -> str:
 
         lines += ["", "DeepSpeed config (world size = workers)", json.dumps(job.engine_config, indent=2)]
     return "\n".join(lines)
+
+
+def _workers(job) -> str:
+    r = job.resources
+    return f"{r['min_workers']}-{r['workers']}" if r.get("min_workers") else str(r["workers"])
+
+
+def _elastic(job) -> list[str]:
+    """Elastic workers' line: how the run sizes itself, and what keeps its global batch."""
+    r = job.resources
+    if not r.get("min_workers"):
+        return []
+    train = job.spec.get("train") or {}
+    micro, accumulation = train.get("micro_batch", 1), train.get("grad_accumulation", 1)
+    low = -(-accumulation * r["workers"] // r["min_workers"])
+    return [f"elastic       starts with as many workers as the cluster holds (at least {r['min_workers']}) "
+            f"and goes on after a lost one without waiting; global batch {micro * accumulation * r['workers']} "
+            f"at every size, by gradient accumulation ({accumulation} on {r['workers']} workers, {low} on "
+            f"{r['min_workers']}; rounded up where it does not divide)"]

@@ -33,6 +33,7 @@ class Engine:
     sources: tuple[str, ...]
     strategies: Optional[tuple[str, ...]] = None  # None: every registered strategy
     ignores: tuple[str, ...] = ()  # dotted spec fields this engine does not run: refused when set
+    elastic: bool = False  # runs resources.workers {min, max} (Ray Train's elastic worker group)
 
 
 class Kind:
@@ -89,6 +90,9 @@ class Kind:
             if _is_set(spec, field):
                 fix = self._other_engines(lambda e: field not in e.ignores).replace(", or ", "use ")
                 found.append(f"engine: {engine.name} does not run {field}; {fix or 'remove it'}")
+        if getattr(getattr(spec, "resources", None), "min_workers", None) and not engine.elastic:
+            found.append(f"resources.workers: {{min, max}} (elastic workers) runs on kind finetune's torch engine "
+                         f"only, not {self.name}'s {engine.name}; give workers one number")
         return found + training_refusals(spec) + self.own_refusals(spec)
 
     def own_refusals(self, spec: BaseModel) -> list[str]:
@@ -264,8 +268,13 @@ def resolve_model(model: Optional[dict], resolve: Callable[[str], str]) -> None:
 def layout(workers: int, res: dict) -> dict:
     """The plan's `resources`: what the job holds at most."""
     cpus, gpus = res.get("cpus_per_worker", 1), res.get("gpus_per_worker", 0)
-    return {"workers": workers, "cpus_per_worker": cpus, "gpus_per_worker": gpus,
+    held = {"workers": workers, "cpus_per_worker": cpus, "gpus_per_worker": gpus,
             "total_cpus": workers * cpus, "total_gpus": workers * gpus}
+    if res.get("min_workers"):  # elastic: it starts with what the cluster has, from min_workers
+        held["min_workers"] = res["min_workers"]
+    if res.get("custom_per_worker"):
+        held["custom_per_worker"] = res["custom_per_worker"]
+    return held
 
 
 def check_datasets(entries, target: str) -> tuple[dict, list[str]]:

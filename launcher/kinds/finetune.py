@@ -29,7 +29,7 @@ DATA_ROLES = ("train", "eval", "retain")
 
 ENGINES = {
     "torch": Engine("torch", "jobs.finetune", tasks=("causal_lm", "instruction", "chat", "classification"),
-                    sources=("tiny-llama", "minilm", "hf:")),
+                    sources=("tiny-llama", "minilm", "hf:"), elastic=True),
     # The DeepSpeed job streams a causal LM's text tasks (jobs/text.py): no classifier head, no
     # replay mix, no parameter groups, no forgetting penalty.
     "deepspeed": Engine("deepspeed", "jobs.deepspeed_finetune", tasks=("causal_lm", "instruction", "chat"),

@@ -7,6 +7,7 @@ again from the checkpoint in the bucket and the job finishes with every step rep
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -51,39 +52,51 @@ def _alive_nodes(address: str) -> list[dict]:
             if n.state == "ALIVE"]
 
 
-@pytest.fixture
-def second_node(ray_head, tmp_path):
-    """A second node (1 CPU, resource `node-b`) of the session's head, with its own scratch."""
+@contextlib.contextmanager
+def joined_node(ray_head, tmp_path, name: str, resources: dict):
+    """A node of the session's head (1 CPU, `resources`), with its own scratch, started by
+    tests/ray_worker_node.py and stopped by its pid."""
     from cluster import local
 
-    scratch = tmp_path / "node-b-scratch"
-    temp_dir = Path("/tmp") / f"ftl-b-{os.getpid()}"  # short: Ray's socket paths have a limit
+    scratch = tmp_path / f"{name}-scratch"
+    temp_dir = Path("/tmp") / f"ftl-{name[-1]}-{os.getpid()}"  # short: Ray's socket paths have a limit
     ports = local._free_ports(5)
-    cmd = [sys.executable, str(Path(__file__).resolve().parent.parent / "ray_worker_node.py"), "start", "--block", f"--address={ray_head.gcs_address}", f"--node-ip-address={local.HOST}",
-           "--num-cpus=1", "--num-gpus=0", '--resources={"node-b": 1}', f"--temp-dir={temp_dir}",
+    cmd = [sys.executable, str(Path(__file__).resolve().parent.parent / "ray_worker_node.py"), "start", "--block",
+           f"--address={ray_head.gcs_address}", f"--node-ip-address={local.HOST}",
+           "--num-cpus=1", "--num-gpus=0", f"--resources={json.dumps(resources)}", f"--temp-dir={temp_dir}",
            f"--node-manager-port={ports[0]}", f"--object-manager-port={ports[1]}",
            f"--dashboard-agent-listen-port={ports[2]}", f"--dashboard-agent-grpc-port={ports[3]}",
            f"--metrics-export-port={ports[4]}", "--disable-usage-stats"]
     env = {**os.environ, **local.auth_env(), "FTLAUNCH_SCRATCH": str(scratch),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    log = open(tmp_path / "node-b.log", "wb")
+    log_path = tmp_path / f"{name}.log"
+    log = open(log_path, "wb")
     known = {n.node_id for n in _alive_nodes(ray_head.address)}
     before = len(known)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                             start_new_session=True)
-    deadline = time.monotonic() + 120
-    while len(_alive_nodes(ray_head.address)) <= before:
-        assert proc.poll() is None, (tmp_path / "node-b.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "the second node did not join in 120 s"
-        time.sleep(1)
-    node = next(n for n in _alive_nodes(ray_head.address) if n.node_id not in known)
-    yield {"pid": proc.pid, "node_id": node.node_id, "scratch": scratch}
-    local._kill_group(proc.pid)  # SIGTERM, then SIGKILL, to the node's processes only (by its pid)
-    log.close()
-    shutil.rmtree(temp_dir, ignore_errors=True)
-    deadline = time.monotonic() + 60  # the head marks it dead: later tests see one node again
-    while len(_alive_nodes(ray_head.address)) > before and time.monotonic() < deadline:
-        time.sleep(1)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_alive_nodes(ray_head.address)) <= before:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"node {name} did not join in 120 s"
+            time.sleep(1)
+        node = next(n for n in _alive_nodes(ray_head.address) if n.node_id not in known)
+        yield {"pid": proc.pid, "node_id": node.node_id, "scratch": scratch}
+    finally:
+        local._kill_group(proc.pid)  # SIGTERM, then SIGKILL, to the node's processes only (by its pid)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        deadline = time.monotonic() + 60  # the head marks it dead: later tests see the nodes before
+        while len(_alive_nodes(ray_head.address)) > before and time.monotonic() < deadline:
+            time.sleep(1)
+
+
+@pytest.fixture
+def second_node(ray_head, tmp_path):
+    """A second node (1 CPU, resource `node-b`) of the session's head, with its own scratch."""
+    with joined_node(ray_head, tmp_path, "node-b", {"node-b": 1}) as node:
+        yield node
 
 
 def test_a_run_spread_over_two_nodes_survives_losing_one_from_its_checkpoint_in_s3(
@@ -121,3 +134,36 @@ def test_a_run_spread_over_two_nodes_survives_losing_one_from_its_checkpoint_in_
     # Ray Train restarted the worker group from the bucket's checkpoint, not from step 0.
     resumed = [line for line in handle.logs().splitlines() if "[ftlaunch] resumed at step" in line]
     assert resumed and int(resumed[-1].split("resumed at step ")[1].split()[0]) >= 20, resumed
+
+
+def test_elastic_workers_start_with_what_the_cluster_has_and_go_on_after_losing_a_node(
+        ray_head, tiny_spec, s3_server, s3_data, tmp_path):
+    # Two nodes with one `trainer` each (the stand-in for a GPU: the head has none), a job of
+    # 1 to 4 workers asking one each: it starts with the 2 the cluster has. One node is then
+    # lost: Ray Train's elastic group goes on with the worker left, waiting for no replacement,
+    # and the global batch stays 64 (16 x 2 accumulated on 2 workers, 16 x 4 on 1).
+    from common.runfolder import read_jsonl
+    from common.runstore import local_run
+    from tests.integration.test_faults import steps_of
+
+    storage = s3_server.uri(s3_server.bucket("ftl-elastic"), "runs")
+    tiny_spec.update(storage=storage, data={"train": s3_data["train"], "eval": s3_data["eval"]})
+    tiny_spec["train"].update(max_steps=60, report_every=10, max_failures=2, micro_batch=16, grad_accumulation=1)
+    tiny_spec["resources"] = {"workers": {"min": 1, "max": 4}, "cpus_per_worker": 0.5,
+                              "custom_per_worker": {"trainer": 1}}
+    with joined_node(ray_head, tmp_path, "node-b", {"trainer": 1}) as node_b, \
+            joined_node(ray_head, tmp_path, "node-c", {"trainer": 1}):
+        handle = launcher.submit(tiny_spec, "ray", address=ray_head.address, submission_id="ft-elastic")
+        deadline = time.monotonic() + 240
+        while not steps_of(local_run(handle.run_dir)) or steps_of(local_run(handle.run_dir))[-1] < 20:
+            assert time.monotonic() < deadline and handle.status() in ("PENDING", "RUNNING"), handle.logs()[-3000:]
+            time.sleep(1)
+        _crash(node_b["pid"])  # the machine is gone, and no other takes its place
+        assert handle.wait(timeout=400) == "SUCCEEDED", handle.logs()[-3000:]
+    run = local_run(handle.run_dir)
+    records = read_jsonl(run / "metrics.jsonl")
+    assert steps_of(run) == list(range(10, 70, 10))  # every report once: none lost, none twice
+    sizes = [r["workers"] for r in records]
+    assert sizes[0] == 2 and sizes[-1] == 1, sizes  # started with 2 of 4; went on with 1
+    assert {r["global_batch"] for r in records} == {64}, records
+    assert len(json.loads((run / "manifest.json").read_text())["attempts"]) == 1  # Ray Train's own resize
