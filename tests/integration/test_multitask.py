@@ -23,16 +23,6 @@ def cli(*args, timeout=400):
                           env=dict(os.environ), timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def mt_data(tmp_path_factory):
-    from launcher import synthetic
-
-    out = tmp_path_factory.mktemp("mt-data")
-    return {n: {"train": str(synthetic.make(n, 600, out / n, 0, "train")),
-                "eval": str(synthetic.make(n, 32, out / n, 9, "eval"))}
-            for n in ("counting", "alphabet", "instruction")}
-
-
 def spec_for(mt_data, tmp_path, **extra):
     spec = {
         "kind": "multitask", "name": "it-mt", "storage": str(tmp_path / "runs"),
