@@ -23,6 +23,8 @@ PIPELINE = "pipeline.json"  # pipeline: one entry per stage
 VARIANTS = "variants.jsonl"  # compare: one record per finished variant
 LOGS, TENSORBOARD, REPORT = "logs", "tensorboard", "report"
 PROGRESS = ".progress"  # multitask: per-worker progress checkpoints
+RESERVE = ".ftl-reserve"  # space held while a run is live, spent on its manifest when the disk is full
+RESERVE_BYTES = 1 << 20
 # Manifest fields: run_id, kind, name, status, started, finished, error, spec, plan, versions,
 # attempts [{submission_id, started, driver_pid, address, status, finished, error}], summary,
 # artifacts, before, tasks.
@@ -202,9 +204,41 @@ def update_manifest(folder: PathLike, **fields: Any) -> dict:
 
     path = Path(folder) / MANIFEST
     manifest = {**read_json(path), **fields, "updated": time.time()}
-    write_json(path, manifest)
+    write_manifest(path, manifest)
     push_back(folder, MANIFEST)
     return manifest
+
+
+def write_manifest(path: PathLike, manifest: dict) -> None:
+    """Write a run's manifest atomically; on a full disk the run's reserve (beside it) gives it
+    the room to record what happened."""
+    try:
+        write_json(path, manifest)
+    except NoSpaceError:
+        if not release_reserve(Path(path).parent):
+            raise
+        write_json(path, manifest)
+
+
+def hold_reserve(folder: PathLike) -> None:
+    """Hold RESERVE_BYTES in a live run's folder (on a local disk), for its manifest's last
+    writes should the disk fill: best effort, none where there is no room already."""
+    path = Path(folder) / RESERVE
+    try:
+        if not path.exists() or path.stat().st_size < RESERVE_BYTES:
+            with open(path, "wb") as f:
+                f.write(bytes(RESERVE_BYTES))  # written, not sparse: the blocks are allocated
+    except OSError:
+        Path(path).unlink(missing_ok=True)
+
+
+def release_reserve(folder: PathLike) -> bool:
+    """Give the reserve's space back; whether there was one."""
+    path = Path(folder) / RESERVE
+    if not path.exists():
+        return False
+    path.unlink(missing_ok=True)
+    return True
 
 
 def run_path(run: PathLike, storage: PathLike = "./runs") -> Path:

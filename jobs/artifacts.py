@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from common import runstore
-from common.runfolder import MANIFEST, METRICS, PROGRESS, read_json, read_jsonl, write_json, write_jsonl
+from common.runfolder import MANIFEST, METRICS, PROGRESS, RESERVE, read_json, read_jsonl, write_jsonl, write_manifest
 from jobs import tensorboard
 
 PACKAGES = ("ftlaunch", "ray", "torch", "transformers", "peft", "accelerate", "pyarrow",
@@ -151,7 +151,7 @@ class RunDir:
     def update_manifest(self, **fields: Any) -> dict:
         with _MANIFEST_LOCK:  # the driver's threads (tracking, a stop) write it too
             manifest = {**self._with_stored(self.read_manifest()), **fields, "updated": time.time()}
-            write_json(self.manifest_path, manifest)  # atomic: a reader never sees half a manifest
+            write_manifest(self.manifest_path, manifest)  # atomic: a reader never sees half a manifest
         return manifest
 
     def append(self, name: str, record: dict) -> None:
@@ -179,7 +179,7 @@ class RunDir:
         return {
             str(f.relative_to(self.path)): f.stat().st_size
             for f in sorted(self.path.rglob("*"))
-            if f.is_file() and f.name != MANIFEST and not any(f == p or p in f.parents for p in leaving)
+            if f.is_file() and f.name not in (MANIFEST, RESERVE) and not any(f == p or p in f.parents for p in leaving)
         }
 
     def checkpoints(self) -> tuple[list[Path], list[str], int]:

@@ -9,6 +9,7 @@ Each loop's file keeps only its algorithm: what a step does, what its state hold
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -17,7 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from common.runfolder import EVENTS, METRICS, PROGRESS
+from common.runfolder import EVENTS, METRICS, PROGRESS, dir_size, no_space
 from jobs import checkpoints, preempt
 from jobs.artifacts import RunDir, say
 
@@ -129,7 +130,12 @@ class Loop:
                 try:
                     save(path)
                     checkpoints.write_listing(path, self.rank, self.world if self.every_rank_saves else 1)
-                    ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(path))
+                    try:
+                        ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(path))
+                    except OSError as exc:  # Ray Train's upload into storage (pyarrow's, no path in it)
+                        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                            raise
+                        raise no_space(self.run_dir.path, dir_size(path)) from exc
                 finally:  # Ray Train copied it into the run's storage
                     shutil.rmtree(path, ignore_errors=True)
             else:

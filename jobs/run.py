@@ -19,7 +19,15 @@ import time
 import traceback
 from pathlib import Path
 
-from common.runfolder import CLUSTER_ADDRESS_ENV, DRIVER_STOPPED, NoSpaceError, ended, no_space
+from common.runfolder import (
+    CLUSTER_ADDRESS_ENV,
+    DRIVER_STOPPED,
+    NoSpaceError,
+    ended,
+    hold_reserve,
+    no_space,
+    release_reserve,
+)
 from common.runstore import RUN_URI_ENV, plain
 from jobs.data.badrows import BadRowsError
 from launcher.errors import LauncherError, PlanError
@@ -65,7 +73,7 @@ def failure_line(exc: BaseException) -> str:
     found = re.search(r"No space left on device: '([^']+)'", str(exc))
     if found:
         return no_space(found.group(1)).strerror
-    found = re.search(r"BadRowsError: (.+)", str(exc))  # a worker's, in Ray Train's error text
+    found = re.search(r"(?:BadRowsError|NoSpaceError): (.+)", str(exc))  # a worker's, in Ray Train's error text
     if found:
         return found.group(1).strip()
     return f"{type(exc).__name__}: {exc}"
@@ -177,6 +185,7 @@ def main(argv=None) -> int:
                  header=f"attempt {attempt} submission {plan['submission_id']} pid {os.getpid()}"):
             code = run(plan, spec, run_dir)
     finally:
+        release_reserve(run_dir.path)  # the run's record is written: its room goes back
         if pusher is not None:
             try:
                 pusher.stop()  # the last push: the manifest's end, the whole driver log
@@ -208,6 +217,8 @@ def run(plan: dict, spec, run_dir) -> int:
         versions=versions(),
     )
     print(f"[ftlaunch] run {plan['run_id']} ({plan['kind']}) -> {run_dir.path}", flush=True)
+    if not run_dir.remote:  # the room the manifest's last writes take should the disk fill
+        hold_reserve(run_dir.path)
     tracker = None
     try:
         run_dir.update_manifest(env_from_cluster=resolve_env_refs(spec.env))

@@ -5,6 +5,7 @@ says of its latest attempt's job. The run folder is the source of truth; the clu
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -13,6 +14,7 @@ from common.runfolder import (
     DRIVER_STOPPED,
     MANIFEST,
     METRICS,
+    NoSpaceError,
     ended,
     latest_attempt,
     read_json,
@@ -54,7 +56,11 @@ def reconcile(folder: Path, manifest: dict, job_status: Optional[str], message: 
     fields = ended(manifest, status, why, when=now)
     if not (folder / MANIFEST).exists():
         return {**manifest, **fields}
-    return update_manifest(folder, **fields)
+    try:
+        return update_manifest(folder, **fields)
+    except NoSpaceError as exc:  # a full disk: what the cluster says is still the answer
+        print(f"ftlaunch: warning: {exc}", file=sys.stderr)
+        return {**manifest, **fields}
 
 
 def mark_lost(folder: Path, job: str, why: str) -> Optional[dict]:

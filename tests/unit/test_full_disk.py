@@ -93,3 +93,25 @@ def test_the_failed_runs_line_names_a_full_disk_wherever_it_was_met(tmp_path):
     line = failure_line(wrapped)
     assert line.startswith(f"no space left on {tmp_path}/checkpoint_000004/model.safetensors") and "\n" not in line
     assert failure_line(ValueError("bad row")) == "ValueError: bad row"
+
+
+def test_a_manifest_that_finds_the_disk_full_is_written_in_the_runs_reserve(tmp_path, monkeypatch):
+    rf.write_json(tmp_path / "manifest.json", {"status": "RUNNING"})
+    rf.hold_reserve(tmp_path)
+    assert (tmp_path / rf.RESERVE).stat().st_size == rf.RESERVE_BYTES
+    real, calls = rf._write, []
+
+    def full_until_the_reserve_goes(f, data):  # the disk is full while the reserve holds its room
+        calls.append(len(data))
+        if (tmp_path / rf.RESERVE).exists():
+            _full()
+        real(f, data)
+
+    monkeypatch.setattr(rf, "_write", full_until_the_reserve_goes)
+    manifest = rf.update_manifest(tmp_path, status="FAILED", error="no space left on ...")
+    assert rf.read_json(tmp_path / "manifest.json")["status"] == "FAILED" == manifest["status"]
+    assert not (tmp_path / rf.RESERVE).exists() and len(calls) == 2
+    monkeypatch.setattr(rf, "_write", _full)  # no reserve left: the full disk is said, the old file stays
+    with pytest.raises(rf.NoSpaceError):
+        rf.update_manifest(tmp_path, status="SUCCEEDED")
+    assert rf.read_json(tmp_path / "manifest.json")["status"] == "FAILED"
