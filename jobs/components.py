@@ -112,16 +112,31 @@ tokenizer_for = text.tokenizer_for
 
 
 def tokenize_classification(batch: dict, column: str = "text", label: str = "label",
-                            seq_len: int = 64, model_spec: ModelSpec | dict | None = None) -> dict:
-    """Ray Data `map_batches` function: text, label -> input_ids, attention_mask, labels."""
+                            seq_len: int = 64, model_spec: ModelSpec | dict | None = None,
+                            data: DataSpec | dict | None = None) -> dict:
+    """Ray Data `map_batches` function: text, label -> input_ids, attention_mask, labels. With
+    `data` (a stream), a row that cannot be trained on (a null or non-string text, a null label,
+    an over-long text: badrows.row_problem) becomes a marker row (BAD_COLUMN 1) in its place,
+    for the consumer to skip or name (jobs/data/badrows.py)."""
+    from jobs.data.badrows import BAD_COLUMN
+
     tok = tokenizer_for(model_spec or ModelSpec())
-    enc = tok([str(t) for t in batch[column]], padding="max_length", truncation=True,
+    texts, labels = list(batch[column]), list(batch[label])
+    bad = None
+    if data is not None:
+        bad = text.bad_rows(batch, DataSpec.model_validate(data))
+        texts = ["" if b else t for t, b in zip(texts, bad)]
+        labels = [0 if b else y for y, b in zip(labels, bad)]
+    enc = tok([str(t) for t in texts], padding="max_length", truncation=True,
               max_length=seq_len, return_tensors="np")
-    return {
+    out = {
         "input_ids": enc["input_ids"].astype(np.int64),
         "attention_mask": enc["attention_mask"].astype(np.int64),
-        "labels": np.asarray(batch[label]).astype(np.int64),
+        "labels": np.asarray(labels).astype(np.int64),
     }
+    if bad is not None:
+        out[BAD_COLUMN] = bad.astype(np.int64)
+    return out
 
 
 REPLAY_FLAG = "from_replay"
@@ -150,7 +165,7 @@ def tokenized(ds, spec):
                              "remove it for classification")
         return ds.map_batches(tokenize_classification, batch_format="numpy", fn_kwargs={
             "column": cols.get("text", "text"), "label": cols.get("label", "label"),
-            "seq_len": model.seq_len, "model_spec": model})
+            "seq_len": model.seq_len, "model_spec": model, "data": data})
     return text.stream(ds, model, data, model.seq_len)
 
 

@@ -26,6 +26,7 @@ from common.runfolder import JOINT_EXPORT, dir_size, metrics_file
 from jobs import components as C
 from jobs import strategies as S
 from jobs.artifacts import RunDir
+from jobs.data.badrows import BAD_ROWS_DIR, skipped_rows, train_guard
 from jobs.data.ingest import endless, micro_batches
 from jobs.data.mix import weighted_schedule
 from jobs.data.read import read_dataset, read_head
@@ -52,6 +53,8 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
         result = trainer.fit()
     final = result.metrics or {}
     tasks = final.get("tasks") or {}
+    for name, task in tasks.items():  # a pass's bad rows skipped, by the worker's count
+        task["bad_rows_skipped"] = skipped_rows(run_dir.path / BAD_ROWS_DIR / name)
     run_dir.update_manifest(tasks={n: {"status": "SUCCEEDED", "steps": t["batches"], "eval": {
         "eval_loss_before": t["eval_loss_before"], "eval_loss": t["eval_loss_after"],
         "eval_accuracy_before": t["eval_accuracy_before"], "eval_accuracy": t["eval_accuracy_after"]}}
@@ -68,7 +71,7 @@ def task_dataset(task, model_spec: ModelSpec, cpus: float):
     ds = read_dataset(data.train, columns=C.read_columns(data), num_cpus=cpus)
     ds = ds.map_batches(C.tokenize_classification, batch_format="numpy", num_cpus=cpus, fn_kwargs={
         "column": data.columns.get("text", "text"), "label": data.columns.get("label", "label"),
-        "seq_len": model_spec.seq_len, "model_spec": model_spec})
+        "seq_len": model_spec.seq_len, "model_spec": model_spec, "data": data})
     ds.context.execution_options.preserve_order = True  # a seed fixes the row order
     return ds
 
@@ -83,11 +86,13 @@ def _train_loop(spec, config: dict) -> None:
     torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     micro = spec.train.micro_batch
 
-    def shard_stream(name: str) -> Callable[[], Iterator[dict]]:
-        shard = ray.train.get_dataset_shard(name)
-        return lambda: micro_batches(shard, micro, spec.model.seq_len)
+    def shard_stream(task) -> Callable[[], Iterator[dict]]:
+        shard = ray.train.get_dataset_shard(task.name)
+        guard = train_guard(task.data, config["run_dir"], 0, C.read_columns(task.data),
+                            ledger=f"{BAD_ROWS_DIR}/{task.name}")
+        return lambda: micro_batches(shard, micro, spec.model.seq_len, guard=guard)
 
-    train_joint(spec, {t.name: shard_stream(t.name) for t in spec.tasks}, config["run_dir"],
+    train_joint(spec, {t.name: shard_stream(t) for t in spec.tasks}, config["run_dir"],
                 rank=ray.train.get_context().get_world_rank())
 
 

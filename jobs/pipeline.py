@@ -26,7 +26,9 @@ from common.runfolder import read_json, write_json
 from jobs import arrcoc as A
 from jobs.artifacts import RunDir
 from jobs.components import ray_train_configs
+from jobs.data.badrows import named_failures
 from jobs.loop import Loop, run_worker
+from jobs.watch import on_give_up
 
 
 def read_manifest(run_dir: RunDir) -> dict:
@@ -53,11 +55,18 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
         entry.update(status="RUNNING", attempts=entry.get("attempts", 0) + 1, started=entry.get("started", time.time()))
         write_manifest(run_dir, manifest)
         print(f"[ftlaunch] stage {i + 1}/{len(stages)} {stage.name}: trains {', '.join(stage.train)}", flush=True)
+        def ended_by_the_driver(status, reason, entry=entry):  # a watch ended the job (a worker's bad row)
+            entry.update(status=status, error=reason)
+            write_manifest(run_dir, manifest)
+
         try:
-            result = run_stage(spec, plan, run_dir, i, previous)
+            with on_give_up(ended_by_the_driver):
+                result = run_stage(spec, plan, run_dir, i, previous)
         except BaseException as exc:
+            from jobs.run import failure_line
+
             stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))
-            entry.update(status="STOPPED" if stopped else "FAILED", error=f"{type(exc).__name__}: {exc}")
+            entry.update(status="STOPPED" if stopped else "FAILED", error=failure_line(exc))
             write_manifest(run_dir, manifest)
             raise
         # The stage's hand-on: its carried weights, out of Ray Train's folder into a stable place.
@@ -170,7 +179,8 @@ def _stage_loop(spec, config: dict) -> None:
     model.train()
     loop.begin()
     while step < stage.steps:
-        for batch in shard.iter_torch_batches(batch_size=stage.micro_batch, drop_last=True, dtypes=None):
+        batches = shard.iter_torch_batches(batch_size=stage.micro_batch, drop_last=True, dtypes=None)
+        for batch in named_failures(batches, data, ["image", "question", "answer"]):
             loss = A.train_step(model, optimizer, {k: batch[k] for k in A.TENSOR_COLUMNS}, train.grad_clip)
             loop.add(loss, stage.micro_batch)  # its throughput is in rows
             step += 1

@@ -52,6 +52,20 @@ def watch_pending(timeout: float | None, run_dir, poll: float | None = None):
         yield
 
 
+_ON_GIVE_UP: list = []  # fn(status, reason): a kind's own records of the run, ended with it
+
+
+@contextlib.contextmanager
+def on_give_up(fn):
+    """While the block runs, `fn(status, reason)` is called should give_up end the driver (a
+    pipeline's running stage is recorded as ended with the run)."""
+    _ON_GIVE_UP.append(fn)
+    try:
+        yield
+    finally:
+        _ON_GIVE_UP.remove(fn)
+
+
 def give_up(run_dir, reason: str, status: str = "FAILED", end=None) -> None:
     """Record the reason and end the driver now.
 
@@ -61,6 +75,11 @@ def give_up(run_dir, reason: str, status: str = "FAILED", end=None) -> None:
     from common.runfolder import ended
 
     run_dir.update_manifest(**ended(run_dir.read_manifest(), status, reason), artifacts=run_dir.artifacts())
+    for fn in list(_ON_GIVE_UP):
+        try:
+            fn(status, reason)
+        except Exception as exc:  # noqa: BLE001 -- the run's own record is written: say it, end anyway
+            print(f"[ftlaunch] could not record the end in a kind's records: {exc}", flush=True)
     print(f"[ftlaunch] {status}: {reason}", flush=True)
     time.sleep(1.0)  # the log tee copies the line out before the process goes
     (end or (lambda: os._exit(1)))()

@@ -21,7 +21,7 @@ import json
 import re
 
 import numpy as np
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 from jobs.watch import NoRetry
 from launcher.spec import DataSpec
@@ -48,8 +48,11 @@ def row_problem(row: dict, data: DataSpec) -> Optional[str]:
     cols, limit = data.columns, data.max_row_chars
     if data.task == "classification":
         label = cols.get("label", "label")
-        if row.get(label) is None:
+        value = row.get(label)
+        if value is None or (isinstance(value, float) and value != value):  # a stream's null is NaN
             return f"{label} is null"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            return f"{label} is {_kind(value)} ({value!r}), not a class number"
         column = cols.get("text", "text")
         return _text_problem(row.get(column), column, limit)
     if data.task == "causal_lm":
@@ -75,6 +78,14 @@ def row_problem(row: dict, data: DataSpec) -> Optional[str]:
             texts = [m["content"] for m in normalise(turns)]
         except (ValueError, TypeError, AttributeError) as exc:
             return f"{column}: {exc}"
+    elif data.task == "vqa":
+        if row.get("image") is None:
+            return "image is null"
+        for column in ("question", "answer"):
+            problem = _text_problem(row.get(column), column, limit)
+            if problem:
+                return problem
+        return None
     else:
         return None
     chars = sum(len(t) for t in texts)
@@ -262,6 +273,28 @@ class RowGuard:
         # A row that does not decode cannot be skipped one by one: its neighbours went with it.
         return BadRowsError(f"bad data in the train split: {where}; fix or remove it "
                             "(a row group or line that does not decode cannot be skipped)")
+
+
+def named_failures(batches: Iterable, data: DataSpec, columns: Optional[list[str]] = None) -> Iterator:
+    """`batches` (a stream whose rows are not marked: an ARR-COC stage's, through its VQA batch
+    function) with a failed read named by the train split's first bad row, when it has one: a
+    row group or line that does not decode, or a row that cannot be used (a null question, ...).
+    Such a stream cannot skip rows: the line says to fix or remove it."""
+    it = iter(batches)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except BadRowsError:
+            raise
+        except Exception as exc:
+            where = first_bad([data.train], data, columns)
+            if where is None:
+                raise
+            raise BadRowsError(f"bad row in the train data: {where}; fix or remove it "
+                               f"(a {data.task} stream cannot skip rows)") from exc
+        yield batch
 
 
 def skipped_rows(ledger) -> int:

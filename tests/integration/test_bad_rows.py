@@ -78,6 +78,36 @@ def test_a_corrupt_row_group_and_a_line_that_is_not_json_are_named_where_they_ar
         stream(str(path), DataSpec(train=str(path)))
 
 
+def test_the_classification_stream_marks_a_null_text_and_a_null_or_wrong_label_as_bad_rows(ray_local, tmp_path):
+    # A null text was trained on as "None", a null label failed the cast deep in a Ray Data task.
+    from jobs import components as C
+
+    minilm = ModelSpec(source="minilm", num_labels=4, seq_len=16)
+    good = [{"text": t, "label": i % 4} for i, t in enumerate(texts(24))]
+    bad = [*good[:5], {"text": None, "label": 1}, *good[5:12], {"text": "a fine text", "label": None},
+           *good[12:18], {"text": "another", "label": "pos"}, *good[18:]]
+
+    def classified(rows, data, name):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        data = data.model_copy(update={"train": str(path)})
+        ds = read_dataset(str(path), columns=["text", "label"]).map_batches(
+            C.tokenize_classification, batch_format="numpy",
+            fn_kwargs={"seq_len": minilm.seq_len, "model_spec": minilm, "data": data})
+        guard = RowGuard(data, [str(path)], ["text", "label"])
+        return list(ingest.micro_batches(ds.iterator(), 4, minilm.seq_len, guard=guard)), guard, path
+
+    spec = DataSpec(train="x", task="classification", skip_bad_rows=3)
+    got, guard, _ = classified(bad, spec, "bad")
+    want, _, _ = classified(good, spec, "good")
+    assert guard.skipped == 3 and len(got) == len(want) == 6  # the rest as if the bad rows were not there
+    assert all(all((a[k] == b[k]).all() for k in a) for a, b in zip(got, want))
+    with pytest.raises(BadRowsError) as err:
+        classified(bad, spec.model_copy(update={"skip_bad_rows": 0}), "refused")
+    assert str(err.value).startswith(f"bad row in the train data: {tmp_path / 'refused.jsonl'} line 6: "
+                                     "text is null; fix or remove it"), err.value
+
+
 def one_worker(tiny_spec: dict, train: str, **train_fields) -> dict:
     tiny_spec["data"] = {**tiny_spec["data"], "train": train}
     tiny_spec["train"].update(max_steps=60, report_every=10, micro_batch=16, **train_fields)

@@ -48,6 +48,48 @@ def test_a_causal_lm_row_is_bad_when_its_text_is_null_not_a_string_or_too_long(r
     assert row_problem(row, data(max_row_chars=100)) == problem
 
 
+def test_classification_and_vqa_rows_are_bad_when_a_label_or_a_part_is_missing_or_the_wrong_kind():
+    cls = data(task="classification")
+    assert row_problem({"text": "t", "label": None}, cls) == "label is null"
+    assert row_problem({"text": "t", "label": float("nan")}, cls) == "label is null"  # a stream's null
+    assert row_problem({"text": "t", "label": "pos"}, cls) == "label is a str ('pos'), not a class number"
+    assert row_problem({"text": "t", "label": 1.5}, cls) == "label is a number (1.5), not a class number"
+    assert row_problem({"text": None, "label": 1}, cls) == "text is null"
+    assert row_problem({"text": "t", "label": 2}, cls) is None and row_problem({"text": "t", "label": 2.0}, cls) is None
+    vqa = data(task="vqa")
+    assert row_problem({"image": b"png", "question": None, "answer": "red"}, vqa) == "question is null"
+    assert row_problem({"image": None, "question": "q", "answer": "red"}, vqa) == "image is null"
+    assert row_problem({"image": b"png", "question": "q", "answer": 3}, vqa) == "answer is a number, not a string"
+    assert row_problem({"image": b"png", "question": "q", "answer": "red"}, vqa) is None
+
+
+def test_a_stream_without_marker_rows_names_its_failed_read_by_the_first_bad_row(tmp_path):
+    from jobs.data.badrows import named_failures
+
+    path = tmp_path / "vqa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"image": "a", "question": "q", "answer": "red"}, {"image": "b", "question": None, "answer": "red"}]))
+
+    def batches():  # a VQA batch function's failure on the null question, deep in a Ray Data task
+        yield 1
+        raise TypeError("TextEncodeInput must be Union[TextInputSequence, ...]")
+
+    stream = named_failures(batches(), data(path, task="vqa"))
+    assert next(stream) == 1
+    with pytest.raises(BadRowsError, match=rf"^bad row in the train data: {path} line 2: question is null; "
+                       r"fix or remove it \(a vqa stream cannot skip rows\)$"):
+        next(stream)
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text(json.dumps({"image": "a", "question": "q", "answer": "red"}) + "\n")
+
+    def broken():  # no bad row in the file: the error is not the data's, and goes on as it was
+        raise RuntimeError("the object store is full")
+        yield
+
+    with pytest.raises(RuntimeError, match="object store is full"):
+        next(named_failures(broken(), data(clean, task="vqa")))
+
+
 def test_instruction_and_chat_rows_are_bad_when_their_parts_are_not_strings():
     inst = data(task="instruction")
     assert row_problem({"instruction": "q", "response": None}, inst) == "response is null"
