@@ -261,7 +261,7 @@ def worker_scope(env: dict, run_dir, name: str | None = None, grace_s: float | N
     try:
         with Tee(log, secret_values(env), header=f"{name} pid {os.getpid()}"):
             with plain_errors():
-                notice = listen(grace_s) if grace_s is not None else None
+                notice = listen(grace_s, str(folder.path)) if grace_s is not None else None
                 try:
                     yield
                 finally:

@@ -27,14 +27,20 @@ class Preempted(RuntimeError):
 
 
 class Notice:
-    def __init__(self, grace_s: float):
-        self.grace_s = grace_s
+    def __init__(self, grace_s: float, run_path: Optional[str] = None):
+        self.grace_s, self.run_path = grace_s, run_path
         self.flag = threading.Event()
         self.signalled_at: Optional[float] = None
         self.armed = True  # worker_scope disarms it once the training function is done
 
     def on_sigterm(self, signum, frame) -> None:
         if not self.armed:  # the training is over (Ray Train ends its workers so): exit as before
+            _previous(signum, frame)
+            return
+        if stopped_by_request(self.run_path):
+            # `ftlaunch stop` (or `ray job stop`): the driver is gone, no checkpoint can be taken
+            # any more, and each step trained on now is lost: end at once, as Ray's handler does.
+            sys.stderr.write(f"[ftlaunch] SIGTERM (pid {os.getpid()}): the run was stopped; ending now\n")
             _previous(signum, frame)
             return
         if self.flag.is_set():
@@ -79,11 +85,32 @@ def current() -> Optional[Notice]:
     return _CURRENT[0] if _CURRENT else None
 
 
-def listen(grace_s: float) -> Notice:
+def stopped_by_request(run_path: Optional[str]) -> bool:
+    """Whether the run whose folder (or stage folder) is `run_path` was recorded STOPPED: by the
+    client that asked, or by its driver at the SIGTERM Ray's job stop sends it. This node's view:
+    a run in object storage is seen so on the driver's node only (elsewhere: a preemption)."""
+    from pathlib import Path
+
+    from common.runfolder import MANIFEST, read_json
+
+    if not run_path:
+        return False
+    folder = Path(run_path)
+    for candidate in (folder, *list(folder.parents)[:2]):
+        try:
+            manifest = read_json(candidate / MANIFEST)
+        except (OSError, ValueError):
+            continue
+        if manifest and manifest.get("status"):
+            return manifest["status"] == "STOPPED"
+    return False
+
+
+def listen(grace_s: float, run_path: Optional[str] = None) -> Notice:
     """This process's notice, its SIGTERM handler installed on the main thread (Python runs
     handlers there only). A Ray Train worker runs its training function in a thread of its actor:
     the handler goes in through the actor, whose methods run on the main thread."""
-    notice = Notice(grace_s)
+    notice = Notice(grace_s, run_path)
     _CURRENT[:] = [notice]
     if threading.current_thread() is threading.main_thread():
         _install(None)

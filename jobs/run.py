@@ -35,8 +35,11 @@ from launcher.kinds import get_kind
 from launcher.spec import load_spec, validate
 
 
-class Stopped(BaseException):
-    """The job was asked to stop (Ray's job stop sends SIGTERM to the driver)."""
+class Stopped(KeyboardInterrupt):
+    """The job was asked to stop (Ray's job stop sends SIGTERM to the driver). A KeyboardInterrupt:
+    the driver sits in a blocking `ray.get` (Ray Train's fit) whose periodic signal check ends the
+    wait only for that kind; any other exception raised by the handler there is dropped, and the
+    driver trained on until Ray's SIGKILL (15 s later on the embedded head)."""
 
 
 _STOP_REQUESTED: list = []  # set once SIGTERM came: whatever the job raises then is the stop's

@@ -267,6 +267,19 @@ def test_stop_then_resume_continues_from_the_last_checkpoint(ray_head, tiny_spec
     handle.stop()
     assert handle.wait(timeout=60) == "STOPPED"
     assert json.loads((run_dir / "manifest.json").read_text())["status"] == "STOPPED"
+    # The driver's SIGTERM handler ended it (its stop once sat in Ray Train's blocking get until
+    # Ray's SIGKILL 15 s later, the workers training on), and each worker ended at its SIGTERM
+    # instead of taking it for a preemption notice.
+    logs = run_dir / "logs"
+    assert "[ftlaunch] STOPPED: Stopped: stopped by request (SIGTERM)" in (logs / "driver.log").read_text()
+    deadline = time.monotonic() + 30  # Ray ends the workers once it has seen the driver go
+    while time.monotonic() < deadline:
+        workers = "".join(p.read_text() for p in logs.glob("worker-*.log"))
+        if workers.count("the run was stopped; ending now") == 2:
+            break
+        time.sleep(0.5)
+    assert workers.count("the run was stopped; ending now") == 2, workers[-3000:]
+    assert "checkpointing at the next step" not in workers
     reached = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
     target = reached + 10
 

@@ -36,7 +36,7 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in f.read_text().splitlines()] if f.exists() else []
 
 
-LORA_STEPS = 1000  # ~25 ms a step, and a stop lands ~10 s after it is asked: 90 steps once ended first on CI
+LORA_STEPS = 300  # ~25 ms a step: 90 once ended before CI's stop landed (then 15 s late: jobs/run.py Stopped)
 
 
 def test_pipeline_stops_in_stage_two_and_resumes_without_rerunning_stage_one(ray_head, vqa_data, tmp_path):
@@ -147,3 +147,24 @@ def test_domain_then_task_pipeline_chains_its_stages_on_a_model_folder(ray_head,
     assert report.returncode == 0, report.stderr[-3000:]
     md = (run_dir / "report" / "report.md").read_text()
     assert "## stage domain" in md and "## stage task" in md and "Every stage on every eval split" in md
+
+
+def test_a_pipeline_stage_whose_parquet_row_group_does_not_decode_fails_naming_it(ray_head, vqa_data, tmp_path):
+    # An ARR-COC stage streams its rows through the VQA batch function, with no marker rows: a
+    # row group that does not decode ended it with Ray Data's traceback; now it is named.
+    import pyarrow.parquet as pq
+
+    from tests.unit.test_badrows import corrupt_row_group
+
+    train = tmp_path / "train.parquet"
+    pq.write_table(pq.read_table(vqa_data["train"]), train, row_group_size=100, compression="zstd",
+                   use_dictionary=False)
+    corrupt_row_group(train, 1)
+    spec = mini_spec({**vqa_data, "train": str(train)}, tmp_path / "runs", steps=(20, 20, 20))
+    handle = launcher.submit(spec, "ray", address=ray_head.address, submission_id="it-arrcoc-bad-data")
+    assert handle.wait(timeout=300) == "FAILED", handle.logs()[-3000:]
+    line = handle.manifest()["error"]
+    assert line.startswith(f"bad row in the train data: {train} row group 1 (rows 100-199): does not decode ("), line
+    assert line.endswith("fix or remove it (a vqa stream cannot skip rows)") and "\n" not in line, line
+    stages = json.loads((Path(handle.run_dir) / "pipeline.json").read_text())["stages"]
+    assert stages[0]["status"] == "FAILED" and stages[0]["error"] == line
