@@ -74,10 +74,11 @@ def no_space(path: PathLike, needed: Optional[int] = None) -> NoSpaceError:
                         + "; free space there (or point storage: elsewhere) and run `ftlaunch resume RUN`")
 
 
-def _is_no_space(exc: OSError) -> bool:
+def is_no_space(exc: BaseException) -> bool:
+    """Whether `exc` is a write that found the disk (or the quota) full."""
     import errno
 
-    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def write_bytes_atomic(path: PathLike, data: bytes) -> None:
@@ -96,7 +97,7 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        if _is_no_space(exc):
+        if is_no_space(exc):
             raise no_space(path, len(data)) from None
         raise
     _fsync_folder(path.parent)
@@ -159,7 +160,7 @@ def copy_tree_atomic(src: PathLike, dst: PathLike) -> None:
     except (OSError, shutil.Error) as exc:
         shutil.rmtree(partial, ignore_errors=True)
         reasons = _copy_errors(exc) if isinstance(exc, shutil.Error) else [exc]
-        if any(_is_no_space(e) for e in reasons):
+        if any(is_no_space(e) for e in reasons):
             raise no_space(dst, dir_size(src)) from None
         raise
     if dst.exists():
@@ -229,15 +230,15 @@ def hold_reserve(folder: PathLike) -> None:
             with open(path, "wb") as f:
                 f.write(bytes(RESERVE_BYTES))  # written, not sparse: the blocks are allocated
     except OSError:
-        Path(path).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
 
 
 def release_reserve(folder: PathLike) -> bool:
     """Give the reserve's space back; whether there was one."""
-    path = Path(folder) / RESERVE
-    if not path.exists():
+    try:
+        (Path(folder) / RESERVE).unlink()
+    except FileNotFoundError:
         return False
-    path.unlink(missing_ok=True)
     return True
 
 

@@ -9,7 +9,6 @@ Each loop's file keeps only its algorithm: what a step does, what its state hold
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 import tempfile
@@ -18,7 +17,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from common.runfolder import EVENTS, METRICS, PROGRESS, dir_size, no_space
+from common.runfolder import EVENTS, METRICS, PROGRESS, dir_size, is_no_space, no_space
 from jobs import checkpoints, preempt
 from jobs.artifacts import RunDir, say
 
@@ -133,7 +132,7 @@ class Loop:
                     try:
                         ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(path))
                     except OSError as exc:  # Ray Train's upload into storage (pyarrow's, no path in it)
-                        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        if not is_no_space(exc):
                             raise
                         raise no_space(self.run_dir.path, dir_size(path)) from exc
                 finally:  # Ray Train copied it into the run's storage

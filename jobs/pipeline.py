@@ -55,19 +55,19 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
         entry.update(status="RUNNING", attempts=entry.get("attempts", 0) + 1, started=entry.get("started", time.time()))
         write_manifest(run_dir, manifest)
         print(f"[ftlaunch] stage {i + 1}/{len(stages)} {stage.name}: trains {', '.join(stage.train)}", flush=True)
-        def ended_by_the_driver(status, reason, entry=entry):  # a watch ended the job (a worker's bad row)
+
+        def end_stage(status, reason, entry=entry):  # by its error, or by a watch that ends the driver
             entry.update(status=status, error=reason)
             write_manifest(run_dir, manifest)
 
         try:
-            with on_give_up(ended_by_the_driver):
+            with on_give_up(end_stage):
                 result = run_stage(spec, plan, run_dir, i, previous)
         except BaseException as exc:
             from jobs.run import failure_line
 
             stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))
-            entry.update(status="STOPPED" if stopped else "FAILED", error=failure_line(exc))
-            write_manifest(run_dir, manifest)
+            end_stage("STOPPED" if stopped else "FAILED", failure_line(exc))
             raise
         # The stage's hand-on: its carried weights, out of Ray Train's folder into a stable place.
         target = run_dir.path / "stages" / stage.name

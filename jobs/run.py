@@ -8,7 +8,6 @@ its model and dispatches on the spec's kind; the job modules read the typed spec
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import json
 import os
@@ -25,6 +24,7 @@ from common.runfolder import (
     NoSpaceError,
     ended,
     hold_reserve,
+    is_no_space,
     no_space,
     release_reserve,
 )
@@ -70,7 +70,7 @@ def failure_line(exc: BaseException) -> str:
     while seen is not None:
         if isinstance(seen, (NoSpaceError, BadRowsError)):
             return str(seen)
-        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+        if is_no_space(seen):
             return no_space(seen.filename or "the run folder").strerror
         seen = seen.__cause__ or seen.__context__
     found = re.search(r"No space left on device: '([^']+)'", str(exc))
