@@ -155,9 +155,12 @@ def read_columns(data: DataSpec) -> Optional[list[str]]:
     return text.read_columns(data)
 
 
-def tokenized(ds, spec):
+def tokenized(ds, spec, tasks: int = 1):
     """A Ray Dataset of a spec's rows as model rows: classification's tokenize, or jobs/text.py's
-    one stream for every causal-LM text task (encoded, packed with data.packing)."""
+    one stream for every causal-LM text task (encoded, packed with data.packing); `tasks` of each
+    stage at once (jobs/data/read.py task_args)."""
+    from jobs.data.read import task_args
+
     data, model, cols = spec.data, spec.model, spec.data.columns
     if data.task == "classification":
         if data.packing:
@@ -165,8 +168,8 @@ def tokenized(ds, spec):
                              "remove it for classification")
         return ds.map_batches(tokenize_classification, batch_format="numpy", fn_kwargs={
             "column": cols.get("text", "text"), "label": cols.get("label", "label"),
-            "seq_len": model.seq_len, "model_spec": model, "data": data})
-    return text.stream(ds, model, data, model.seq_len)
+            "seq_len": model.seq_len, "model_spec": model, "data": data}, **task_args(tasks))
+    return text.stream(ds, model, data, model.seq_len, **task_args(tasks))
 
 
 # ---------------------------------------------------------------------------------------------

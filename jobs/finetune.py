@@ -28,7 +28,7 @@ from jobs import text as T
 from jobs.artifacts import RunDir
 from jobs.data.badrows import BAD_ROWS_DIR, skipped_rows, train_guard
 from jobs.data.ingest import Stream
-from jobs.data.read import read_dataset
+from jobs.data.read import micro_blocks, read_dataset, stream_tasks, task_args
 from jobs.loop import Loop, run_worker
 from launcher.strategies import get_strategy
 
@@ -41,16 +41,16 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
 
     # 1. Data: rows -> tokenized tensor columns (the model's own tokenizer; packed rows with
     # data.packing), streamed and split across the workers.
-    columns = C.read_columns(data)
+    columns, tasks = C.read_columns(data), stream_tasks(res)
 
     def read(path, replayed=0):
-        ds = C.tokenized(read_dataset(path, columns=columns), spec)
+        ds = C.tokenized(read_dataset(path, columns=columns, tasks=tasks), spec, tasks)
         if not data.replay:
             return ds
         # Mixing is per block: blocks of one micro-batch keep the replay share even over a few
         # steps. Every row says where it came from: the workers count the share they saw.
-        ds = ds.map_batches(C.flag_rows, fn_kwargs={"value": replayed}, batch_format="numpy")
-        return ds.repartition(target_num_rows_per_block=train.micro_batch)
+        ds = ds.map_batches(C.flag_rows, fn_kwargs={"value": replayed}, batch_format="numpy", **task_args(tasks))
+        return micro_blocks(ds, train.micro_batch, tasks)
 
     train_ds = read(data.train)
     rows = {role: info.get("rows") for role, info in (plan.get("data") or {}).items()}

@@ -29,7 +29,7 @@ from jobs.artifacts import RunDir
 from jobs.data.badrows import BAD_ROWS_DIR, skipped_rows, train_guard
 from jobs.data.ingest import endless, micro_batches
 from jobs.data.mix import weighted_schedule
-from jobs.data.read import read_dataset, read_head
+from jobs.data.read import read_dataset, read_head, task_args
 from jobs.loop import Loop, mean_loss, run_worker
 from launcher.inference import HEADS_JSON, joint_logits
 from launcher.spec import ModelSpec, ResourcesSpec
@@ -42,7 +42,7 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
     from ray.train.torch import TorchTrainer
 
     res = spec.resources
-    datasets = {t.name: task_dataset(t, spec.model, res.data_cpus_per_worker) for t in spec.tasks}
+    datasets = {t.name: task_dataset(t, spec.model) for t in spec.tasks}
     one_worker = ResourcesSpec(workers=1, cpus_per_worker=res.cpus_per_worker, gpus_per_worker=res.gpus_per_worker)
     trainer = TorchTrainer(
         train_loop, train_loop_config={"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir.path)},
@@ -65,11 +65,12 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
             "export_bytes": dir_size(run_dir.path / JOINT_EXPORT)}
 
 
-def task_dataset(task, model_spec: ModelSpec, cpus: float):
-    """A task's train rows as tokenized rows (input_ids, attention_mask, labels), in file order."""
+def task_dataset(task, model_spec: ModelSpec):
+    """A task's train rows as tokenized rows (input_ids, attention_mask, labels), in file order:
+    one task of each stage at once (a stream per task)."""
     data = task.data
-    ds = read_dataset(data.train, columns=C.read_columns(data), num_cpus=cpus)
-    ds = ds.map_batches(C.tokenize_classification, batch_format="numpy", num_cpus=cpus, fn_kwargs={
+    ds = read_dataset(data.train, columns=C.read_columns(data))
+    ds = ds.map_batches(C.tokenize_classification, batch_format="numpy", **task_args(1), fn_kwargs={
         "column": data.columns.get("text", "text"), "label": data.columns.get("label", "label"),
         "seq_len": model_spec.seq_len, "model_spec": model_spec, "data": data})
     ds.context.execution_options.preserve_order = True  # a seed fixes the row order

@@ -25,7 +25,7 @@ from jobs.adapter_train import train_adapter, train_packed
 from jobs.artifacts import RunDir, on_this_node, say
 from jobs.data.badrows import BAD_ROWS_DIR, train_guard
 from jobs.data.ingest import micro_batches
-from jobs.data.read import read_dataset, read_head
+from jobs.data.read import read_dataset, read_head, task_args
 from jobs.loop import worker_scope
 from jobs.multitask_progress import PACKED, discard_progress
 from jobs.preempt import GRACE_EXIT, Preempted
@@ -51,8 +51,7 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
     packed = spec.packing is True
     res = spec.resources
     context = {"model": spec.model, "base": base, "run_dir": str(run_dir.path),
-               "cpus": res.cpus_per_worker, "gpus": res.gpus_per_worker,
-               "data_cpus": res.data_cpus_per_worker, "env": spec.env,
+               "cpus": res.cpus_per_worker, "gpus": res.gpus_per_worker, "env": spec.env,
                "preemption_grace_s": spec.train.preemption_grace_s}
 
     started = time.time()
@@ -171,7 +170,7 @@ def _worker(tasks: list[TaskSettings], context: dict) -> dict:
     device = "cuda" if context["gpus"] > 0 and torch.cuda.is_available() else "cpu"
     seq_len = context["model"].seq_len
     # t.model: the base's
-    streams = {t.name: ray_data_stream(t, seq_len, context["data_cpus"], context["run_dir"]) for t in tasks}
+    streams = {t.name: ray_data_stream(t, seq_len, context["run_dir"]) for t in tasks}
     log = f"task-{tasks[0].name}" if len(tasks) == 1 else "packed"
     try:
         with worker_scope(context["env"], context["run_dir"], log, grace_s=context["preemption_grace_s"]):
@@ -192,12 +191,10 @@ def _worker(tasks: list[TaskSettings], context: dict) -> dict:
     return {name: {"status": "SUCCEEDED", "entry": {**entry, **span}} for name, entry in entries.items()}
 
 
-def ray_data_stream(task: TaskSettings, seq_len: int, cpus: float, run_dir: str) -> Callable[[], Iterator[dict]]:
-    """One pass over a task's train split, streamed through Ray Data, as tensor batches.
-
-    Its read and tokenize tasks ask `cpus` each (resources.data_cpus_per_worker): the planner
-    leaves that much beside every running worker, so K streams run beside K workers.
-    """
+def ray_data_stream(task: TaskSettings, seq_len: int, run_dir: str) -> Callable[[], Iterator[dict]]:
+    """One pass over a task's train split, streamed through Ray Data, as tensor batches: one read
+    and one tokenize task at once, asking no CPU (jobs/data/read.py task_args); the planner
+    leaves resources.data_cpus_per_worker beside every running worker for them."""
     import ray.data
 
     data, micro = task.data, task.train.micro_batch
@@ -206,12 +203,8 @@ def ray_data_stream(task: TaskSettings, seq_len: int, cpus: float, run_dir: str)
     def one_pass():
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # a seed fixes the row order
-        # Ray 2.60's V2 Parquet reader adds a file-listing step that asks a whole CPU and cannot
-        # be told otherwise; K such streams on a small cluster starve. The V1 reader runs only
-        # read tasks of the `cpus` asked here.
-        ctx.use_datasource_v2 = False
-        ds = read_dataset(data.train, columns=T.read_columns(data), num_cpus=cpus)  # every format
-        ds = T.stream(ds, task.model, data, seq_len, num_cpus=cpus)
+        ds = read_dataset(data.train, columns=T.read_columns(data))  # every format
+        ds = T.stream(ds, task.model, data, seq_len, **task_args(1))
         yield from micro_batches(ds, micro, seq_len, guard=guard)
 
     return one_pass

@@ -15,7 +15,6 @@ import os
 import time
 
 import ray
-import ray.data
 import ray.train
 import torch
 from ray.train.torch import TorchTrainer
@@ -27,6 +26,7 @@ from jobs import arrcoc as A
 from jobs.artifacts import RunDir
 from jobs.components import ray_train_configs
 from jobs.data.badrows import named_failures
+from jobs.data.read import read_dataset, stream_tasks, task_args
 from jobs.loop import Loop, run_worker
 from jobs.watch import on_give_up
 
@@ -113,9 +113,10 @@ def run_stage(spec, plan: dict, run_dir: RunDir, index: int, previous: str | Non
     data, res = stage.data or spec.data, stage.resources
     cfg = arrcoc_config(spec.model.model_dump())
     # The texture array is computed as the rows stream to the worker, never stored.
-    train_ds = ray.data.read_parquet(data.train, columns=["image", "question", "answer"]).map_batches(
+    tasks = stream_tasks(res)
+    train_ds = read_dataset(data.train, columns=["image", "question", "answer"], tasks=tasks).map_batches(
         A.vqa_batch, fn_kwargs={"grid": cfg["grid"], "q_len": spec.model.seq_len, "answer_len": cfg["answer_len"]},
-        batch_format="numpy",
+        batch_format="numpy", **task_args(tasks),
     )
     trainer = TorchTrainer(
         stage_loop,

@@ -77,7 +77,7 @@ def failure_line(exc: BaseException) -> str:
     if found:
         return no_space(found.group(1)).strerror
     found = re.search(r"(?:BadRowsError|NoSpaceError): (.+)", str(exc))  # a worker's, in Ray Train's error text
-    if found:
+    if found and type(exc).__module__.split(".")[0] == "ray":  # not a line of ours that quotes one
         return found.group(1).strip()
     return f"{type(exc).__name__}: {exc}"
 

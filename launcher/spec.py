@@ -155,6 +155,10 @@ class ResourcesSpec(Strict):
     placement: Literal["pack", "spread"] = Field(
         "pack", description="pack: the workers on as few nodes as hold them; spread: one per node where "
         "the cluster has enough nodes (Ray Train's placement strategy)")
+    data_tasks: Optional[int] = Field(
+        None, gt=0, le=4096, description="Ray Data tasks at once per stage of the job's data stream (read, "
+        "tokenize, pack); they ask no CPU, so jobs whose workers take every CPU still read. Default: one "
+        "per worker")
 
     @model_validator(mode="before")
     @classmethod

@@ -14,21 +14,50 @@ from jobs.data.badrows import BAD_COLUMN
 from launcher.datacheck import ARROW_IPC, is_jsonl, list_files, odd_types
 
 
+def task_args(tasks: int) -> dict:
+    """What each Ray Data task of a job's stream asks (read, tokenize, pack, ...): no CPU, at most
+    `tasks` of a stage at once.
+
+    A task asking a CPU waits for one outside every placement group, and jobs whose workers take
+    every CPU of the cluster (two 2 x 0.5-CPU finetunes on 2 CPUs) then wait on each other for ever,
+    their workers placed and their data unread. Asking none, the tasks run on the CPUs the
+    workers' processes leave idle while they wait for a batch, as they do on a cluster with
+    CPUs to spare; `tasks` (resources.data_tasks, default one per worker) bounds how many
+    processes the stream starts."""
+    return {"num_cpus": 0, "compute": ray.data.TaskPoolStrategy(size=max(1, int(tasks)))}
+
+
+def stream_tasks(resources) -> int:
+    """A Ray Train job's data tasks at once per stage: resources.data_tasks, else one per worker."""
+    return resources.data_tasks or resources.workers
+
+
+def micro_blocks(ds: ray.data.Dataset, rows: int, tasks: int) -> ray.data.Dataset:
+    """`ds.repartition(target_num_rows_per_block=rows)` whose tasks ask what task_args asks: Ray's
+    own takes no remote arguments and asks a CPU (Ray 2.60, the version this project pins)."""
+    from ray.data._internal.logical.interfaces import LogicalPlan
+    from ray.data._internal.logical.operators import StreamingRepartition
+
+    args = task_args(tasks)
+    op = StreamingRepartition(target_num_rows_per_block=rows, input_dependencies=[ds._logical_plan.dag],
+                              ray_remote_args={"num_cpus": args["num_cpus"]}, compute=args["compute"])
+    return ray.data.Dataset._from_parent(ds, LogicalPlan(op, ds.context))
+
+
 def read_dataset(path: str, columns: Optional[list[str]] = None, role: str = "train",
-                 num_cpus: Optional[float] = None) -> ray.data.Dataset:
-    """`num_cpus`: what each read task asks (default Ray's: one CPU)."""
+                 tasks: int = 1) -> ray.data.Dataset:
+    """`tasks`: read tasks at once (task_args). Every format is read by tasks of ours, one per
+    file: Ray's Parquet readers start tasks that ask a CPU each (the V2 reader's file listing,
+    the V1 reader's sampling) and cannot be told otherwise."""
     fs, files = list_files(path, role)
-    asks = {"num_cpus": num_cpus} if num_cpus is not None else {}
+    asks = task_args(tasks)
     ipc = [f for f in files if f.lower().endswith(ARROW_IPC)]
-    jsonl = [f for f in files if is_jsonl(f)]
-    parquet = [f for f in files if f not in ipc and f not in jsonl]
+    streamed = [f for f in files if f not in ipc]
     parts = []
-    if parquet:
-        parts.append(ray.data.read_parquet(parquet, filesystem=fs, columns=columns, **asks))
-    if jsonl:
-        parts.append(read_jsonl(fs, jsonl, columns, asks))
+    if streamed:
+        parts.append(read_files(fs, streamed, columns, asks))
     if ipc:
-        # Ray Data has no streaming Arrow IPC reader: IPC files are read whole, one block each.
+        # Arrow IPC files are read whole, one block each (a file is mapped, not parsed).
         parts.append(ray.data.from_arrow([read_ipc(fs, f, columns) for f in ipc]))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
@@ -36,32 +65,49 @@ def read_dataset(path: str, columns: Optional[list[str]] = None, role: str = "tr
 JSONL_CHUNK = 8 << 20  # bytes of whole lines parsed at once
 
 
-def read_jsonl(fs, files: list[str], columns: Optional[list[str]], asks: dict) -> ray.data.Dataset:
-    """JSON lines files, one read task each, streamed in blocks of about JSONL_CHUNK. pyarrow's JSON
-    reader parses each block (Ray's read_json does the same); a block it refuses (a line that is
-    not JSON, a column whose type changes) is parsed line by line, and a line that cannot be a row
-    becomes a marker row (BAD_COLUMN 1, its columns null) in its place, so one bad line is one bad
-    row for the consumer to skip or name (jobs/data/badrows.py), not a failed read of the file."""
+def read_files(fs, files: list[str], columns: Optional[list[str]], asks: dict) -> ray.data.Dataset:
+    """Parquet and JSON lines files, one read task each, streamed a block at a time: a Parquet
+    row group, or about JSONL_CHUNK bytes of whole lines."""
     ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
-    return ds.map_batches(_jsonl_blocks, batch_size=1, batch_format="pyarrow",
+    return ds.map_batches(_file_blocks, batch_size=1, batch_format="pyarrow",
                           fn_kwargs={"fs": fs, "columns": columns}, **asks)
 
 
-def _jsonl_blocks(batch, fs, columns):
+def _file_blocks(batch, fs, columns):
     for path in batch.column("path").to_pylist():
-        with fs.open_input_stream(path) as src:  # .gz decompressed by the file's ending
-            rest = b""
-            while True:
-                chunk = src.read(JSONL_CHUNK)
-                data = rest + chunk
-                if not chunk:
-                    if data.strip():
-                        yield _jsonl_table(data, columns)
-                    break
-                cut = data.rfind(b"\n") + 1
-                data, rest = data[:cut], data[cut:]
+        yield from (_jsonl_blocks if is_jsonl(path) else _parquet_blocks)(fs, path, columns)
+
+
+def _parquet_blocks(fs, path: str, columns):
+    """A Parquet file's row groups in order, projected to `columns` (a row group that does not
+    decode fails the task: jobs/data/badrows.py names it)."""
+    import pyarrow.parquet as pq
+
+    with fs.open_input_file(path) as src:
+        pf = pq.ParquetFile(src)
+        for g in range(pf.num_row_groups):
+            yield pf.read_row_group(g, columns=columns)
+
+
+def _jsonl_blocks(fs, path: str, columns):
+    """A JSON lines file in blocks of about JSONL_CHUNK. pyarrow's JSON reader parses each block
+    (Ray's read_json does the same); a block it refuses (a line that is not JSON, a column whose
+    type changes) is parsed line by line, and a line that cannot be a row becomes a marker row
+    (BAD_COLUMN 1, its columns null) in its place, so one bad line is one bad row for the consumer
+    to skip or name (jobs/data/badrows.py), not a failed read of the file."""
+    with fs.open_input_stream(path) as src:  # .gz decompressed by the file's ending
+        rest = b""
+        while True:
+            chunk = src.read(JSONL_CHUNK)
+            data = rest + chunk
+            if not chunk:
                 if data.strip():
                     yield _jsonl_table(data, columns)
+                break
+            cut = data.rfind(b"\n") + 1
+            data, rest = data[:cut], data[cut:]
+            if data.strip():
+                yield _jsonl_table(data, columns)
 
 
 def _jsonl_table(data: bytes, columns):

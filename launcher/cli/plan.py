@@ -45,6 +45,8 @@ def describe(job) -> str:
         f"target        {job.target}",
         f"workers       {_workers(job)} x ({r['cpus_per_worker']} CPU{gpus})",
         *_elastic(job),
+        *([f"data stream   {r['data_tasks']} Ray Data task(s) at once per stage (read, tokenize), asking no CPU "
+           "(resources.data_tasks)"] if r.get("data_tasks") else []),
         f"entrypoint    {job.entrypoint}",
         f"artifacts     {job.run_dir}",
     ]

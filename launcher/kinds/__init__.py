@@ -274,6 +274,8 @@ def layout(workers: int, res: dict) -> dict:
         held["min_workers"] = res["min_workers"]
     if res.get("custom_per_worker"):
         held["custom_per_worker"] = res["custom_per_worker"]
+    if "data_tasks" in res:  # a Ray Train job's data stream (jobs/data/read.py stream_tasks)
+        held["data_tasks"] = res["data_tasks"] or workers
     return held
 
 

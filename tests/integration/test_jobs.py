@@ -136,6 +136,30 @@ def test_python_api_submit_wait_and_idempotent_resubmit(ray_head, tiny_spec):
     assert listed["it-api"]["status"] == "SUCCEEDED" and listed["it-api"]["kind"] == "finetune"
 
 
+def test_two_jobs_whose_workers_take_every_cpu_both_train_at_once(ray_head, tiny_spec):
+    """Two 2 x 0.5-CPU finetunes take the 2-CPU head's every CPU with their workers. Their Ray Data
+    tasks ask none (jobs/data/read.py task_args): when each asked one, neither job read a row and
+    both stood RUNNING at step 0 for as long as they were let."""
+    from ray.util.state import list_placement_groups
+
+    assert ray_head.cpus == 2 * tiny_spec["resources"]["workers"] * tiny_spec["resources"]["cpus_per_worker"]
+    steps = 150  # past the first epoch (1200 rows, 32 a step): later epochs are read again
+    tiny_spec["train"].update(max_steps=steps, report_every=50)
+    handles = [launcher.submit(tiny_spec, "ray", address=ray_head.address, submission_id=f"it-full-cpu-{i}")
+               for i in range(2)]
+    both_placed, deadline = False, time.monotonic() + 400
+    while not all(h.status() in ("SUCCEEDED", "FAILED", "STOPPED") for h in handles):
+        assert time.monotonic() < deadline, [h.status() for h in handles]
+        placed = [g for g in list_placement_groups(address=ray_head.address) if g.state == "CREATED"]
+        both_placed = both_placed or len(placed) >= 2  # every CPU held by the two jobs' workers
+        time.sleep(0.3)
+    assert [h.status() for h in handles] == ["SUCCEEDED", "SUCCEEDED"], handles[0].logs()[-3000:]
+    assert both_placed  # what stalled them: both worker groups placed at once
+    for h in handles:
+        records = [json.loads(x) for x in (Path(h.run_dir) / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == [50, 100, 150]
+
+
 def test_address_beats_ray_address_and_hints_are_one_command_per_line(ray_head, tiny_spec, tmp_path):
     """Ray's JobSubmissionClient prefers RAY_ADDRESS to the address it is given: ftlaunch must not."""
     dead = "http://127.0.0.1:9"

@@ -93,6 +93,9 @@ def test_the_failed_runs_line_names_a_full_disk_wherever_it_was_met(tmp_path):
     line = failure_line(wrapped)
     assert line.startswith(f"no space left on {tmp_path}/checkpoint_000004/model.safetensors") and "\n" not in line
     assert failure_line(ValueError("bad row")) == "ValueError: bad row"
+    # a line of ours that quotes a task's bad row stays whole (a multitask run's summary)
+    ours = RuntimeError("1 of 3 tasks failed (b: BadRowsError: bad data in ...); retrain with: ftlaunch resume x")
+    assert failure_line(ours) == f"RuntimeError: {ours}"
 
 
 def test_a_manifest_that_finds_the_disk_full_is_written_in_the_runs_reserve(tmp_path, monkeypatch):

@@ -36,7 +36,7 @@ def test_plan_resolves_paths_resources_and_ids():
     assert job.storage_path == "/home/u/proj/runs"
     assert job.run_dir == f"/home/u/proj/runs/{job.run_id}"
     assert job.resources == {"workers": 3, "cpus_per_worker": 0.5, "gpus_per_worker": 0.0,
-                             "total_cpus": 1.5, "total_gpus": 0.0}
+                             "total_cpus": 1.5, "total_gpus": 0.0, "data_tasks": 3}
     assert job.entrypoint_num_cpus == 0
 
 
