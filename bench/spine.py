@@ -42,7 +42,11 @@ def _wait(address: str, sid: str) -> str:
         time.sleep(0.5)
 
 
-def b1(address: str, work: Path, data: dict, repeats: int = 2) -> dict:
+def b1(address: str, work: Path, data: dict, repeats: int = 3) -> dict:
+    """Seconds from `ftlaunch submit` to the job's first optimizer step, and from a bare `ray job
+    submit` of the same training (bench/bare_train.py) to its first step, alternating, `repeats`
+    times each: the ratio of the medians (of three, so that one start slowed by the shared
+    machine does not decide it)."""
     ftl, bare = [], []
     for i in range(repeats):
         spec = work / f"b1-{i}.yaml"

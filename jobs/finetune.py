@@ -37,36 +37,11 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
     if spec.engine == "deepspeed":  # its own story: jobs/deepspeed_finetune.py
         from jobs import deepspeed_finetune
         return deepspeed_finetune.run(spec, plan, run_dir)
-    data, train, res = spec.data, spec.train, spec.resources
+    train, res = spec.train, spec.resources
 
     # 1. Data: rows -> tokenized tensor columns (the model's own tokenizer; packed rows with
     # data.packing), streamed and split across the workers.
-    columns, tasks = C.read_columns(data), stream_tasks(res)
-
-    def read(path, replayed=0):
-        ds = C.tokenized(read_dataset(path, columns=columns, tasks=tasks), spec, tasks)
-        if not data.replay:
-            return ds
-        # Mixing is per block: blocks of one micro-batch keep the replay share even over a few
-        # steps. Every row says where it came from: the workers count the share they saw.
-        ds = ds.map_batches(C.flag_rows, fn_kwargs={"value": replayed}, batch_format="numpy", **task_args(tasks))
-        return micro_blocks(ds, train.micro_batch, tasks)
-
-    train_ds = read(data.train)
-    rows = {role: info.get("rows") for role, info in (plan.get("data") or {}).items()}
-    stream_rows = rows.get("train")
-    if data.replay:
-        # Replay: old-task rows interleaved at `fraction` of the stream (DESIGN: 80% new / 20% old).
-        from jobs.data.mix import mix_datasets
-
-        fraction = data.replay.fraction
-        train_ds = mix_datasets(train_ds, read(data.replay.path, 1), fraction,
-                                seed=train.seed, new_rows=rows.get("train"), old_rows=rows.get("replay"))
-        stream_rows = stream_rows and stream_rows / (1 - fraction)
-    # Epochs of the unfreezing schedule in optimizer steps: each takes micro_batch x
-    # grad_accumulation rows per worker.
-    steps_per_epoch = (max(1, int(stream_rows // (train.micro_batch * train.grad_accumulation * res.workers)))
-                       if stream_rows else train.max_steps)
+    train_ds, steps_per_epoch = train_dataset(spec, plan)
 
     # 2. The Ray Train run. Its name is the run id: a rerun of the same id resumes on purpose.
     trainer = TorchTrainer(
@@ -116,6 +91,37 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
                    bad_rows_skipped=skipped_rows(run_dir.path / BAD_ROWS_DIR))
     summary.update({k: final[k] for k in C.SPLIT_SKIPS if k in final})
     return summary
+
+
+def train_dataset(spec, plan: dict):
+    """The train stream as a Ray Dataset (replay mixed in), and the epoch's length in optimizer
+    steps (each takes micro_batch x grad_accumulation rows per worker), for the unfreezing schedule."""
+    data, train, res = spec.data, spec.train, spec.resources
+    columns, tasks = C.read_columns(data), stream_tasks(res)
+
+    def read(path, replayed=0):
+        ds = C.tokenized(read_dataset(path, columns=columns, tasks=tasks), spec, tasks)
+        if not data.replay:
+            return ds
+        # Mixing is per block: blocks of one micro-batch keep the replay share even over a few
+        # steps. Every row says where it came from: the workers count the share they saw.
+        ds = ds.map_batches(C.flag_rows, fn_kwargs={"value": replayed}, batch_format="numpy", **task_args(tasks))
+        return micro_blocks(ds, train.micro_batch, tasks)
+
+    train_ds = read(data.train)
+    rows = {role: info.get("rows") for role, info in (plan.get("data") or {}).items()}
+    stream_rows = rows.get("train")
+    if data.replay:
+        # Replay: old-task rows interleaved at `fraction` of the stream (DESIGN: 80% new / 20% old).
+        from jobs.data.mix import mix_datasets
+
+        fraction = data.replay.fraction
+        train_ds = mix_datasets(train_ds, read(data.replay.path, 1), fraction,
+                                seed=train.seed, new_rows=rows.get("train"), old_rows=rows.get("replay"))
+        stream_rows = stream_rows and stream_rows / (1 - fraction)
+    steps_per_epoch = (max(1, int(stream_rows // (train.micro_batch * train.grad_accumulation * res.workers)))
+                       if stream_rows else train.max_steps)
+    return train_ds, steps_per_epoch
 
 
 def train_loop(config: dict) -> None:

@@ -203,11 +203,15 @@ def ray_data_stream(task: TaskSettings, seq_len: int, run_dir: str) -> Callable[
     def one_pass():
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # a seed fixes the row order
-        ds = read_dataset(data.train, columns=T.read_columns(data))  # every format
-        ds = T.stream(ds, task.model, data, seq_len, **task_args(1))
-        yield from micro_batches(ds, micro, seq_len, guard=guard)
+        yield from micro_batches(stream_dataset(task, seq_len), micro, seq_len, guard=guard)
 
     return one_pass
+
+
+def stream_dataset(task: TaskSettings, seq_len: int):
+    """A task's train split (every format) as model rows, one task of each stage at once."""
+    ds = read_dataset(task.data.train, columns=T.read_columns(task.data))
+    return T.stream(ds, task.model, task.data, seq_len, **task_args(1))
 
 
 def arrow_stream(task: TaskSettings, seq_len: int) -> Callable[[], Iterator[dict]]:

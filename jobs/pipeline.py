@@ -108,21 +108,26 @@ def run(spec, plan: dict, run_dir: RunDir) -> dict:
     }
 
 
-def run_stage(spec, plan: dict, run_dir: RunDir, index: int, previous: str | None):
+def stage_dataset(spec, index: int):
+    """A stage's train split as model rows; the texture array is computed as the rows stream to
+    the worker, never stored."""
     stage = spec.stages[index]
-    data, res = stage.data or spec.data, stage.resources
+    data, tasks = stage.data or spec.data, stream_tasks(stage.resources)
     cfg = arrcoc_config(spec.model.model_dump())
-    # The texture array is computed as the rows stream to the worker, never stored.
-    tasks = stream_tasks(res)
-    train_ds = read_dataset(data.train, columns=["image", "question", "answer"], tasks=tasks).map_batches(
+    return read_dataset(data.train, columns=["image", "question", "answer"], tasks=tasks).map_batches(
         A.vqa_batch, fn_kwargs={"grid": cfg["grid"], "q_len": spec.model.seq_len, "answer_len": cfg["answer_len"]},
         batch_format="numpy", **task_args(tasks),
     )
+
+
+def run_stage(spec, plan: dict, run_dir: RunDir, index: int, previous: str | None):
+    stage = spec.stages[index]
+    res = stage.resources
     trainer = TorchTrainer(
         stage_loop,
         train_loop_config={"spec": spec.model_dump(mode="json"), "index": index, "previous": previous,
                            "run_dir": str(run_dir.path)},
-        datasets={"train": train_ds},
+        datasets={"train": stage_dataset(spec, index)},
         # Same name and storage on a rerun: Ray Train resumes the stage from its last checkpoint.
         **ray_train_configs(res, f"{plan['run_id']}-{stage.name}", run_dir.ray_storage(inside=True),
                             spec.train.max_failures),

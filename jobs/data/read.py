@@ -78,15 +78,18 @@ def _file_blocks(batch, fs, columns):
         yield from (_jsonl_blocks if is_jsonl(path) else _parquet_blocks)(fs, path, columns)
 
 
+PARQUET_BATCH_ROWS = 10_000  # rows decoded at once: a row group of a million rows is not held whole
+
+
 def _parquet_blocks(fs, path: str, columns):
-    """A Parquet file's row groups in order, projected to `columns` (a row group that does not
-    decode fails the task: jobs/data/badrows.py names it)."""
+    """A Parquet file's rows in order, projected to `columns`, PARQUET_BATCH_ROWS at a time (a row
+    group that does not decode fails the task: jobs/data/badrows.py names it)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     with fs.open_input_file(path) as src:
-        pf = pq.ParquetFile(src)
-        for g in range(pf.num_row_groups):
-            yield pf.read_row_group(g, columns=columns)
+        for batch in pq.ParquetFile(src).iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+            yield pa.Table.from_batches([batch])
 
 
 def _jsonl_blocks(fs, path: str, columns):

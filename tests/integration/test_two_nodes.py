@@ -136,8 +136,21 @@ def test_a_run_spread_over_two_nodes_survives_losing_one_from_its_checkpoint_in_
     assert resumed and int(resumed[-1].split("resumed at step ")[1].split()[0]) >= 20, resumed
 
 
+def _elastic_sizing_sees_the_nodes(ray) -> None:
+    """Ray Train sizes an elastic group from Ray Data's AutoscalingCoordinator, a detached actor
+    that reads the cluster's nodes every 20 s (Ray 2.60): a job submitted sooner after a node
+    joined starts without it (CI saw 1 worker of 2) and only grows at Ray Train's next check, 60 s
+    on. Its recompute path reads them now, as its next tick would."""
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+
+    coordinator = get_or_create_autoscaling_coordinator()
+    ray.get(coordinator.get_reserved_resources.remote("ftlaunch-test", recompute=True), timeout=60)
+
+
 def test_elastic_workers_start_with_what_the_cluster_has_and_go_on_after_losing_a_node(
-        ray_head, tiny_spec, s3_server, s3_data, tmp_path):
+        ray_head, ray_local, tiny_spec, s3_server, s3_data, tmp_path):
     # Two nodes with one `trainer` each (the stand-in for a GPU: the head has none), a job of
     # 1 to 4 workers asking one each: it starts with the 2 the cluster has. One node is then
     # lost: Ray Train's elastic group goes on with the worker left, waiting for no replacement,
@@ -153,6 +166,7 @@ def test_elastic_workers_start_with_what_the_cluster_has_and_go_on_after_losing_
                               "custom_per_worker": {"trainer": 1}}
     with joined_node(ray_head, tmp_path, "node-b", {"trainer": 1}) as node_b, \
             joined_node(ray_head, tmp_path, "node-c", {"trainer": 1}):
+        _elastic_sizing_sees_the_nodes(ray_local)
         handle = launcher.submit(tiny_spec, "ray", address=ray_head.address, submission_id="ft-elastic")
         deadline = time.monotonic() + 240
         while not steps_of(local_run(handle.run_dir)) or steps_of(local_run(handle.run_dir))[-1] < 20:
