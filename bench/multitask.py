@@ -85,7 +85,7 @@ def b4_fanout(work: Path, k: int, steps: int, micro: int, seq_len: int) -> dict:
         from launcher.spec import ModelSpec
 
         context = {"model": ModelSpec(seq_len=seq_len), "base": base, "env": {},
-                   "cpus": 1, "gpus": 0, "data_cpus": 0.2}
+                   "cpus": 1, "gpus": 0, "data_cpus": 0.2, "preemption_grace_s": 30.0}
 
         def fresh(phase: str) -> dict:
             """A run folder per phase: a worker finding a task's progress file continues from it

@@ -57,7 +57,7 @@ def read_dataset(path: str, columns: Optional[list[str]] = None, role: str = "tr
     if streamed:
         parts.append(read_files(fs, streamed, columns, asks))
     if ipc:
-        # Arrow IPC files are read whole, one block each (a file is mapped, not parsed).
+        # Ray Data has no streaming Arrow IPC reader: IPC files are read whole, one block each.
         parts.append(ray.data.from_arrow([read_ipc(fs, f, columns) for f in ipc]))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
@@ -66,8 +66,8 @@ JSONL_CHUNK = 8 << 20  # bytes of whole lines parsed at once
 
 
 def read_files(fs, files: list[str], columns: Optional[list[str]], asks: dict) -> ray.data.Dataset:
-    """Parquet and JSON lines files, one read task each, streamed a block at a time: a Parquet
-    row group, or about JSONL_CHUNK bytes of whole lines."""
+    """Parquet and JSON lines files, one read task each, streamed a block at a time:
+    PARQUET_BATCH_ROWS rows of Parquet, or about JSONL_CHUNK bytes of whole lines."""
     ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
     return ds.map_batches(_file_blocks, batch_size=1, batch_format="pyarrow",
                           fn_kwargs={"fs": fs, "columns": columns}, **asks)
