@@ -35,15 +35,14 @@ CKPT_TAG = "ds"  # one DeepSpeed tag per Ray checkpoint folder: each folder is s
 def run(spec, plan: dict, run_dir: RunDir) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from jobs.data.read import read_dataset, stream_tasks
+    from jobs.finetune import train_dataset
 
     spec = with_engine_defaults(spec)
     data, train, res = spec.data, spec.train, spec.resources
 
-    # 1. Data: rows -> tokenized tensor columns (the model's own tokenizer, packed rows with
-    # data.packing), streamed and split across the workers.
-    tasks = stream_tasks(spec.resources)
-    train_ds = C.tokenized(read_dataset(data.train, columns=C.read_columns(data), tasks=tasks), spec, tasks)
+    # 1. Data: the torch engine's stream (the model's own tokenizer, packed rows with
+    # data.packing; no replay under DeepSpeed), split across the workers.
+    train_ds, _ = train_dataset(spec, plan)
 
     # 2. The Ray Train run: DeepSpeed joins the process group Ray Train already set up.
     trainer = TorchTrainer(
