@@ -48,26 +48,18 @@ def read_dataset(path: str, columns: Optional[list[str]] = None, role: str = "tr
                  tasks: int = 1) -> ray.data.Dataset:
     """`tasks`: read tasks at once (task_args). Every format is read by tasks of ours, one per
     file: Ray's Parquet readers start tasks that ask a CPU each (the V2 reader's file listing,
-    the V1 reader's sampling) and cannot be told otherwise."""
+    the V1 reader's sampling) and cannot be told otherwise, and Ray Data has no streaming Arrow
+    IPC reader."""
     fs, files = list_files(path, role)
-    asks = task_args(tasks)
-    ipc = [f for f in files if f.lower().endswith(ARROW_IPC)]
-    streamed = [f for f in files if f not in ipc]
-    parts = []
-    if streamed:
-        parts.append(read_files(fs, streamed, columns, asks))
-    if ipc:
-        # Ray Data has no streaming Arrow IPC reader: IPC files are read whole, one block each.
-        parts.append(ray.data.from_arrow([read_ipc(fs, f, columns) for f in ipc]))
-    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+    return read_files(fs, files, columns, task_args(tasks))
 
 
 JSONL_CHUNK = 8 << 20  # bytes of whole lines parsed at once
 
 
 def read_files(fs, files: list[str], columns: Optional[list[str]], asks: dict) -> ray.data.Dataset:
-    """Parquet and JSON lines files, one read task each, streamed a block at a time:
-    PARQUET_BATCH_ROWS rows of Parquet, or about JSONL_CHUNK bytes of whole lines."""
+    """Data files of any format, one read task each, streamed a block at a time: BLOCK_ROWS rows
+    of Parquet or Arrow IPC, or about JSONL_CHUNK bytes of whole lines."""
     ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
     return ds.map_batches(_file_blocks, batch_size=1, batch_format="pyarrow",
                           fn_kwargs={"fs": fs, "columns": columns}, **asks)
@@ -75,20 +67,25 @@ def read_files(fs, files: list[str], columns: Optional[list[str]], asks: dict) -
 
 def _file_blocks(batch, fs, columns):
     for path in batch.column("path").to_pylist():
-        yield from (_jsonl_blocks if is_jsonl(path) else _parquet_blocks)(fs, path, columns)
+        if is_jsonl(path):
+            yield from _jsonl_blocks(fs, path, columns)
+        elif path.lower().endswith(ARROW_IPC):
+            yield from _ipc_blocks(fs, path, columns)
+        else:
+            yield from _parquet_blocks(fs, path, columns)
 
 
-PARQUET_BATCH_ROWS = 10_000  # rows decoded at once: a row group of a million rows is not held whole
+BLOCK_ROWS = 10_000  # rows decoded at once: a row group (or a 500 MB Arrow shard) is not held whole
 
 
 def _parquet_blocks(fs, path: str, columns):
-    """A Parquet file's rows in order, projected to `columns`, PARQUET_BATCH_ROWS at a time (a row
+    """A Parquet file's rows in order, projected to `columns`, BLOCK_ROWS at a time (a row
     group that does not decode fails the task: jobs/data/badrows.py names it)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     with fs.open_input_file(path) as src:
-        for batch in pq.ParquetFile(src).iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+        for batch in pq.ParquetFile(src).iter_batches(batch_size=BLOCK_ROWS, columns=columns):
             yield pa.Table.from_batches([batch])
 
 
@@ -158,17 +155,49 @@ def _rows_table(rows: list[dict], bad: list[int]):
     return pa.Table.from_pylist(rows)
 
 
-def read_ipc(fs, path: str, columns: Optional[list[str]] = None):
-    """An Arrow IPC file, in the file format or the stream format (`datasets.save_to_disk`)."""
+def _ipc_blocks(fs, path: str, columns):
+    """An Arrow IPC file's rows in order, projected to `columns`, in blocks of its record batches
+    gathered to at least BLOCK_ROWS rows (datasets' save_to_disk writes batches of 1000 rows)."""
     import pyarrow as pa
 
+    held, rows = [], 0
+    for batch in ipc_batches(fs, path, columns):
+        held.append(batch)
+        rows += batch.num_rows
+        if rows >= BLOCK_ROWS:
+            yield pa.Table.from_batches(held)
+            held, rows = [], 0
+    if held:
+        yield pa.Table.from_batches(held)
+
+
+def ipc_batches(fs, path: str, columns: Optional[list[str]] = None):
+    """An Arrow IPC file's record batches in order, one at a time, projected to `columns`."""
     with fs.open_input_file(path) as src:
-        try:
-            table = pa.ipc.open_file(src).read_all()
-        except pa.ArrowInvalid:
-            src.seek(0)
-            table = pa.ipc.open_stream(src).read_all()
+        reader = _open_ipc(src)
+        batches = reader if hasattr(reader, "read_next_batch") else (
+            reader.get_batch(i) for i in range(reader.num_record_batches))  # the file format's index
+        for batch in batches:
+            yield batch.select(columns) if columns else batch
+
+
+def read_ipc(fs, path: str, columns: Optional[list[str]] = None):
+    """An Arrow IPC file as one table (in-process readers: eval splits, the bad-rows guard)."""
+    with fs.open_input_file(path) as src:
+        table = _open_ipc(src).read_all()
     return table.select(columns) if columns else table
+
+
+def _open_ipc(src):
+    """A reader of an open Arrow IPC file, in the file format or the stream format
+    (`datasets.save_to_disk`)."""
+    import pyarrow as pa
+
+    try:
+        return pa.ipc.open_file(src)
+    except pa.ArrowInvalid:
+        src.seek(0)
+        return pa.ipc.open_stream(src)
 
 
 def read_head(path: str, columns: Optional[list[str]] = None, limit: Optional[int] = None, role: str = "eval"):

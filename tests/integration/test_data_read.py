@@ -36,9 +36,32 @@ def test_jsonl_gz_and_save_to_disk_stream_the_checked_rows(ray_local, tmp_path):
         assert sorted(ds.to_pandas()["response"])[0] == "1 0"
 
 
+def test_a_large_arrow_shard_is_read_by_a_task_in_blocks_not_whole_in_the_driver(ray_local, tmp_path):
+    """A `save_to_disk` shard (the stream format) and an IPC file (the file format) of 25k rows
+    each: the stream reads them in its read tasks (no table built in the driver), each task
+    decoding BLOCK_ROWS at a time, and every row arrives once, in order."""
+    import pyarrow.fs as pafs
+
+    from jobs.data.read import BLOCK_ROWS, _ipc_blocks, read_dataset
+    from tests.unit.test_data_formats import save_to_disk
+
+    rows = 25_000
+    table = pa.table({"text": [f"r{i}" for i in range(rows)], "n": list(range(rows))})
+    table = pa.Table.from_batches(table.to_batches(max_chunksize=1000))  # datasets' writer batch size
+    saved = save_to_disk(tmp_path / "saved", table)
+    with ipc.new_file(tmp_path / "one.arrow", table.schema) as w:
+        w.write_table(table)
+    for ref, shard in ((saved, saved / "data-00000-of-00001.arrow"), (tmp_path / "one.arrow",) * 2):
+        ds = read_dataset(str(ref), columns=["n"])
+        assert {type(op).__name__ for op in operators(ds)} == {"FromItems", "MapBatches"}, ref
+        assert ds.to_pandas()["n"].tolist() == list(range(rows)), ref
+        sizes = [b.num_rows for b in _ipc_blocks(pafs.LocalFileSystem(), str(shard), ["n"])]
+        assert sizes == [BLOCK_ROWS, BLOCK_ROWS, rows - 2 * BLOCK_ROWS], (ref, sizes)
+
+
 # Operators that start no tasks of their own (the driver or Ray Data's executor runs them:
 # RandomizeBlocks only reorders the block references).
-TASKLESS = {"FromItems", "FromArrow", "Union", "Mix", "RandomizeBlocks"}
+TASKLESS = {"FromItems", "Union", "Mix", "RandomizeBlocks"}
 
 
 def operators(ds) -> list:
