@@ -53,14 +53,15 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
 
 
 @torch.no_grad()
-def eval_loss(model, batch: dict | None, device: str, bs: int = 16):
+def eval_loss(model, batch: dict | None, device: str, bs: int = 16, precision: str = "fp32"):
     if batch is None:
         return None
     total, count = 0.0, 0
     for i in range(0, len(batch["input_ids"]), bs):
         part = {k: v[i:i + bs].to(device) for k, v in batch.items()}
         inputs = T.model_inputs(part, T.attention_of(model))
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        with P.autocast(precision, torch.device(device).type):
+            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
         loss, mask = token_losses(logits, part["labels"])
         total += float((loss * mask).sum())
         count += int(mask.sum())
@@ -71,15 +72,27 @@ def lora_config(lora: LoraStrategy):
     return get_strategy(lora).peft_config(lora, "CAUSAL_LM")  # the strategy's own peft config
 
 
-def load_base(base_path: str, device: str):
+def precision_of(tasks: list[TaskSettings], device: str) -> str:
+    """The precision the adapters train in: the tasks' train.precision (one for a pack: the
+    planner refuses a mix), else bf16 on a GPU and fp32 on a CPU, as the finetune engine."""
+    return P.resolve(tasks[0].train.precision, 1 if device == "cuda" else 0)
+
+
+def load_base(base_path: str, device: str, precision: str = "fp32"):
+    """The frozen base on `device` and the digest of its weights as saved (the registry's base
+    identity, whatever dtype it trains in): 16-bit on a GPU when the adapters train in 16-bit
+    (its weights never update, so they need no fp32 copy), as saved otherwise."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(base_path).to(device)
+    model = AutoModelForCausalLM.from_pretrained(base_path)
+    sha = C.digest(t for _, t in sorted(model.state_dict().items()))
+    half = device == "cuda" and precision != "fp32"
+    model = model.to(device=device, dtype=P.DTYPES[precision]) if half else model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)
-    return model, C.digest(t for _, t in sorted(model.state_dict().items()))
+    return model, sha
 
 
 def adapter_params(model, name: str) -> list[torch.nn.Parameter]:
@@ -102,8 +115,10 @@ def train_adapter(task: TaskSettings, base_path: str, stream, run_dir: str, seq_
         phases[what] = round(phases.get(what, 0.0) + now - mark, 3)
         mark = now
 
-    base, base_sha = load_base(base_path, device)
+    precision = precision_of([task], device)
+    base, base_sha = load_base(base_path, device, precision)
     model = get_peft_model(base, lora_config(task.lora), adapter_name=name)
+    P.trainable_in_fp32(model)
     if train.grad_checkpointing:
         P.enable_checkpointing(model)
     params = adapter_params(model, name)
@@ -118,7 +133,7 @@ def train_adapter(task: TaskSettings, base_path: str, stream, run_dir: str, seq_
     if saved:  # an earlier attempt got this far: continue from its last report
         step, losses, before = saved["steps"][name], saved["losses"][name], saved["before"][name]
     else:
-        before = eval_loss(model, evals, device)
+        before = eval_loss(model, evals, device, precision=precision)
         exact = {f"eval_{k}_before": v for k, v in G.evaluate(model, task.model, task.data, pairs).items()}
     loop.truncate(step)
 
@@ -135,7 +150,8 @@ def train_adapter(task: TaskSettings, base_path: str, stream, run_dir: str, seq_
             group["lr"] = train.lr * C.warmup(step, train.warmup_steps)
         inputs = T.model_inputs(batch, T.attention_of(model))
         inputs.pop("labels")  # the loss is token_losses' (the same mean as transformers')
-        logits = model(**inputs).logits
+        with P.autocast(precision, torch.device(device).type):
+            logits = model(**inputs).logits
         loss_tok, mask = token_losses(logits, batch["labels"])
         loss = (loss_tok * mask).sum() / mask.sum().clamp(min=1)  # rows cut before any answer: no loss, not NaN
         optimizer.zero_grad(set_to_none=True)
@@ -149,7 +165,7 @@ def train_adapter(task: TaskSettings, base_path: str, stream, run_dir: str, seq_
         if loop.due(step):
             loop.report(loop.record(step, loss=float(np.mean(losses[-train.report_every:]))), save=save)
             phase("report")
-    after = eval_loss(model, evals, device)
+    after = eval_loss(model, evals, device, precision=precision)
     exact.update({f"eval_{k}_after": v for k, v in G.evaluate(model, task.model, task.data, pairs).items()})
     entry = _export(model, name, run_dir, base_sha, step, losses, before, after, loop.started,
                     packed=False, task=task, exact=exact)
@@ -171,12 +187,14 @@ def train_packed(tasks: list[TaskSettings], base_path: str, streams: dict, run_d
     from peft import get_peft_model
 
     torch.manual_seed(tasks[0].train.seed)
-    base, base_sha = load_base(base_path, device)
+    precision = precision_of(tasks, device)
+    base, base_sha = load_base(base_path, device, precision)
     first, *rest = tasks
     model = get_peft_model(base, lora_config(first.lora), adapter_name=first.name)
     for t in rest:
         torch.manual_seed(t.train.seed)  # each adapter starts where it would alone
         model.add_adapter(t.name, lora_config(t.lora))
+    P.trainable_in_fp32(model)
     if any(t.train.grad_checkpointing for t in tasks):
         P.enable_checkpointing(model)
     params = {t.name: adapter_params(model, t.name) for t in tasks}
@@ -197,7 +215,7 @@ def train_packed(tasks: list[TaskSettings], base_path: str, streams: dict, run_d
         if saved:  # an earlier attempt got this far: continue from its last report
             steps, losses, before = saved["steps"], saved["losses"], saved["before"]
         else:
-            before = {n: packed_eval_loss(pack, n, b, device) for n, b in evals.items()}
+            before = {n: packed_eval_loss(pack, n, b, device, precision) for n, b in evals.items()}
         for n in names:
             loops[n].truncate(steps[n])
             loops[n].begin()
@@ -212,7 +230,7 @@ def train_packed(tasks: list[TaskSettings], base_path: str, streams: dict, run_d
             for group, t in zip(optimizer.param_groups, tasks):  # each adapter's warmup by its own step
                 group["lr"] = t.train.lr * C.warmup(steps[t.name], t.train.warmup_steps)
             losses_now = packed_step(pack, optimizer, {n: next(iters[n]) for n in active}, params,
-                                     {n: by_name[n].train.grad_clip for n in active}, device)
+                                     {n: by_name[n].train.grad_clip for n in active}, device, precision)
             for n, value in losses_now.items():
                 steps[n] += 1
                 losses[n].append(value)
@@ -221,20 +239,21 @@ def train_packed(tasks: list[TaskSettings], base_path: str, streams: dict, run_d
                     loops[n].report(loops[n].record(steps[n], loss=float(np.mean(losses[n][-every:]))), save=save)
                 if loops[n].final(steps[n]):
                     done_at[n] = time.time()
-        after = {n: packed_eval_loss(pack, n, b, device) for n, b in evals.items()}
+        after = {n: packed_eval_loss(pack, n, b, device, precision) for n, b in evals.items()}
     # Out of the pack: peft's own layers (holding the trained parameters) save each adapter.
     return {n: _export(model, n, run_dir, base_sha, steps[n], losses[n], before[n], after[n], loops[n].started,
                        packed=True, task=by_name[n], finished=done_at[n])
             for n in steps}
 
 
-def packed_eval_loss(pack: PackedLora, name: str, batch: dict | None, device: str):
+def packed_eval_loss(pack: PackedLora, name: str, batch: dict | None, device: str, precision: str = "fp32"):
     """One adapter's eval loss on the packed model: every row is that adapter's."""
     with pack.rows([name]):
-        return eval_loss(pack.model, batch, device)
+        return eval_loss(pack.model, batch, device, precision=precision)
 
 
-def packed_step(pack: PackedLora, optimizer, batches: dict, params: dict, clips: dict, device: str = "cpu") -> dict:
+def packed_step(pack: PackedLora, optimizer, batches: dict, params: dict, clips: dict, device: str = "cpu",
+                precision: str = "fp32") -> dict:
     """One packed update: the given tasks' rows (one equal micro-batch each, contiguous, in the
     batches' order) in one forward and backward; returns each task's loss."""
     names = list(batches)
@@ -249,7 +268,8 @@ def packed_step(pack: PackedLora, optimizer, batches: dict, params: dict, clips:
     inputs = T.model_inputs(cat, T.attention_of(pack.model))
     inputs.pop("labels")
     with pack.rows(names):  # the backward too: a checkpointed layer runs its forward again there
-        logits = pack.model(**inputs).logits
+        with P.autocast(precision, torch.device(device).type):
+            logits = pack.model(**inputs).logits
         loss_tok, mask = token_losses(logits, cat["labels"])
         # Each task's own mean over its own rows (views of the contiguous segments).
         per_task = {n: (lt * m).sum() / m.sum().clamp(min=1)

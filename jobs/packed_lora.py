@@ -66,7 +66,9 @@ class PackedLoraLinear(nn.Module):
         if rank == 0:  # no adapter of this batch targets this layer
             return out
         a, b = self._stacked(names, rank, x)
-        rows = x.to(a.dtype).reshape(k, -1, x.shape[-1])  # [K, b*s, d_in]: adapter k's rows
+        rows = x.reshape(k, -1, x.shape[-1])  # [K, b*s, d_in]: adapter k's rows
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the bmm casts; no fp32 copy
+            rows = rows.to(a.dtype)
         h = torch.bmm(rows, a.transpose(1, 2))  # [K, b*s, r]
         scales = [self.scaling.get(n, 0.0) for n in names]
         result = out.reshape(k, -1, out.shape[-1])

@@ -151,6 +151,9 @@ def adapter_problems(spec: MultitaskSpec) -> list[str]:
                      "use type lora (one adapter per task) or set mode: joint")
     if spec.head_lr is not None:
         found.append("head_lr is read in mode: joint only; remove it or set mode: joint")
+    if spec.train.precision == "fp16":
+        found.append("train.precision: fp16 is not run by kind multitask (its adapters' steps have no loss "
+                     "scaler); use bf16 or fp32")
     for t in spec.tasks:
         for field in ("weight", "num_labels"):
             if getattr(t, field) is not None:
@@ -243,8 +246,8 @@ class Multitask(Kind):
     name = "multitask"
     model = MultitaskSpec
     # jobs/multitask.py streams each task through the base's tokenizer (jobs/text.py) into a causal
-    # LM, one fp32 step per micro-batch on a base loaded in fp32: the torch engine's step settings
-    # are refused.
+    # LM, one step per micro-batch in train.precision (bf16 autocast on a 16-bit base on GPUs, as
+    # the finetune engine): the torch engine's other step settings are refused.
     # mode joint: jobs/joint.py, one Ray Train worker, plain fp32 steps (the same settings refused).
     engines = {"multitask": Engine("multitask", "jobs.multitask", tasks=MULTITASK_DATA,
                                    sources=("tiny-llama", "hf:"), strategies=("lora",), ignores=ADAPTER_IGNORES),

@@ -12,8 +12,9 @@ from launcher.errors import MissingExtraError, PlanError
 MULTITASK_IGNORES = ("train.precision", "train.grad_accumulation", "train.grad_checkpointing",
                      "model.attn_implementation")  # the torch engine's step settings, not run here
 # mode adapters runs gradient checkpointing (both layouts): on a large base it keeps the
-# activations from hiding what packing shares, the base's weights.
-ADAPTER_IGNORES = tuple(f for f in MULTITASK_IGNORES if f != "train.grad_checkpointing")
+# activations from hiding what packing shares, the base's weights; and train.precision (bf16
+# autocast, a 16-bit frozen base on GPUs; fp16 is refused: its steps have no loss scaler).
+ADAPTER_IGNORES = tuple(f for f in MULTITASK_IGNORES if f not in ("train.grad_checkpointing", "train.precision"))
 
 
 def task_settings(spec: dict, task: dict) -> dict:

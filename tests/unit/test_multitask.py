@@ -94,6 +94,20 @@ def test_plan_checks_each_task_fills_its_steps_and_counts_workers(task_data, tmp
         plan(load_spec(missing), "local")
 
 
+def test_train_precision_runs_bf16_on_gpus_by_default_and_fp16_is_refused(task_data, tmp_path):
+    """Mode adapters runs train.precision: planned (and trained, jobs/adapter_train.py) in bf16 on
+    GPUs unless set, fp32 on CPU; fp16 is refused before anything runs (no loss scaler)."""
+    gpu = mt_spec(task_data, tmp_path, resources={"gpus_per_worker": 1, "cpus_per_worker": 1})
+    assert plan(load_spec(gpu), "ray", profile="a100-80g-1").estimate["memory_settings"]["precision"] == "bf16"
+    assert plan(load_spec(mt_spec(task_data, tmp_path)), "local").estimate["memory_settings"]["precision"] == "fp32"
+    cpu_bf16 = mt_spec(task_data, tmp_path)
+    cpu_bf16["train"]["precision"] = "bf16"
+    assert plan(load_spec(cpu_bf16), "local").spec["train"]["precision"] == "bf16"
+    gpu["train"]["precision"] = "fp16"
+    with pytest.raises(ConfigError, match="train.precision: fp16 is not run by kind multitask .*; use bf16 or fp32"):
+        load_spec(gpu)
+
+
 def test_planner_packs_when_one_gpu_per_adapter_does_not_fit(task_data, tmp_path):
     spec = mt_spec(task_data, tmp_path, packing="auto", resources={"gpus_per_worker": 1, "cpus_per_worker": 1})
     job = plan(load_spec(spec), "ray", profile="a100-80g-1")  # 3 adapters, one GPU
