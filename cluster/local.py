@@ -120,6 +120,7 @@ class Head:
     temp_dir: str
     num_cpus: int
     log: str
+    num_gpus: int = 0
 
     @property
     def alive(self) -> bool:
@@ -167,6 +168,36 @@ def client_env() -> None:
         os.environ.update(auth_env())
 
 
+def local_gpus() -> int:
+    """The GPUs the embedded head offers: FTLAUNCH_LOCAL_GPUS, else this machine's (nvidia-smi,
+    within CUDA_VISIBLE_DEVICES)."""
+    from cluster.profiles import machine_gpus
+
+    set_ = os.environ.get("FTLAUNCH_LOCAL_GPUS", "").strip()
+    if set_:
+        if not set_.isdigit():
+            raise ClusterError(f"FTLAUNCH_LOCAL_GPUS={set_!r} is not a whole number; set it to 0 or more, or unset it")
+        return int(set_)
+    return len(machine_gpus())
+
+
+def head_command(ray: str, ports: dict, temp_dir: Path, num_cpus: int, num_gpus: int) -> list[str]:
+    """`ray start` of the embedded head. Every fixed default port is replaced by a free one, so two
+    heads on one machine coexist (the dashboard agent's default 52365 would otherwise collide and
+    leave no job agent)."""
+    return [
+        ray, "start", "--head", "--block",
+        f"--node-ip-address={HOST}", f"--port={ports['gcs']}",
+        "--include-dashboard=true", f"--dashboard-host={HOST}", f"--dashboard-port={ports['dashboard']}",
+        f"--ray-client-server-port={ports['client']}",
+        f"--dashboard-agent-listen-port={ports['agent']}", f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
+        f"--runtime-env-agent-port={ports['env_agent']}", f"--metrics-export-port={ports['metrics']}",
+        f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
+        f"--resources={json.dumps({DRIVER_SLOT: driver_slots(num_cpus)})}",
+        "--disable-usage-stats",
+    ]
+
+
 def up(num_cpus: Optional[int] = None, timeout: float = 90.0) -> Head:
     """Start the embedded head, or return the one already running."""
     if auth_mode() == "token":
@@ -183,20 +214,9 @@ def up(num_cpus: Optional[int] = None, timeout: float = 90.0) -> Head:
     # Ray's socket paths must stay short (AF_UNIX limit), so the temp dir is a short one of ours.
     temp_dir = Path(os.environ.get("FTLAUNCH_RAY_TMP", "/tmp")) / f"ftl-{os.getuid()}-{os.getpid()}"
     num_cpus = num_cpus or int(os.environ.get("FTLAUNCH_LOCAL_CPUS", 0)) or (os.cpu_count() or 2)
-    # Every fixed default port is replaced by a free one, so two heads on one machine coexist
-    # (the dashboard agent's default 52365 would otherwise collide and leave no job agent).
-    gcs_port, dash_port, client_port, agent_port, agent_grpc, env_agent, metrics = _free_ports(7)
-    cmd = [
-        ray, "start", "--head", "--block",
-        f"--node-ip-address={HOST}", f"--port={gcs_port}",
-        "--include-dashboard=true", f"--dashboard-host={HOST}", f"--dashboard-port={dash_port}",
-        f"--ray-client-server-port={client_port}",
-        f"--dashboard-agent-listen-port={agent_port}", f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
-        f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}", "--num-gpus=0",
-        f"--resources={json.dumps({DRIVER_SLOT: driver_slots(num_cpus)})}",
-        "--disable-usage-stats",
-    ]
+    num_gpus = local_gpus()
+    ports = dict(zip(("gcs", "dashboard", "client", "agent", "agent_grpc", "env_agent", "metrics"), _free_ports(7)))
+    cmd = head_command(ray, ports, temp_dir, num_cpus, num_gpus)
     warning = auth_warning()
     if warning:
         sys.stderr.write(warning + "\n")
@@ -215,8 +235,8 @@ def up(num_cpus: Optional[int] = None, timeout: float = 90.0) -> Head:
             env=env, start_new_session=True,
         )
     head = Head(
-        pid=proc.pid, address=f"http://{HOST}:{dash_port}", gcs_address=f"{HOST}:{gcs_port}",
-        temp_dir=str(temp_dir), num_cpus=num_cpus, log=str(log),
+        pid=proc.pid, address=f"http://{HOST}:{ports['dashboard']}", gcs_address=f"{HOST}:{ports['gcs']}",
+        temp_dir=str(temp_dir), num_cpus=num_cpus, log=str(log), num_gpus=num_gpus,
     )
     deadline = time.monotonic() + timeout
     while not _dashboard_up(head.address):

@@ -1,13 +1,15 @@
 """Cluster profiles (cluster/profiles.yaml): what one node holds, for the planner's fit checks.
 
 No torch here: the client loads profiles. A `live: true` profile reads its CPUs and memory from
-this machine each time it is loaded.
+this machine each time it is loaded; `live: gpus` its NVIDIA GPUs too, as nvidia-smi reports them.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Optional, Union
 
@@ -31,6 +33,8 @@ def load_profiles(path: Union[str, Path, None] = None) -> dict[str, dict]:
         profile = {"name": name, **raw}
         if profile.get("live"):
             profile.update(machine_resources())
+        if profile.get("live") == "gpus":
+            profile.update(machine_gpu_fields())
         profiles[name] = profile
     return profiles
 
@@ -52,6 +56,52 @@ def machine_resources() -> dict:
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
     return {"cpus": cpus, "memory_gib": round(_total_memory() / GIB, 2)}
+
+
+# Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, by the name nvidia-smi gives: SXM parts
+# where a name covers several; the planner's time estimate divides by it.
+GPU_PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "GH200": 989, "A100": 312, "L40S": 362, "L40": 181,
+                        "L4": 121, "A10": 125}
+UNKNOWN_GPU_PEAK_TFLOPS = 100  # a GPU not in the table: its estimate says so
+
+
+def machine_gpus() -> list[dict]:
+    """This machine's NVIDIA GPUs that this process may use ({"name", "memory_mib"} each), as
+    nvidia-smi reports them (and CUDA_VISIBLE_DEVICES leaves); [] where there is none."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return []
+    try:
+        out = subprocess.run([smi, "--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if out.returncode:
+        return []
+    gpus = {}
+    for line in out.stdout.splitlines():
+        parts = [x.strip() for x in line.split(",")]
+        if len(parts) == 3 and parts[2].isdigit():
+            gpus[parts[0]] = {"name": parts[1], "memory_mib": int(parts[2])}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:  # indices (UUIDs are not mapped here: all are kept)
+        wanted = [x.strip() for x in visible.split(",") if x.strip()]
+        if all(x.isdigit() for x in wanted):
+            return [gpus[x] for x in wanted if x in gpus]
+    return list(gpus.values())
+
+
+def machine_gpu_fields() -> dict:
+    """A live GPU profile's GPU fields from this machine: count, model, the smallest GPU's memory
+    (a worker may land on any) and the model's bf16 peak."""
+    gpus = machine_gpus()
+    if not gpus:
+        return {"gpus": 0, "gpu_model": None, "gpu_memory_gib": 0, "peak_bf16_tflops": 0}
+    model = gpus[0]["name"]
+    peak = next((v for k, v in sorted(GPU_PEAK_BF16_TFLOPS.items(), key=lambda kv: -len(kv[0])) if k in model),
+                UNKNOWN_GPU_PEAK_TFLOPS)
+    return {"gpus": len(gpus), "gpu_model": model, "peak_bf16_tflops": peak,
+            "gpu_memory_gib": round(min(g["memory_mib"] for g in gpus) / 1024, 2)}
 
 
 def _total_memory() -> int:

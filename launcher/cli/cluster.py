@@ -15,7 +15,9 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     if args.action == "up":
         head = local.up(num_cpus=args.num_cpus)
-        print(f"local Ray head up: {head.address} (pid {head.pid}); stop it with: ftlaunch cluster down")
+        gpus = f", {head.num_gpus} GPU{'s' if head.num_gpus != 1 else ''}" if head.num_gpus else ""
+        print(f"local Ray head up: {head.address} (pid {head.pid}, {head.num_cpus} CPUs{gpus}); "
+              "stop it with: ftlaunch cluster down")
         return 0
     if args.action == "down":
         from launcher.client import embedded_head_down
@@ -29,5 +31,6 @@ def run(args) -> int:
     if args.json:
         print_json(head.__dict__ if head else None)
     else:
-        print(f"up: {head.address} (pid {head.pid}, {head.num_cpus} CPUs)" if head else "down")
+        gpus = f", {head.num_gpus} GPUs" if head and head.num_gpus else ""
+        print(f"up: {head.address} (pid {head.pid}, {head.num_cpus} CPUs{gpus})" if head else "down")
     return 0 if head else 1

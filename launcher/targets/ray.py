@@ -285,7 +285,14 @@ class RayTarget(Target):
 
     def default_profile(self, gpus_per_worker: float) -> Optional[str]:
         # This machine is the cluster: a job that cannot fit it is refused, not just warned about.
-        return "local-cpu" if self.embedded else None
+        # A GPU job is checked against this machine's GPUs (none: local-cpu refuses it).
+        if not self.embedded:
+            return None
+        if gpus_per_worker > 0:
+            from cluster.local import local_gpus
+
+            return "local-gpu" if local_gpus() else "local-cpu"
+        return "local-cpu"
 
     def submit(self, plan, *, address: Optional[str] = None, **options) -> JobHandle:
         """Submit a JobPlan. Idempotent on its submission id: an existing job is returned."""
