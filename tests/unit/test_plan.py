@@ -95,7 +95,8 @@ def test_preflight_refuses_missing_or_broken_data_before_submit(tmp_path):
         plan(load_spec(wrong))
 
 
-def test_unschedulable_job_is_refused_at_plan(tmp_path):
+def test_unschedulable_job_is_refused_at_plan(tmp_path, monkeypatch):
+    monkeypatch.setenv("FTLAUNCH_LOCAL_GPUS", "0")  # this machine's GPUs, if any, out of it
     spec = {**SPEC, "data": {"train": make_data(tmp_path)},
             "resources": {"workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 2}}
     with pytest.raises(PlanError, match="cannot-schedule on profile a100-80g-1"):
