@@ -73,8 +73,8 @@ def lora_config(lora: LoraStrategy):
 
 
 def precision_of(tasks: list[TaskSettings], device: str) -> str:
-    """The precision the adapters train in: the tasks' train.precision (one for a pack: the
-    planner refuses a mix), else bf16 on a GPU and fp32 on a CPU, as the finetune engine."""
+    """The precision the adapters train in: the spec's train.precision (every task has it: a task
+    cannot override it), else bf16 on a GPU and fp32 on a CPU, as the finetune engine."""
     return P.resolve(tasks[0].train.precision, 1 if device == "cuda" else 0)
 
 

@@ -32,6 +32,7 @@ class Notice:
         self.flag = threading.Event()
         self.signalled_at: Optional[float] = None
         self.armed = True  # worker_scope disarms it once the training function is done
+        self.stopping = False  # a stop's line is said once: Ray may signal the process again
 
     def on_sigterm(self, signum, frame) -> None:
         if not self.armed:  # the training is over (Ray Train ends its workers so): exit as before
@@ -40,7 +41,9 @@ class Notice:
         if stopped_by_request(self.run_path):
             # `ftlaunch stop` (or `ray job stop`): the driver is gone, no checkpoint can be taken
             # any more, and each step trained on now is lost: end at once, as Ray's handler does.
-            sys.stderr.write(f"[ftlaunch] SIGTERM (pid {os.getpid()}): the run was stopped; ending now\n")
+            if not self.stopping:
+                self.stopping = True
+                sys.stderr.write(f"[ftlaunch] SIGTERM (pid {os.getpid()}): the run was stopped; ending now\n")
             _previous(signum, frame)
             return
         if self.flag.is_set():

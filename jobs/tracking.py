@@ -142,6 +142,11 @@ class Tracking:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=60)
+        if self.run_dir.remote:  # this node's last records are read from the store: push them first
+            try:
+                self.run_dir.mirror.push()
+            except OSError as exc:
+                self._warn("tracking", "the last records could not be pushed", exc)
         self.poll()
         folder = self._artifacts_folder() if status == "SUCCEEDED" else None
         for tracker in self.trackers:

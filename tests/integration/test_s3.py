@@ -269,3 +269,29 @@ def test_adapters_list_and_stored_logs_read_the_runs_in_a_bucket(s3_server, tmp_
               env={"FTLAUNCH_HOME": str(tmp_path / "client")})
     assert out.returncode == 0 and "cannot reach a Ray cluster" in out.stderr, out.stderr
     assert "[ftlaunch] step 30/30" in out.stdout and "--- worker-0.log\n=== worker-0 pid 7" in out.stdout
+
+
+def test_the_last_records_of_a_run_in_s3_reach_its_tracker_though_no_push_had_carried_them_yet(
+        s3_server, mlflow_server, tmp_path, monkeypatch):
+    """The driver's tracking reads a run in object storage from the store; at the run's end it
+    pushes this node's records first. Before, the run's last report (written by its worker after
+    the last periodic push) reached the store only after the tracker had closed its run: an MLflow
+    history lacked the final step (seen on CI)."""
+    from jobs.artifacts import RunDir
+    from jobs.tracking import Tracking
+    from tests.integration.test_tracking import _append, _plan, _record
+
+    monkeypatch.setenv("FTLAUNCH_SCRATCH", str(tmp_path / "node"))
+    run_id = "trk-20261207-000000-s3last"
+    run_dir = RunDir(s3_server.uri(s3_server.bucket("ftl-track"), f"runs/{run_id}"))
+    run_dir.fresh_mirror()
+    run_dir.update_manifest(run_id=run_id, status="RUNNING")
+    tracking = Tracking({"mlflow": {"uri": mlflow_server.uri, "experiment": "trk-s3-last"}},
+                        _plan(run_id), run_dir, attempt=1)
+    tracking.open()
+    _append(run_dir, "metrics.jsonl", _record(1, 2.0, stage="sft"), _record(2, 1.5, stage="sft"))  # not pushed
+    tracking.end("FAILED")
+    client = mlflow_server.client()
+    runs = client.search_runs([client.get_experiment_by_name("trk-s3-last").experiment_id], "")  # the stage's child run
+    steps = sorted({m.step for r in runs for m in client.get_metric_history(r.info.run_id, "loss")})
+    assert steps == [1, 2], [r.info for r in runs]
