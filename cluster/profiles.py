@@ -7,6 +7,7 @@ this machine each time it is loaded; `live: gpus` its NVIDIA GPUs too, as nvidia
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import shutil
 import subprocess
@@ -67,28 +68,33 @@ UNKNOWN_GPU_PEAK_TFLOPS = 100  # a GPU not in the table: its estimate says so
 
 def machine_gpus() -> list[dict]:
     """This machine's NVIDIA GPUs that this process may use ({"name", "memory_mib"} each), as
-    nvidia-smi reports them (and CUDA_VISIBLE_DEVICES leaves); [] where there is none."""
-    smi = shutil.which("nvidia-smi")
+    nvidia-smi reports them (and CUDA_VISIBLE_DEVICES leaves); [] where there is none. Asked once
+    per process and environment: every profile load reads the live ones."""
+    return [dict(g) for g in _machine_gpus(os.environ.get("PATH", ""), os.environ.get("CUDA_VISIBLE_DEVICES"))]
+
+
+@functools.lru_cache(maxsize=8)
+def _machine_gpus(path: str, visible: Optional[str]) -> tuple:
+    smi = shutil.which("nvidia-smi", path=path)
     if not smi:
-        return []
+        return ()
     try:
         out = subprocess.run([smi, "--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
-        return []
+        return ()
     if out.returncode:
-        return []
+        return ()
     gpus = {}
     for line in out.stdout.splitlines():
         parts = [x.strip() for x in line.split(",")]
         if len(parts) == 3 and parts[2].isdigit():
             gpus[parts[0]] = {"name": parts[1], "memory_mib": int(parts[2])}
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:  # indices (UUIDs are not mapped here: all are kept)
         wanted = [x.strip() for x in visible.split(",") if x.strip()]
         if all(x.isdigit() for x in wanted):
-            return [gpus[x] for x in wanted if x in gpus]
-    return list(gpus.values())
+            return tuple(gpus[x] for x in wanted if x in gpus)
+    return tuple(gpus.values())
 
 
 def machine_gpu_fields() -> dict:

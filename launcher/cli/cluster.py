@@ -15,8 +15,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     if args.action == "up":
         head = local.up(num_cpus=args.num_cpus)
-        gpus = f", {head.num_gpus} GPU{'s' if head.num_gpus != 1 else ''}" if head.num_gpus else ""
-        print(f"local Ray head up: {head.address} (pid {head.pid}, {head.num_cpus} CPUs{gpus}); "
+        print(f"local Ray head up: {head.address} (pid {head.pid}, {_offers(head)}); "
               "stop it with: ftlaunch cluster down")
         return 0
     if args.action == "down":
@@ -31,6 +30,11 @@ def run(args) -> int:
     if args.json:
         print_json(head.__dict__ if head else None)
     else:
-        gpus = f", {head.num_gpus} GPUs" if head and head.num_gpus else ""
-        print(f"up: {head.address} (pid {head.pid}, {head.num_cpus} CPUs{gpus})" if head else "down")
+        print(f"up: {head.address} (pid {head.pid}, {_offers(head)})" if head else "down")
     return 0 if head else 1
+
+
+def _offers(head) -> str:
+    """`4 CPUs` or `16 CPUs, 1 GPU`: what the head offers Ray."""
+    gpus = f", {head.num_gpus} GPU{'s' if head.num_gpus != 1 else ''}" if head.num_gpus else ""
+    return f"{head.num_cpus} CPUs{gpus}"
