@@ -33,6 +33,24 @@ from launcher.strategies.lora import LoraStrategy
 ADAPTERS_DIR = "adapters"
 
 
+class Phases:
+    """Seconds per phase of a worker, in its entry: where its time went. `load` (base, adapters,
+    first eval), `first_step` (the first step's data and compute: allocation and warm-up),
+    `data_wait` and `compute` (every later step: the steady state), `report`, `export`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._mark = time.perf_counter()
+
+    def __call__(self, what: str) -> None:
+        now = time.perf_counter()
+        self.seconds[what] = round(self.seconds.get(what, 0.0) + now - self._mark, 3)
+        self._mark = now
+
+    def step(self, what: str, first: bool) -> None:
+        self("first_step" if first else what)
+
+
 def eval_batch(task: TaskSettings, seq_len: int, limit: int) -> dict | None:
     """The first `limit` eval rows, encoded as the train rows are (jobs/text.py), unpacked."""
     path = task.data.eval
@@ -107,14 +125,7 @@ def train_adapter(task: TaskSettings, base_path: str, stream, run_dir: str, seq_
 
     name, train = task.name, task.train
     torch.manual_seed(train.seed)
-    phases, mark = {}, time.perf_counter()
-
-    def phase(what: str) -> None:  # seconds per phase, in the entry: where a worker's time went
-        nonlocal mark
-        now = time.perf_counter()
-        phases[what] = round(phases.get(what, 0.0) + now - mark, 3)
-        mark = now
-
+    phase = Phases()
     precision = precision_of([task], device)
     base, base_sha = load_base(base_path, device, precision)
     model = get_peft_model(base, lora_config(task.lora), adapter_name=name)
@@ -143,9 +154,10 @@ def train_adapter(task: TaskSettings, base_path: str, stream, run_dir: str, seq_
     model.train()
     batches = endless(stream, name)
     phase("load")
+    first = step
     while step < train.max_steps:
         batch = {k: v.to(device) for k, v in next(batches).items()}
-        phase("data_wait")
+        phase.step("data_wait", step == first)
         for group in optimizer.param_groups:  # by the adapter's own step: a resumed run goes on warming up
             group["lr"] = train.lr * C.warmup(step, train.warmup_steps)
         inputs = T.model_inputs(batch, T.attention_of(model))
@@ -161,7 +173,7 @@ def train_adapter(task: TaskSettings, base_path: str, stream, run_dir: str, seq_
         optimizer.step()
         step += 1
         losses.append(float(loss.detach()))
-        phase("compute")
+        phase.step("compute", step == first + 1)
         if loop.due(step):
             loop.report(loop.record(step, loss=float(np.mean(losses[-train.report_every:]))), save=save)
             phase("report")
@@ -170,7 +182,7 @@ def train_adapter(task: TaskSettings, base_path: str, stream, run_dir: str, seq_
     entry = _export(model, name, run_dir, base_sha, step, losses, before, after, loop.started,
                     packed=False, task=task, exact=exact)
     phase("export")
-    return {**entry, "phases_s": phases}
+    return {**entry, "phases_s": phase.seconds}
 
 
 def train_packed(tasks: list[TaskSettings], base_path: str, streams: dict, run_dir: str, seq_len: int,
@@ -187,6 +199,7 @@ def train_packed(tasks: list[TaskSettings], base_path: str, streams: dict, run_d
     from peft import get_peft_model
 
     torch.manual_seed(tasks[0].train.seed)
+    phase = Phases()
     precision = precision_of(tasks, device)
     base, base_sha = load_base(base_path, device, precision)
     first, *rest = tasks
@@ -225,25 +238,34 @@ def train_packed(tasks: list[TaskSettings], base_path: str, streams: dict, run_d
 
         iters = {n: endless(streams[n], n) for n in names}
         done_at = {n: loops[n].started for n in names if loops[n].final(steps[n])}
+        phase("load")
+        first = True
         while len(done_at) < len(tasks):
             active = [n for n in steps if not loops[n].final(steps[n])]
             for group, t in zip(optimizer.param_groups, tasks):  # each adapter's warmup by its own step
                 group["lr"] = t.train.lr * C.warmup(steps[t.name], t.train.warmup_steps)
-            losses_now = packed_step(pack, optimizer, {n: next(iters[n]) for n in active}, params,
+            batches = {n: next(iters[n]) for n in active}
+            phase.step("data_wait", first)
+            losses_now = packed_step(pack, optimizer, batches, params,
                                      {n: by_name[n].train.grad_clip for n in active}, device, precision)
+            phase.step("compute", first)
+            first = False
             for n, value in losses_now.items():
                 steps[n] += 1
                 losses[n].append(value)
                 if loops[n].due(steps[n]):
                     every = by_name[n].train.report_every
                     loops[n].report(loops[n].record(steps[n], loss=float(np.mean(losses[n][-every:]))), save=save)
+                    phase("report")
                 if loops[n].final(steps[n]):
                     done_at[n] = time.time()
         after = {n: packed_eval_loss(pack, n, b, device, precision) for n, b in evals.items()}
     # Out of the pack: peft's own layers (holding the trained parameters) save each adapter.
-    return {n: _export(model, n, run_dir, base_sha, steps[n], losses[n], before[n], after[n], loops[n].started,
-                       packed=True, task=by_name[n], finished=done_at[n])
-            for n in steps}
+    entries = {n: _export(model, n, run_dir, base_sha, steps[n], losses[n], before[n], after[n], loops[n].started,
+                          packed=True, task=by_name[n], finished=done_at[n])
+               for n in steps}
+    phase("export")
+    return {n: {**entry, "phases_s": phase.seconds} for n, entry in entries.items()}  # the pack's, in each
 
 
 def packed_eval_loss(pack: PackedLora, name: str, batch: dict | None, device: str, precision: str = "fp32"):

@@ -210,6 +210,15 @@ def test_each_adapter_learns_its_task_and_packed_equals_alone(trained):
         trained["alone"]["counting"]["base_sha256"]}
 
 
+def test_each_worker_says_where_its_time_went_with_the_first_step_apart_from_the_steady_ones(trained):
+    # B5 reads its steady tokens/s from data_wait + compute: the steps after the first
+    packed = [e["phases_s"] for e in trained["packed"].values()]
+    assert all(p is packed[0] for p in packed)  # a pack is one worker: one clock, in each entry
+    for phases in [*packed, *(e["phases_s"] for e in trained["alone"].values())]:
+        assert set(phases) >= {"load", "first_step", "compute", "export"}, phases
+        assert all(seconds >= 0 for seconds in phases.values()), phases
+
+
 def test_packed_step_updates_only_the_adapters_whose_rows_are_in_the_batch(trained):
     from peft import get_peft_model
 
