@@ -98,15 +98,19 @@ def _machine_gpus(path: str, visible: Optional[str]) -> tuple:
 
 
 def machine_gpu_fields() -> dict:
-    """A live GPU profile's GPU fields from this machine: count, model, the smallest GPU's memory
-    (a worker may land on any) and the model's bf16 peak."""
-    gpus = machine_gpus()
-    if not gpus:
-        return {"gpus": 0, "gpu_model": None, "gpu_memory_gib": 0, "peak_bf16_tflops": 0}
+    """A live GPU profile's GPU fields: the count the embedded head offers (FTLAUNCH_LOCAL_GPUS,
+    else this machine's), and of this machine's GPUs the model, the smallest one's memory (a
+    worker may land on any) and the model's bf16 peak."""
+    from cluster.local import local_gpus
+
+    offered, gpus = local_gpus(), machine_gpus()
+    gpus = gpus[:offered] or gpus  # Ray hands out the first ones; more offered than seen: all seen
+    if not offered or not gpus:
+        return {"gpus": offered, "gpu_model": None, "gpu_memory_gib": 0, "peak_bf16_tflops": 0}
     model = gpus[0]["name"]
     peak = next((v for k, v in sorted(GPU_PEAK_BF16_TFLOPS.items(), key=lambda kv: -len(kv[0])) if k in model),
                 UNKNOWN_GPU_PEAK_TFLOPS)
-    return {"gpus": len(gpus), "gpu_model": model, "peak_bf16_tflops": peak,
+    return {"gpus": offered, "gpu_model": model, "peak_bf16_tflops": peak,
             "gpu_memory_gib": round(min(g["memory_mib"] for g in gpus) / 1024, 2)}
 
 

@@ -40,6 +40,12 @@ def test_the_local_gpu_profile_reads_the_machines_gpus(two_h100s, monkeypatch):
     assert (profile["gpus"], profile["gpu_model"], profile["gpu_memory_gib"], profile["peak_bf16_tflops"]) == \
         (2, "NVIDIA H100 80GB HBM3", 79.65, 989)
     assert profile["cpus"] >= 1 and profile["memory_gib"] > 0
+    # the head offers FTLAUNCH_LOCAL_GPUS of them: the profile plans against what it offers
+    monkeypatch.setenv("FTLAUNCH_LOCAL_GPUS", "1")
+    assert P.get_profile("local-gpu")["gpus"] == 1
+    monkeypatch.setenv("FTLAUNCH_LOCAL_GPUS", "0")
+    assert P.get_profile("local-gpu")["gpus"] == 0
+    monkeypatch.delenv("FTLAUNCH_LOCAL_GPUS")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
     assert P.get_profile("local-gpu")["gpus"] == 1
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
@@ -65,6 +71,10 @@ def test_a_gpu_job_on_the_embedded_head_is_planned_against_the_machines_gpus(two
     three = {**spec, "resources": {**spec["resources"], "workers": 3}}
     with pytest.raises(PlanError, match="cannot-schedule on profile local-gpu"):
         plan(load_spec(three), "local")
+    monkeypatch.setenv("FTLAUNCH_LOCAL_GPUS", "1")  # a head told to offer one: two workers do not fit
+    with pytest.raises(PlanError, match="cannot-schedule on profile local-gpu"):
+        plan(load_spec(spec), "local")
+    monkeypatch.delenv("FTLAUNCH_LOCAL_GPUS")
     # nvidia-smi without a driver (it exits 9): the machine has no GPU to offer
     fake_smi(tmp_path / "nodriver", "echo 'NVIDIA-SMI has failed' >&2; exit 9", monkeypatch)
     with pytest.raises(PlanError, match="cannot-schedule on profile local-cpu"):
