@@ -55,6 +55,10 @@ PLAIN_TEMPLATE = (
 )
 
 INSTRUCTION_ROLES = ("instruction", "response", "input", "system")  # the optional ones: input, system
+# The instruction layouts the usual tools read, recognised without data.columns: Alpaca's
+# (instruction, input, output), Dolly's (instruction, context, response) and TRL's
+# prompt-completion (prompt, completion). A role's own column, or the one data.columns maps, wins.
+INSTRUCTION_ALIASES = {"instruction": ("prompt",), "response": ("output", "completion"), "input": ("context",)}
 MESSAGES = "messages"
 SHAREGPT = "conversations"
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -95,10 +99,25 @@ def normalise(turns: Any) -> list[dict]:
     return out
 
 
+def instruction_columns(columns: dict[str, str], names: Iterable[str]) -> dict[str, str]:
+    """Role -> column of an instruction dataset with these column `names`: `data.columns`'s,
+    else the role's own name, else a known layout's (INSTRUCTION_ALIASES) that no other role
+    takes; a role found nowhere keeps its own name (plan says it is missing)."""
+    names = set(names)
+    found = {r: columns[r] for r in INSTRUCTION_ROLES if r in columns}
+    for role in INSTRUCTION_ROLES:
+        if role not in found:
+            taken = set(found.values())
+            found[role] = role if role in names else next(
+                (a for a in INSTRUCTION_ALIASES.get(role, ()) if a in names and a not in taken), role)
+    return found
+
+
 def instruction_messages(row: dict, columns: Optional[dict] = None) -> list[dict]:
-    """An instruction row (its columns renamed by `columns`) as system?/user/assistant messages."""
-    columns = columns or {}
-    get = lambda role: row.get(columns.get(role, role))  # noqa: E731
+    """An instruction row (its columns renamed by `columns`, or in a known layout) as
+    system?/user/assistant messages."""
+    columns = instruction_columns(columns or {}, row.keys())
+    get = lambda role: row.get(columns[role])  # noqa: E731
     user = str(get("instruction") or "")
     if get("input"):
         user = f"{user}\n\n{get('input')}"

@@ -11,6 +11,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from common.chat import INSTRUCTION_ALIASES, instruction_columns, messages_column
 from launcher.errors import ConfigError
 
 TASK_COLUMNS = {
@@ -397,7 +398,11 @@ def check_dataset(
                 if optional and r not in columns:
                     continue
                 hint = f"map it: columns={{'{r}': '<column>'}}" if name == r else "fix the mapping"
-                also = " (or ShareGPT's 'conversations')" if task == "chat" and name == r else ""
+                also = ""
+                if name == r and task == "chat":
+                    also = " (or ShareGPT's 'conversations')"
+                elif name == r and task == "instruction" and r in INSTRUCTION_ALIASES:
+                    also = f" (nor {' or '.join(repr(a) for a in INSTRUCTION_ALIASES[r])})"
                 problems.append(
                     f"{where}: {f} has no column '{name}'{also} that task {task} "
                     f"{'reads' if optional else 'needs'} as {r} (it has: {', '.join(schema.names)}); "
@@ -427,12 +432,13 @@ def check_dataset(
 
 def _columns_of(task: str, mapping: dict, columns: dict, names) -> dict[str, str]:
     """Role -> column in a file with these column `names`: a chat's turns are `messages`, else
-    ShareGPT's `conversations` (common/chat.py, which the job reads rows with, decides)."""
-    if task != "chat":
-        return mapping
-    from common.chat import messages_column
-
-    return {**mapping, "messages": messages_column(columns, names)}
+    ShareGPT's `conversations`; an instruction set may be in Alpaca's, Dolly's or TRL's layout
+    (common/chat.py, which the job reads rows with, decides)."""
+    if task == "chat":
+        return {**mapping, "messages": messages_column(columns, names)}
+    if task == "instruction":
+        return {**mapping, **instruction_columns(columns, names)}
+    return mapping
 
 
 def sufficiency(

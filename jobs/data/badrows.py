@@ -43,7 +43,7 @@ class BadRowsError(NoRetry, ValueError):
 def row_problem(row: dict, data: DataSpec) -> Optional[str]:
     """Why a decoded row of a text task (causal LM, instruction, chat, classification) cannot be
     trained on; None when it can."""
-    from common.chat import instruction_messages, normalise, messages_column
+    from common.chat import instruction_columns, instruction_messages, messages_column, normalise
 
     cols, limit = data.columns, data.max_row_chars
     if data.task == "classification":
@@ -59,8 +59,9 @@ def row_problem(row: dict, data: DataSpec) -> Optional[str]:
         column = cols.get("text", "text")
         return _text_problem(row.get(column), column, limit)
     if data.task == "instruction":
+        named = instruction_columns(cols, row.keys())
         for role in ("instruction", "response"):
-            column = cols.get(role, role)
+            column = named[role]
             problem = _text_problem(row.get(column), column, limit)
             if problem:
                 return problem

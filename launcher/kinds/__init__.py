@@ -179,7 +179,9 @@ class Kind:
 
     def data_lines(self, data: dict) -> list[str]:
         """The plan's lines of what the footer checks found, one per dataset role."""
-        return [f"data.{role:<8} {found['rows']:,} rows in {found['files']} file(s)" for role, found in data.items()]
+        return [f"data.{role:<8} {found['rows']:,} rows in {found['files']} file(s)"
+                + "".join(f", {r} from column '{c}'" for r, c in found.get("columns", {}).items())
+                for role, found in data.items()]
 
     def describe(self, spec: dict, estimate: Optional[dict]) -> list[str]:
         """The kind's lines of `ftlaunch plan`, after the datasets."""
@@ -283,7 +285,7 @@ def check_datasets(entries, target: str) -> tuple[dict, list[str]]:
     """Footer checks of `(prefix, role, path, data)` entries (prefix: "" or "tasks.<name>." ...),
     each path read once. A path this machine cannot see on a remote target is warned about, not
     refused (it may live on the cluster's shared volume). Returns `{(prefix, role): {"rows",
-    "files"}}` and the warnings; an error names its prefix (several tasks share role names)."""
+    "files", "columns"?}}` and the warnings; an error names its prefix (several tasks share role names)."""
     from launcher.datacheck import check_dataset
 
     found, warnings, seen = {}, [], {}
@@ -301,7 +303,10 @@ def check_datasets(entries, target: str) -> tuple[dict, list[str]]:
                 if not prefix:
                     raise
                 raise type(exc)(f"{prefix.rstrip('.')}: {exc}") from None
-            seen[path] = {"rows": info.rows, "files": info.files}
+            seen[path] = {"rows": info.rows, "files": info.files,
+                          # the roles read from a column of another name (data.columns, a known layout)
+                          **({"columns": renamed} if (renamed := {r: c for r, c in info.columns.items() if r != c})
+                             else {})}
         found[(prefix, role)] = seen[path]
     return found, warnings
 

@@ -132,3 +132,64 @@ def test_a_chat_on_the_byte_tokenizer_needs_a_named_template(tmp_path, capsys):
         "ftlaunch: error: data.task: chat on tiny-llama needs a chat template and its byte-level tokenizer has "
         "none; set data.chat_template: chatml | llama3 | mistral\n")
     assert main(["plan", str(tmp_path / "spec.yaml"), "data.chat_template=chatml"]) == 0
+
+
+# Instruction sets in the layouts other tools read: Alpaca, Dolly, TRL's prompt-completion.
+CANONICAL = [{"instruction": f"add {i} and 2", "input": f"{i} 2", "response": f"{i + 2}"} for i in range(60)]
+LAYOUTS = {  # layout: (its rows, role -> the column plan reads it from)
+    "alpaca": ([{"instruction": r["instruction"], "input": r["input"], "output": r["response"]} for r in CANONICAL],
+               {"instruction": "instruction", "input": "input", "response": "output"}),
+    "dolly": ([{"instruction": r["instruction"], "context": r["input"], "response": r["response"],
+                "category": "math"} for r in CANONICAL],
+              {"instruction": "instruction", "input": "context", "response": "response"}),
+    "trl": ([{"prompt": f"{r['instruction']}\n\n{r['input']}", "completion": r["response"]} for r in CANONICAL],
+            {"instruction": "prompt", "response": "completion"}),
+}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_alpaca_dolly_and_trl_instruction_layouts_are_recognised_without_data_columns(tmp_path, fmt, layout):
+    rows, columns = LAYOUTS[layout]
+    assert check_dataset(write(tmp_path, fmt, rows), "instruction").columns == columns
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_an_instruction_layout_trains_on_the_same_tokens_as_the_canonical_columns(layout):
+    import numpy as np
+
+    from jobs import text as T
+    from launcher.spec import DataSpec, ModelSpec
+
+    model, data = ModelSpec(source="tiny-llama", seq_len=96), DataSpec(train="x.jsonl", task="instruction")
+
+    def encoded(rows):
+        batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+        return T.encode(batch, model, data, 96)
+
+    canonical = CANONICAL if layout != "trl" else [  # TRL's prompt holds the input already
+        {"instruction": f"{r['instruction']}\n\n{r['input']}", "response": r["response"]} for r in CANONICAL]
+    ours, theirs = encoded(canonical), encoded(LAYOUTS[layout][0])
+    for key in ("input_ids", "labels"):
+        np.testing.assert_array_equal(theirs[key], ours[key])
+    assert (ours["labels"] != T.IGNORE).any()  # the loss falls on the responses
+
+
+def test_a_spec_mapping_wins_over_a_layout_and_a_missing_role_names_the_layouts_columns(tmp_path):
+    from common.chat import instruction_columns
+    from jobs.data.badrows import row_problem
+    from launcher.spec import DataSpec
+
+    # data.columns takes 'prompt' for the input: the instruction is not read from it as well
+    assert instruction_columns({"input": "prompt"}, ["question", "prompt", "completion"]) == {
+        "input": "prompt", "instruction": "instruction", "response": "completion", "system": "system"}
+    path = write(tmp_path, "jsonl", [{"question": "q", "answer": "a"}] * 60)
+    with pytest.raises(ConfigError) as exc:
+        check_dataset(path, "instruction")
+    assert exc.value.problems[1] == (
+        f"data.train: {path} has no column 'response' (nor 'output' or 'completion') that task instruction needs "
+        "as response (it has: question, answer); rename a column or map it: columns={'response': '<column>'}")
+    # the job's bad-row check reads the same columns: a TRL row with no completion names it
+    trl = DataSpec(train="x.jsonl", task="instruction")
+    assert row_problem({"prompt": "q", "completion": None}, trl) == "completion is null"
+    assert row_problem({"prompt": "q", "completion": "a"}, trl) is None

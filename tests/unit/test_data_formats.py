@@ -65,7 +65,7 @@ def test_a_bad_line_is_named_by_file_and_number(tmp_path, line, says):
 
 
 def test_missing_columns_and_wrong_types_in_jsonl_name_the_column(tmp_path):
-    path = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "x", "response": "y"}] * 20)
+    path = write_jsonl(tmp_path / "a.jsonl", [{"question": "x", "response": "y"}] * 20)
     with pytest.raises(ConfigError, match="has no column 'instruction'"):
         check_dataset(path, "instruction")
     path = write_jsonl(tmp_path / "b.jsonl", [{"instruction": 3, "response": "y"}] * 20)
