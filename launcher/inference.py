@@ -24,6 +24,7 @@ from typing import Optional, Sequence, Union
 from common.chat import CHAT_TEMPLATES, PLAIN_TEMPLATE, instruction_messages
 from common.runfolder import JOINT_EXPORT, MANIFEST, REGISTRY, run_path
 from launcher.errors import LauncherError
+from launcher.planner.counts import require_torch
 from launcher.registry import load_registry
 
 TEMPLATED_TASKS = ("instruction", "chat")  # tasks whose prompts go through the chat template
@@ -164,6 +165,7 @@ class RunModel:
 
     def __init__(self, run_dir: Union[str, Path], variant: Optional[str] = None, device: str = "cpu",
                  stage: Optional[str] = None):
+        require_torch()  # first: it quiets the libraries' import chatter
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -238,6 +240,7 @@ class AdapterSet:
 
     def __init__(self, run_dir: Union[str, Path], tasks: Optional[Sequence[str]] = None,
                  device: str = "cpu"):
+        require_torch()  # first: it quiets the libraries' import chatter
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging

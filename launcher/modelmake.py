@@ -99,8 +99,9 @@ def make_model(family_name: str, out: str | Path, *, size: str = "tiny", vocab_s
         raise ConfigError(f"model family {family_name!r} is unknown; use one of: {', '.join(FAMILIES)}")
     if size not in SIZES:
         raise ConfigError(f"--size {size!r} is unknown; use one of: {', '.join(SIZES)}")
-    import torch
-    import transformers
+    from launcher.planner.counts import require_torch
+
+    torch, transformers = require_torch()
     from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
 

@@ -17,13 +17,21 @@ from launcher.strategies import get_strategy
 from launcher.strategies.lora import LoraStrategy
 
 
+def _not_deepspeed_cpu_fallback(record) -> bool:
+    return "Setting accelerator to CPU" not in record.getMessage()
+
+
 def require_torch():
+    """torch and transformers for the client's own uses (counts, model make, infer)."""
     import logging
     import warnings
 
-    # Library chatter on import (bitsandbytes' optional CPU kernels, transformers deprecations)
-    # is not the planner's output.
+    # Library chatter on import is not the client's output: bitsandbytes' optional CPU kernels,
+    # transformers deprecations, and DeepSpeed's "no GPU" line (on stdout), which transformers'
+    # save_pretrained brings in through accelerate. DeepSpeed resets its logger's level when it
+    # makes it, and keeps its filters.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("DeepSpeed").addFilter(_not_deepspeed_cpu_fallback)
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     try:
         import torch
