@@ -273,8 +273,8 @@ def _measure(layout: str, k: int, steps: int, micro: int, seq_len: int, work: st
     if layout == "packed":
         entries = A.train_packed(tasks, base, streams, str(run_dir), seq_len, device)
     else:
-        entries = A.train_adapter(tasks[0], base, streams[tasks[0].name], str(run_dir), seq_len, device)
-        entries = {tasks[0].name: entries}
+        entries = {tasks[0].name: A.train_adapter(tasks[0], base, streams[tasks[0].name], str(run_dir), seq_len,
+                                                  device)}
     seconds = time.perf_counter() - t0
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated()

@@ -41,14 +41,17 @@ class Phases:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self._mark = time.perf_counter()
+        self._first = True  # until the first step's last part
 
     def __call__(self, what: str) -> None:
         now = time.perf_counter()
         self.seconds[what] = round(self.seconds.get(what, 0.0) + now - self._mark, 3)
         self._mark = now
 
-    def step(self, what: str, first: bool) -> None:
-        self("first_step" if first else what)
+    def step(self, what: str, ends: bool = False) -> None:
+        """A part of a training step (`ends`: its last); the first step's parts are first_step."""
+        self("first_step" if self._first else what)
+        self._first = self._first and not ends
 
 
 def eval_batch(task: TaskSettings, seq_len: int, limit: int) -> dict | None:
@@ -154,10 +157,9 @@ def train_adapter(task: TaskSettings, base_path: str, stream, run_dir: str, seq_
     model.train()
     batches = endless(stream, name)
     phase("load")
-    first = step
     while step < train.max_steps:
         batch = {k: v.to(device) for k, v in next(batches).items()}
-        phase.step("data_wait", step == first)
+        phase.step("data_wait")
         for group in optimizer.param_groups:  # by the adapter's own step: a resumed run goes on warming up
             group["lr"] = train.lr * C.warmup(step, train.warmup_steps)
         inputs = T.model_inputs(batch, T.attention_of(model))
@@ -173,7 +175,7 @@ def train_adapter(task: TaskSettings, base_path: str, stream, run_dir: str, seq_
         optimizer.step()
         step += 1
         losses.append(float(loss.detach()))
-        phase.step("compute", step == first + 1)
+        phase.step("compute", ends=True)
         if loop.due(step):
             loop.report(loop.record(step, loss=float(np.mean(losses[-train.report_every:]))), save=save)
             phase("report")
@@ -239,17 +241,15 @@ def train_packed(tasks: list[TaskSettings], base_path: str, streams: dict, run_d
         iters = {n: endless(streams[n], n) for n in names}
         done_at = {n: loops[n].started for n in names if loops[n].final(steps[n])}
         phase("load")
-        first = True
         while len(done_at) < len(tasks):
             active = [n for n in steps if not loops[n].final(steps[n])]
             for group, t in zip(optimizer.param_groups, tasks):  # each adapter's warmup by its own step
                 group["lr"] = t.train.lr * C.warmup(steps[t.name], t.train.warmup_steps)
             batches = {n: next(iters[n]) for n in active}
-            phase.step("data_wait", first)
+            phase.step("data_wait")
             losses_now = packed_step(pack, optimizer, batches, params,
                                      {n: by_name[n].train.grad_clip for n in active}, device, precision)
-            phase.step("compute", first)
-            first = False
+            phase.step("compute", ends=True)
             for n, value in losses_now.items():
                 steps[n] += 1
                 losses[n].append(value)

@@ -65,7 +65,7 @@ def row_problem(row: dict, data: DataSpec) -> Optional[str]:
             problem = _text_problem(row.get(column), column, limit)
             if problem:
                 return problem
-        texts = [m["content"] for m in instruction_messages(row, cols)]
+        texts = [m["content"] for m in instruction_messages(row, named)]
     elif data.task == "chat":
         column = messages_column(cols, row.keys())
         turns = row.get(column)

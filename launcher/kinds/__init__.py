@@ -303,10 +303,9 @@ def check_datasets(entries, target: str) -> tuple[dict, list[str]]:
                 if not prefix:
                     raise
                 raise type(exc)(f"{prefix.rstrip('.')}: {exc}") from None
-            seen[path] = {"rows": info.rows, "files": info.files,
-                          # the roles read from a column of another name (data.columns, a known layout)
-                          **({"columns": renamed} if (renamed := {r: c for r, c in info.columns.items() if r != c})
-                             else {})}
+            # the roles read from a column of another name (data.columns, a known layout)
+            renamed = {r: c for r, c in info.columns.items() if r != c}
+            seen[path] = {"rows": info.rows, "files": info.files, **({"columns": renamed} if renamed else {})}
         found[(prefix, role)] = seen[path]
     return found, warnings
 
